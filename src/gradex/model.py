@@ -1,0 +1,189 @@
+"""Base model, tokenizer, trainable parameters, and the per-example output u_s.
+
+u_s is the mean log-odds of the answer tokens: o_t = logit_y - logsumexp(other logits), which is
+log(p_t / (1 - p_t)) computed stably. The LM head is applied at answer positions only (the rest of
+the sequence needs no vocabulary projection), which saves most of the head's cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from gradex.config import ConfigError, ModelConfig
+from gradex.data import Batch
+
+EPS = 1e-6
+LOGODDS_CLIP = math.log((1 - EPS) / EPS)  # p clipped to [eps, 1 - eps]
+
+
+def resolve_name(cfg: ModelConfig) -> tuple[str, str | None]:
+    """(path or hub id, gguf file) for transformers' from_pretrained."""
+    if cfg.name == "smollm2":
+        from gradex.assets import smollm2_dir
+
+        return str(smollm2_dir()), None
+    return cfg.name, cfg.gguf_file
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    name, gguf = resolve_name(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name: cannot load a tokenizer for {cfg.name!r} "
+                          f"(a hub id, a local directory, or 'smollm2'): {err}") from err
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_base(cfg: ModelConfig) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    name, gguf = resolve_name(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name: cannot load {cfg.name!r} as a causal LM: {err}") from err
+    model.config.use_cache = False
+    return model
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"  # GPT-2's transposed linear layer
+
+
+def make_trainable(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Module:
+    """Wrap with LoRA, or unfreeze the linear layers of the transformer blocks (full fine-tuning).
+
+    Full fine-tuning leaves embeddings, LM head and norms frozen, as METHOD.md prescribes.
+    """
+    if cfg.finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora.target_modules
+        present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [t for t in targets if t not in present]
+        if missing:
+            raise ConfigError(f"model.lora.target_modules: {missing} not found in {type(model).__name__}; "
+                              f"linear layers it has: {sorted(linear_module_names(model))}")
+        fan_in_fan_out = any(_is_conv1d(m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets)
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules=list(targets),
+                          lora_dropout=0.0, fan_in_fan_out=fan_in_fan_out, bias="none")
+        return get_peft_model(model, lora)
+    head = model.get_output_embeddings()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.modules():
+        if (isinstance(m, nn.Linear) or _is_conv1d(m)) and m is not head:
+            m.weight.requires_grad_(True)
+    return model
+
+
+def linear_module_names(model: nn.Module) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
+
+
+def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_vector(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).float() for _, p in trainable(model)])
+
+
+def set_trainable_vector(model: nn.Module, vec: torch.Tensor) -> None:
+    start = 0
+    with torch.no_grad():
+        for _, p in trainable(model):
+            p.copy_(vec[start:start + p.numel()].view_as(p))
+            start += p.numel()
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def autocast(precision: str) -> Iterator[None]:
+    if precision == "bf16":
+        with torch.autocast(device_type="cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def answer_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits (fp32) at the positions that predict answer tokens, their targets, and their rows.
+
+    Position t-1 predicts token t, so an answer token at t is scored by the hidden state at t-1.
+    """
+    lm = language_model(model)
+    hidden = lm.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    predicts = batch.answer_mask[:, 1:]
+    rows, cols = predicts.nonzero(as_tuple=True)
+    h = hidden[rows, cols]
+    logits = lm.get_output_embeddings()(h).float()
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits, batch.input_ids[rows, cols + 1], rows
+
+
+def token_logodds(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log(p_y / (1 - p_y)) per row: logit_y - logsumexp(other logits), clipped at p in [eps, 1-eps]."""
+    logit_y = logits.gather(1, targets[:, None])[:, 0]
+    others = logits.scatter(1, targets[:, None], float("-inf"))
+    return (logit_y - torch.logsumexp(others, dim=1)).clamp(-LOGODDS_CLIP, LOGODDS_CLIP)
+
+
+def per_example_mean(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    total = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, rows, values)
+    count = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, rows, torch.ones_like(values))
+    return total / count.clamp_min(1)
+
+
+def example_outputs(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """u_s for each example of the batch: the mean log-odds of its answer tokens, shape (B,)."""
+    logits, targets, rows = answer_logits(model, batch)
+    return per_example_mean(token_logodds(logits, targets), rows, batch.input_ids.shape[0])
+
+
+def example_token_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy of each example's answer tokens, shape (B,)."""
+    logits, targets, rows = answer_logits(model, batch)
+    nll = torch.logsumexp(logits, 1) - logits.gather(1, targets[:, None])[:, 0]
+    return per_example_mean(nll, rows, batch.input_ids.shape[0])
+
+
+def training_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Token-level cross-entropy over all answer tokens of the batch."""
+    logits, targets, _ = answer_logits(model, batch)
+    return nn.functional.cross_entropy(logits, targets)
+
+
+def save_trainable(model: nn.Module, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({n: p.detach().cpu() for n, p in trainable(model)}, tmp)
+    tmp.rename(path)
+
+
+def load_trainable(model: nn.Module, path: Path) -> None:
+    state = torch.load(path, map_location="cpu")
+    params = dict(trainable(model))
+    if set(state) != set(params):
+        raise ValueError(f"{path}: saved parameters do not match the model's trainable parameters")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state[n])
