@@ -1,0 +1,249 @@
+"""Checks a user runs to trust the estimates on their own model and data.
+
+check-linearity: is u_s(theta* + Delta) ~ u_s + <g_s, Delta>? Along random directions in the
+projected subspace, and along real fine-tuning trajectories from theta* (the directions that
+matter, which move the outputs far more than random ones of the same length).
+
+validate: fine-tune k random subsets for real (from theta*, with the final fine-tune's recipe, two
+seeds each) and compare the target validation loss with the estimate, next to the two yardsticks
+that say whether the agreement means anything: the seed noise of real fine-tuning, and the error of
+a constant predictor (theta*'s own loss for every subset).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gradex.config import Config, TrainConfig
+from gradex.data import batches
+from gradex.evaluate import loss_from_outputs, outputs
+from gradex.model import autocast, example_outputs, set_trainable_vector, trainable, trainable_vector
+from gradex.pipeline import Run, estimator, gradients, log, prepare
+from gradex.train import train
+
+RADII = (0.02, 0.05, 0.1, 0.2)
+TRAJECTORY_STEPS = (1, 3, 10, 30)
+
+
+# ---------------------------------------------------------------------------- linearity
+
+def full_gradients(model: torch.nn.Module, run: Run, indices: Sequence[int]) -> torch.Tensor:
+    """Exact (unprojected) per-example gradients of u_s, one backward each: (len(indices), p)."""
+    params = [p for _, p in trainable(model)]
+    rows = []
+    for batch in tqdm(list(batches(run.tokens, list(indices), 1, run.pad_id)), desc="exact gradients", leave=False):
+        with autocast(run.cfg.model.precision):
+            u = example_outputs(model, batch)[0]
+        grads = torch.autograd.grad(u, params)
+        rows.append(torch.cat([g.reshape(-1).float() for g in grads]))
+    return torch.stack(rows)
+
+
+def _errors(u0: torch.Tensor, first: torch.Tensor, true: torch.Tensor) -> dict:
+    """Mean squared errors of the zeroth- and first-order predictions, relative to the change."""
+    change = ((true - u0) ** 2).mean().item()
+    zeroth = change / max((true ** 2).mean().item(), 1e-12)
+    err1 = ((true - first) ** 2).mean().item() / max((true ** 2).mean().item(), 1e-12)
+    return {"mean_abs_change": (true - u0).abs().mean().item(), "zeroth_order_rel_mse": zeroth,
+            "first_order_rel_mse": err1,
+            "explained": 1 - ((true - first) ** 2).mean().item() / max(change, 1e-12)}
+
+
+def check_linearity(cfg: Config, examples: int = 48, subsets: int = 2) -> dict:
+    """Tables of first- vs zeroth-order error, written to linearity.json and linearity.png."""
+    from gradex.gradients import make_projector
+    from gradex.select import sample_subsets
+
+    run = prepare(cfg)
+    gradients(cfg)
+    model = run.meta_model()
+    theta = trainable_vector(model)
+    rng = random.Random(0)
+    val, train_idx = run.indices("validation"), run.train_indices(run.sources)
+    idx = rng.sample(val, min(len(val), examples // 2)) + rng.sample(train_idx, min(len(train_idx), examples // 2))
+    grads = full_gradients(model, run, idx)
+    u0, _ = outputs(model, run.tokens, idx, run.pad_id, cfg.model.precision)
+    projector = make_projector(cfg.gradients.projection, model, cfg.gradients.dim, cfg.gradients.seed)
+    precision = cfg.model.precision
+
+    def measure(delta: torch.Tensor) -> torch.Tensor:
+        set_trainable_vector(model, theta + delta)
+        u, _ = outputs(model, run.tokens, idx, run.pad_id, precision)
+        set_trainable_vector(model, theta)
+        return u
+
+    rows = []
+    gen = torch.Generator().manual_seed(cfg.gradients.seed + 1)
+    for r in tqdm(RADII, desc="random directions", leave=False):
+        delta = projector.lift(torch.randn(cfg.gradients.dim, generator=gen))
+        delta = delta * (r * theta.norm() / delta.norm())
+        true = measure(delta)
+        rows.append({"kind": "random", "radius": r, "steps": None, **_errors(u0, u0 + grads @ delta, true)})
+    picks = sample_subsets(len(run.sources), subsets, 0.5, cfg.select.seed + 7)
+    for s, member in enumerate(picks.tolist()):
+        names = [n for n, m in zip(run.sources, member) if m]
+        recipe = TrainConfig(**{**cfg.finetune.__dict__, "max_steps": max(TRAJECTORY_STEPS)})
+        trained = run.meta_model()
+        done = 0
+        for steps in TRAJECTORY_STEPS:
+            recipe_k = TrainConfig(**{**recipe.__dict__, "max_steps": steps - done, "seed": recipe.seed + done})
+            train(trained, run.tokens, run.train_indices(names), recipe_k, run.pad_id, precision,
+                  desc=f"trajectory {s}", progress=False)
+            done = steps
+            delta = trainable_vector(trained) - theta
+            true = measure(delta)
+            proj = projector.project_delta(delta)  # the part of Delta the projected model can express
+            rows.append({"kind": "trajectory", "subset": names, "steps": steps,
+                         "radius": (delta.norm() / theta.norm()).item(),
+                         **_errors(u0, u0 + grads @ delta, true),
+                         "projected_explained": _errors(u0, u0 + grads @ proj, true)["explained"]})
+    result = {"examples": len(idx), "theta_norm": theta.norm().item(), "rows": rows}
+    (run.dir / "linearity.json").write_text(json.dumps(result, indent=2))
+    _plot_linearity(rows, run.dir / "linearity.png")
+    return result
+
+
+def format_linearity(result: dict) -> str:
+    lines = [f"{'direction':<28} {'|Delta|/|theta*|':>16} {'mean |du|':>10} {'0th-order':>10} {'1st-order':>10} {'explained':>10}"]
+    for r in result["rows"]:
+        name = f"random r={r['radius']}" if r["kind"] == "random" else f"train {r['steps']} steps [{len(r['subset'])} src]"
+        lines.append(f"{name:<28} {r['radius']:>16.3f} {r['mean_abs_change']:>10.4f} {r['zeroth_order_rel_mse']:>10.2e}"
+                     f" {r['first_order_rel_mse']:>10.2e} {r['explained']:>10.2f}")
+    return "\n".join(lines)
+
+
+def _plot_linearity(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, marker in (("random", "o"), ("trajectory", "s")):
+        sel = [r for r in rows if r["kind"] == kind]
+        ax.scatter([r["radius"] for r in sel], [r["zeroth_order_rel_mse"] for r in sel], marker=marker,
+                   facecolors="none", edgecolors="gray", label=f"{kind}: zeroth order")
+        ax.scatter([r["radius"] for r in sel], [r["first_order_rel_mse"] for r in sel], marker=marker,
+                   label=f"{kind}: first order")
+    ax.set(xscale="log", yscale="log", xlabel="|Delta| / |theta*|", ylabel="mean squared relative error of u_s")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- validation
+
+def random_subsets(n: int, k: int, seed: int) -> torch.Tensor:
+    """k distinct random subsets with sizes spread over 1..n-1 (the extremes are trivial)."""
+    rng = random.Random(seed)
+    seen: set[tuple[bool, ...]] = set()
+    while len(seen) < min(k, 2 ** n - 2):
+        size = rng.randint(1, n - 1)
+        chosen = set(rng.sample(range(n), size))
+        seen.add(tuple(j in chosen for j in range(n)))
+    return torch.tensor(sorted(seen), dtype=torch.bool)
+
+
+def validate(cfg: Config, k: int = 20, seeds: int = 2) -> dict:
+    """Fine-tune k subsets x seeds for real; compare with estimates. Resumes from validate/runs.jsonl."""
+    run = prepare(cfg)
+    gradients(cfg)
+    out = run.dir / "validate"
+    out.mkdir(parents=True, exist_ok=True)
+    done_path = out / "runs.jsonl"
+    key = run.fp("select")
+    done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
+    done = [d for d in done if d["fingerprint"] == key]
+    members = random_subsets(len(run.sources), k, cfg.select.seed + 1000)
+    fn, _, l2 = estimator(run)
+    est = fn(members).tolist()
+    val = run.indices("validation")
+    base = run.meta_model()
+    theta = trainable_vector(base)
+    u_star, _ = outputs(base, run.tokens, val, run.pad_id, cfg.model.precision)
+    theta_loss = loss_from_outputs(u_star)
+    jobs = [(i, s) for i in range(len(members)) for s in range(seeds)]
+    finished = {(d["subset"], d["seed"]) for d in done}
+    for i, s in tqdm(jobs, desc="validate (real fine-tunes)"):
+        if (i, s) in finished:
+            continue
+        names = [n for n, m in zip(run.sources, members[i].tolist()) if m]
+        model = run.meta_model()
+        recipe = TrainConfig(**{**cfg.finetune.__dict__, "seed": cfg.finetune.seed + s})
+        t0 = time.perf_counter()
+        history = train(model, run.tokens, run.train_indices(names), recipe, run.pad_id, cfg.model.precision,
+                        desc=f"subset {i} seed {s}", progress=False)
+        u, _ = outputs(model, run.tokens, val, run.pad_id, cfg.model.precision)
+        row = {"fingerprint": key, "subset": i, "seed": s, "members": names, "loss": loss_from_outputs(u),
+               "step": ((trainable_vector(model) - theta).norm() / theta.norm()).item(),
+               "steps": len(history), "seconds": round(time.perf_counter() - t0, 1)}
+        with done_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        done.append(row)
+    result = _compare(done, est, theta_loss, l2, run.sources, members)
+    (run.dir / "validation.json").write_text(json.dumps(result, indent=2))
+    _plot_validation(result, run.dir / "validation.png")
+    log(f"validation: spearman {result['spearman']:.3f}, error {result['mean_abs_rel_error']:.4f}, "
+        f"seed noise {result['seed_noise']:.4f}, constant predictor {result['constant_error']:.4f}")
+    return result
+
+
+def _compare(done: list[dict], est: list[float], theta_loss: float, l2: float, names: list[str],
+             members: torch.Tensor) -> dict:
+    from scipy.stats import pearsonr, spearmanr
+
+    by_subset: dict[int, list[dict]] = {}
+    for d in done:
+        by_subset.setdefault(d["subset"], []).append(d)
+    rows = []
+    for i, runs in sorted(by_subset.items()):
+        losses = [r["loss"] for r in sorted(runs, key=lambda r: r["seed"])]
+        rows.append({"subset": i, "members": runs[0]["members"], "estimate": est[i], "real": float(np.mean(losses)),
+                     "seeds": losses, "real_step": float(np.mean([r["step"] for r in runs]))})
+    real = np.array([r["real"] for r in rows])
+    guess = np.array([r["estimate"] for r in rows])
+    noise = [abs(r["seeds"][0] - r["seeds"][1]) / np.mean(r["seeds"][:2]) for r in rows if len(r["seeds"]) > 1]
+    return {
+        "subsets": len(rows), "spearman": float(spearmanr(guess, real).statistic) if len(rows) > 2 else math.nan,
+        "pearson": float(pearsonr(guess, real).statistic) if len(rows) > 2 else math.nan,
+        "mean_abs_rel_error": float(np.mean(np.abs(guess - real) / real)),
+        "seed_noise": float(np.mean(noise)) if noise else math.nan,
+        "constant_error": float(np.mean(np.abs(theta_loss - real) / real)),
+        "theta_star_loss": theta_loss, "l2": l2,
+        "median_real_step": float(np.median([r["real_step"] for r in rows])), "rows": rows,
+    }
+
+
+def summary(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "rows"}
+
+
+def _plot_validation(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    real = [r["real"] for r in result["rows"]]
+    est = [r["estimate"] for r in result["rows"]]
+    ax.scatter(est, real)
+    lo, hi = min(real + est), max(real + est)
+    ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8)
+    ax.axhline(result["theta_star_loss"], color="red", lw=0.8, ls="--", label="theta* (constant predictor)")
+    ax.set(xlabel="estimated target validation loss", ylabel="real (mean of seeds)",
+           title=f"spearman {result['spearman']:.2f}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

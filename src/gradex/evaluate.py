@@ -1,0 +1,100 @@
+"""Loss and task metrics of a model on a set of examples.
+
+`loss` is the quantity GradEx estimates: the mean over examples of softplus(-u_s), the logistic
+loss of the per-example output u_s (mean answer log-odds). `token_nll` is the usual mean
+cross-entropy of the answer tokens. The task metric is exact match of a greedy generation for
+free-form answers, and length-normalized log-likelihood for multiple choice (summed likelihood
+favours short wrong options).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gradex.data import END, Example, Tokenized, batches, tokenize
+from gradex.model import autocast, example_outputs, example_token_nll, language_model
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int], pad_id: int,
+            precision: str = "bf16", batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u_s, token NLL) for the given examples, in the given order."""
+    us, nlls = [], []
+    for batch in batches(tokens, list(indices), batch_size, pad_id):
+        with autocast(precision):
+            us.append(example_outputs(model, batch).float())
+            nlls.append(example_token_nll(model, batch).float())
+    return torch.cat(us), torch.cat(nlls)
+
+
+def loss_from_outputs(u: torch.Tensor) -> float:
+    return torch.nn.functional.softplus(-u).mean().item()
+
+
+@torch.no_grad()
+def generate_answers(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_new_tokens: int,
+                     precision: str = "bf16", batch_size: int = 32) -> list[str]:
+    """Greedy answers, cut at the end marker."""
+    lm = language_model(model)
+    prompt_ids = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
+    pad = tokenizer.pad_token_id
+    answers: list[str] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = prompt_ids[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left-pad for generation
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        with autocast(precision):
+            out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                              use_cache=True, pad_token_id=pad)
+        for row in out[:, width:]:
+            text = tokenizer.decode(row.tolist(), skip_special_tokens=True)
+            answers.append(text.split(END)[0].strip())
+    return answers
+
+
+@torch.no_grad()
+def choose(model: nn.Module, tokenizer: Any, examples: Sequence[Example], precision: str = "bf16") -> list[str]:
+    """For multiple-choice examples: the choice with the lowest mean token NLL."""
+    flat = [(i, c) for i, e in enumerate(examples) for c in e.choices]
+    variants = [Example(examples[i].source, "test", examples[i].prompt, _prefix(examples[i]) + c) for i, c in flat]
+    toks = tokenize(tokenizer, variants)
+    _, nll = outputs(model, toks, range(len(toks)), tokenizer.pad_token_id, precision)
+    best: dict[int, tuple[float, str]] = {}
+    for (i, c), v in zip(flat, nll.tolist()):
+        if i not in best or v < best[i][0]:
+            best[i] = (v, c)
+    return [best[i][1] for i in range(len(examples))]
+
+
+def _prefix(example: Example) -> str:
+    """The whitespace the source puts before its answers (its `answer_prefix`)."""
+    return example.answer[:len(example.answer) - len(example.answer.lstrip())]
+
+
+def evaluate(model: nn.Module, tokenizer: Any, examples: Sequence[Example], tokens: Sequence[Tokenized],
+             indices: Sequence[int], precision: str = "bf16", desc: str = "evaluate") -> dict:
+    """Loss, token NLL and the task metric (exact match or multiple-choice accuracy) on `indices`."""
+    model.eval()
+    with tqdm(total=2, desc=desc, leave=False) as bar:
+        u, nll = outputs(model, tokens, indices, tokenizer.pad_token_id, precision)
+        bar.update()
+        exs = [examples[i] for i in indices]
+        mc = [e for e in exs if e.choices]
+        free = [e for e in exs if not e.choices]
+        correct = 0
+        if free:
+            longest = max(len(tokens[i].ids) - tokens[i].n_prompt for i in indices)
+            got = generate_answers(model, tokenizer, free, longest + 1, precision)
+            correct += sum(g == e.answer.strip() for g, e in zip(got, free))
+        if mc:
+            got = choose(model, tokenizer, mc, precision)
+            correct += sum(g == e.answer.strip() for g, e in zip(got, mc))
+        bar.update()
+    metric = "exact_match" if not mc else "accuracy" if not free else "exact_match_or_choice"
+    return {"loss": loss_from_outputs(u), "token_nll": nll.mean().item(), "metric": metric,
+            "score": correct / len(exs), "examples": len(exs)}

@@ -1,0 +1,181 @@
+"""Per-example gradients of u_s (gradex.model.example_outputs) with respect to the trainable parameters.
+
+Fast path ("hooks"): forward hooks on every nn.Linear / transformers Conv1D whose weight (or bias)
+is trainable save the module's input and output; one batched backward of sum_b u_b gives each
+output's gradient, and since examples are independent, example b's weight gradient is
+sum_t dy[b, t] x[b, t]^T (one bmm per module). Padded positions have zero output gradient, because
+u_s reads only answer positions and attention is causal with right padding, so they do not leak.
+Each module's per-example gradients are handed to a sink (e.g. a projector) at once; the full
+per-example gradient of the model is never formed.
+
+Fallback ("loop"): one torch.autograd.grad per example, for parameters no hook covers (method
+"hooks+loop", on the same batched graph) or for every parameter (method "loop", one forward per
+example, no padding: the plain reference).
+
+The model may run under bf16 autocast; per-example gradients are formed and projected in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from gradex.data import Batch
+from gradex.model import autocast, example_outputs, trainable
+from gradex.gradients.projectors import Projector
+
+Sink = Callable[[str, torch.Tensor], None]  # (parameter name, per-example gradients (B, n_param) fp32)
+METHODS = ("auto", "hooks", "loop")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"  # GPT-2's linear layer with a transposed weight (in, out)
+
+
+class GradientComputer:
+    """Per-example gradients of u_s for one model; `method` is auto (hooks where possible) | hooks | loop."""
+
+    def __init__(self, model: nn.Module, method: str = "auto"):
+        if method not in METHODS:
+            raise ValueError(f"unknown gradient method {method!r}; choose one of {METHODS}")
+        self.model = model
+        self.params = trainable(model)
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (call gradex.model.make_trainable first)")
+        names = {id(p): n for n, p in self.params}
+        # module -> (weight name or None, bias name or None) for hookable modules with a trainable part
+        self.hooked: dict[nn.Module, tuple[str | None, str | None]] = {}
+        if method != "loop":
+            for module in model.modules():
+                if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+                    continue
+                w = names.get(id(module.weight))
+                b = names.get(id(module.bias)) if module.bias is not None else None
+                if w is not None or b is not None:
+                    self.hooked[module] = (w, b)
+        covered = {n for pair in self.hooked.values() for n in pair if n is not None}
+        self.uncovered = [(n, p) for n, p in self.params if n not in covered]
+        if method == "hooks" and self.uncovered:
+            raise ValueError(f"method='hooks' cannot cover parameters {[n for n, _ in self.uncovered][:5]} "
+                             f"(not weights of nn.Linear / Conv1D); use method='auto'")
+        if method == "loop":
+            self.method = "loop"
+        else:
+            self.method = "hooks" if not self.uncovered else ("hooks+loop" if self.hooked else "loop")
+
+    @property
+    def layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every trainable parameter in trainable() order: what a projector binds to."""
+        return [(n, tuple(p.shape)) for n, p in self.params]
+
+    # ------------------------------------------------------------------ public entry points
+    def run(self, batch: Batch, sink: Sink, precision: str = "bf16") -> torch.Tensor:
+        """Feed every trainable parameter's per-example gradients (B, n_param) to `sink`; return u (B,) fp32."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if self.method == "loop":
+                return self._loop(batch, sink, precision)
+            return self._hooks(batch, sink, precision)
+        finally:
+            self.model.train(was_training)
+
+    def projected(self, batch: Batch, projector: Projector, precision: str = "bf16") -> tuple[torch.Tensor, torch.Tensor]:
+        """(x (B, d), u (B,)): projected per-example gradients and outputs, both fp32."""
+        acc = projector.start(batch.input_ids.shape[0])
+        u = self.run(batch, lambda name, g: projector.add(acc, name, g), precision)
+        return projector.result(acc), u
+
+    def per_example(self, batch: Batch, precision: str = "fp32") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """({name: (B, *shape)}, u): unprojected per-example gradients. For checks and small models."""
+        out: dict[str, torch.Tensor] = {}
+
+        def keep(name: str, g: torch.Tensor) -> None:
+            out[name] = out[name] + g if name in out else g.clone()
+
+        u = self.run(batch, keep, precision)
+        bsz = batch.input_ids.shape[0]
+        shaped = {}
+        for name, p in self.params:
+            g = out.get(name)
+            shaped[name] = torch.zeros(bsz, *p.shape) if g is None else g.reshape(bsz, *p.shape)
+        return shaped, u
+
+    # ------------------------------------------------------------------ hooks
+    def _hooks(self, batch: Batch, sink: Sink, precision: str) -> torch.Tensor:
+        calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+
+        def save(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            calls.append((module, inputs[0].detach(), output))
+
+        handles = [m.register_forward_hook(save) for m in self.hooked]
+        try:
+            with torch.enable_grad(), autocast(precision):
+                u = example_outputs(self.model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+        bsz = u.shape[0]
+        outputs = [y for _, _, y in calls]
+        grads = torch.autograd.grad(u.sum(), outputs, allow_unused=True, retain_graph=bool(self.uncovered)) if outputs else []
+        del outputs
+        per_module: dict[nn.Module, dict[str, torch.Tensor]] = {}
+        for (module, x, _), dy in zip(calls, grads):
+            if dy is None:
+                continue
+            w_name, b_name = self.hooked[module]
+            x = x.reshape(bsz, -1, x.shape[-1]).float()
+            dy = dy.reshape(bsz, -1, dy.shape[-1]).float()
+            acc = per_module.setdefault(module, {})
+            if w_name is not None:
+                # Linear weight (out, in): dy^T x; Conv1D weight (in, out): x^T dy
+                gw = torch.bmm(x.transpose(1, 2), dy) if _is_conv1d(module) else torch.bmm(dy.transpose(1, 2), x)
+                acc[w_name] = acc[w_name] + gw if w_name in acc else gw
+            if b_name is not None:
+                gb = dy.sum(1)
+                acc[b_name] = acc[b_name] + gb if b_name in acc else gb
+        del calls, grads
+        for module in self.hooked:  # fixed module order: the fp32 sums do not depend on call order
+            for name, g in per_module.pop(module, {}).items():
+                sink(name, g.reshape(bsz, -1))
+        if self.uncovered:
+            self._loop_on_graph(u, sink)
+        return u.detach().float()
+
+    # ------------------------------------------------------------------ loops
+    def _loop_on_graph(self, u: torch.Tensor, sink: Sink) -> None:
+        """Per-example autograd.grad for the parameters hooks do not cover, on the batched graph."""
+        params = [p for _, p in self.uncovered]
+        rows: list[list[torch.Tensor]] = [[] for _ in params]
+        for b in range(u.shape[0]):
+            gs = torch.autograd.grad(u[b], params, allow_unused=True, retain_graph=b < u.shape[0] - 1)
+            for i, (g, p) in enumerate(zip(gs, params)):
+                rows[i].append(torch.zeros(p.numel()) if g is None else g.reshape(-1).float())
+        for (name, _), r in zip(self.uncovered, rows):
+            sink(name, torch.stack(r))
+
+    def _loop(self, batch: Batch, sink: Sink, precision: str) -> torch.Tensor:
+        """The plain reference: each example alone (no padding), one forward and one autograd.grad."""
+        params = [p for _, p in self.params]
+        rows: list[list[torch.Tensor]] = [[] for _ in params]
+        us = []
+        for b in range(batch.input_ids.shape[0]):
+            single = single_example(batch, b)
+            with torch.enable_grad(), autocast(precision):
+                u = example_outputs(self.model, single)[0]
+            gs = torch.autograd.grad(u, params, allow_unused=True)
+            for i, (g, p) in enumerate(zip(gs, params)):
+                rows[i].append(torch.zeros(p.numel()) if g is None else g.reshape(-1).float())
+            us.append(u.detach().float())
+        for (name, _), r in zip(self.params, rows):
+            sink(name, torch.stack(r))
+        return torch.stack(us)
+
+
+def single_example(batch: Batch, b: int) -> Batch:
+    """Row b of a batch as a batch of one, without its padding."""
+    n = int(batch.attention_mask[b].sum())
+    return Batch(batch.input_ids[b:b + 1, :n], batch.attention_mask[b:b + 1, :n],
+                 batch.answer_mask[b:b + 1, :n], batch.index[b:b + 1])

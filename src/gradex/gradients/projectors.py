@@ -1,0 +1,248 @@
+"""Random projections x = P^T g of per-example gradients, P (p x d) defined per parameter by a seed.
+
+The gradient g is a concatenation of per-parameter blocks (trainable() order). Every projector
+defines its block of P from (seed, parameter name) alone, so P does not depend on the order in
+which layers are visited, on the rank that visits them, or on which other parameters exist.
+
+- `sparse` (default): a CountSketch / hashed sparse JL. Coordinate j of a parameter goes to bucket
+  h(j) in [0, d) with sign s(j) = +-1; P has one nonzero per row. Columns have disjoint supports,
+  so ||P z||^2 = sum_k col_sq_norms()[k] * z_k^2 exactly. Applying it is one index_add_.
+- `dense`: Rademacher entries +-1/sqrt(d) (the paper's P). Held in memory when p * d * 4 bytes
+  <= 256 MB, otherwise regenerated block by block from the seed on every call (slow, exact).
+- `none`: identity, d = p, exact inner products for small p.
+
+All three satisfy E[<P^T g, P^T h>] = <g, h>.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from abc import ABC, abstractmethod
+from typing import Mapping, Sequence
+
+import torch
+
+HOLD_LIMIT_BYTES = 256 * 2**20  # never hold a dense P larger than this
+BLOCK_BYTES = 32 * 2**20  # rows of a dense block regenerated at once
+
+Layout = Sequence[tuple[str, tuple[int, ...]]]
+
+
+def _generator(seed: int, *key: object) -> torch.Generator:
+    """A torch.Generator seeded from the projector seed and a key (parameter name, block)."""
+    digest = hashlib.sha256(":".join(str(k) for k in (seed, *key)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+class Projector(ABC):
+    """Maps per-example gradient blocks (B, n_param) to (B, d) features; call `bind` first."""
+
+    kind: str = ""
+    scale: float = 1.0
+
+    def __init__(self, dim: int, seed: int = 0):
+        if dim <= 0 and self.kind != "none":
+            raise ValueError(f"projection dimension must be positive, got {dim}")
+        self.dim = dim
+        self.seed = seed
+        self.layout: list[tuple[str, tuple[int, ...]]] = []
+        self.input_dim = 0
+
+    def bind(self, layout: Layout) -> "Projector":
+        """Fix the parameters (name, shape) in trainable() order; the input dimension p is their total size."""
+        self.layout = [(name, tuple(shape)) for name, shape in layout]
+        names = [name for name, _ in self.layout]
+        if len(set(names)) != len(names):
+            raise ValueError("projector layout has duplicate parameter names")
+        self.input_dim = sum(math.prod(shape) for _, shape in self.layout)
+        self._sizes = {name: math.prod(shape) for name, shape in self.layout}
+        self._bound()
+        return self
+
+    def _bound(self) -> None:
+        """Hook for subclasses: precompute per-parameter state."""
+
+    def identity(self) -> dict:
+        """What makes two stores comparable: same kind, seed, dim, scale and input dimension."""
+        return {"kind": self.kind, "seed": self.seed, "dim": self.dim, "scale": self.scale, "input_dim": self.input_dim}
+
+    # ------------------------------------------------------------------ projecting
+    def start(self, batch_size: int) -> torch.Tensor:
+        """An empty fp32 accumulator for a batch."""
+        return torch.zeros(batch_size, self.dim)
+
+    @abstractmethod
+    def add(self, acc: torch.Tensor, name: str, grads: torch.Tensor) -> None:
+        """acc += grads @ P_name for one parameter's per-example gradients, grads (B, n_param)."""
+
+    def result(self, acc: torch.Tensor) -> torch.Tensor:
+        return acc
+
+    def project(self, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Project per-example gradients given per parameter ({name: (B, *shape)}) to (B, d)."""
+        acc = None
+        for name, g in grads.items():
+            if acc is None:
+                acc = self.start(g.shape[0])
+            self.add(acc, name, g.reshape(g.shape[0], -1).float())
+        if acc is None:
+            raise ValueError("no gradients to project")
+        return self.result(acc)
+
+    def project_flat(self, g: torch.Tensor) -> torch.Tensor:
+        """Project full gradients (B, p) laid out in the bound order."""
+        g = g.reshape(-1, self.input_dim) if g.dim() > 1 else g.reshape(1, -1)
+        acc, start = self.start(g.shape[0]), 0
+        for name, _ in self.layout:
+            n = self._sizes[name]
+            self.add(acc, name, g[:, start:start + n].float())
+            start += n
+        return self.result(acc)
+
+    # ------------------------------------------------------------------ back to parameter space
+    @abstractmethod
+    def lift_param(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        """(P z) restricted to one parameter, shaped like it."""
+
+    def lift(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """P z as per-parameter tensors in the bound (trainable()) order: the change Delta for theta* + Delta."""
+        z = torch.as_tensor(z, dtype=torch.float32).reshape(self.dim)
+        return [self.lift_param(name, z).reshape(shape) for name, shape in self.layout]
+
+    def lift_flat(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in self.lift(z)])
+
+    @abstractmethod
+    def col_sq_norms(self) -> torch.Tensor:
+        """(d,) squared column norms of P, summed over all bound parameters."""
+
+    def _check(self, name: str, grads: torch.Tensor) -> int:
+        n = self._sizes.get(name)
+        if n is None:
+            raise KeyError(f"projector is not bound to parameter {name!r}")
+        if grads.shape[-1] != n:
+            raise ValueError(f"{name}: expected {n} gradient coordinates, got {grads.shape[-1]}")
+        return n
+
+
+class SparseProjector(Projector):
+    """CountSketch: coordinate j -> bucket h(j) with sign s(j), both drawn from (seed, parameter name).
+
+    Signs are folded into the bucket index (bucket h for +1, d + h for -1), so applying P is a single
+    index_add_ into a (B, 2d) accumulator followed by one subtraction.
+    """
+
+    kind = "sparse"
+
+    def _bound(self) -> None:
+        self._index: dict[str, torch.Tensor] = {}
+        for name, _ in self.layout:
+            n = self._sizes[name]
+            gen = _generator(self.seed, self.kind, name)
+            bucket = torch.randint(0, self.dim, (n,), generator=gen)
+            negative = torch.randint(0, 2, (n,), generator=gen)
+            self._index[name] = bucket + self.dim * negative
+
+    def start(self, batch_size: int) -> torch.Tensor:
+        return torch.zeros(batch_size, 2 * self.dim)
+
+    def add(self, acc: torch.Tensor, name: str, grads: torch.Tensor) -> None:
+        self._check(name, grads)
+        acc.index_add_(1, self._index[name], grads.float())
+
+    def result(self, acc: torch.Tensor) -> torch.Tensor:
+        return acc[:, :self.dim] - acc[:, self.dim:]
+
+    def lift_param(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([z, -z])[self._index[name]]
+
+    def col_sq_norms(self) -> torch.Tensor:
+        counts = torch.zeros(2 * self.dim)
+        for index in self._index.values():
+            counts += torch.bincount(index, minlength=2 * self.dim).float()
+        return counts[:self.dim] + counts[self.dim:]
+
+
+class DenseProjector(Projector):
+    """Rademacher +-1/sqrt(d). Block b of parameter `name` (rows [b*R, (b+1)*R)) comes from its own
+    generator (seed, name, b), so holding P and regenerating it block by block give the same P."""
+
+    kind = "dense"
+
+    def __init__(self, dim: int, seed: int = 0, hold_limit_bytes: int = HOLD_LIMIT_BYTES):
+        super().__init__(dim, seed)
+        self.scale = 1.0 / math.sqrt(dim)
+        self.hold_limit_bytes = hold_limit_bytes
+
+    def _bound(self) -> None:
+        self._rows = max(1, BLOCK_BYTES // (4 * self.dim))
+        self.holds = self.input_dim * self.dim * 4 <= self.hold_limit_bytes
+        self._held: dict[str, list[torch.Tensor]] = {}
+        if self.holds:
+            self._held = {name: list(self._blocks(name)) for name, _ in self.layout}
+
+    def _block(self, name: str, b: int, rows: int) -> torch.Tensor:
+        gen = _generator(self.seed, self.kind, name, b)
+        signs = torch.empty(rows, self.dim).bernoulli_(0.5, generator=gen)
+        return signs.mul_(2 * self.scale).sub_(self.scale)
+
+    def _blocks(self, name: str):
+        n = self._sizes[name]
+        for b, start in enumerate(range(0, n, self._rows)):
+            yield self._held[name][b] if name in self._held else self._block(name, b, min(self._rows, n - start))
+
+    def matrix(self, name: str) -> torch.Tensor:
+        """P restricted to one parameter, (n_param, d): for tests and small layouts only."""
+        return torch.cat(list(self._blocks(name)))
+
+    def add(self, acc: torch.Tensor, name: str, grads: torch.Tensor) -> None:
+        self._check(name, grads)
+        grads = grads.float()
+        for b, block in enumerate(self._blocks(name)):
+            start = b * self._rows
+            acc.addmm_(grads[:, start:start + block.shape[0]], block)
+
+    def lift_param(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([block @ z for block in self._blocks(name)])
+
+    def col_sq_norms(self) -> torch.Tensor:
+        # every entry squared is exactly 1/d
+        return torch.full((self.dim,), self.input_dim * self.scale**2)
+
+
+class IdentityProjector(Projector):
+    """No projection: d = p and x is the gradient itself."""
+
+    kind = "none"
+
+    def __init__(self, dim: int = 0, seed: int = 0):
+        super().__init__(dim, seed)
+
+    def _bound(self) -> None:
+        self.dim = self.input_dim
+        self._offset, start = {}, 0
+        for name, _ in self.layout:
+            self._offset[name] = start
+            start += self._sizes[name]
+
+    def add(self, acc: torch.Tensor, name: str, grads: torch.Tensor) -> None:
+        n = self._check(name, grads)
+        acc[:, self._offset[name]:self._offset[name] + n] += grads.float()
+
+    def lift_param(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        return z[self._offset[name]:self._offset[name] + self._sizes[name]].clone()
+
+    def col_sq_norms(self) -> torch.Tensor:
+        return torch.ones(self.dim)
+
+
+KINDS = {"sparse": SparseProjector, "dense": DenseProjector, "none": IdentityProjector}
+
+
+def make_projector(kind: str, dim: int, seed: int = 0, layout: Layout | None = None) -> Projector:
+    """A projector of the given kind (sparse | dense | none), bound to `layout` when given."""
+    if kind not in KINDS:
+        raise ValueError(f"gradients.projection: unknown kind {kind!r}; choose one of {sorted(KINDS)}")
+    projector = KINDS[kind](dim, seed)
+    return projector.bind(layout) if layout is not None else projector

@@ -1,0 +1,266 @@
+"""The gradient store: projected per-example gradients x (N, d) and offsets u (N,), resumable and multi-process.
+
+Layout of a store directory:
+
+    plan.json          what is being computed (projector identity, precision, examples, caller's extra)
+    shards/chunk-*.npz one file per finished chunk of examples (deleted after the merge)
+    x.npy u.npy index.npy
+    manifest.json      written last: its presence means the store is complete
+
+The examples are split into fixed chunks of `chunk_size`. Each finished chunk is written atomically
+(temporary file + os.replace), so killing the pass at any moment loses at most the chunks in flight,
+and a re-run skips every finished chunk. With WORLD_SIZE > 1 (torchrun / accelerate launch), rank r
+computes the chunks c with c % world == r; rank 0 merges after a barrier. Chunks and batches are
+the same whatever the world size, so the merged store does not depend on it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradex.data import Tokenized, collate
+from gradex.gradients.compute import GradientComputer
+from gradex.gradients.projectors import Projector
+
+FORMAT = 1
+ARRAYS = ("x", "u", "index")
+
+
+@dataclass
+class Store:
+    path: Path
+    x: np.ndarray  # (N, d) float32 projected gradients
+    u: np.ndarray  # (N,) float32 outputs u_s at theta*
+    index: np.ndarray  # (N,) int64 position of each example in the dataset
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | Path, mmap: bool = True) -> "Store":
+        path = Path(path)
+        if not (path / "manifest.json").exists():
+            raise FileNotFoundError(f"{path}: no complete gradient store here (manifest.json is missing); "
+                                    f"run the gradients stage first")
+        mode = "r" if mmap else None
+        arrays = {name: np.load(path / f"{name}.npy", mmap_mode=mode) for name in ARRAYS}
+        return cls(path, arrays["x"], arrays["u"], arrays["index"], json.loads((path / "manifest.json").read_text()))
+
+    @staticmethod
+    def complete(path: str | Path) -> bool:
+        return (Path(path) / "manifest.json").exists()
+
+    @property
+    def dim(self) -> int:
+        return int(self.x.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def _sha256(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array)
+    os.replace(tmp, path)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initializes a gloo process group when launched with WORLD_SIZE > 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=2))
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _shard_path(out_dir: Path, chunk: int) -> Path:
+    return out_dir / "shards" / f"chunk-{chunk:06d}.npz"
+
+
+# ---------------------------------------------------------------------------- the pass
+
+def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int], pad_id: int,
+                  out_dir: str | Path, projector: Projector, batch_size: int = 8, chunk_size: int = 64,
+                  precision: str = "bf16", manifest_extra: dict | None = None, method: str = "auto",
+                  progress: bool = True) -> Store:
+    """Project the per-example gradients of u_s for tokens[i], i in `indices`, into a store at `out_dir`.
+
+    `projector` is bound to the model's trainable parameters here if it is not bound yet.
+    `manifest_extra` (model name, theta* fingerprint, ...) is part of the store's identity: a
+    directory holding shards computed with other inputs is an error, never silently mixed.
+    Resumes from finished chunks; under WORLD_SIZE > 1 every rank must call it with the same arguments.
+    """
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    indices = [int(i) for i in indices]
+    if not indices:
+        raise ValueError("compute_store: no examples to compute (indices is empty)")
+    if batch_size <= 0 or chunk_size <= 0:
+        raise ValueError(f"compute_store: batch_size and chunk_size must be positive, got {batch_size}, {chunk_size}")
+    rank, world = _distributed()
+    computer = GradientComputer(model, method)
+    if not projector.layout:
+        projector.bind(computer.layout)
+    elif projector.layout != computer.layout:
+        raise ValueError("compute_store: the projector is bound to other parameters than the model's trainable ones")
+    extra = dict(manifest_extra or {})
+    clash = sorted(set(extra) & _MANIFEST_KEYS)
+    if clash:
+        raise ValueError(f"compute_store: manifest_extra keys {clash} are reserved")
+    plan = {
+        "format": FORMAT,
+        "projector": projector.identity(),
+        "precision": precision,
+        "chunk_size": chunk_size,
+        "n": len(indices),
+        "indices_sha256": _sha256(indices),
+        "tokens_sha256": _sha256([(tokens[i].ids, tokens[i].n_prompt) for i in indices]),
+        "parameters_sha256": _sha256(computer.layout),
+        "extra": json.loads(json.dumps(extra, sort_keys=True, default=str)),
+    }
+
+    if rank == 0:
+        out_dir.joinpath("shards").mkdir(parents=True, exist_ok=True)
+        if not (out_dir / "plan.json").exists():
+            _atomic_write_bytes(out_dir / "plan.json", json.dumps(plan, indent=2, sort_keys=True).encode())
+        for stale in out_dir.rglob("*.tmp*"):  # left by a killed run; nothing writes yet
+            stale.unlink(missing_ok=True)
+    _barrier(world)
+    found = json.loads((out_dir / "plan.json").read_text())
+    if found != plan:
+        differ = sorted(k for k in set(found) | set(plan) if found.get(k) != plan.get(k))
+        raise ValueError(f"{out_dir}: holds a gradient store computed with other inputs (differs in {differ}); "
+                         f"delete the directory or choose another one")
+    if Store.complete(out_dir):
+        return Store.open(out_dir)
+
+    chunks = [indices[lo:lo + chunk_size] for lo in range(0, len(indices), chunk_size)]
+    mine = [c for c in range(len(chunks)) if c % world == rank and not _shard_path(out_dir, c).exists()]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc="gradients", unit="ex",
+               disable=not progress or rank != 0, dynamic_ncols=True)
+    for c in mine:
+        t0 = time.perf_counter()
+        x, u = _compute_chunk(computer, projector, tokens, chunks[c], pad_id, batch_size, precision, bar)
+        seconds = time.perf_counter() - t0
+        path = _shard_path(out_dir, c)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, x=x, u=u, index=np.asarray(chunks[c], dtype=np.int64), seconds=np.float64(seconds),
+                     method=np.str_(computer.method))
+        os.replace(tmp, path)
+    bar.close()
+    _barrier(world)
+    if rank == 0:
+        _merge(out_dir, chunks, plan, extra, world, started)
+    _barrier(world)
+    return Store.open(out_dir)
+
+
+def _compute_chunk(computer: GradientComputer, projector: Projector, tokens: Sequence[Tokenized], chunk: list[int],
+                   pad_id: int, batch_size: int, precision: str, bar: Any) -> tuple[np.ndarray, np.ndarray]:
+    """x (k, d), u (k,) for one chunk, in chunk order; batches are formed by length to cut padding."""
+    order = sorted(range(len(chunk)), key=lambda i: len(tokens[chunk[i]].ids))
+    x = np.zeros((len(chunk), projector.dim), dtype=np.float32)
+    u = np.zeros(len(chunk), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = collate([tokens[chunk[i]] for i in rows], [chunk[i] for i in rows], pad_id)
+        xb, ub = computer.projected(batch, projector, precision)
+        x[rows] = xb.numpy()
+        u[rows] = ub.numpy()
+        bar.update(len(rows))
+    return x, u
+
+
+def _merge(out_dir: Path, chunks: list[list[int]], plan: dict, extra: dict, world: int, started: float) -> None:
+    t0 = time.perf_counter()
+    n, d = plan["n"], plan["projector"]["dim"]
+    tmp_x = out_dir / f"x.npy.tmp{os.getpid()}"
+    x = np.lib.format.open_memmap(tmp_x, mode="w+", dtype=np.float32, shape=(n, d))
+    u = np.zeros(n, dtype=np.float32)
+    index = np.zeros(n, dtype=np.int64)
+    methods, compute_seconds, lo = set(), 0.0, 0
+    for c, chunk in enumerate(chunks):
+        path = _shard_path(out_dir, c)
+        if not path.exists():
+            raise RuntimeError(f"{path}: chunk {c} is missing after every rank finished; re-run to compute it")
+        with np.load(path) as shard:
+            if shard["x"].shape != (len(chunk), d) or shard["index"].tolist() != chunk:
+                raise RuntimeError(f"{path}: shard does not match chunk {c} of the plan; delete {out_dir} and re-run")
+            x[lo:lo + len(chunk)] = shard["x"]
+            u[lo:lo + len(chunk)] = shard["u"]
+            index[lo:lo + len(chunk)] = shard["index"]
+            methods.add(str(shard["method"]))
+            compute_seconds += float(shard["seconds"])
+        lo += len(chunk)
+    x.flush()
+    del x
+    os.replace(tmp_x, out_dir / "x.npy")
+    _save_npy(out_dir / "u.npy", u)
+    _save_npy(out_dir / "index.npy", index)
+    manifest = {
+        **extra,
+        "format": FORMAT,
+        "n": n,
+        "dim": d,
+        "dtype": "float32",
+        "projector": plan["projector"],
+        "method": "+".join(sorted(methods)),
+        "precision": plan["precision"],
+        "chunk_size": plan["chunk_size"],
+        "chunks": len(chunks),
+        "world_size": world,
+        "indices_sha256": plan["indices_sha256"],
+        "tokens_sha256": plan["tokens_sha256"],
+        "parameters_sha256": plan["parameters_sha256"],
+        "timings": {
+            "compute_seconds": round(compute_seconds, 3),  # summed over chunks and ranks, resumed runs included
+            "examples_per_second_per_process": round(n / compute_seconds, 3) if compute_seconds else None,
+            "merge_seconds": round(time.perf_counter() - t0, 3),
+            "last_run_wall_seconds": round(time.perf_counter() - started, 3),
+        },
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+    }
+    _atomic_write_bytes(out_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
+    shutil.rmtree(out_dir / "shards", ignore_errors=True)
+
+
+_MANIFEST_KEYS = {"format", "n", "dim", "dtype", "projector", "method", "precision", "chunk_size", "chunks",
+                  "world_size", "indices_sha256", "tokens_sha256", "parameters_sha256", "timings", "machine"}
