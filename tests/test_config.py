@@ -1,0 +1,137 @@
+"""Bad input gets a clear error naming the source, file and row, before any model is trained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import arithmetic_rows, write_jsonl
+from gradex import config, data, pipeline
+from gradex.config import ConfigError
+
+
+def make_cfg(tmp_path: Path, model_dir: Path, **data_over) -> dict:
+    target = write_jsonl(tmp_path / "target.jsonl", arithmetic_rows(30, "+", 0))
+    source = write_jsonl(tmp_path / "sub.jsonl", arithmetic_rows(20, "-", 1))
+    raw = {
+        "name": "t", "runs_dir": str(tmp_path / "runs"),
+        "model": {"name": str(model_dir), "finetune": "lora", "precision": "fp32", "max_length": 32,
+                  "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}},
+        "data": {"target": {"name": "add", "path": str(target), "train": 10, "validation": 10, "test": 10},
+                 "sources": [{"name": "sub", "path": str(source)}]},
+    }
+    raw["data"].update(data_over)
+    return raw
+
+
+def test_default_config_loads_and_fingerprint_is_stable():
+    cfg = config.load()
+    assert cfg.data.target.name == "add3" and 8 <= len(cfg.data.sources) <= 12
+    assert config.fingerprint(cfg) == config.fingerprint(config.load())
+    assert config.fingerprint(cfg) != config.fingerprint(config.load(overrides=["meta.epochs=1"]))
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"modle": {}}, "unknown key(s) ['modle']"),
+    ({"meta": {"epochs": "three"}}, "meta.epochs: expected float"),
+    ({"model": {"finetune": "qlora"}}, "model.finetune: 'qlora' is not one of"),
+    ({"select": {"alpha": 1.5}}, "select.alpha"),
+])
+def test_schema_errors_name_the_key(raw, message):
+    base = config.to_dict(config.load())
+    for key, value in raw.items():
+        if isinstance(value, dict) and key in base:
+            base[key].update(value)
+        else:
+            base[key] = value
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+        config.from_dict(base)
+
+
+def test_duplicate_source_and_target_as_source(tmp_path, tiny_model_dir):
+    raw = make_cfg(tmp_path, tiny_model_dir)
+    raw["data"]["sources"].append(dict(raw["data"]["sources"][0]))
+    with pytest.raises(ConfigError, match=r"duplicate source name\(s\) \['sub'\]"):
+        config.from_dict(raw)
+    raw = make_cfg(tmp_path, tiny_model_dir)
+    raw["data"]["sources"].append({"name": "add", "path": raw["data"]["target"]["path"]})
+    with pytest.raises(ConfigError, match="the target 'add' is also listed as a source"):
+        config.from_dict(raw)
+
+
+def test_missing_file_missing_column_empty_source(tmp_path, tiny_model_dir):
+    raw = make_cfg(tmp_path, tiny_model_dir)
+    raw["data"]["sources"][0]["path"] = str(tmp_path / "nope.jsonl")
+    with pytest.raises(ConfigError, match=r"source 'sub': file not found: .*nope.jsonl"):
+        data.load_examples(config.from_dict(raw))
+    raw = make_cfg(tmp_path, tiny_model_dir)
+    raw["data"]["sources"][0]["answer_field"] = "label"
+    with pytest.raises(ConfigError, match=r"source 'sub': row \d+ has no column 'label'"):
+        data.load_examples(config.from_dict(raw))
+    (tmp_path / "empty.jsonl").write_text("")
+    raw = make_cfg(tmp_path, tiny_model_dir)
+    raw["data"]["sources"][0]["path"] = str(tmp_path / "empty.jsonl")
+    with pytest.raises(ConfigError, match=r"source 'sub': the source is empty"):
+        data.load_examples(config.from_dict(raw))
+
+
+def test_bad_row_is_named(tmp_path, tiny_model_dir):
+    rows = arithmetic_rows(20, "-", 1)
+    rows[7]["target"] = ""
+    write_jsonl(tmp_path / "bad.jsonl", rows)
+    raw = make_cfg(tmp_path, tiny_model_dir)
+    raw["data"]["sources"][0]["path"] = str(tmp_path / "bad.jsonl")
+    with pytest.raises(ConfigError, match=r"source 'sub': row 7: empty answer"):
+        data.load_examples(config.from_dict(raw))
+
+
+def test_too_long_and_unknown_model_fail_in_prepare(tmp_path, tiny_model_dir):
+    raw = make_cfg(tmp_path, tiny_model_dir)
+    rows = arithmetic_rows(20, "-", 1)
+    rows[3]["input"] = "x" * 100
+    write_jsonl(tmp_path / "sub.jsonl", rows)
+    with pytest.raises(ConfigError, match=r"source 'sub' row 3: \d+ tokens is longer than model.max_length=32"):
+        pipeline.prepare(config.from_dict(raw))
+    assert not (tmp_path / "runs" / "t" / "meta").exists()  # nothing expensive started
+    raw = make_cfg(tmp_path, tiny_model_dir)
+    raw["model"]["name"] = str(tmp_path / "no-such-model")
+    with pytest.raises(ConfigError, match="model.name: cannot load a tokenizer"):
+        pipeline.prepare(config.from_dict(raw))
+
+
+def test_target_too_small(tmp_path, tiny_model_dir):
+    raw = make_cfg(tmp_path, tiny_model_dir)
+    raw["data"]["target"]["test"] = 100
+    with pytest.raises(ConfigError, match=r"target 'add': has 30 examples, but train\+validation\+test ask for 120"):
+        data.load_examples(config.from_dict(raw))
+
+
+def test_file_formats_and_source_column(tmp_path, tiny_model_dir):
+    import datasets
+
+    rows = [{**r, "task": "mul" if i % 2 else "sub"} for i, r in enumerate(arithmetic_rows(40, "*", 2))]
+    pd.DataFrame(rows).to_csv(tmp_path / "all.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "all.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "all_ds"))
+    for name in ("all.csv", "all.parquet", "all_ds"):
+        raw = make_cfg(tmp_path, tiny_model_dir, sources=[], sources_file=str(tmp_path / name), sources_column="task")
+        examples = data.load_examples(config.from_dict(raw))
+        by_source = {s: [e for e in examples if e.source == s] for s in ("mul", "sub")}
+        assert {s: len(v) for s, v in by_source.items()} == {"mul": 20, "sub": 20}, name
+        assert all("*" in e.prompt for e in by_source["mul"])
+    raw = make_cfg(tmp_path, tiny_model_dir, sources=[], sources_file=str(tmp_path / "all.csv"), sources_column="tsk")
+    with pytest.raises(ConfigError, match="has no column 'tsk'"):
+        data.load_examples(config.from_dict(raw))
+
+
+def test_template_and_splits(tmp_path, tiny_model_dir):
+    raw = make_cfg(tmp_path, tiny_model_dir)
+    raw["data"]["target"]["template"] = "Q: {prompt}\nA:"
+    examples = data.load_examples(config.from_dict(raw))
+    target = [e for e in examples if e.source == "add"]
+    assert [sum(e.split == s for e in target) for s in data.SPLITS] == [10, 10, 10]
+    assert len({e.row for e in target}) == 30  # no row lands in two splits
+    assert target[0].prompt.startswith("Q: ") and target[0].prompt.endswith("\nA:")
+    assert target[0].answer.startswith(" ")

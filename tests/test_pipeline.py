@@ -1,0 +1,111 @@
+"""The whole run on a tiny model: every stage, its artifacts, skipping and resuming."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import arithmetic_rows, write_jsonl
+from gradex import config, pipeline
+from gradex.cli import main
+
+
+@pytest.fixture()
+def cfg(tmp_path, tiny_model_dir):
+    write_jsonl(tmp_path / "add.jsonl", arithmetic_rows(60, "+", 0))
+    write_jsonl(tmp_path / "add_more.jsonl", arithmetic_rows(24, "+", 1))
+    write_jsonl(tmp_path / "mul.jsonl", arithmetic_rows(24, "*", 2))
+    write_jsonl(tmp_path / "sub.jsonl", arithmetic_rows(24, "-", 3))
+    raw = {
+        "name": "tiny", "runs_dir": str(tmp_path / "runs"),
+        "model": {"name": str(tiny_model_dir), "precision": "fp32", "max_length": 24,
+                  "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
+        "data": {"target": {"name": "add", "path": str(tmp_path / "add.jsonl"), "train": 20, "validation": 16, "test": 16},
+                 "sources": [{"name": n, "path": str(tmp_path / f"{n}.jsonl")} for n in ("add_more", "mul", "sub")]},
+        "meta": {"epochs": 2, "batch_size": 8, "lr": 0.01},
+        "gradients": {"dim": 32, "batch_size": 4, "chunk_size": 16},
+        "select": {"subsets": 20},
+        "finetune": {"epochs": 1, "batch_size": 8, "lr": 0.01},
+    }
+    return config.from_dict(raw)
+
+
+def test_run_writes_every_artifact_and_skips_unchanged_stages(cfg, capsys):
+    summary = pipeline.run_all(cfg)
+    run_dir = cfg.run_dir
+    for path in ("config.yaml", "data/manifest.json", "meta/adapter.pt", "meta/log.jsonl", "store/manifest.json",
+                 "estimates.parquet", "selection.json", "final/selected/adapter.pt", "final/metrics.json",
+                 "summary.json"):
+        assert (run_dir / path).exists(), path
+    selection = summary["selection"]
+    assert set(selection["source_scores"]) == {"add_more", "mul", "sub"}
+    assert set(selection["selected"]) <= {"add_more", "mul", "sub"}
+    estimates = pd.read_parquet(run_dir / "estimates.parquet")
+    assert len(estimates) >= cfg.select.subsets and estimates["estimate"].notna().all()
+    models = summary["metrics"]["models"]
+    assert set(models) == {"selected", "all", "target"}
+    assert models["all"]["members"] == ["add_more", "mul", "sub"] and models["target"]["members"] == []
+    for m in models.values():
+        assert 0 <= m["test"]["score"] <= 1 and m["test"]["examples"] == 16
+
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "config.yaml"}
+    assert main(["run", str(_write(cfg))]) == 0
+    assert "source scores" in capsys.readouterr().out
+    after = {p: p.stat().st_mtime_ns for p in before}
+    changed = [p.name for p in before if before[p] != after[p]]
+    assert set(changed) <= {"summary.json"}, changed  # every stage was skipped
+
+
+def _write(cfg):
+    import yaml
+
+    path = cfg.run_dir.parent / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict(cfg)))
+    return path
+
+
+def test_changed_stage_reruns_downstream_only(cfg):
+    pipeline.select(cfg)
+    meta_mtime = (cfg.run_dir / "meta" / "adapter.pt").stat().st_mtime_ns
+    store_mtime = (cfg.run_dir / "store" / "manifest.json").stat().st_mtime_ns
+    cfg.select.subsets = 30
+    body = pipeline.select(cfg)
+    assert body["estimated_subsets"] >= 30
+    assert (cfg.run_dir / "meta" / "adapter.pt").stat().st_mtime_ns == meta_mtime
+    assert (cfg.run_dir / "store" / "manifest.json").stat().st_mtime_ns == store_mtime
+    cfg.gradients.dim = 16
+    pipeline.gradients(cfg)
+    assert json.loads((cfg.run_dir / "store" / "manifest.json").read_text())["dim"] == 16
+    assert (cfg.run_dir / "meta" / "adapter.pt").stat().st_mtime_ns == meta_mtime
+
+
+def test_training_resumes_to_the_same_result(cfg, tmp_path, monkeypatch):
+    import torch
+
+    from gradex import train as train_mod
+
+    run = pipeline.prepare(cfg)
+    idx = run.train_indices(run.sources)
+    full = run.fresh_model()
+    steps = len(train_mod.train(full, run.tokens, idx, cfg.meta, run.pad_id, "fp32", progress=False))
+    ckpt = tmp_path / "ckpt.pt"
+    real_collate, calls = train_mod.collate, []
+
+    def crash_midway(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > steps // 2:
+            raise KeyboardInterrupt  # the process dies mid-run
+        return real_collate(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "collate", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(run.fresh_model(), run.tokens, idx, cfg.meta, run.pad_id, "fp32", checkpoint=ckpt,
+                        save_every=1, progress=False)
+    monkeypatch.setattr(train_mod, "collate", real_collate)
+    resumed = run.fresh_model()
+    history = train_mod.train(resumed, run.tokens, idx, cfg.meta, run.pad_id, "fp32", checkpoint=ckpt, progress=False)
+    assert len(history) == steps
+    for (_, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
