@@ -119,27 +119,28 @@ class GradientComputer:
                 h.remove()
         bsz = u.shape[0]
         outputs = [y for _, _, y in calls]
-        grads = torch.autograd.grad(u.sum(), outputs, allow_unused=True, retain_graph=bool(self.uncovered)) if outputs else []
+        grads = list(torch.autograd.grad(u.sum(), outputs, allow_unused=True, retain_graph=bool(self.uncovered))
+                     if outputs else [])
         del outputs
-        per_module: dict[nn.Module, dict[str, torch.Tensor]] = {}
-        for (module, x, _), dy in zip(calls, grads):
-            if dy is None:
-                continue
-            w_name, b_name = self.hooked[module]
-            x = x.reshape(bsz, -1, x.shape[-1]).float()
-            dy = dy.reshape(bsz, -1, dy.shape[-1]).float()
-            acc = per_module.setdefault(module, {})
-            if w_name is not None:
-                # Linear weight (out, in): dy^T x; Conv1D weight (in, out): x^T dy
-                gw = torch.bmm(x.transpose(1, 2), dy) if _is_conv1d(module) else torch.bmm(dy.transpose(1, 2), x)
-                acc[w_name] = acc[w_name] + gw if w_name in acc else gw
-            if b_name is not None:
-                gb = dy.sum(1)
-                acc[b_name] = acc[b_name] + gb if b_name in acc else gb
-        del calls, grads
-        for module in self.hooked:  # fixed module order: the fp32 sums do not depend on call order
-            for name, g in per_module.pop(module, {}).items():
-                sink(name, g.reshape(bsz, -1))
+        last_call = {module: i for i, (module, _, _) in enumerate(calls)}
+        pending: dict[nn.Module, dict[str, torch.Tensor]] = {}  # modules called more than once (shared weights)
+        for i, (module, x, _) in enumerate(calls):
+            dy, grads[i], calls[i] = grads[i], None, None  # free each layer's tensors as soon as it is done
+            acc = pending.setdefault(module, {})
+            if dy is not None:
+                w_name, b_name = self.hooked[module]
+                x = x.reshape(bsz, -1, x.shape[-1]).float()
+                dy = dy.reshape(bsz, -1, dy.shape[-1]).float()
+                if w_name is not None:
+                    # Linear weight (out, in): dy^T x; Conv1D weight (in, out): x^T dy
+                    gw = torch.bmm(x.transpose(1, 2), dy) if _is_conv1d(module) else torch.bmm(dy.transpose(1, 2), x)
+                    acc[w_name] = acc[w_name] + gw if w_name in acc else gw
+                if b_name is not None:
+                    gb = dy.sum(1)
+                    acc[b_name] = acc[b_name] + gb if b_name in acc else gb
+            if last_call[module] == i:  # hand over this layer's per-example gradients now: never all at once
+                for name, g in pending.pop(module).items():
+                    sink(name, g.reshape(bsz, -1))
         if self.uncovered:
             self._loop_on_graph(u, sink)
         return u.detach().float()

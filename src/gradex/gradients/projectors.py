@@ -11,7 +11,8 @@ which layers are visited, on the rank that visits them, or on which other parame
   <= 256 MB, otherwise regenerated block by block from the seed on every call (slow, exact).
 - `none`: identity, d = p, exact inner products for small p.
 
-All three satisfy E[<P^T g, P^T h>] = <g, h>.
+All three satisfy E[<P^T g, P^T h>] = <g, h>. `lift(z)` = P z maps a solution z back to a change of
+the trainable parameters (flat, trainable() order); `col_sq_norms()` gives ||P z|| cheaply.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from abc import ABC, abstractmethod
 from typing import Mapping, Sequence
 
 import torch
+from torch import nn
 
 HOLD_LIMIT_BYTES = 256 * 2**20  # never hold a dense P larger than this
+WIDE_INDEX_LIMIT = 2**24  # sparse: int64 buckets up to this many coordinates, int32 above (half the memory)
 BLOCK_BYTES = 32 * 2**20  # rows of a dense block regenerated at once
 
 Layout = Sequence[tuple[str, tuple[int, ...]]]
@@ -103,15 +106,28 @@ class Projector(ABC):
     # ------------------------------------------------------------------ back to parameter space
     @abstractmethod
     def lift_param(self, name: str, z: torch.Tensor) -> torch.Tensor:
-        """(P z) restricted to one parameter, shaped like it."""
+        """(P z) restricted to one parameter, flat."""
 
-    def lift(self, z: torch.Tensor) -> list[torch.Tensor]:
-        """P z as per-parameter tensors in the bound (trainable()) order: the change Delta for theta* + Delta."""
+    def lift_params(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """P z as per-parameter tensors shaped like the parameters, in the bound (trainable()) order."""
         z = torch.as_tensor(z, dtype=torch.float32).reshape(self.dim)
         return [self.lift_param(name, z).reshape(shape) for name, shape in self.layout]
 
-    def lift_flat(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.cat([t.reshape(-1) for t in self.lift(z)])
+    def lift(self, z: torch.Tensor) -> torch.Tensor:
+        """P z as one flat (p,) vector in trainable() order: theta* + lift(z) is the reconstructed model."""
+        return torch.cat([t.reshape(-1) for t in self.lift_params(z)])
+
+    def gram(self) -> torch.Tensor:
+        """P^T P, (d, d)."""
+        return torch.diag(self.col_sq_norms())
+
+    def project_delta(self, delta: torch.Tensor) -> torch.Tensor:
+        """The orthogonal projection of a flat change Delta (p,) onto range(P): P (P^T P)^+ P^T Delta.
+
+        This is the part of Delta that a change P z can express.
+        """
+        x = self.project_flat(torch.as_tensor(delta, dtype=torch.float32).reshape(1, -1))[0]
+        return self.lift(torch.linalg.pinv(self.gram().double()).float() @ x)
 
     @abstractmethod
     def col_sq_norms(self) -> torch.Tensor:
@@ -130,7 +146,9 @@ class SparseProjector(Projector):
     """CountSketch: coordinate j -> bucket h(j) with sign s(j), both drawn from (seed, parameter name).
 
     Signs are folded into the bucket index (bucket h for +1, d + h for -1), so applying P is a single
-    index_add_ into a (B, 2d) accumulator followed by one subtraction.
+    index_add_ into a (B, 2d) accumulator followed by one subtraction. Buckets are held as int64 for
+    small layouts; for large ones (full fine-tuning) as int32, widened per parameter when applied,
+    because index_add_ is several times faster with int64 indices.
     """
 
     kind = "sparse"
@@ -142,25 +160,26 @@ class SparseProjector(Projector):
             gen = _generator(self.seed, self.kind, name)
             bucket = torch.randint(0, self.dim, (n,), generator=gen)
             negative = torch.randint(0, 2, (n,), generator=gen)
-            self._index[name] = bucket + self.dim * negative
+            index = bucket + self.dim * negative
+            self._index[name] = index if self.input_dim <= WIDE_INDEX_LIMIT else index.int()
 
     def start(self, batch_size: int) -> torch.Tensor:
         return torch.zeros(batch_size, 2 * self.dim)
 
     def add(self, acc: torch.Tensor, name: str, grads: torch.Tensor) -> None:
         self._check(name, grads)
-        acc.index_add_(1, self._index[name], grads.float())
+        acc.index_add_(1, self._index[name].long(), grads.float())
 
     def result(self, acc: torch.Tensor) -> torch.Tensor:
         return acc[:, :self.dim] - acc[:, self.dim:]
 
     def lift_param(self, name: str, z: torch.Tensor) -> torch.Tensor:
-        return torch.cat([z, -z])[self._index[name]]
+        return torch.cat([z, -z])[self._index[name].long()]
 
     def col_sq_norms(self) -> torch.Tensor:
         counts = torch.zeros(2 * self.dim)
         for index in self._index.values():
-            counts += torch.bincount(index, minlength=2 * self.dim).float()
+            counts += torch.bincount(index.long(), minlength=2 * self.dim).float()
         return counts[:self.dim] + counts[self.dim:]
 
 
@@ -210,6 +229,16 @@ class DenseProjector(Projector):
         # every entry squared is exactly 1/d
         return torch.full((self.dim,), self.input_dim * self.scale**2)
 
+    def gram(self) -> torch.Tensor:
+        """P^T P, accumulated block by block (columns of a dense P are only nearly orthogonal)."""
+        if not hasattr(self, "_gram"):
+            gram = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+            for name, _ in self.layout:
+                for block in self._blocks(name):
+                    gram += (block.T @ block).double()
+            self._gram = gram.float()
+        return self._gram
+
 
 class IdentityProjector(Projector):
     """No projection: d = p and x is the gradient itself."""
@@ -236,13 +265,19 @@ class IdentityProjector(Projector):
     def col_sq_norms(self) -> torch.Tensor:
         return torch.ones(self.dim)
 
+    def project_delta(self, delta: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(delta, dtype=torch.float32).reshape(-1).clone()  # range(P) is everything
+
 
 KINDS = {"sparse": SparseProjector, "dense": DenseProjector, "none": IdentityProjector}
 
 
-def make_projector(kind: str, dim: int, seed: int = 0, layout: Layout | None = None) -> Projector:
-    """A projector of the given kind (sparse | dense | none), bound to `layout` when given."""
+def make_projector(kind: str, params: nn.Module | Layout | None = None, dim: int = 256, seed: int = 0) -> Projector:
+    """A projector of the given kind (sparse | dense | none), bound to `params` when given: a model
+    (its trainable parameters, in trainable() order) or a layout [(name, shape), ...]."""
     if kind not in KINDS:
         raise ValueError(f"gradients.projection: unknown kind {kind!r}; choose one of {sorted(KINDS)}")
     projector = KINDS[kind](dim, seed)
-    return projector.bind(layout) if layout is not None else projector
+    if isinstance(params, nn.Module):
+        params = [(name, tuple(p.shape)) for name, p in params.named_parameters() if p.requires_grad]
+    return projector.bind(params) if params is not None else projector

@@ -5,6 +5,7 @@ Layout of a store directory:
     plan.json          what is being computed (projector identity, precision, examples, caller's extra)
     shards/chunk-*.npz one file per finished chunk of examples (deleted after the merge)
     x.npy u.npy index.npy
+    col_sq_norms.npy   (d,) squared column norms of P, so ||P z|| needs no projector
     manifest.json      written last: its presence means the store is complete
 
 The examples are split into fixed chunks of `chunk_size`. Each finished chunk is written atomically
@@ -46,6 +47,7 @@ class Store:
     u: np.ndarray  # (N,) float32 outputs u_s at theta*
     index: np.ndarray  # (N,) int64 position of each example in the dataset
     manifest: dict
+    col_sq_norms: np.ndarray | None = None  # (d,) squared column norms of P: ||P z||^2 ~ sum_k c_k z_k^2
 
     @classmethod
     def open(cls, path: str | Path, mmap: bool = True) -> "Store":
@@ -55,7 +57,9 @@ class Store:
                                     f"run the gradients stage first")
         mode = "r" if mmap else None
         arrays = {name: np.load(path / f"{name}.npy", mmap_mode=mode) for name in ARRAYS}
-        return cls(path, arrays["x"], arrays["u"], arrays["index"], json.loads((path / "manifest.json").read_text()))
+        col = path / "col_sq_norms.npy"
+        return cls(path, arrays["x"], arrays["u"], arrays["index"], json.loads((path / "manifest.json").read_text()),
+                   np.load(col) if col.exists() else None)
 
     @staticmethod
     def complete(path: str | Path) -> bool:
@@ -188,7 +192,7 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
     bar.close()
     _barrier(world)
     if rank == 0:
-        _merge(out_dir, chunks, plan, extra, world, started)
+        _merge(out_dir, chunks, plan, extra, world, started, projector.col_sq_norms().numpy().astype(np.float32))
     _barrier(world)
     return Store.open(out_dir)
 
@@ -209,7 +213,8 @@ def _compute_chunk(computer: GradientComputer, projector: Projector, tokens: Seq
     return x, u
 
 
-def _merge(out_dir: Path, chunks: list[list[int]], plan: dict, extra: dict, world: int, started: float) -> None:
+def _merge(out_dir: Path, chunks: list[list[int]], plan: dict, extra: dict, world: int, started: float,
+           col_sq_norms: np.ndarray) -> None:
     t0 = time.perf_counter()
     n, d = plan["n"], plan["projector"]["dim"]
     tmp_x = out_dir / f"x.npy.tmp{os.getpid()}"
@@ -235,6 +240,7 @@ def _merge(out_dir: Path, chunks: list[list[int]], plan: dict, extra: dict, worl
     os.replace(tmp_x, out_dir / "x.npy")
     _save_npy(out_dir / "u.npy", u)
     _save_npy(out_dir / "index.npy", index)
+    _save_npy(out_dir / "col_sq_norms.npy", col_sq_norms)
     manifest = {
         **extra,
         "format": FORMAT,

@@ -1,0 +1,118 @@
+"""The gradient store: contents, resume after kill -9, multi-process equals single-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gradex.gradients import GradientComputer, Store, compute_store, make_projector
+from gradex.data import collate
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gradients_helper import tiny_model, tiny_tokens  # noqa: E402
+
+HELPER = Path(__file__).parent / "gradients_helper.py"
+ROOT = Path(__file__).parent.parent
+BIN = Path(sys.executable).parent
+ARRAYS = ("x.npy", "u.npy", "index.npy")
+
+
+def run_helper(out: Path, *args: str, launcher: list[str] | None = None) -> dict:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [*(launcher or [sys.executable]), str(HELPER), str(out), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def same_arrays(a: Path, b: Path) -> bool:
+    return all((a / f).read_bytes() == (b / f).read_bytes() for f in ARRAYS)
+
+
+def test_store_matches_direct_computation(tmp_path: Path) -> None:
+    model, toks = tiny_model(), tiny_tokens(23)
+    indices = [20, 3, 7, 0, 15, 11, 2, 9, 21, 5, 13, 1, 18]
+    projector = make_projector("sparse", dim=16, seed=3)
+    store = compute_store(model, toks, indices, pad_id=0, out_dir=tmp_path / "s", projector=projector, batch_size=3,
+                          chunk_size=5, precision="fp32", manifest_extra={"model": "tiny"}, progress=False)
+    assert store.x.shape == (13, 16) and store.x.dtype == np.float32 and store.u.dtype == np.float32
+    assert store.index.tolist() == indices
+    # the plain loop, one example at a time, projected with the same projector
+    grads, u = GradientComputer(model, method="loop").per_example(collate([toks[i] for i in indices], indices, 0), "fp32")
+    assert np.allclose(store.x, projector.project(grads).numpy(), atol=1e-5 * np.abs(store.x).max())
+    assert np.allclose(store.u, u.numpy(), atol=1e-6)
+    m = store.manifest
+    assert m["model"] == "tiny" and m["n"] == 13 and m["dim"] == 16 and m["dtype"] == "float32"
+    assert m["method"] == "hooks" and m["world_size"] == 1 and m["chunks"] == 3
+    assert m["projector"] == {"kind": "sparse", "seed": 3, "dim": 16, "scale": 1.0, "input_dim": projector.input_dim}
+    assert m["timings"]["compute_seconds"] > 0
+    assert not (tmp_path / "s" / "shards").exists()
+    # batching by length is only an optimisation: one example per batch gives the same store
+    one = compute_store(model, toks, indices, 0, tmp_path / "one", make_projector("sparse", dim=16, seed=3), batch_size=1,
+                        chunk_size=5, precision="fp32", manifest_extra={"model": "tiny"}, progress=False)
+    assert np.allclose(one.x, store.x, atol=1e-5 * np.abs(store.x).max()) and np.allclose(one.u, store.u, atol=1e-6)
+    assert np.array_equal(store.col_sq_norms, projector.col_sq_norms().numpy())
+    reopened = Store.open(tmp_path / "s")
+    assert np.array_equal(reopened.x, store.x) and len(reopened) == 13 and reopened.dim == 16
+
+
+def test_complete_store_is_reused_and_other_inputs_are_refused(tmp_path: Path) -> None:
+    model, toks = tiny_model(), tiny_tokens(10)
+    kwargs = dict(pad_id=0, out_dir=tmp_path, batch_size=4, chunk_size=4, precision="fp32", progress=False)
+    first = compute_store(model, toks, range(10), projector=make_projector("sparse", dim=8, seed=1), **kwargs)
+    stamp = (tmp_path / "x.npy").stat().st_mtime_ns
+    again = compute_store(model, toks, range(10), projector=make_projector("sparse", dim=8, seed=1), **kwargs)
+    assert (tmp_path / "x.npy").stat().st_mtime_ns == stamp and np.array_equal(first.x, again.x)
+    with pytest.raises(ValueError, match="differs in \\['projector'\\]"):
+        compute_store(model, toks, range(10), projector=make_projector("sparse", dim=8, seed=2), **kwargs)
+    with pytest.raises(ValueError, match="extra"):
+        compute_store(model, toks, range(10), projector=make_projector("sparse", dim=8, seed=1),
+                      manifest_extra={"theta": "other"}, **kwargs)
+    with pytest.raises(ValueError, match="reserved"):
+        compute_store(model, toks, range(10), projector=make_projector("sparse", dim=8, seed=1),
+                      manifest_extra={"dim": 3}, **{**kwargs, "out_dir": tmp_path / "new"})
+    with pytest.raises(FileNotFoundError, match="no complete gradient store"):
+        Store.open(tmp_path / "nothing")
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path: Path) -> None:
+    full = run_helper(tmp_path / "full")
+    assert full["computed_chunks"] == 15
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, str(HELPER), str(out), "--slow", "0.05"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while len(list((out / "shards").glob("*.npz"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list((out / "shards").glob("*.npz")))
+    assert 3 <= finished < 15 and not (out / "manifest.json").exists()
+    resumed = run_helper(out)
+    assert resumed["computed_chunks"] == 15 - finished  # finished chunks were skipped
+    assert same_arrays(out, tmp_path / "full")
+    assert not list(out.rglob("*.tmp*"))
+
+
+@pytest.mark.skipif(shutil.which("accelerate", path=str(BIN)) is None, reason="accelerate is not installed")
+def test_two_processes_write_the_single_process_store(tmp_path: Path) -> None:
+    single = run_helper(tmp_path / "single")
+    # on a CPU-only machine `--multi_gpu` makes accelerate start the processes with torchrun;
+    # compute_store then joins them in a gloo process group
+    launcher = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    multi = run_helper(tmp_path / "multi", launcher=launcher)
+    assert single["world_size"] == 1 and multi["world_size"] == 2
+    assert multi["computed_chunks"] == 8  # rank 0 did chunks 0, 2, ..., 14
+    assert same_arrays(tmp_path / "single", tmp_path / "multi")
