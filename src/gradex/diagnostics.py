@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradex.config import Config, TrainConfig
+from gradex.config import Config, TrainConfig, fingerprint
 from gradex.data import batches
 from gradex.evaluate import loss_from_outputs, outputs
 from gradex.model import autocast, example_outputs, set_trainable_vector, trainable, trainable_vector
@@ -31,6 +31,8 @@ from gradex.pipeline import Run, estimator, gradients, log, prepare
 from gradex.train import train
 
 RADII = (0.02, 0.05, 0.1, 0.2)
+# Outputs are measured in fp32: bf16 rounding moves u_s by ~0.05, as much as a small real change.
+MEASURE = "fp32"
 TRAJECTORY_STEPS = (1, 3, 10, 30)
 
 
@@ -41,7 +43,7 @@ def full_gradients(model: torch.nn.Module, run: Run, indices: Sequence[int]) -> 
     params = [p for _, p in trainable(model)]
     rows = []
     for batch in tqdm(list(batches(run.tokens, list(indices), 1, run.pad_id)), desc="exact gradients", leave=False):
-        with autocast(run.cfg.model.precision):
+        with autocast(MEASURE):
             u = example_outputs(model, batch)[0]
         grads = torch.autograd.grad(u, params)
         rows.append(torch.cat([g.reshape(-1).float() for g in grads]))
@@ -71,13 +73,13 @@ def check_linearity(cfg: Config, examples: int = 48, subsets: int = 2) -> dict:
     val, train_idx = run.indices("validation"), run.train_indices(run.sources)
     idx = rng.sample(val, min(len(val), examples // 2)) + rng.sample(train_idx, min(len(train_idx), examples // 2))
     grads = full_gradients(model, run, idx)
-    u0, _ = outputs(model, run.tokens, idx, run.pad_id, cfg.model.precision)
+    u0, _ = outputs(model, run.tokens, idx, run.pad_id, MEASURE)
     projector = make_projector(cfg.gradients.projection, model, cfg.gradients.dim, cfg.gradients.seed)
     precision = cfg.model.precision
 
     def measure(delta: torch.Tensor) -> torch.Tensor:
         set_trainable_vector(model, theta + delta)
-        u, _ = outputs(model, run.tokens, idx, run.pad_id, precision)
+        u, _ = outputs(model, run.tokens, idx, run.pad_id, MEASURE)
         set_trainable_vector(model, theta)
         return u
 
@@ -91,15 +93,17 @@ def check_linearity(cfg: Config, examples: int = 48, subsets: int = 2) -> dict:
     picks = sample_subsets(len(run.sources), subsets, 0.5, cfg.select.seed + 7)
     for s, member in enumerate(picks.tolist()):
         names = [n for n, m in zip(run.sources, member) if m]
-        recipe = TrainConfig(**{**cfg.finetune.__dict__, "max_steps": max(TRAJECTORY_STEPS)})
         trained = run.meta_model()
-        done = 0
-        for steps in TRAJECTORY_STEPS:
-            recipe_k = TrainConfig(**{**recipe.__dict__, "max_steps": steps - done, "seed": recipe.seed + done})
-            train(trained, run.tokens, run.train_indices(names), recipe_k, run.pad_id, precision,
-                  desc=f"trajectory {s}", progress=False)
-            done = steps
-            delta = trainable_vector(trained) - theta
+        snapshots: dict[int, torch.Tensor] = {}
+
+        def keep(step: int) -> None:
+            if step in TRAJECTORY_STEPS:
+                snapshots[step] = trainable_vector(trained) - theta
+
+        recipe = TrainConfig(**{**cfg.finetune.__dict__, "max_steps": max(TRAJECTORY_STEPS)})
+        train(trained, run.tokens, run.train_indices(names), recipe, run.pad_id, precision,
+              desc=f"trajectory {s}", progress=False, on_step=keep)
+        for steps, delta in sorted(snapshots.items()):
             true = measure(delta)
             proj = projector.project_delta(delta)  # the part of Delta the projected model can express
             rows.append({"kind": "trajectory", "subset": names, "steps": steps,
@@ -161,7 +165,8 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2) -> dict:
     out = run.dir / "validate"
     out.mkdir(parents=True, exist_ok=True)
     done_path = out / "runs.jsonl"
-    key = run.fp("select")
+    # Real fine-tunes depend on theta* and the recipe only: changing the estimator keeps them.
+    key = fingerprint(run.fp("meta"), cfg.finetune, MEASURE)
     done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
     done = [d for d in done if d["fingerprint"] == key]
     members = random_subsets(len(run.sources), k, cfg.select.seed + 1000)
@@ -170,7 +175,7 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2) -> dict:
     val = run.indices("validation")
     base = run.meta_model()
     theta = trainable_vector(base)
-    u_star, _ = outputs(base, run.tokens, val, run.pad_id, cfg.model.precision)
+    u_star, _ = outputs(base, run.tokens, val, run.pad_id, MEASURE)
     theta_loss = loss_from_outputs(u_star)
     jobs = [(i, s) for i in range(len(members)) for s in range(seeds)]
     finished = {(d["subset"], d["seed"]) for d in done}
@@ -183,7 +188,7 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2) -> dict:
         t0 = time.perf_counter()
         history = train(model, run.tokens, run.train_indices(names), recipe, run.pad_id, cfg.model.precision,
                         desc=f"subset {i} seed {s}", progress=False)
-        u, _ = outputs(model, run.tokens, val, run.pad_id, cfg.model.precision)
+        u, _ = outputs(model, run.tokens, val, run.pad_id, MEASURE)
         row = {"fingerprint": key, "subset": i, "seed": s, "members": names, "loss": loss_from_outputs(u),
                "step": ((trainable_vector(model) - theta).norm() / theta.norm()).item(),
                "steps": len(history), "seconds": round(time.perf_counter() - t0, 1)}

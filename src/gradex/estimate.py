@@ -13,7 +13,8 @@ Why this is fast: one Newton step from z = 0 needs only per-group sums (H_i, b_i
 subsets costs one (m, n+1) @ (n+1, d*d) product plus m Cholesky factorizations, independent of
 the number of examples. The one-step answer is then refined with a few preconditioned gradient
 steps that reuse that factorization (a "chord" Newton method); their gradient is computed for the
-whole batch with two dense (N, d) x (d, m) products and a membership mask. The refinement only
+whole batch with dense products, group by group for the subsets containing each group, and each
+step is scaled per subset by a free secant estimate of the curvature change. The refinement only
 changes the convergence speed, never the fixed point, so float32 is used where it is fast, with
 float64 for the per-group sums and the validation loss.
 
@@ -24,6 +25,7 @@ N=20,000, d=256) and is only used for the single all-sources fit in `calibrate_l
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -127,11 +129,45 @@ def _stats(problem: Problem) -> dict[str, torch.Tensor]:
             xi = x64[idx]
             H[i] = (xi * w[idx, None]).T @ xi
             b[i] = r[idx] @ xi
-    problem._cache.update(
-        H=H.reshape(n1, d * d), b=b,
-        x32=problem.x.float().contiguous(), u32=problem.u.float(),
-    )
+    problem._cache.update(H=H.reshape(n1, d * d), b=b, H32=H.reshape(n1, d * d).float())
     return problem._cache
+
+
+def _group_blocks(problem: Problem, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each group's (x, u) as contiguous blocks in `dtype`, cached: the refinement works group by group."""
+    key = f"blocks_{dtype}"
+    if key not in problem._cache:
+        blocks = []
+        for i in range(problem.n_sources + 1):
+            idx = (problem.group == i).nonzero().squeeze(1)
+            blocks.append((problem.x[idx].to(dtype).contiguous(), problem.u[idx].to(dtype).contiguous()))
+        problem._cache[key] = blocks
+    return problem._cache[key]
+
+
+def _gradient(blocks: list[tuple[torch.Tensor, torch.Tensor]], members: torch.Tensor,
+              Z: torch.Tensor, l2: float) -> torch.Tensor:
+    """Full-data gradient of every subset's objective at its own z (rows of Z), all at once.
+
+    grad_S = -sum_{s in D_S} sigma(-(u_s + x_s . z_S)) x_s + 2 l2 z_S. Group by group, only for the
+    subsets that contain the group: the same result as a dense (N, m) product masked by
+    membership, with about half the work when subsets hold half the sources.
+    """
+    G = Z * (2.0 * l2)
+    for i, (Xi, Ui) in enumerate(blocks):
+        if Xi.shape[0] == 0:
+            continue
+        cols = members[:, i]
+        if bool(cols.all()):
+            R = torch.sigmoid(torch.addmm(Ui[:, None], Xi, Z.T).neg_())  # (N_i, m)
+            G.addmm_(R.T, Xi, alpha=-1.0)
+        else:
+            c = cols.nonzero().squeeze(1)
+            if c.numel() == 0:
+                continue
+            R = torch.sigmoid(torch.addmm(Ui[:, None], Xi, Z[c].T).neg_())  # (N_i, |c|)
+            G.index_add_(0, c, R.T @ Xi, alpha=-1.0)
+    return G
 
 
 def _full_membership(problem: Problem, subsets: torch.Tensor) -> torch.Tensor:
@@ -159,8 +195,9 @@ def _check_l2(l2: float) -> float:
 def _one_thread():
     """Run batched LAPACK calls single-threaded.
 
-    torch loops over the batch and MKL parallelizes inside each 256x256 factorization, which gains
-    little on 2 cores and collapses (10x slower, measured) when another process is using the CPU.
+    MKL parallelizes inside each small (256 x 256) factorization, which gains little on 2 cores and
+    collapses when another process is using the CPU (measured under load: batched Cholesky 10x,
+    eigh 500x slower with 2 threads than with 1).
     """
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -198,15 +235,17 @@ def _chol_solve(L: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def solve(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: int = 3,
-          *, dtype: torch.dtype = torch.float32, tol: float = 1e-5) -> torch.Tensor:
+          *, dtype: torch.dtype = torch.float32, tol: float = 1e-5, scaled: bool = True) -> torch.Tensor:
     """Fit z_S for every row of `subsets` ((m, n) bool) at once; returns (m, d) in `dtype`.
 
-    newton_steps = 0 is the single Newton step from z = 0 built from per-group sums; each further
-    step is z <- z - (H_0(S) + 2 l2 I)^-1 grad(z) with the full-data gradient of subset S, which
-    converges linearly to the exact optimum (the fixed point is exactly grad = 0). Refinement stops
-    early once the largest relative update in the batch is below `tol` (the float32 noise floor is
-    ~1e-6). All m subsets are held in memory at once: (N, m) margins and mask, (m, d, d) factors;
-    `estimate` batches for you.
+    newton_steps = 0 is the single Newton step from z = 0 built from per-group sums. Each further
+    step is z <- z - t_S H0(S)^-1 grad_S(z): the full-data gradient of subset S, preconditioned by
+    the Hessian at z = 0 that is already factorized, scaled per subset by a secant estimate t_S of
+    how much the true curvature differs from H0 along the last step (`scaled=False` gives the plain
+    fixed-Hessian iteration). The fixed point is exactly grad = 0, so the preconditioner's float32
+    precision limits the speed, not the answer. Refinement stops early once the error left, estimated
+    from the last two updates, is below `tol` relative for every subset (float32 noise is ~1e-6). All m subsets are in memory at
+    once: (N_i, m) margins per group, (m, d, d) factors; `estimate` batches for you.
     """
     l2 = _check_l2(l2)
     if newton_steps < 0:
@@ -217,27 +256,39 @@ def solve(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: int 
     if m == 0:
         return torch.zeros(0, d, dtype=dtype)
     mem = members.to(dtype)
-    A = (mem @ st["H"].to(dtype)).view(m, d, d)
+    A = (mem @ (st["H32"] if dtype == torch.float32 else st["H"].to(dtype))).view(m, d, d)
     A.diagonal(dim1=1, dim2=2).add_(2.0 * l2)
     L = _factorize(A)
     del A
-    B = members.double() @ st["b"]  # sums of many small terms: keep float64 until the solve
-    Z = _chol_solve(L, B.to(dtype))
+    B = (members.double() @ st["b"]).to(dtype)  # sums of many small terms: float64 until here
+    Z = _chol_solve(L, B)
     if newton_steps == 0:
         return Z
-    X = st["x32"] if dtype == torch.float32 else problem.x.to(dtype)
-    U = st["u32"] if dtype == torch.float32 else problem.u.to(dtype)
-    mask = mem.T[problem.group]  # (N, m): example s is in D_S
-    margins = torch.addmm(U[:, None], X, Z.T)  # (N, m)
-    for k in range(newton_steps):
-        R = torch.sigmoid(margins.neg_()).mul_(mask)  # margins is overwritten: recomputed below
-        G = torch.addmm(Z, R.T, X, beta=2.0 * l2, alpha=-1.0)  # (m, d) gradient of the objective
+    blocks = _group_blocks(problem, dtype)
+    # The last step s = -t D (D = H0^-1 G) and the gradient change y it caused give the curvature
+    # ratio (s.H0 s)/(s.y) along s; with H0 s = -t G that is t (D.G)/(D.(G - G_new)), free to compute.
+    # Scaling the next step by it corrects the main error of a fixed Hessian: the true curvature
+    # shrinks (or grows) as the margins move. Step 0 is the Newton step from z = 0, where G = -b.
+    D_prev, G_prev, t = -Z, -B, torch.ones(m, 1, dtype=dtype)
+    last = Z.norm(dim=1)  # size of the previous update
+    for _ in range(newton_steps):
+        G = _gradient(blocks, members, Z, l2)
+        if scaled:
+            num = (D_prev * G_prev).sum(1, keepdim=True)
+            den = (D_prev * (G_prev - G)).sum(1, keepdim=True)
+            ratio = t * num / den
+            t = torch.where((num > 0) & (den > 0), ratio, torch.ones_like(ratio)).clamp_(0.25, 4.0)
         D = _chol_solve(L, G)
-        Z = Z - D
-        done = bool((D.norm(dim=1) <= tol * Z.norm(dim=1)).all())
-        if done or k + 1 == newton_steps:
+        Z = Z - t * D
+        D_prev, G_prev = D, G
+        # Linear convergence: with contraction rho ~ |update| / |previous update| the error left
+        # is ~ rho / (1 - rho) |update|. Stop when that is below tol (relative) for the whole batch.
+        upd = (t * D).norm(dim=1)
+        rho = upd / last.clamp_min(1e-30)
+        last = upd
+        left = torch.where(rho < 0.5, rho / (1 - rho) * upd, torch.full_like(upd, math.inf))
+        if bool((left <= tol * Z.norm(dim=1)).all()):
             break
-        margins = torch.addmm(U[:, None], X, Z.T)
     return Z
 
 
@@ -260,18 +311,35 @@ def implied_step(problem: Problem, z: torch.Tensor) -> torch.Tensor:
 
 
 def estimate(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: int = 3,
-             batch: int = 256) -> Estimates:
+             batch: int = 256, *, workers: int | None = None) -> Estimates:
     """Linear-estimate target loss and implied step for every subset, `batch` subsets at a time.
 
-    Memory per batch is about batch * (N + 2 d^2) floats (margins, mask, factors).
+    Batches run on `workers` Python threads (default: torch.get_num_threads()), each with torch
+    single-threaded. Why: on this 2-core CPU, torch's own intra-op threading collapses when any
+    other process is busy (measured: tiny elementwise ops 50x, the whole estimate ~2x slower than
+    one thread), while independent batches on separate threads share the cores gracefully and still
+    use both when the machine is idle. torch's global thread count is 1 during the call and restored
+    after. Memory per worker is about batch * (N + 2 d^2) floats (margins, Hessians and factors).
     """
     members = _full_membership(problem, subsets)[:, 1:]
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    zs = [solve(problem, members[i:i + batch], l2, newton_steps) for i in range(0, members.shape[0], batch)]
-    z = torch.cat(zs) if zs else torch.zeros(0, problem.dim)
-    return Estimates(subsets=members, loss=linear_loss(problem, z), z=z,
-                     step=implied_step(problem, z), l2=float(l2))
+    l2 = _check_l2(l2)
+    m = members.shape[0]
+    workers = max(1, torch.get_num_threads() if workers is None else int(workers))
+    size = max(1, min(batch, -(-m // workers)))  # small jobs still use every worker
+    chunks = [members[i:i + size] for i in range(0, m, size)]
+    _stats(problem)  # fill the caches before any thread needs them
+    _group_blocks(problem, torch.float32)
+    with _one_thread():
+        if workers == 1 or len(chunks) == 1:
+            zs = [solve(problem, c, l2, newton_steps) for c in chunks]
+        else:
+            with ThreadPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
+                zs = list(pool.map(lambda c: solve(problem, c, l2, newton_steps), chunks))
+        z = torch.cat(zs) if zs else torch.zeros(0, problem.dim)
+        return Estimates(subsets=members, loss=linear_loss(problem, z), z=z,
+                         step=implied_step(problem, z), l2=l2)
 
 
 def estimator(problem: Problem, l2: float, newton_steps: int = 3,
@@ -284,40 +352,42 @@ def estimator(problem: Problem, l2: float, newton_steps: int = 3,
 
 
 def _newton_single(problem: Problem, members: torch.Tensor, l2: float, z0: torch.Tensor | None = None,
-                   tol: float = 1e-10, max_iter: int = 100) -> torch.Tensor:
+                   tol: float = 1e-12, max_iter: int = 100) -> torch.Tensor:
     """Exact damped Newton for one subset in float64 (robust at any l2; used by calibrate_l2).
 
-    members: (n+1,) bool including the target column. Stops when ||grad|| <= tol * (||b|| + tiny).
+    members: (n+1,) bool including the target column. Stops when the Newton decrement g.H^-1.g/2
+    falls below tol * |objective| (beyond that, float64 objective values cannot rank steps).
     """
     keep = members[problem.group]
     X = problem.x[keep].double()
     U = problem.u[keep].double()
-    d = problem.dim
-    z = torch.zeros(d, dtype=torch.float64) if z0 is None else z0.double().clone()
+    z = torch.zeros(problem.dim, dtype=torch.float64) if z0 is None else z0.double().clone()
 
     def objective(zz: torch.Tensor) -> float:
         return float(torch.nn.functional.softplus(-(U + X @ zz)).sum() + l2 * zz.dot(zz))
 
-    scale = float((torch.sigmoid(-U) @ X).norm()) + 1e-300
     f = objective(z)
     for _ in range(max_iter):
         mg = U + X @ z
         g = -(torch.sigmoid(-mg) @ X) + 2 * l2 * z
-        if float(g.norm()) <= tol * scale:
-            break
         w = torch.sigmoid(mg) * torch.sigmoid(-mg)
-        Hm = (X * w[:, None]).T @ X
+        Hm = (X.T * w) @ X
         Hm.diagonal().add_(2 * l2)
-        step = torch.cholesky_solve(g[:, None], torch.linalg.cholesky(Hm)).squeeze(1)
-        t, dec = 1.0, float(g.dot(step))
-        while True:  # Armijo backtracking keeps the iteration monotone far from the optimum
+        with _one_thread():
+            step = torch.cholesky_solve(g[:, None], torch.linalg.cholesky(Hm)).squeeze(1)
+        dec = float(g.dot(step))
+        if dec <= 2 * tol * max(abs(f), 1e-300):
+            z = z - step  # already in the quadratic regime: the full step is the best one
+            break
+        t = 1.0
+        for _ls in range(60):  # Armijo backtracking keeps the iteration monotone far from the optimum
             zn = z - t * step
             fn = objective(zn)
-            if fn <= f - 1e-4 * t * dec or t < 1e-10:
+            if fn <= f - 1e-4 * t * dec:
                 break
             t *= 0.5
-        if fn >= f and t < 1e-10:
-            break
+        else:
+            break  # no decrease representable in float64: at the optimum to working precision
         z, f = zn, fn
     return z
 
@@ -327,50 +397,64 @@ def calibrate_l2(problem: Problem, step_size: float, *, rtol: float = 1e-4) -> f
 
     Why: l2 has no natural unit (it depends on the gradient scale and the projection), while "the
     fine-tuned weights move by 10% of their norm" does. ||P z_all(l2)|| decreases monotonically in
-    l2, so a bracket followed by Brent's method on log l2 finds it. Uses the exact optimum, so the
-    reported steps of well-converged estimates match it.
+    l2. The one-Newton-step step size has a closed form in the eigenbasis of H_all, which gives a
+    starting guess for free; the exact all-sources optimum (damped Newton, float64) is then matched
+    by Brent's method on log l2 to relative accuracy `rtol`, so the steps that well-converged
+    estimates report for the all-sources subset equal `step_size`.
     """
     from scipy.optimize import brentq
 
-    if not step_size > 0:
-        raise ValueError(f"step_size must be positive, got {step_size}")
+    if not step_size > 0 or not math.isfinite(step_size):
+        raise ValueError(f"step_size must be a positive number, got {step_size}")
     st = _stats(problem)
-    members = torch.ones(problem.n_sources + 1, dtype=torch.bool)
     d = problem.dim
-    h_all = st["H"].sum(0).view(d, d)
-    base = max(float(h_all.diagonal().mean()), 1e-12)  # natural scale of l2: mean curvature
-    warm: dict[str, torch.Tensor] = {}
+    members = torch.ones(problem.n_sources + 1, dtype=torch.bool)
+    with _one_thread():
+        evals, vecs = torch.linalg.eigh(st["H"].sum(0).view(d, d))
+    coef = vecs.T @ st["b"].sum(0)
+    c = torch.ones(d, dtype=torch.float64) if problem.col_sq_norms is None else problem.col_sq_norms.double()
+    if float(coef.norm()) == 0.0:
+        raise ValueError("calibrate_l2: the all-sources fit does not move (the gradient sum is zero); give l2 explicitly")
+
+    def one_step_log_ratio(log_l2: float) -> float:
+        z = vecs @ (coef / (evals.clamp_min(0) + 2 * math.exp(log_l2)))
+        return math.log(float((z.square() @ c).sqrt()) / problem.theta_norm / step_size)
+
+    scale = max(float(evals.clamp_min(0).mean()), 1e-30)  # natural unit of l2: mean curvature
+    lo, hi = math.log(scale) - 80.0, math.log(scale) + 80.0
+    if one_step_log_ratio(hi) > 0 or one_step_log_ratio(lo) < 0:
+        raise ValueError(f"calibrate_l2: step_size={step_size} is out of reach for l2 in "
+                         f"[{math.exp(lo):.3g}, {math.exp(hi):.3g}]; give l2 explicitly")
+    guess = brentq(one_step_log_ratio, lo, hi, xtol=1e-3)
+
+    warm: dict[float, torch.Tensor] = {}
 
     def log_ratio(log_l2: float) -> float:
-        z = _newton_single(problem, members, math.exp(log_l2), warm.get("z"))
-        warm["z"] = z
-        s = float(implied_step(problem, z)[0])
-        if s <= 0:
-            raise ValueError("calibrate_l2: the all-sources fit does not move (zero gradient sum); "
-                             "give l2 explicitly")
-        return math.log(s / step_size)
+        z0 = warm[min(warm, key=lambda k: abs(k - log_l2))] if warm else None
+        z = _newton_single(problem, members, math.exp(log_l2), z0)
+        warm[log_l2] = z
+        return math.log(float(implied_step(problem, z)[0]) / step_size)
 
-    lo = hi = math.log(base)
-    f_lo = f_hi = log_ratio(lo)
-    for _ in range(60):  # bracket: step too big -> raise l2, step too small -> lower l2
-        if f_lo > 0 and f_hi < 0 or f_lo == 0 or f_hi == 0:
+    width = 0.25
+    lo, hi = guess - width, guess + width
+    f_lo, f_hi = log_ratio(lo), log_ratio(hi)
+    for _ in range(40):  # widen until the bracket holds the exact answer (step falls as l2 grows)
+        if f_lo >= 0 >= f_hi:
             break
-        if f_hi > 0:
-            lo, f_lo = hi, f_hi
-            hi += math.log(10.0)
-            f_hi = log_ratio(hi)
-        else:
-            hi, f_hi = lo, f_lo
-            lo -= math.log(10.0)
+        width *= 2
+        if f_lo < 0:
+            lo = guess - width
             f_lo = log_ratio(lo)
+        if f_hi > 0:
+            hi = guess + width
+            f_hi = log_ratio(hi)
     else:
-        raise ValueError(f"calibrate_l2: cannot reach step_size={step_size} "
-                         f"(l2 searched over [{math.exp(lo):.3g}, {math.exp(hi):.3g}]); give l2 explicitly")
+        raise ValueError(f"calibrate_l2: cannot reach step_size={step_size}; give l2 explicitly")
     if f_lo == 0:
         return math.exp(lo)
     if f_hi == 0:
         return math.exp(hi)
-    return math.exp(brentq(log_ratio, lo, hi, xtol=1e-6, rtol=rtol * 1e-2))
+    return math.exp(brentq(log_ratio, lo, hi, xtol=rtol * 0.1, rtol=1e-12))
 
 
 # ---------------------------------------------------------------------------- oracle & data

@@ -204,7 +204,7 @@ def problem(run: Run):
     from gradex.estimate import Problem
     from gradex.gradients import Store
 
-    store = Store.open(run.dir / "store")
+    store = Store.open(run.dir / "store", mmap=False)
     x = torch.as_tensor(store.x, dtype=torch.float32)
     u = torch.as_tensor(store.u, dtype=torch.float32)
     index = store.index.tolist()

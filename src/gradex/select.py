@@ -1,0 +1,216 @@
+"""Choose auxiliary sources from estimated target losses f_hat(S) (METHOD.md, Step 4).
+
+Every method here sees the estimator only as `estimate_fn`: a (k, n) bool tensor of subsets in,
+a (k,) tensor of estimated target losses out (lower is better). That keeps selection independent
+of how the estimates are made (linear estimates from gradex.estimate, a reconstructed model, or a
+test double with a known answer), and lets each method hand the estimator whole batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+EstimateFn = Callable[[torch.Tensor], torch.Tensor]
+
+__all__ = ["EstimateFn", "Selection", "sample_subsets", "ensemble", "forward", "backward"]
+
+
+@dataclass
+class Selection:
+    """The outcome of one selection method, JSON-serializable through `to_dict`."""
+
+    method: str
+    scores: list[float]  # per source; lower = better (lower estimated loss when included)
+    selected: list[int]  # 0-based source columns
+    estimate: float  # f_hat of the selected subset
+    baseline: float  # f_hat of the target alone (the empty subset)
+    history: list[dict] = field(default_factory=list)  # steps taken (forward / backward)
+    reason: str = ""
+    # ensemble only: least-squares fit f_hat(S) ~ intercept + sum_i beta_i 1[i in S]
+    surrogate: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain Python types only; non-finite floats become None (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def _call(estimate_fn: EstimateFn, subsets: torch.Tensor) -> torch.Tensor:
+    """Run the estimator and check that it returned one finite loss per subset."""
+    out = torch.as_tensor(estimate_fn(subsets)).double().reshape(-1)
+    if out.numel() != subsets.shape[0]:
+        raise ValueError(f"estimate_fn returned {out.numel()} losses for {subsets.shape[0]} subsets")
+    if not torch.isfinite(out).all():
+        raise FloatingPointError("estimate_fn returned a non-finite loss")
+    return out
+
+
+def sample_subsets(n: int, m: int, alpha: float, seed: int) -> torch.Tensor:
+    """m uniformly random subsets of the n sources, each of size round(alpha * n) (at least 1).
+
+    Fixed size rather than independent coin flips, as in the paper: every subset trains on about
+    the same amount of extra data, so the loss differences come from which sources, not how many.
+    Deterministic from `seed` (its own generator, so global RNG state is untouched).
+    """
+    if n < 1 or m < 1:
+        raise ValueError(f"need n >= 1 sources and m >= 1 subsets, got n={n}, m={m}")
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    k = min(n, max(1, int(round(alpha * n))))
+    g = torch.Generator().manual_seed(int(seed))
+    picks = torch.rand(m, n, generator=g).argsort(dim=1)[:, :k]
+    return torch.zeros(m, n, dtype=torch.bool).scatter_(1, picks, True)
+
+
+def _fmt(i: int) -> str:
+    return f"#{i}"
+
+
+def ensemble(estimate_fn: EstimateFn, n: int, m: int, alpha: float, seed: int,
+             top_k: int | None = None) -> Selection:
+    """The paper's random ensemble: score each source by what including it does on average.
+
+    score_i = mean f_hat over sampled subsets containing i - mean over those without i, so a
+    negative score means "helps". With fixed-size subsets this is relative: for an additive f_hat
+    it equals n/(n-1) (beta_i - mean beta), i.e. "better than the average source". The linear
+    surrogate f_hat(S) ~ a + sum_i beta_i 1[i in S] (least squares, beta centered) controls for
+    the other members of each subset; its R^2 says how additive the estimates are, i.e. how far a
+    per-source ranking can be trusted. Keeps sources with score < 0, or the top_k lowest scores.
+    The chosen subset and the empty subset are then estimated directly, which is the absolute
+    check: `estimate` < `baseline` means the chosen sources are estimated to help.
+    """
+    subsets = sample_subsets(n, m, alpha, seed)
+    loss = _call(estimate_fn, subsets).numpy()
+    mem = subsets.numpy()
+    scores = []
+    for i in range(n):
+        inside, outside = loss[mem[:, i]], loss[~mem[:, i]]
+        scores.append(float(inside.mean() - outside.mean()) if len(inside) and len(outside) else float("nan"))
+    # Every sampled subset has the same size, so sum_i 1[i in S] is constant and only differences
+    # of the beta_i are identifiable: regress on centered indicators, whose minimum-norm solution
+    # is the sum-zero beta (intercept = mean loss). beta_i < 0: i is better than the average source.
+    k = mem.sum(1, keepdims=True)
+    centered = mem.astype(np.float64) - k / n
+    beta, *_ = np.linalg.lstsq(centered, loss - loss.mean(), rcond=None)
+    beta -= beta.mean()  # the null direction when sizes are fixed; a no-op otherwise up to rounding
+    resid = loss - loss.mean() - centered @ beta
+    ss_tot = float(((loss - loss.mean()) ** 2).sum())
+    r2 = 1.0 - float((resid ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
+    surrogate = {"intercept": float(loss.mean()), "beta": [float(b) for b in beta], "r2": r2,
+                 "subsets": m, "subset_size": int(mem[0].sum()),
+                 "note": "beta centered to sum 0: with fixed-size subsets only differences are identifiable"}
+
+    finite = [i for i in range(n) if math.isfinite(scores[i])]
+    if top_k is not None:
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        selected = sorted(sorted(finite, key=lambda i: scores[i])[:top_k])
+        rule = f"the {top_k} lowest scores"
+    else:
+        selected = [i for i in finite if scores[i] < 0]
+        rule = ("every source whose sampled subsets average a lower estimate than those without it "
+                "(score < 0: better than the average source)")
+    final = torch.zeros(2, n, dtype=torch.bool)
+    final[0, selected] = True
+    est, base = _call(estimate_fn, final).tolist()
+    reason = (f"ensemble of {m} random subsets of {int(mem[0].sum())}/{n} sources (seed {seed}); kept {rule}: "
+              f"{len(selected)} source(s); linear surrogate R^2 = {r2:.3f}; "
+              f"estimated loss {est:.6g} vs target alone {base:.6g}")
+    if len(finite) < n:
+        reason += f"; {n - len(finite)} source(s) never or always sampled got no score"
+    if selected and est > base:
+        reason += "; WARNING: the chosen subset is estimated worse than the target alone"
+    return Selection(method="ensemble", scores=scores, selected=selected, estimate=est, baseline=base,
+                     history=[], reason=reason, surrogate=surrogate)
+
+
+def forward(estimate_fn: EstimateFn, n: int) -> Selection:
+    """Greedy forward stepwise: from the target alone, add the source that lowers f_hat most.
+
+    Each round estimates all candidates in one batched call; stops when no addition lowers f_hat.
+    score_i = f_hat change from adding i in the round it was added (or, for sources never added, in
+    the last round), so negative = helpful, as in `ensemble`.
+    """
+    current: list[int] = []
+    cur = float(_call(estimate_fn, torch.zeros(1, n, dtype=torch.bool))[0])
+    base = cur
+    scores = [float("nan")] * n
+    history: list[dict] = []
+    while len(current) < n:
+        cands = [i for i in range(n) if i not in current]
+        batch = torch.zeros(len(cands), n, dtype=torch.bool)
+        batch[:, current] = True
+        batch[torch.arange(len(cands)), cands] = True
+        loss = _call(estimate_fn, batch).tolist()
+        best = min(range(len(cands)), key=lambda j: loss[j])
+        for j, i in enumerate(cands):
+            scores[i] = loss[j] - cur
+        if not loss[best] < cur:
+            history.append({"round": len(history) + 1, "action": "stop", "loss": cur,
+                            "candidates": {str(i): loss[j] for j, i in enumerate(cands)}})
+            break
+        current.append(cands[best])
+        history.append({"round": len(history) + 1, "action": "add", "source": cands[best],
+                        "loss": loss[best], "previous": cur,
+                        "candidates": {str(i): loss[j] for j, i in enumerate(cands)}})
+        cur = loss[best]
+    reason = (f"forward stepwise from the target alone: added {len(current)} source(s) in order "
+              f"{[_fmt(i) for i in current]}; estimated loss {base:.6g} -> {cur:.6g}; "
+              + ("every source added" if len(current) == n else "stopped: no addition lowers the estimate"))
+    return Selection(method="forward", scores=scores, selected=sorted(current), estimate=cur, baseline=base,
+                     history=history, reason=reason)
+
+
+def backward(estimate_fn: EstimateFn, n: int) -> Selection:
+    """Greedy backward stepwise: from all sources, drop the one whose removal lowers f_hat most.
+
+    Mirror image of `forward`. score_i = f_hat(with i) - f_hat(without i) in the round i was dropped
+    (or, for kept sources, in the last round): positive = harmful, negative = helpful.
+    """
+    current = list(range(n))
+    first = torch.zeros(2, n, dtype=torch.bool)
+    first[0] = True
+    cur, base = _call(estimate_fn, first).tolist()
+    start = cur
+    scores = [float("nan")] * n
+    history: list[dict] = []
+    while current:
+        batch = torch.zeros(len(current), n, dtype=torch.bool)
+        batch[:, current] = True
+        batch[torch.arange(len(current)), current] = False
+        loss = _call(estimate_fn, batch).tolist()
+        best = min(range(len(current)), key=lambda j: loss[j])
+        for j, i in enumerate(current):
+            scores[i] = cur - loss[j]
+        cands = {str(i): loss[j] for j, i in enumerate(current)}
+        if not loss[best] < cur:
+            history.append({"round": len(history) + 1, "action": "stop", "loss": cur, "candidates": cands})
+            break
+        dropped = current.pop(best)
+        history.append({"round": len(history) + 1, "action": "drop", "source": dropped,
+                        "loss": loss[best], "previous": cur, "candidates": cands})
+        cur = loss[best]
+    reason = (f"backward stepwise from all {n} sources: dropped {n - len(current)} source(s) in order "
+              f"{[_fmt(h['source']) for h in history if h['action'] == 'drop']}; estimated loss "
+              f"{start:.6g} -> {cur:.6g} (target alone {base:.6g}); "
+              + ("every source dropped" if not current else "stopped: no removal lowers the estimate"))
+    return Selection(method="backward", scores=scores, selected=sorted(current), estimate=cur, baseline=base,
+                     history=history, reason=reason)

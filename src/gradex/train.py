@@ -12,7 +12,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -48,8 +48,10 @@ def epoch_batches(tokens: Sequence[Tokenized], indices: Sequence[int], batch_siz
 
 def train(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int], recipe: TrainConfig,
           pad_id: int, precision: str = "bf16", checkpoint: Path | None = None, desc: str = "train",
-          save_every: int = 20, progress: bool = True) -> list[dict]:
-    """Train in place; return the per-step log. With `checkpoint`, resume from and save to it."""
+          save_every: int = 20, progress: bool = True,
+          on_step: Callable[[int], None] | None = None) -> list[dict]:
+    """Train in place; return the per-step log. With `checkpoint`, resume from and save to it.
+    `on_step(k)` is called after the k-th optimizer step (diagnostics take snapshots there)."""
     params = [p for _, p in trainable(model)]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps = total_steps(recipe, len(indices))
@@ -85,6 +87,8 @@ def train(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int],
         opt.zero_grad(set_to_none=True)
         log.append({"step": step + 1, "loss": round(loss.item(), 5), "seconds": round(time.perf_counter() - t0, 2)})
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if on_step is not None:
+            on_step(step + 1)
         if checkpoint is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
             _save(checkpoint, params, opt, sched, step + 1, log)
     model.eval()

@@ -1,0 +1,200 @@
+"""gradex.estimate against independent oracles: scipy L-BFGS (with offsets) and scikit-learn (without)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from gradex.estimate import (
+    Problem,
+    calibrate_l2,
+    estimate,
+    estimator,
+    exact_solve,
+    implied_step,
+    linear_loss,
+    solve,
+    synthetic_problem,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_problem(seed: int = 0, n_sources: int = 6, per_source: int = 150, n_target: int = 200,
+                   d: int = 24, n_val: int = 120, x_scale: float = 1.0, zero_offsets: bool = False) -> Problem:
+    """Small unstructured problem: source-specific means, offsets like real mean log-odds."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [n_target] + [per_source] * n_sources
+    group = torch.cat([torch.full((s,), i, dtype=torch.long) for i, s in enumerate(sizes)])
+    means = torch.randn(n_sources + 1, d, generator=g) * 0.6
+    x = (means[group] + torch.randn(len(group), d, generator=g)) * x_scale
+    u = torch.zeros(len(group)) if zero_offsets else 1.5 + 1.5 * torch.randn(len(group), generator=g)
+    x_val = (means[0] + torch.randn(n_val, d, generator=g)) * x_scale
+    u_val = 1.5 + 1.5 * torch.randn(n_val, generator=g)
+    return Problem(x=x, u=u, group=group, x_val=x_val, u_val=u_val, n_sources=n_sources)
+
+
+def random_subsets(n: int, m: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(m, n, generator=g) < 0.5
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+L2 = 100.0  # margins move by ~0.7 on average: one Newton step is visibly off, refinement needed
+
+
+@pytest.fixture(scope="module")
+def prob() -> Problem:
+    return random_problem()
+
+
+@pytest.fixture(scope="module")
+def oracle(prob):
+    subsets = random_subsets(prob.n_sources, 24)
+    subsets[0] = False  # target alone
+    subsets[1] = True  # everything
+    z = torch.stack([exact_solve(prob, s, L2) for s in subsets])
+    return subsets, z
+
+
+def test_solve_matches_scipy_with_offsets(prob, oracle):
+    subsets, z_ref = oracle
+    z = solve(prob, subsets, L2)  # default newton_steps
+    for k in range(len(subsets)):
+        assert rel(z[k], z_ref[k]) < 1e-3, (k, rel(z[k], z_ref[k]))
+    loss, loss_ref = linear_loss(prob, z), linear_loss(prob, z_ref)
+    assert float(((loss - loss_ref) / loss_ref).abs().max()) < 2e-4
+    assert spearmanr(loss.numpy(), loss_ref.numpy())[0] >= 0.999
+
+
+def test_exact_solve_is_a_stationary_point(prob, oracle):
+    # the oracle itself: gradient of the exact objective vanishes at its answer
+    subsets, z_ref = oracle
+    for s, z in zip(subsets[:4], z_ref[:4]):
+        keep = torch.cat([torch.ones(1, dtype=torch.bool), s])[prob.group]
+        x, u = prob.x[keep].double(), prob.u[keep].double()
+        grad = -(torch.sigmoid(-(u + x @ z)) @ x) + 2 * L2 * z
+        assert float(grad.norm()) < 1e-6 * float((torch.sigmoid(-u) @ x).norm())
+
+
+def test_one_newton_step_is_close_and_refinement_improves(prob, oracle):
+    subsets, z_ref = oracle
+    errors = []
+    for steps in range(5):
+        z = solve(prob, subsets, L2, newton_steps=steps, tol=0.0)
+        errors.append(max(rel(z[k], z_ref[k]) for k in range(1, len(subsets))))
+    assert errors[0] < 0.25  # one Newton step from z = 0 is already close ...
+    assert errors[0] > 1e-2  # ... but visibly not exact at this l2 (else the test proves nothing)
+    for a, b in zip(errors, errors[1:]):  # ... and every refinement step helps until float32 noise
+        assert b < a or b < 1e-5, errors
+    assert errors[3] < errors[0] / 100
+    plain = max(rel(solve(prob, subsets, L2, newton_steps=3, tol=0.0, scaled=False)[k], z_ref[k])
+                for k in range(1, len(subsets)))
+    assert errors[0] / 10 > plain > errors[3]  # the fixed-Hessian iteration converges, the scaled one faster
+
+
+def test_zero_offsets_match_sklearn():
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    p = random_problem(seed=3, zero_offsets=True)
+    l2 = 100.0
+    for s in random_subsets(p.n_sources, 4, seed=5):
+        keep = torch.cat([torch.ones(1, dtype=torch.bool), s])[p.group]
+        x = p.x[keep].double().numpy()
+        # every label positive = flip the sign of half the rows and call them negatives (no intercept)
+        flip = np.arange(len(x)) % 2 == 1
+        xs = np.where(flip[:, None], -x, x)
+        y = (~flip).astype(int)
+        clf = sklearn.LogisticRegression(C=1 / (2 * l2), fit_intercept=False, tol=1e-12, max_iter=10_000)
+        clf.fit(xs, y)
+        z_sk = torch.from_numpy(clf.coef_[0])
+        assert rel(solve(p, s[None], l2)[0], z_sk) < 1e-3
+        assert rel(exact_solve(p, s, l2), z_sk) < 1e-5
+
+
+def test_float64_path_and_batching_agree(prob, oracle):
+    subsets, z_ref = oracle
+    z64 = solve(prob, subsets, L2, newton_steps=8, dtype=torch.float64, tol=1e-12)
+    assert max(rel(z64[k], z_ref[k]) for k in range(1, len(subsets))) < 1e-6
+    threads = torch.get_num_threads()
+    a = estimate(prob, subsets, L2, batch=5, workers=2)
+    b = estimate(prob, subsets, L2, batch=256, workers=1)
+    assert torch.get_num_threads() == threads  # estimate runs single-threaded inside, then restores
+    assert torch.allclose(a.loss, b.loss, rtol=1e-6)
+    assert a.subsets.shape == subsets.shape and a.z.shape == (len(subsets), prob.dim)
+
+
+def test_estimates_fields(prob):
+    c = torch.linspace(0.5, 2.0, prob.dim)
+    p = Problem(x=prob.x, u=prob.u, group=prob.group, x_val=prob.x_val, u_val=prob.u_val,
+                n_sources=prob.n_sources, col_sq_norms=c, theta_norm=3.0)
+    subsets = random_subsets(p.n_sources, 7)
+    e = estimate(p, subsets, L2)
+    assert e.l2 == L2 and e.loss.shape == (7,) and e.step.shape == (7,)
+    manual_loss = torch.nn.functional.softplus(-(p.u_val.double()[:, None] + p.x_val.double() @ e.z.double().T)).mean(0)
+    assert torch.allclose(e.loss, manual_loss)
+    assert torch.allclose(e.step, (e.z.double().square() @ c.double()).sqrt() / 3.0)
+    assert torch.allclose(implied_step(p, e.z), e.step)
+    assert torch.allclose(estimator(p, L2)(subsets), e.loss)
+    # target alone: z depends on target-train examples only
+    z0 = solve(p, torch.zeros(1, p.n_sources, dtype=torch.bool), L2)[0]
+    only_target = Problem(x=p.x[p.group == 0], u=p.u[p.group == 0], group=p.group[p.group == 0],
+                          x_val=p.x_val, u_val=p.u_val, n_sources=0)
+    assert rel(z0, exact_solve(only_target, torch.zeros(0, dtype=torch.bool), L2)) < 1e-3
+
+
+@pytest.mark.parametrize("step_size", [0.02, 0.3])
+def test_calibrate_l2_hits_requested_step(step_size):
+    p, _ = synthetic_problem(n_sources=5, n_train=1500, d=24, n_val=100, seed=2, p=50_000, theta_norm=5.0, scale=3.0)
+    l2 = calibrate_l2(p, step_size)
+    everything = torch.ones(p.n_sources, dtype=torch.bool)
+    exact_step = float(implied_step(p, exact_solve(p, everything, l2))[0])
+    assert abs(exact_step / step_size - 1) < 0.01
+    est_step = float(estimate(p, everything[None], l2, newton_steps=10).step[0])
+    assert abs(est_step / step_size - 1) < 0.01
+
+
+def test_calibrate_l2_is_monotone_and_rejects_bad_input(prob):
+    l_small, l_big = calibrate_l2(prob, 0.05), calibrate_l2(prob, 0.5)
+    assert l_small > l_big > 0
+    with pytest.raises(ValueError):
+        calibrate_l2(prob, 0.0)
+    with pytest.raises(ValueError):
+        solve(prob, torch.zeros(2, prob.n_sources + 1, dtype=torch.bool), L2)
+    with pytest.raises(ValueError):
+        solve(prob, torch.zeros(2, prob.n_sources, dtype=torch.bool), 0.0)
+    with pytest.raises(ValueError):
+        Problem(x=prob.x, u=prob.u, group=prob.group + 10, x_val=prob.x_val, u_val=prob.u_val,
+                n_sources=prob.n_sources)
+
+
+def test_spearman_on_synthetic_problem_with_calibrated_l2():
+    p, _ = synthetic_problem(n_sources=8, n_train=2500, d=32, n_val=150, seed=4, p=100_000, theta_norm=4.0, scale=4.0)
+    l2 = calibrate_l2(p, 0.3)
+    subsets = random_subsets(p.n_sources, 24, seed=9)
+    loss = estimate(p, subsets, l2).loss
+    loss_ref = linear_loss(p, torch.stack([exact_solve(p, s, l2) for s in subsets]))
+    assert spearmanr(loss.numpy(), loss_ref.numpy())[0] >= 0.999
+
+
+def test_benchmark_quick_smoke(tmp_path):
+    out = tmp_path / "estimate.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "estimate.py"), "--quick", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    last = json.loads(res.stdout.strip().splitlines()[-1])
+    for key in ("subsets_per_s", "sklearn_subsets_per_s", "speedup", "spearman_vs_sklearn",
+                "max_rel_diff_vs_sklearn", "l2", "machine", "command", "notes"):
+        assert key in last
+    assert last["spearman_vs_sklearn"] > 0.99
+    assert json.loads(out.read_text())["l2"] == last["l2"]

@@ -1,0 +1,129 @@
+"""gradex.select recovers known answers: an exactly additive estimator, and a real Problem."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gradex.estimate import calibrate_l2, estimator, synthetic_problem
+from gradex.select import Selection, backward, ensemble, forward, sample_subsets
+
+N = 10
+HELPFUL = [0, 3, 7]
+HARMFUL = [1, 4, 8]
+BETA = torch.zeros(N, dtype=torch.float64)
+BETA[HELPFUL] = torch.tensor([-0.30, -0.20, -0.10], dtype=torch.float64)
+BETA[HARMFUL] = torch.tensor([0.25, 0.15, 0.10], dtype=torch.float64)
+BETA[[2, 5, 6, 9]] = torch.tensor([0.04, 0.03, 0.05, 0.035], dtype=torch.float64)  # mildly harmful
+
+
+class Additive:
+    """f_hat(S) = 1 + sum_{i in S} beta_i + noise; records every call's batch size."""
+
+    def __init__(self, noise: float = 0.0, seed: int = 0):
+        self.noise, self.calls = noise, []
+        self.g = torch.Generator().manual_seed(seed)
+
+    def __call__(self, subsets: torch.Tensor) -> torch.Tensor:
+        assert subsets.dtype == torch.bool and subsets.shape[1] == N
+        self.calls.append(subsets.shape[0])
+        return 1.0 + subsets.double() @ BETA + self.noise * torch.randn(subsets.shape[0], generator=self.g, dtype=torch.float64)
+
+
+def test_sample_subsets_sizes_determinism_uniformity():
+    s = sample_subsets(12, 3000, 0.5, seed=7)
+    assert s.shape == (3000, 12) and s.dtype == torch.bool
+    assert (s.sum(1) == 6).all()
+    assert torch.equal(s, sample_subsets(12, 3000, 0.5, seed=7))
+    assert not torch.equal(s, sample_subsets(12, 3000, 0.5, seed=8))
+    freq = s.double().mean(0)
+    assert (freq - 0.5).abs().max() < 0.04
+    pair = (s[:, 0] & s[:, 1]).double().mean()  # pairs are uniform too: C(10,4)/C(12,6) = 5/22
+    assert abs(float(pair) - 5 / 22) < 0.03
+    assert (sample_subsets(7, 50, 0.3, 0).sum(1) == 2).all()  # round(2.1) = 2
+    assert (sample_subsets(9, 50, 0.3, 0).sum(1) == 3).all()  # round(2.7) = 3, not 2
+    assert (sample_subsets(5, 20, 0.01, 0).sum(1) == 1).all()  # at least one
+    with pytest.raises(ValueError):
+        sample_subsets(5, 20, 0.0, 0)
+
+
+def test_ensemble_recovers_additive_answer():
+    fn = Additive(noise=0.01)
+    sel = ensemble(fn, N, m=2000, alpha=0.5, seed=0)
+    assert sel.selected == HELPFUL
+    assert fn.calls == [2000, 2]  # all sampled subsets in one call, then chosen + empty together
+    assert sel.surrogate["r2"] > 0.95
+    beta = torch.tensor(sel.surrogate["beta"], dtype=torch.float64)
+    assert (beta - (BETA - BETA.mean())).abs().max() < 0.005  # only differences are identifiable
+    expected = N / (N - 1) * (BETA - BETA.mean())  # in-minus-out mean for fixed-size subsets
+    assert (torch.tensor(sel.scores, dtype=torch.float64) - expected).abs().max() < 0.03
+    assert sel.baseline == pytest.approx(1.0, abs=0.05)
+    assert sel.estimate == pytest.approx(1.0 + float(BETA[HELPFUL].sum()), abs=0.05)
+    assert all(sel.scores[i] < 0 for i in HELPFUL) and all(sel.scores[i] > 0 for i in HARMFUL)
+    top = ensemble(Additive(noise=0.01), N, m=2000, alpha=0.5, seed=0, top_k=2)
+    assert top.selected == [0, 3]
+    json.dumps(sel.to_dict(), allow_nan=False)
+
+
+def test_ensemble_scores_are_in_minus_out_means():
+    fn = Additive()
+    sel = ensemble(fn, N, m=64, alpha=0.5, seed=3)
+    s = sample_subsets(N, 64, 0.5, 3)
+    loss = fn(s)
+    for i in range(N):
+        assert sel.scores[i] == pytest.approx(float(loss[s[:, i]].mean() - loss[~s[:, i]].mean()))
+
+
+def test_forward_and_backward_recover_additive_answer():
+    fn = Additive()
+    sel = forward(fn, N)
+    assert sel.selected == HELPFUL
+    assert [h["source"] for h in sel.history if h["action"] == "add"] == [0, 3, 7]  # best first
+    assert sel.history[-1]["action"] == "stop"
+    assert fn.calls == [1, 10, 9, 8, 7]  # one batched call per round
+    assert sel.estimate == pytest.approx(1.0 + float(BETA[HELPFUL].sum()))
+    assert sel.baseline == pytest.approx(1.0)
+    assert all(sel.scores[i] < 0 for i in HELPFUL) and all(sel.scores[i] > 0 for i in HARMFUL)
+
+    fb = Additive()
+    sel_b = backward(fb, N)
+    assert sel_b.selected == HELPFUL
+    assert [h["source"] for h in sel_b.history if h["action"] == "drop"] == [1, 4, 8, 6, 2, 9, 5]  # worst first
+    assert fb.calls[0] == 2 and fb.calls[1] == N
+    assert sel_b.baseline == pytest.approx(1.0)
+    assert all(sel_b.scores[i] < 0 for i in HELPFUL) and all(sel_b.scores[i] > 0 for i in HARMFUL)
+    for s in (sel, sel_b):
+        d = json.loads(json.dumps(s.to_dict(), allow_nan=False))
+        assert set(d) >= {"method", "scores", "selected", "estimate", "baseline", "history", "reason"}
+
+
+def test_forward_stops_at_once_when_nothing_helps():
+    def worse(subsets):
+        return 1.0 + subsets.double().sum(1)
+    sel = forward(worse, 4)
+    assert sel.selected == [] and sel.estimate == sel.baseline == 1.0
+    assert "stopped" in sel.reason
+    assert backward(worse, 4).selected == []
+
+
+@pytest.fixture(scope="module")
+def real():
+    p, info = synthetic_problem(n_sources=9, n_train=3000, d=32, n_val=200, seed=1,
+                                n_helpful=3, n_harmful=3, p=200_000, theta_norm=8.0, scale=4.0)
+    return p, info, estimator(p, calibrate_l2(p, 0.3))
+
+
+@pytest.mark.parametrize("method", ["ensemble", "forward", "backward"])
+def test_real_problem_selects_aligned_sources(real, method):
+    p, info, fn = real
+    if method == "ensemble":
+        sel = ensemble(fn, p.n_sources, m=200, alpha=0.5, seed=0)
+    else:
+        sel = {"forward": forward, "backward": backward}[method](fn, p.n_sources)
+    assert isinstance(sel, Selection)
+    assert not set(sel.selected) & set(info["harmful"]), (sel.selected, info)
+    assert set(info["helpful"]) <= set(sel.selected), (sel.selected, info)
+    assert sel.estimate < sel.baseline
+    json.dumps(sel.to_dict(), allow_nan=False)
