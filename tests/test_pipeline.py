@@ -109,3 +109,34 @@ def test_training_resumes_to_the_same_result(cfg, tmp_path, monkeypatch):
     assert len(history) == steps
     for (_, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_estimate_named_subsets_linear_and_reconstruct(cfg):
+    rows = pipeline.estimate(cfg, [[], ["mul"], ["add_more", "mul", "sub"]])
+    assert [r["members"] for r in rows] == [[], ["mul"], ["add_more", "mul", "sub"]]
+    assert all(r["mode"] == "linear" and r["step"] >= 0 for r in rows)
+    # the implied step of the all-sources fit is the calibrated one
+    assert rows[2]["step"] == pytest.approx(cfg.estimate.step_size, rel=0.02)
+    cfg.estimate.mode = "reconstruct"
+    recon = pipeline.estimate(cfg, [[], ["mul"]])
+    assert all(r["mode"] == "reconstruct" and 0 < r["estimate"] < 20 for r in recon)
+    with pytest.raises(config.ConfigError, match=r"unknown source\(s\) \['nope'\]"):
+        pipeline.estimate(cfg, [["nope"]])
+
+
+def test_validate_and_check_linearity_on_tiny_model(cfg):
+    from gradex import diagnostics
+
+    cfg.refit.max_steps = 2
+    result = diagnostics.validate(cfg, k=3, seeds=2)
+    assert result["subsets"] == 3 and len(result["rows"]) == 3
+    assert all(len(r["seeds"]) == 2 for r in result["rows"])
+    for key in ("spearman", "pearson", "mean_abs_rel_error", "seed_noise", "constant_error"):
+        assert key in result
+    assert (cfg.run_dir / "validation.json").exists() and (cfg.run_dir / "validation.png").exists()
+    lin = diagnostics.check_linearity(cfg, examples=8, subsets=1)
+    kinds = [r["kind"] for r in lin["rows"]]
+    assert kinds.count("random") == len(diagnostics.RADII) and kinds.count("trajectory") == len(diagnostics.TRAJECTORY_STEPS)
+    # along a tiny random step the first-order model must beat the zeroth-order one
+    small = [r for r in lin["rows"] if r["kind"] == "random"][0]
+    assert small["first_order_rel_mse"] < small["zeroth_order_rel_mse"]

@@ -4,8 +4,8 @@ check-linearity: is u_s(theta* + Delta) ~ u_s + <g_s, Delta>? Along random direc
 projected subspace, and along real fine-tuning trajectories from theta* (the directions that
 matter, which move the outputs far more than random ones of the same length).
 
-validate: fine-tune k random subsets for real (from theta*, with the final fine-tune's recipe, two
-seeds each) and compare the target validation loss with the estimate, next to the two yardsticks
+validate: fine-tune k random subsets for real (from theta*, with the `refit` recipe: the final
+fine-tune's epochs over the data, at a learning rate for continuing a converged model; two seeds each) and compare the target validation loss with the estimate, next to the two yardsticks
 that say whether the agreement means anything: the seed noise of real fine-tuning, and the error of
 a constant predictor (theta*'s own loss for every subset).
 """
@@ -100,7 +100,7 @@ def check_linearity(cfg: Config, examples: int = 48, subsets: int = 2) -> dict:
             if step in TRAJECTORY_STEPS:
                 snapshots[step] = trainable_vector(trained) - theta
 
-        recipe = TrainConfig(**{**cfg.finetune.__dict__, "max_steps": max(TRAJECTORY_STEPS)})
+        recipe = TrainConfig(**{**cfg.refit.__dict__, "max_steps": max(TRAJECTORY_STEPS)})
         train(trained, run.tokens, run.train_indices(names), recipe, run.pad_id, precision,
               desc=f"trajectory {s}", progress=False, on_step=keep)
         for steps, delta in sorted(snapshots.items()):
@@ -166,7 +166,7 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     done_path = out / "runs.jsonl"
     # Real fine-tunes depend on theta* and the recipe only: changing the estimator keeps them.
-    key = fingerprint(run.fp("meta"), cfg.finetune, MEASURE)
+    key = fingerprint(run.fp("meta"), cfg.refit, MEASURE)
     done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
     done = [d for d in done if d["fingerprint"] == key]
     members = random_subsets(len(run.sources), k, cfg.select.seed + 1000)
@@ -184,12 +184,13 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2) -> dict:
             continue
         names = [n for n, m in zip(run.sources, members[i].tolist()) if m]
         model = run.meta_model()
-        recipe = TrainConfig(**{**cfg.finetune.__dict__, "seed": cfg.finetune.seed + s})
+        recipe = TrainConfig(**{**cfg.refit.__dict__, "seed": cfg.refit.seed + s})
         t0 = time.perf_counter()
         history = train(model, run.tokens, run.train_indices(names), recipe, run.pad_id, cfg.model.precision,
                         desc=f"subset {i} seed {s}", progress=False)
         u, _ = outputs(model, run.tokens, val, run.pad_id, MEASURE)
         row = {"fingerprint": key, "subset": i, "seed": s, "members": names, "loss": loss_from_outputs(u),
+               "logodds": u.mean().item(),
                "step": ((trainable_vector(model) - theta).norm() / theta.norm()).item(),
                "steps": len(history), "seconds": round(time.perf_counter() - t0, 1)}
         with done_path.open("a") as fh:

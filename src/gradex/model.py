@@ -47,6 +47,9 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 
 def load_base(cfg: ModelConfig) -> nn.Module:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per load drowns gradex's own stage bars
 
     name, gguf = resolve_name(cfg)
     try:

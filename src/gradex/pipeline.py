@@ -327,7 +327,7 @@ def select(cfg: Config, force: bool = False) -> dict:
     if sc.method == "ensemble":
         sel = select_mod.ensemble(fn, n, sc.subsets, sc.alpha, sc.seed, top_k=sc.top_k)
     else:
-        sel = select_mod.forward(fn, n)
+        sel = getattr(select_mod, sc.method)(fn, n)
     seconds = time.perf_counter() - t0
     body = sel.to_dict()
     body.update({"sources": run.sources, "selected": [run.sources[j] for j in sel.selected],
