@@ -1,7 +1,7 @@
 """Writes a gradient store for a tiny deterministic model; run by tests/test_store.py in subprocesses.
 
     python tests/gradients_helper.py OUT [--slow SECONDS] [--n N]
-    accelerate launch --num_processes 2 --cpu tests/gradients_helper.py OUT
+    accelerate launch --multi_gpu --num_processes 2 tests/gradients_helper.py OUT   (torchrun on CPU)
 
 Prints one JSON line on rank 0: the number of chunks this run computed and the store's size.
 """

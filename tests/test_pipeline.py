@@ -140,3 +140,27 @@ def test_validate_and_check_linearity_on_tiny_model(cfg):
     # along a tiny random step the first-order model must beat the zeroth-order one
     small = [r for r in lin["rows"] if r["kind"] == "random"][0]
     assert small["first_order_rel_mse"] < small["zeroth_order_rel_mse"]
+
+
+def test_gradients_stage_under_a_two_process_launch_equals_one_process(cfg, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    pipeline.meta_train(cfg)
+    single = pipeline.gradients(cfg)
+    reference = {name: np.load(single / f"{name}.npy") for name in ("x", "u", "index")}
+    path = _write(cfg)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gradex.cli", "gradients", str(path), "--force"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((single / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    for name, array in reference.items():
+        np.testing.assert_array_equal(np.load(single / f"{name}.npy"), array)

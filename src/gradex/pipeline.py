@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -29,7 +30,15 @@ FINAL_RUNS = ("selected", "all", "target")  # the selected mix and the two obvio
 
 
 def log(msg: str) -> None:
-    print(f"gradex: {msg}", file=sys.stderr, flush=True)
+    if launch_rank() == 0:
+        print(f"gradex: {msg}", file=sys.stderr, flush=True)
+
+
+def launch_rank() -> int:
+    """This process's rank under accelerate launch / torchrun (0 when run alone).
+
+    Only rank 0 writes run-level files; the ranks share the work of the gradient pass."""
+    return int(os.environ.get("RANK", "0"))
 
 
 class Run:
@@ -104,12 +113,16 @@ class Run:
         return info.get("fingerprint") == self.fp(stage) and info.get("status") == "done"
 
     def mark(self, stage: str, where: Path, status: str = "done", **info: Any) -> None:
+        if launch_rank() != 0:
+            return
         where.mkdir(parents=True, exist_ok=True)
         body = {"stage": stage, "fingerprint": self.fp(stage), "status": status, **info}
         (where / "stage.json").write_text(json.dumps(body, indent=2))
 
     def begin(self, stage: str, where: Path, force: bool) -> None:
         """Start (or resume) a stage: partial work made from other inputs must not be resumed."""
+        if launch_rank() != 0:
+            return
         if force or _stage_info(where).get("fingerprint") not in (None, self.fp(stage)):
             shutil.rmtree(where, ignore_errors=True)
         self.mark(stage, where, status="running")
@@ -134,6 +147,11 @@ def prepare(cfg: Config, force: bool = False) -> Run:
     """
     run = Run(cfg)
     out = run.dir / "data"
+    if launch_rank() != 0:
+        if not run.done("prepare", out):
+            raise config_mod.ConfigError("under a multi-process launch only `gradex gradients` runs in parallel: "
+                                         "run `gradex meta-train` first, then launch the gradient pass")
+        return run
     config_mod.dump(cfg, run.dir / "config.yaml")
     if not force and run.done("prepare", out):
         return run
@@ -175,13 +193,18 @@ def meta_train(cfg: Config, force: bool = False) -> Path:
 def gradients(cfg: Config, force: bool = False) -> Path:
     """Projected per-example gradients and offsets at theta*, for training and target validation examples."""
     from gradex.gradients import compute_store, make_projector
+    from gradex.gradients.store import barrier, distributed
 
     run = prepare(cfg)
+    if launch_rank() != 0 and not run.done("meta", run.dir / "meta"):
+        raise config_mod.ConfigError("under a multi-process launch run `gradex meta-train` first")
     meta_train(cfg)
     out = run.dir / "store"
     if not force and run.done("gradients", out):
         return out
+    _, world = distributed()
     run.begin("gradients", out, force)
+    barrier(world)  # no rank writes a shard before rank 0 has cleared a stale store
     model = run.meta_model()
     projector = make_projector(cfg.gradients.projection, model, cfg.gradients.dim, cfg.gradients.seed)
     idx = run.train_indices(run.sources) + run.indices("validation")
@@ -190,13 +213,8 @@ def gradients(cfg: Config, force: bool = False) -> Path:
              "theta_norm": trainable_vector(model).norm().item()}
     compute_store(model, run.tokens, idx, run.pad_id, out, projector, batch_size=cfg.gradients.batch_size,
                   chunk_size=cfg.gradients.chunk_size, precision=cfg.model.precision, manifest_extra=extra)
-    if _rank() == 0:
-        run.mark("gradients", out, examples=len(idx))
+    run.mark("gradients", out, examples=len(idx))
     return out
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
 
 
 def problem(run: Run):

@@ -92,7 +92,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _distributed() -> tuple[int, int]:
+def distributed() -> tuple[int, int]:
     """(rank, world size); initializes a gloo process group when launched with WORLD_SIZE > 1."""
     import torch.distributed as dist
 
@@ -105,7 +105,7 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _barrier(world: int) -> None:
+def barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
 
@@ -136,7 +136,7 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
         raise ValueError("compute_store: no examples to compute (indices is empty)")
     if batch_size <= 0 or chunk_size <= 0:
         raise ValueError(f"compute_store: batch_size and chunk_size must be positive, got {batch_size}, {chunk_size}")
-    rank, world = _distributed()
+    rank, world = distributed()
     computer = GradientComputer(model, method)
     if not projector.layout:
         projector.bind(computer.layout)
@@ -164,7 +164,7 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
             _atomic_write_bytes(out_dir / "plan.json", json.dumps(plan, indent=2, sort_keys=True).encode())
         for stale in out_dir.rglob("*.tmp*"):  # left by a killed run; nothing writes yet
             stale.unlink(missing_ok=True)
-    _barrier(world)
+    barrier(world)
     found = json.loads((out_dir / "plan.json").read_text())
     if found != plan:
         differ = sorted(k for k in set(found) | set(plan) if found.get(k) != plan.get(k))
@@ -190,10 +190,10 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
                      method=np.str_(computer.method))
         os.replace(tmp, path)
     bar.close()
-    _barrier(world)
+    barrier(world)
     if rank == 0:
         _merge(out_dir, chunks, plan, extra, world, started, projector.col_sq_norms().numpy().astype(np.float32))
-    _barrier(world)
+    barrier(world)
     return Store.open(out_dir)
 
 
