@@ -198,3 +198,15 @@ def test_benchmark_quick_smoke(tmp_path):
         assert key in last
     assert last["spearman_vs_sklearn"] > 0.99
     assert json.loads(out.read_text())["l2"] == last["l2"]
+
+
+def test_exact_coordinates_keep_every_inner_product():
+    from gradex.estimate import exact_coordinates
+
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(12, 5000, generator=gen, dtype=torch.float64)
+    g[11] = g[0] + g[1]  # rank 11: the redundant direction must be dropped, not kept as noise
+    x = exact_coordinates(g.float().numpy(), chunk=1024)
+    assert x.shape == (12, 11)
+    gram = (g.float() @ g.float().T).double()
+    torch.testing.assert_close(x.double() @ x.double().T, gram, rtol=1e-4, atol=1e-2)

@@ -106,7 +106,7 @@ class EstimateConfig:
     mode: str = "linear"  # linear | reconstruct
     # Regularization is set by the size of the implied change ||P z|| of the full-data fit,
     # as a fraction of ||theta*|| (trainable part); `l2` overrides it when given.
-    step_size: float = 0.1
+    step_size: float = 0.3
     l2: float | None = None
     newton_steps: int = 3  # refinement steps after the one-shot Newton solve
 

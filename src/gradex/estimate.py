@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -531,3 +532,22 @@ def synthetic_problem(n_sources: int = 30, n_train: int = 20_000, d: int = 256, 
     prob = Problem(x=x.float(), u=u.float(), group=group, x_val=x_val.float(), u_val=u_val.float(),
                    n_sources=n_sources, col_sq_norms=c, theta_norm=theta_norm)
     return prob, {"helpful": helpful, "harmful": harmful}
+
+
+def exact_coordinates(x: np.ndarray, chunk: int = 65_536, rtol: float = 1e-9) -> torch.Tensor:
+    """Coordinates with exact inner products for unprojected gradients (projection `none`).
+
+    The estimate depends on the gradients only through their inner products, and a store of N
+    examples spans at most N dimensions: with the Gram matrix K = G G^T = U S U^T, the rows of
+    U sqrt(S) have exactly the gradients' inner products, and a weight change V z (V = G^T U S^-1/2,
+    orthonormal columns) has norm ||z||. So N x p gradients become an N x rank problem with no
+    projection error. K is accumulated over column chunks in float64, so G is read once from disk.
+    """
+    n, p = x.shape
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for start in range(0, p, chunk):
+        block = torch.from_numpy(np.array(x[:, start:start + chunk], dtype=np.float64))
+        gram += block @ block.T
+    values, vectors = torch.linalg.eigh(gram)
+    keep = values > rtol * values.max()
+    return (vectors[:, keep] * values[keep].sqrt()).float()

@@ -19,6 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from gradex import config as config_mod
@@ -219,19 +220,23 @@ def gradients(cfg: Config, force: bool = False) -> Path:
 
 def problem(run: Run):
     """The estimation problem read from the store: training rows, validation rows, groups."""
-    from gradex.estimate import Problem
+    from gradex.estimate import Problem, exact_coordinates
     from gradex.gradients import Store
 
-    store = Store.open(run.dir / "store", mmap=False)
-    x = torch.as_tensor(store.x, dtype=torch.float32)
-    u = torch.as_tensor(store.u, dtype=torch.float32)
+    store = Store.open(run.dir / "store")
+    if store.manifest["projector"]["kind"] == "none":
+        x = exact_coordinates(store.x)  # exact inner products in rank(G) <= N dimensions
+        col = torch.ones(x.shape[1])
+    else:
+        x = torch.tensor(np.asarray(store.x), dtype=torch.float32)
+        col = torch.as_tensor(store.col_sq_norms, dtype=torch.float32) if store.col_sq_norms is not None else None
+    u = torch.tensor(np.asarray(store.u), dtype=torch.float32)
     index = store.index.tolist()
     examples = run.examples
     group_of = {name: j + 1 for j, name in enumerate(run.sources)}
     train_rows = [r for r, i in enumerate(index) if examples[i].split == "train"]
     val_rows = [r for r, i in enumerate(index) if examples[i].split == "validation"]
     group = torch.tensor([group_of.get(examples[index[r]].source, 0) for r in train_rows])
-    col = torch.as_tensor(store.col_sq_norms, dtype=torch.float32) if store.col_sq_norms is not None else None
     return Problem(x=x[train_rows], u=u[train_rows], group=group, x_val=x[val_rows], u_val=u[val_rows],
                    n_sources=len(run.sources), col_sq_norms=col, theta_norm=float(store.manifest["theta_norm"]))
 
@@ -282,6 +287,9 @@ class Reconstructor:
         self.model = run.meta_model()
         self.theta = trainable_vector(self.model)
         cfg = run.cfg.gradients
+        if cfg.projection == "none":
+            raise config_mod.ConfigError("estimate.mode=reconstruct needs a projection (gradients.projection "
+                                         "sparse or dense); with `none` use the linear mode")
         self.projector = make_projector(cfg.projection, self.model, cfg.dim, cfg.seed)
         self.val = run.indices("validation")
 
