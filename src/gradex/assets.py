@@ -31,7 +31,10 @@ def cache_dir() -> Path:
 
 
 def _pip_download(requirement: str, dest: Path) -> Path:
-    """Download one distribution (no dependencies) into `dest` and return its file."""
+    """Download one distribution (no dependencies) into `dest` and return its file.
+
+    pip first, so a configured index or mirror is honoured; pip >= 25 refuses the bigbench sdist
+    (it declares a direct-URL dependency), so fall back to PyPI's JSON API with a hash check."""
     dest.mkdir(parents=True, exist_ok=True)
     found = [p for p in dest.iterdir() if p.is_file()]
     if found:
@@ -42,10 +45,44 @@ def _pip_download(requirement: str, dest: Path) -> Path:
         result = subprocess.run(cmd, capture_output=True, text=True)
         files = list(Path(tmp).iterdir())
         if result.returncode != 0 or not files:
-            raise RuntimeError(f"could not download {requirement} with pip:\n{result.stderr.strip()}")
+            try:
+                files = [_pypi_download(requirement, Path(tmp))]
+            except OSError as err:
+                raise RuntimeError(f"could not download {requirement}: pip said\n{result.stderr.strip()}\n"
+                                   f"and PyPI's JSON API said: {err}") from err
         target = dest / files[0].name
         shutil.move(str(files[0]), target)
     return target
+
+
+def _pypi_download(requirement: str, dest: Path) -> Path:
+    """Fetch `name==version` (wheel preferred, else sdist) through the index's Simple API (PEP 691)
+    and verify its sha256."""
+    import hashlib
+    import urllib.parse
+    import urllib.request
+
+    name, version = requirement.split("==")
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    page = f"{index}/{name}/"
+    request = urllib.request.Request(page, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        files = json.load(resp)["files"]
+    stem = f"{name.replace('-', '_').lower()}-{version}"
+    matches = [f for f in files if f["filename"].replace("-", "_").lower().startswith(stem.replace("-", "_"))
+               and f["filename"][len(stem)] in "-."]
+    if not matches:
+        raise OSError(f"{page} lists no file for {requirement}")
+    best = sorted(matches, key=lambda f: not f["filename"].endswith(".whl"))[0]
+    out = dest / best["filename"]
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(urllib.parse.urljoin(page, best["url"]), timeout=600) as resp, open(out, "wb") as fh:
+        while block := resp.read(1 << 20):
+            digest.update(block)
+            fh.write(block)
+    if digest.hexdigest() != best["hashes"]["sha256"]:
+        raise OSError(f"{best['filename']}: sha256 mismatch")
+    return out
 
 
 def smollm2_dir() -> Path:

@@ -57,8 +57,9 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  {'*' if name in chosen else ' '} {name:<24} {score:+.4f}")
     lines += ["", f"selected ({sel['method']}, {sel['mode']} estimates): {', '.join(sel['selected']) or '(target only)'}",
               f"estimated target validation loss of the selection: {sel['estimate']:.4f}"
-              f"   (target alone: {sel['baseline']:.4f})",
-              f"real target validation loss of the final model:   {models['selected']['validation']['loss']:.4f}",
+              f"   (target alone: {sel['baseline']:.4f}; estimates model fine-tuning theta*)",
+              f"real target validation loss of the final model:   {models['selected']['validation']['loss']:.4f}"
+              f"   (fine-tuned from the base model)",
               "", f"{'final model':<12} {'sources':>8} {'val loss':>9} {'test loss':>10} {'test ' + models['selected']['test']['metric']:>18}"]
     for name, m in models.items():
         lines.append(f"{name:<12} {len(m['members']):>8} {m['validation']['loss']:>9.4f} {m['test']['loss']:>10.4f}"
