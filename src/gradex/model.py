@@ -60,8 +60,8 @@ def load_base(cfg: ModelConfig) -> nn.Module:
     return model
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"  # GPT-2's transposed linear layer
+def is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"  # GPT-2's linear layer with a transposed weight (in, out)
 
 
 def make_trainable(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Module:
@@ -78,7 +78,7 @@ def make_trainable(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Modu
         if missing:
             raise ConfigError(f"model.lora.target_modules: {missing} not found in {type(model).__name__}; "
                               f"linear layers it has: {sorted(linear_module_names(model))}")
-        fan_in_fan_out = any(_is_conv1d(m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets)
+        fan_in_fan_out = any(is_conv1d(m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets)
         torch.manual_seed(seed)
         lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules=list(targets),
                           lora_dropout=0.0, fan_in_fan_out=fan_in_fan_out, bias="none")
@@ -87,13 +87,13 @@ def make_trainable(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Modu
     for p in model.parameters():
         p.requires_grad_(False)
     for m in model.modules():
-        if (isinstance(m, nn.Linear) or _is_conv1d(m)) and m is not head:
+        if (isinstance(m, nn.Linear) or is_conv1d(m)) and m is not head:
             m.weight.requires_grad_(True)
     return model
 
 
 def linear_module_names(model: nn.Module) -> set[str]:
-    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
 
 
 def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -23,15 +23,11 @@ import torch
 from torch import nn
 
 from gradex.data import Batch
-from gradex.model import autocast, example_outputs, trainable
+from gradex.model import autocast, example_outputs, is_conv1d, trainable
 from gradex.gradients.projectors import Projector
 
 Sink = Callable[[str, torch.Tensor], None]  # (parameter name, per-example gradients (B, n_param) fp32)
 METHODS = ("auto", "hooks", "loop")
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"  # GPT-2's linear layer with a transposed weight (in, out)
 
 
 class GradientComputer:
@@ -49,7 +45,7 @@ class GradientComputer:
         self.hooked: dict[nn.Module, tuple[str | None, str | None]] = {}
         if method != "loop":
             for module in model.modules():
-                if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+                if not (isinstance(module, nn.Linear) or is_conv1d(module)):
                     continue
                 w = names.get(id(module.weight))
                 b = names.get(id(module.bias)) if module.bias is not None else None
@@ -133,7 +129,7 @@ class GradientComputer:
                 dy = dy.reshape(bsz, -1, dy.shape[-1]).float()
                 if w_name is not None:
                     # Linear weight (out, in): dy^T x; Conv1D weight (in, out): x^T dy
-                    gw = torch.bmm(x.transpose(1, 2), dy) if _is_conv1d(module) else torch.bmm(dy.transpose(1, 2), x)
+                    gw = torch.bmm(x.transpose(1, 2), dy) if is_conv1d(module) else torch.bmm(dy.transpose(1, 2), x)
                     acc[w_name] = acc[w_name] + gw if w_name in acc else gw
                 if b_name is not None:
                     gb = dy.sum(1)
