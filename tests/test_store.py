@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from gradex.gradients import GradientComputer, Store, compute_store, make_projector
 from gradex.data import collate
