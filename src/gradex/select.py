@@ -142,36 +142,44 @@ def ensemble(estimate_fn: EstimateFn, n: int, m: int, alpha: float, seed: int,
                      history=[], reason=reason, surrogate=surrogate)
 
 
-def forward(estimate_fn: EstimateFn, n: int) -> Selection:
-    """Greedy forward stepwise: from the target alone, add the source that lowers f_hat most.
+def _stepwise(estimate_fn: EstimateFn, n: int, current: list[int], adding: bool,
+              cur: float) -> tuple[list[int], float, list[float], list[dict]]:
+    """Greedy rounds shared by forward (adding) and backward (dropping) selection.
 
-    Each round estimates all candidates in one batched call; stops when no addition lowers f_hat.
-    score_i = f_hat change from adding i in the round it was added (or, for sources never added, in
-    the last round), so negative = helpful, as in `ensemble`.
+    Each round estimates every one-source change of `current` in one batched call and takes the
+    change that lowers f_hat most; it stops when none does. score_i = f_hat(with i) - f_hat(without i)
+    in the round i was last a candidate, so negative = helpful in both directions.
     """
-    current: list[int] = []
-    cur = float(_call(estimate_fn, torch.zeros(1, n, dtype=torch.bool))[0])
-    base = cur
     scores = [float("nan")] * n
     history: list[dict] = []
-    while len(current) < n:
-        cands = [i for i in range(n) if i not in current]
+    while len(current) < n if adding else current:
+        cands = [i for i in range(n) if i not in current] if adding else list(current)
         batch = torch.zeros(len(cands), n, dtype=torch.bool)
         batch[:, current] = True
-        batch[torch.arange(len(cands)), cands] = True
+        batch[torch.arange(len(cands)), cands] = adding
         loss = _call(estimate_fn, batch).tolist()
         best = min(range(len(cands)), key=lambda j: loss[j])
         for j, i in enumerate(cands):
-            scores[i] = loss[j] - cur
+            scores[i] = loss[j] - cur if adding else cur - loss[j]
+        tried = {str(i): loss[j] for j, i in enumerate(cands)}
         if not loss[best] < cur:
-            history.append({"round": len(history) + 1, "action": "stop", "loss": cur,
-                            "candidates": {str(i): loss[j] for j, i in enumerate(cands)}})
+            history.append({"round": len(history) + 1, "action": "stop", "loss": cur, "candidates": tried})
             break
-        current.append(cands[best])
-        history.append({"round": len(history) + 1, "action": "add", "source": cands[best],
-                        "loss": loss[best], "previous": cur,
-                        "candidates": {str(i): loss[j] for j, i in enumerate(cands)}})
+        if adding:
+            current.append(cands[best])
+        else:
+            current.remove(cands[best])
+        history.append({"round": len(history) + 1, "action": "add" if adding else "drop", "source": cands[best],
+                        "loss": loss[best], "previous": cur, "candidates": tried})
         cur = loss[best]
+    return current, cur, scores, history
+
+
+def forward(estimate_fn: EstimateFn, n: int) -> Selection:
+    """Greedy forward stepwise: from the target alone, add the source that lowers f_hat most
+    (see `_stepwise`); stops when no addition lowers f_hat."""
+    base = float(_call(estimate_fn, torch.zeros(1, n, dtype=torch.bool))[0])
+    current, cur, scores, history = _stepwise(estimate_fn, n, [], True, base)
     reason = (f"forward stepwise from the target alone: added {len(current)} source(s) in order "
               f"{[_fmt(i) for i in current]}; estimated loss {base:.6g} -> {cur:.6g}; "
               + ("every source added" if len(current) == n else "stopped: no addition lowers the estimate"))
@@ -180,34 +188,12 @@ def forward(estimate_fn: EstimateFn, n: int) -> Selection:
 
 
 def backward(estimate_fn: EstimateFn, n: int) -> Selection:
-    """Greedy backward stepwise: from all sources, drop the one whose removal lowers f_hat most.
-
-    Mirror image of `forward`. score_i = f_hat(with i) - f_hat(without i) in the round i was dropped
-    (or, for kept sources, in the last round): positive = harmful, negative = helpful.
-    """
-    current = list(range(n))
+    """Greedy backward stepwise: from all sources, drop the one whose removal lowers f_hat most
+    (mirror image of `forward`); score_i > 0 means source i is harmful."""
     first = torch.zeros(2, n, dtype=torch.bool)
     first[0] = True
-    cur, base = _call(estimate_fn, first).tolist()
-    start = cur
-    scores = [float("nan")] * n
-    history: list[dict] = []
-    while current:
-        batch = torch.zeros(len(current), n, dtype=torch.bool)
-        batch[:, current] = True
-        batch[torch.arange(len(current)), current] = False
-        loss = _call(estimate_fn, batch).tolist()
-        best = min(range(len(current)), key=lambda j: loss[j])
-        for j, i in enumerate(current):
-            scores[i] = cur - loss[j]
-        cands = {str(i): loss[j] for j, i in enumerate(current)}
-        if not loss[best] < cur:
-            history.append({"round": len(history) + 1, "action": "stop", "loss": cur, "candidates": cands})
-            break
-        dropped = current.pop(best)
-        history.append({"round": len(history) + 1, "action": "drop", "source": dropped,
-                        "loss": loss[best], "previous": cur, "candidates": cands})
-        cur = loss[best]
+    start, base = _call(estimate_fn, first).tolist()
+    current, cur, scores, history = _stepwise(estimate_fn, n, list(range(n)), False, start)
     reason = (f"backward stepwise from all {n} sources: dropped {n - len(current)} source(s) in order "
               f"{[_fmt(h['source']) for h in history if h['action'] == 'drop']}; estimated loss "
               f"{start:.6g} -> {cur:.6g} (target alone {base:.6g}); "
