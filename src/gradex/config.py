@@ -94,6 +94,9 @@ class TrainConfig:
 
 @dataclass
 class GradientConfig:
+    # u_s, the per-example output: "ce" = log-odds of the answer's geometric-mean token probability
+    # (softplus(-u_s) is its mean token cross-entropy) | "mean-logodds" = mean token log-odds (the paper)
+    output: str = "ce"
     projection: str = "sparse"  # sparse (hashed JL) | dense (Rademacher +-1/sqrt(d)) | none
     dim: int = 256
     seed: int = 0
@@ -144,6 +147,7 @@ class Config:
 CHOICES = {
     "model.finetune": ("lora", "full"),
     "model.precision": ("bf16", "fp32"),
+    "gradients.output": ("ce", "mean-logodds"),
     "gradients.projection": ("sparse", "dense", "none"),
     "estimate.mode": ("linear", "reconstruct"),
     "select.method": ("ensemble", "forward", "backward"),

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from gradex.config import Config, TrainConfig, fingerprint
 from gradex.data import batches
 from gradex.evaluate import loss_from_outputs, outputs
-from gradex.model import autocast, example_outputs, set_trainable_vector, trainable, trainable_vector
+from gradex.model import autocast, example_outputs, save_trainable, set_trainable_vector, trainable, trainable_vector
 from gradex.pipeline import Run, estimator, gradients, log, prepare
 from gradex.train import train
 
@@ -44,7 +44,7 @@ def full_gradients(model: torch.nn.Module, run: Run, indices: Sequence[int]) -> 
     rows = []
     for batch in tqdm(list(batches(run.tokens, list(indices), 1, run.pad_id)), desc="exact gradients", leave=False):
         with autocast(MEASURE):
-            u = example_outputs(model, batch)[0]
+            u = example_outputs(model, batch, run.cfg.gradients.output)[0]
         grads = torch.autograd.grad(u, params)
         rows.append(torch.cat([g.reshape(-1).float() for g in grads]))
     return torch.stack(rows)
@@ -73,13 +73,14 @@ def check_linearity(cfg: Config, examples: int = 48, subsets: int = 2) -> dict:
     val, train_idx = run.indices("validation"), run.train_indices(run.sources)
     idx = rng.sample(val, min(len(val), examples // 2)) + rng.sample(train_idx, min(len(train_idx), examples // 2))
     grads = full_gradients(model, run, idx)
-    u0, _ = outputs(model, run.tokens, idx, run.pad_id, MEASURE)
+    output = cfg.gradients.output
+    u0, _ = outputs(model, run.tokens, idx, run.pad_id, MEASURE, output)
     projector = make_projector(cfg.gradients.projection, model, cfg.gradients.dim, cfg.gradients.seed)
     precision = cfg.model.precision
 
     def measure(delta: torch.Tensor) -> torch.Tensor:
         set_trainable_vector(model, theta + delta)
-        u, _ = outputs(model, run.tokens, idx, run.pad_id, MEASURE)
+        u, _ = outputs(model, run.tokens, idx, run.pad_id, MEASURE, output)
         set_trainable_vector(model, theta)
         return u
 
@@ -158,15 +159,22 @@ def random_subsets(n: int, k: int, seed: int) -> torch.Tensor:
     return torch.tensor(sorted(seen), dtype=torch.bool)
 
 
+ROWS_FORMAT = 2  # validate/runs.jsonl rows record the loss under every output definition
+
+
 def validate(cfg: Config, k: int = 20, seeds: int = 2) -> dict:
-    """Fine-tune k subsets x seeds for real; compare with estimates. Resumes from validate/runs.jsonl."""
+    """Fine-tune k subsets x seeds for real; compare with estimates. Resumes from validate/runs.jsonl.
+
+    Every real fine-tune keeps its adapter (validate/refits/) and records the target validation
+    loss under every output definition, so a changed estimator never needs a fine-tune re-run.
+    """
     run = prepare(cfg)
     gradients(cfg)
     out = run.dir / "validate"
     out.mkdir(parents=True, exist_ok=True)
     done_path = out / "runs.jsonl"
     # Real fine-tunes depend on theta* and the recipe only: changing the estimator keeps them.
-    key = fingerprint(run.fp("meta"), cfg.refit, MEASURE)
+    key = fingerprint(run.fp("meta"), cfg.refit, MEASURE, ROWS_FORMAT)
     done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
     done = [d for d in done if d["fingerprint"] == key]
     members = random_subsets(len(run.sources), k, cfg.select.seed + 1000)
@@ -175,8 +183,7 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2) -> dict:
     val = run.indices("validation")
     base = run.meta_model()
     theta = trainable_vector(base)
-    u_star, _ = outputs(base, run.tokens, val, run.pad_id, MEASURE)
-    theta_loss = loss_from_outputs(u_star)
+    theta_losses = validation_losses(base, run, val)
     jobs = [(i, s) for i in range(len(members)) for s in range(seeds)]
     finished = {(d["subset"], d["seed"]) for d in done}
     for i, s in tqdm(jobs, desc="validate (real fine-tunes)"):
@@ -188,15 +195,17 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2) -> dict:
         t0 = time.perf_counter()
         history = train(model, run.tokens, run.train_indices(names), recipe, run.pad_id, cfg.model.precision,
                         desc=f"subset {i} seed {s}", progress=False)
-        u, _ = outputs(model, run.tokens, val, run.pad_id, MEASURE)
-        row = {"fingerprint": key, "subset": i, "seed": s, "members": names, "loss": loss_from_outputs(u),
-               "logodds": u.mean().item(),
+        adapter = out / "refits" / key / f"subset-{i}-seed-{s}.pt"
+        save_trainable(model, adapter)
+        row = {"fingerprint": key, "subset": i, "seed": s, "members": names,
+               "losses": validation_losses(model, run, val),
                "step": ((trainable_vector(model) - theta).norm() / theta.norm()).item(),
-               "steps": len(history), "seconds": round(time.perf_counter() - t0, 1)}
+               "steps": len(history), "seconds": round(time.perf_counter() - t0, 1),
+               "adapter": str(adapter.relative_to(run.dir))}
         with done_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         done.append(row)
-    result = _compare(done, est, theta_loss, l2, run.sources, members)
+    result = _compare(done, est, theta_losses[cfg.gradients.output], l2, cfg.gradients.output)
     (run.dir / "validation.json").write_text(json.dumps(result, indent=2))
     _plot_validation(result, run.dir / "validation.png")
     log(f"validation: spearman {result['spearman']:.3f}, error {result['mean_abs_rel_error']:.4f}, "
@@ -204,8 +213,14 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2) -> dict:
     return result
 
 
-def _compare(done: list[dict], est: list[float], theta_loss: float, l2: float, names: list[str],
-             members: torch.Tensor) -> dict:
+def validation_losses(model: torch.nn.Module, run: Run, val: Sequence[int]) -> dict[str, float]:
+    """The target validation loss softplus(-u_s) under every output definition, from one pass:
+    for "ce" it is the mean answer-token cross-entropy, for "mean-logodds" the paper's loss."""
+    u, nll = outputs(model, run.tokens, val, run.pad_id, MEASURE, output="mean-logodds")
+    return {"ce": nll.mean().item(), "mean-logodds": loss_from_outputs(u)}
+
+
+def _compare(done: list[dict], est: list[float], theta_loss: float, l2: float, output: str) -> dict:
     from scipy.stats import pearsonr, spearmanr
 
     by_subset: dict[int, list[dict]] = {}
@@ -213,14 +228,15 @@ def _compare(done: list[dict], est: list[float], theta_loss: float, l2: float, n
         by_subset.setdefault(d["subset"], []).append(d)
     rows = []
     for i, runs in sorted(by_subset.items()):
-        losses = [r["loss"] for r in sorted(runs, key=lambda r: r["seed"])]
+        losses = [r["losses"][output] for r in sorted(runs, key=lambda r: r["seed"])]
         rows.append({"subset": i, "members": runs[0]["members"], "estimate": est[i], "real": float(np.mean(losses)),
                      "seeds": losses, "real_step": float(np.mean([r["step"] for r in runs]))})
     real = np.array([r["real"] for r in rows])
     guess = np.array([r["estimate"] for r in rows])
     noise = [abs(r["seeds"][0] - r["seeds"][1]) / np.mean(r["seeds"][:2]) for r in rows if len(r["seeds"]) > 1]
     return {
-        "subsets": len(rows), "spearman": float(spearmanr(guess, real).statistic) if len(rows) > 2 else math.nan,
+        "subsets": len(rows), "output": output,
+        "spearman": float(spearmanr(guess, real).statistic) if len(rows) > 2 else math.nan,
         "pearson": float(pearsonr(guess, real).statistic) if len(rows) > 2 else math.nan,
         "mean_abs_rel_error": float(np.mean(np.abs(guess - real) / real)),
         "seed_noise": float(np.mean(noise)) if noise else math.nan,

@@ -1,8 +1,9 @@
 """Loss and task metrics of a model on a set of examples.
 
 `loss` is the quantity GradEx estimates: the mean over examples of softplus(-u_s), the logistic
-loss of the per-example output u_s (mean answer log-odds). `token_nll` is the usual mean
-cross-entropy of the answer tokens. The task metric is exact match of a greedy generation for
+loss of the per-example output u_s (gradex.model; with the default output "ce" it equals the mean
+over examples of their mean answer-token cross-entropy). `token_nll` is that cross-entropy, whatever
+the output. The task metric is exact match of a greedy generation for
 free-form answers, and length-normalized log-likelihood for multiple choice (summed likelihood
 favours short wrong options).
 """
@@ -16,18 +17,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gradex.data import END, Example, Tokenized, batches, tokenize
-from gradex.model import autocast, example_outputs, example_token_nll, language_model
+from gradex.model import autocast, example_outputs_and_nll, language_model
 
 
 @torch.no_grad()
 def outputs(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int], pad_id: int,
-            precision: str = "bf16", batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u_s, token NLL) for the given examples, in the given order."""
+            precision: str = "bf16", output: str = "ce", batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u_s, mean answer-token NLL) for the given examples, in the given order."""
     us, nlls = [], []
     for batch in batches(tokens, list(indices), batch_size, pad_id):
         with autocast(precision):
-            us.append(example_outputs(model, batch).float())
-            nlls.append(example_token_nll(model, batch).float())
+            u, nll = example_outputs_and_nll(model, batch, output)
+        us.append(u.float())
+        nlls.append(nll.float())
     return torch.cat(us), torch.cat(nlls)
 
 
@@ -77,11 +79,11 @@ def _prefix(example: Example) -> str:
 
 
 def evaluate(model: nn.Module, tokenizer: Any, examples: Sequence[Example], tokens: Sequence[Tokenized],
-             indices: Sequence[int], precision: str = "bf16", desc: str = "evaluate") -> dict:
+             indices: Sequence[int], precision: str = "bf16", desc: str = "evaluate", output: str = "ce") -> dict:
     """Loss, token NLL and the task metric (exact match or multiple-choice accuracy) on `indices`."""
     model.eval()
     with tqdm(total=2, desc=desc, leave=False) as bar:
-        u, nll = outputs(model, tokens, indices, tokenizer.pad_token_id, precision)
+        u, nll = outputs(model, tokens, indices, tokenizer.pad_token_id, precision, output)
         bar.update()
         exs = [examples[i] for i in indices]
         mc = [e for e in exs if e.choices]

@@ -1,8 +1,16 @@
 """Base model, tokenizer, trainable parameters, and the per-example output u_s.
 
-u_s is the mean log-odds of the answer tokens: o_t = logit_y - logsumexp(other logits), which is
-log(p_t / (1 - p_t)) computed stably. The LM head is applied at answer positions only (the rest of
-the sequence needs no vocabulary projection), which saves most of the head's cost.
+u_s is a log-odds whose logistic loss softplus(-u_s) is the loss GradEx estimates. Two definitions
+(`gradients.output`):
+- "ce" (default): the log-odds of the geometric mean p_bar of the answer tokens' probabilities,
+  u_s = log(p_bar / (1 - p_bar)) = -log(expm1(CE_s)) with CE_s the example's mean token
+  cross-entropy. softplus(-u_s) = -log p_bar = CE_s exactly, so the estimate is the usual
+  validation loss, and the gradient weights each token by how uncertain it is.
+- "mean-logodds" (METHOD.md, the paper): the mean over answer tokens of the token log-odds
+  o_t = logit_y - logsumexp(other logits) = log(p_t / (1 - p_t)). Every token weighs the same, so
+  an answer's one uncertain token (a carried digit) is averaged away by its confident ones.
+Probabilities are clipped to [eps, 1 - eps] either way. The LM head is applied at answer positions
+only (the rest of the sequence needs no vocabulary projection), which saves most of the head's cost.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from gradex.config import ConfigError, ModelConfig
 from gradex.data import Batch
 
 EPS = 1e-6
+OUTPUTS = ("ce", "mean-logodds")  # definitions of u_s; see the module docstring
 LOGODDS_CLIP = math.log((1 - EPS) / EPS)  # p clipped to [eps, 1 - eps]
 
 
@@ -156,17 +165,31 @@ def per_example_mean(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.
     return total / count.clamp_min(1)
 
 
-def example_outputs(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """u_s for each example of the batch: the mean log-odds of its answer tokens, shape (B,)."""
-    logits, targets, rows = answer_logits(model, batch)
-    return per_example_mean(token_logodds(logits, targets), rows, batch.input_ids.shape[0])
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p_y per row."""
+    return torch.logsumexp(logits, 1) - logits.gather(1, targets[:, None])[:, 0]
 
 
-def example_token_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy of each example's answer tokens, shape (B,)."""
+def ce_logodds(ce: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) for p = exp(-ce), computed as -log(expm1(ce)), p clipped to [eps, 1 - eps]."""
+    return -torch.log(torch.expm1(ce.clamp(-math.log1p(-EPS), -math.log(EPS))))
+
+
+def example_outputs(model: nn.Module, batch: Batch, output: str = "ce") -> torch.Tensor:
+    """u_s for each example of the batch (see the module docstring), shape (B,)."""
+    return example_outputs_and_nll(model, batch, output)[0]
+
+
+def example_outputs_and_nll(model: nn.Module, batch: Batch, output: str = "ce") -> tuple[torch.Tensor, torch.Tensor]:
+    """(u_s, mean token cross-entropy of the answer) for each example, both (B,), from one forward pass."""
+    if output not in OUTPUTS:
+        raise ValueError(f"unknown output {output!r}; choose one of {OUTPUTS}")
     logits, targets, rows = answer_logits(model, batch)
-    nll = torch.logsumexp(logits, 1) - logits.gather(1, targets[:, None])[:, 0]
-    return per_example_mean(nll, rows, batch.input_ids.shape[0])
+    n = batch.input_ids.shape[0]
+    nll = per_example_mean(token_nll(logits, targets), rows, n)
+    if output == "ce":
+        return ce_logodds(nll), nll
+    return per_example_mean(token_logodds(logits, targets), rows, n), nll
 
 
 def training_loss(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -102,8 +102,10 @@ class Run:
             return config_mod.fingerprint(self.fp("meta"), c.gradients)
         if stage in ("estimate", "select"):
             return config_mod.fingerprint(self.fp("gradients"), c.estimate, c.select)
-        if stage in ("finetune", "evaluate"):
+        if stage == "finetune":
             return config_mod.fingerprint(self.fp("prepare"), c.model, c.finetune, self.selected())
+        if stage == "evaluate":  # its `loss` is the estimated quantity, which the output defines
+            return config_mod.fingerprint(self.fp("finetune"), c.gradients.output)
         raise KeyError(stage)
 
     def selected(self) -> list[str]:
@@ -213,7 +215,8 @@ def gradients(cfg: Config, force: bool = False) -> Path:
     extra = {"model": cfg.model.name, "finetune": cfg.model.finetune, "adapter_sha256": meta["adapter_sha256"],
              "theta_norm": trainable_vector(model).norm().item()}
     compute_store(model, run.tokens, idx, run.pad_id, out, projector, batch_size=cfg.gradients.batch_size,
-                  chunk_size=cfg.gradients.chunk_size, precision=cfg.model.precision, manifest_extra=extra)
+                  chunk_size=cfg.gradients.chunk_size, precision=cfg.model.precision, manifest_extra=extra,
+                  output=cfg.gradients.output)
     run.mark("gradients", out, examples=len(idx))
     return out
 
@@ -301,7 +304,8 @@ class Reconstructor:
         losses = []
         for row in tqdm(z, desc="reconstruct", leave=False):
             set_trainable_vector(self.model, self.theta + self.projector.lift(row))
-            u, _ = outputs(self.model, self.run.tokens, self.val, self.run.pad_id, self.run.cfg.model.precision)
+            u, _ = outputs(self.model, self.run.tokens, self.val, self.run.pad_id, self.run.cfg.model.precision,
+                           self.run.cfg.gradients.output)
             losses.append(loss_from_outputs(u))
         set_trainable_vector(self.model, self.theta)
         return torch.tensor(losses)
@@ -413,9 +417,9 @@ def evaluate(cfg: Config, force: bool = False) -> dict:
         results["models"][name] = {
             "members": json.loads((out / name / "stage.json").read_text())["members"],
             "validation": evaluate_model(model, run.tokenizer, run.examples, run.tokens, val, cfg.model.precision,
-                                         desc=f"evaluate[{name}]"),
+                                         desc=f"evaluate[{name}]", output=cfg.gradients.output),
             "test": evaluate_model(model, run.tokenizer, run.examples, run.tokens, test, cfg.model.precision,
-                                   desc=f"test[{name}]"),
+                                   desc=f"test[{name}]", output=cfg.gradients.output),
         }
     path.write_text(json.dumps(results, indent=2))
     return results

@@ -1,4 +1,4 @@
-"""Per-example gradients of u_s (gradex.model.example_outputs) with respect to the trainable parameters.
+"""Per-example gradients of u_s (gradex.model.example_outputs, either output) with respect to the trainable parameters.
 
 Fast path ("hooks"): forward hooks on every nn.Linear / transformers Conv1D whose weight (or bias)
 is trainable save the module's input and output; one batched backward of sum_b u_b gives each
@@ -33,10 +33,11 @@ METHODS = ("auto", "hooks", "loop")
 class GradientComputer:
     """Per-example gradients of u_s for one model; `method` is auto (hooks where possible) | hooks | loop."""
 
-    def __init__(self, model: nn.Module, method: str = "auto"):
+    def __init__(self, model: nn.Module, method: str = "auto", output: str = "ce"):
         if method not in METHODS:
             raise ValueError(f"unknown gradient method {method!r}; choose one of {METHODS}")
         self.model = model
+        self.output = output  # which u_s (gradex.model.OUTPUTS)
         self.params = trainable(model)
         if not self.params:
             raise ValueError("the model has no trainable parameters (call gradex.model.make_trainable first)")
@@ -109,7 +110,7 @@ class GradientComputer:
         handles = [m.register_forward_hook(save) for m in self.hooked]
         try:
             with torch.enable_grad(), autocast(precision):
-                u = example_outputs(self.model, batch)
+                u = example_outputs(self.model, batch, self.output)
         finally:
             for h in handles:
                 h.remove()
@@ -161,7 +162,7 @@ class GradientComputer:
         for b in range(batch.input_ids.shape[0]):
             single = single_example(batch, b)
             with torch.enable_grad(), autocast(precision):
-                u = example_outputs(self.model, single)[0]
+                u = example_outputs(self.model, single, self.output)[0]
             gs = torch.autograd.grad(u, params, allow_unused=True)
             for i, (g, p) in enumerate(zip(gs, params)):
                 rows[i].append(torch.zeros(p.numel()) if g is None else g.reshape(-1).float())

@@ -121,7 +121,7 @@ def _shard_path(out_dir: Path, chunk: int) -> Path:
 def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int], pad_id: int,
                   out_dir: str | Path, projector: Projector, batch_size: int = 8, chunk_size: int = 64,
                   precision: str = "bf16", manifest_extra: dict | None = None, method: str = "auto",
-                  progress: bool = True) -> Store:
+                  progress: bool = True, output: str = "ce") -> Store:
     """Project the per-example gradients of u_s for tokens[i], i in `indices`, into a store at `out_dir`.
 
     `projector` is bound to the model's trainable parameters here if it is not bound yet.
@@ -137,7 +137,7 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
     if batch_size <= 0 or chunk_size <= 0:
         raise ValueError(f"compute_store: batch_size and chunk_size must be positive, got {batch_size}, {chunk_size}")
     rank, world = distributed()
-    computer = GradientComputer(model, method)
+    computer = GradientComputer(model, method, output)
     if not projector.layout:
         projector.bind(computer.layout)
     elif projector.layout != computer.layout:
@@ -150,6 +150,7 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
         "format": FORMAT,
         "projector": projector.identity(),
         "precision": precision,
+        "output": output,
         "chunk_size": chunk_size,
         "n": len(indices),
         "indices_sha256": _sha256(indices),
@@ -250,6 +251,7 @@ def _merge(out_dir: Path, chunks: list[list[int]], plan: dict, extra: dict, worl
         "projector": plan["projector"],
         "method": "+".join(sorted(methods)),
         "precision": plan["precision"],
+        "output": plan["output"],
         "chunk_size": plan["chunk_size"],
         "chunks": len(chunks),
         "world_size": world,
@@ -268,5 +270,5 @@ def _merge(out_dir: Path, chunks: list[list[int]], plan: dict, extra: dict, worl
     shutil.rmtree(out_dir / "shards", ignore_errors=True)
 
 
-_MANIFEST_KEYS = {"format", "n", "dim", "dtype", "projector", "method", "precision", "chunk_size", "chunks",
+_MANIFEST_KEYS = {"format", "n", "dim", "dtype", "projector", "method", "precision", "output", "chunk_size", "chunks",
                   "world_size", "indices_sha256", "tokens_sha256", "parameters_sha256", "timings", "machine"}
