@@ -12,7 +12,7 @@ from gradex.config import LoraConfig, ModelConfig
 from gradex.data import Tokenized, collate
 from gradex.gradients import GradientComputer, make_projector, single_example
 from gradex.gradients import projectors as projectors_module
-from gradex.gradients.projectors import DenseProjector
+from gradex.gradients.projectors import DenseProjector, Preconditioned
 from gradex.model import example_outputs, make_trainable, trainable
 
 LLAMA_LORA = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -225,9 +225,24 @@ def test_dense_never_holds_above_the_limit() -> None:
     assert not big.holds and big._held == {}
 
 
-@pytest.mark.parametrize("kind", ["sparse", "dense", "none"])
-def test_lift_is_the_adjoint_and_col_norms_match(kind: str) -> None:
-    projector = make_projector(kind, LAYOUT, 48, seed=4)
+def preconditioned(kind: str, d: int, seed: int) -> Preconditioned:
+    """A projector of `kind` behind coordinate scales spread over two orders of magnitude, like Adam's."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    scales = {name: torch.exp(2.0 * torch.randn(math.prod(shape), generator=gen)) for name, shape in LAYOUT}
+    inner = make_projector(kind, LAYOUT, d, seed=seed)
+    return Preconditioned(inner, scales).bind(LAYOUT)
+
+
+def projector_for(kind: str, d: int, seed: int, pre: bool):
+    return preconditioned(kind, d, seed) if pre else make_projector(kind, LAYOUT, d, seed=seed)
+
+
+KINDS_AND_PRECONDITIONING = [(k, pre) for k in ("sparse", "dense", "none") for pre in (False, True)]
+
+
+@pytest.mark.parametrize("kind,pre", KINDS_AND_PRECONDITIONING)
+def test_lift_is_the_adjoint_and_col_norms_match(kind: str, pre: bool) -> None:
+    projector = projector_for(kind, 48, 4, pre)
     d = projector.dim
     g = torch.randn(2, P, dtype=torch.float64).float()
     z = torch.randn(d)
@@ -240,12 +255,15 @@ def test_lift_is_the_adjoint_and_col_norms_match(kind: str) -> None:
     assert torch.allclose(projector.col_sq_norms(), full.pow(2).sum(0), rtol=1e-5)
     if kind == "sparse":  # disjoint column supports: ||P z||^2 is exact from the column norms
         assert torch.allclose(delta.pow(2).sum(), (projector.col_sq_norms() * z.pow(2)).sum(), rtol=1e-5)
-        assert projector.col_sq_norms().sum().item() == P
+        if not pre:
+            assert projector.col_sq_norms().sum().item() == P
+    if kind != "none":
+        assert torch.allclose(projector.gram(), (full.T @ full), rtol=1e-4, atol=1e-3 * full.pow(2).sum(0).max())
 
 
-@pytest.mark.parametrize("kind", ["sparse", "dense", "none"])
-def test_project_delta_is_the_orthogonal_projection_onto_the_range(kind: str) -> None:
-    projector = make_projector(kind, LAYOUT, 48, seed=6)
+@pytest.mark.parametrize("kind,pre", KINDS_AND_PRECONDITIONING)
+def test_project_delta_is_the_orthogonal_projection_onto_the_range(kind: str, pre: bool) -> None:
+    projector = projector_for(kind, 48, 6, pre)
     delta = torch.randn(P)
     if kind == "none":
         expected = delta.double()
@@ -257,6 +275,36 @@ def test_project_delta_is_the_orthogonal_projection_onto_the_range(kind: str) ->
     assert torch.allclose(projector.project_delta(got), got, atol=1e-4 * delta.norm().item())  # idempotent
     in_range = projector.lift(torch.randn(projector.dim))
     assert torch.allclose(projector.project_delta(in_range), in_range, atol=1e-4 * in_range.norm().item())
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_preconditioned_projects_scaled_gradients(kind: str) -> None:
+    projector = preconditioned(kind, 64, 3)
+    g = torch.randn(3, P)
+    scaled = g * torch.cat([projector.scales[name] for name, _ in LAYOUT])
+    torch.testing.assert_close(projector.project_flat(g), make_projector(kind, LAYOUT, 64, seed=3).project_flat(scaled))
+    ident = projector.identity()
+    assert ident["kind"] == kind and ident["preconditioner"] == "adam" and len(ident["preconditioner_sha256"]) == 16
+    assert preconditioned(kind, 64, 3).identity() == ident  # the same scales give the same store identity
+    other = Preconditioned(make_projector(kind, LAYOUT, 64, seed=3), {n: t * 2 for n, t in projector.scales.items()})
+    assert other.bind(LAYOUT).identity()["preconditioner_sha256"] != ident["preconditioner_sha256"]
+    with pytest.raises(ValueError, match="no scales"):
+        Preconditioned(make_projector(kind, LAYOUT, 64), {"a.weight": torch.ones(3)}).bind(LAYOUT)
+
+
+def test_adam_scales_match_the_optimizer_step() -> None:
+    """After one AdamW step from fresh state (no bias in v after correction), each coordinate moves by
+    lr * g / (|g| + eps): the scales squared times g, up to the square root the definition puts in s."""
+    from gradex.gradients.preconditioner import adam_scales
+
+    g = torch.tensor([1e-4, 3e-2, -2.0, 0.0])
+    s = adam_scales({"w": g.square()})["w"]
+    torch.testing.assert_close(s.square(), 1 / (g.abs() + 1e-8))
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.AdamW([w], lr=0.1, weight_decay=0.0)
+    w.grad = g.clone()
+    opt.step()
+    torch.testing.assert_close(-w.detach(), 0.1 * g * s.square(), rtol=1e-4, atol=1e-7)
 
 
 def test_make_projector_binds_to_a_model() -> None:

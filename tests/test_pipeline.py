@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -81,6 +82,34 @@ def test_changed_stage_reruns_downstream_only(cfg):
     assert (cfg.run_dir / "meta" / "adapter.pt").stat().st_mtime_ns == meta_mtime
 
 
+def test_gradients_stage_projects_adam_preconditioned_gradients(cfg):
+    import torch
+
+    from gradex.gradients import Store, preconditioner
+
+    store = Store.open(pipeline.gradients(cfg))
+    assert store.manifest["projector"]["preconditioner"] == "adam" and store.manifest["output"] == "ce"
+    moments = preconditioner.load(store.path / pipeline.PRECONDITIONER_FILE)
+    run = pipeline.Run(cfg)
+    model = run.meta_model()
+    # oracle for one batch: the plain autograd gradient of the training loss, squared
+    first = preconditioner.second_moments(model, run.tokens, run.train_indices(run.sources), run.pad_id,
+                                          cfg.refit.batch_size, 1, "fp32", seed=cfg.refit.seed, progress=False)
+    from gradex.data import collate
+    from gradex.model import trainable, training_loss
+    from gradex.train import epoch_batches
+
+    chunk = epoch_batches(run.tokens, run.train_indices(run.sources), cfg.refit.batch_size, cfg.refit.seed, 0)[0]
+    training_loss(model, collate([run.tokens[i] for i in chunk], chunk, run.pad_id)).backward()
+    for name, p in trainable(model):
+        torch.testing.assert_close(first[name], p.grad.square(), rtol=1e-4, atol=1e-12)
+    assert set(moments) == set(first) and all(bool((m >= 0).all()) for m in moments.values())
+    cfg.gradients.preconditioner = "none"
+    plain = Store.open(pipeline.gradients(cfg))
+    assert "preconditioner" not in plain.manifest["projector"]
+    assert not np.allclose(np.asarray(plain.x), np.asarray(store.x))
+
+
 def test_training_resumes_to_the_same_result(cfg, tmp_path, monkeypatch):
     import torch
 
@@ -115,8 +144,13 @@ def test_estimate_named_subsets_linear_and_reconstruct(cfg):
     rows = pipeline.estimate(cfg, [[], ["mul"], ["add_more", "mul", "sub"]])
     assert [r["members"] for r in rows] == [[], ["mul"], ["add_more", "mul", "sub"]]
     assert all(r["mode"] == "linear" and r["step"] >= 0 for r in rows)
-    # the implied step of the all-sources fit is the calibrated one
-    assert rows[2]["step"] == pytest.approx(cfg.estimate.step_size, rel=0.02)
+    # the all-sources fit changes the training outputs by the calibrated amount ...
+    assert rows[2]["output_change"] == pytest.approx(cfg.estimate.output_change, rel=0.02)
+    # ... or moves the weights by the requested step when step_size is given instead
+    cfg.estimate.step_size = 0.05
+    by_step = pipeline.estimate(cfg, [["add_more", "mul", "sub"]])
+    assert by_step[0]["step"] == pytest.approx(0.05, rel=0.02)
+    cfg.estimate.step_size = None
     cfg.estimate.mode = "reconstruct"
     recon = pipeline.estimate(cfg, [[], ["mul"]])
     assert all(r["mode"] == "reconstruct" and 0 < r["estimate"] < 20 for r in recon)
@@ -131,8 +165,13 @@ def test_validate_and_check_linearity_on_tiny_model(cfg):
     result = diagnostics.validate(cfg, k=3, seeds=2)
     assert result["subsets"] == 3 and len(result["rows"]) == 3
     assert all(len(r["seeds"]) == 2 for r in result["rows"])
-    for key in ("spearman", "pearson", "mean_abs_rel_error", "seed_noise", "constant_error"):
+    for key in ("spearman", "pearson", "mean_abs_rel_error", "seed_noise", "constant_error", "real_output_change"):
         assert key in result
+    assert [r["output_change"] for r in result["sweep"]] == list(diagnostics.SWEEP)
+    assert result["real_output_change"] > 0
+    runs = [json.loads(line) for line in (cfg.run_dir / "validate" / "runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 6 and all((cfg.run_dir / r["adapter"]).exists() for r in runs)
+    assert all(set(r["losses"]) == set(r["output_change"]) == {"ce", "mean-logodds"} for r in runs)
     assert (cfg.run_dir / "validation.json").exists() and (cfg.run_dir / "validation.png").exists()
     lin = diagnostics.check_linearity(cfg, examples=8, subsets=1)
     kinds = [r["kind"] for r in lin["rows"]]

@@ -98,6 +98,10 @@ class GradientConfig:
     # (softplus(-u_s) is its mean token cross-entropy) | "mean-logodds" = mean token log-odds (the paper)
     output: str = "ce"
     projection: str = "sparse"  # sparse (hashed JL) | dense (Rademacher +-1/sqrt(d)) | none
+    # adam: project D^(1/2) g, D = Adam's preconditioner 1/(sqrt(v)+eps) at theta*, v measured on
+    # `preconditioner_batches` minibatches of the refit recipe | none: project g itself
+    preconditioner: str = "adam"
+    preconditioner_batches: int = 64
     dim: int = 256
     seed: int = 0
     batch_size: int = 8
@@ -107,9 +111,14 @@ class GradientConfig:
 @dataclass
 class EstimateConfig:
     mode: str = "linear"  # linear | reconstruct
-    # Regularization is set by the size of the implied change ||P z|| of the full-data fit,
-    # as a fraction of ||theta*|| (trainable part); `l2` overrides it when given.
-    step_size: float = 0.3
+    # How far the modelled fine-tune moves, which sets the regularization l2. By default the
+    # all-sources fit changes the outputs u_s of the training examples by `output_change` (root mean
+    # square, in log-odds): real fine-tunes from theta* of the embedded default move them by ~0.3, and
+    # `gradex validate` measures it on your data. Or give `step_size`, the weight change of the
+    # all-sources fit as a fraction of ||theta*||, or `l2` itself: the first of l2, step_size,
+    # output_change that is set is used.
+    output_change: float | None = 0.3
+    step_size: float | None = None
     l2: float | None = None
     newton_steps: int = 3  # refinement steps after the one-shot Newton solve
 
@@ -149,6 +158,7 @@ CHOICES = {
     "model.precision": ("bf16", "fp32"),
     "gradients.output": ("ce", "mean-logodds"),
     "gradients.projection": ("sparse", "dense", "none"),
+    "gradients.preconditioner": ("adam", "none"),
     "estimate.mode": ("linear", "reconstruct"),
     "select.method": ("ensemble", "forward", "backward"),
 }
@@ -255,8 +265,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be positive, got {value}")
     if not 0 < cfg.select.alpha < 1:
         raise ConfigError(f"select.alpha: must be in (0, 1), got {cfg.select.alpha}")
-    if cfg.estimate.step_size <= 0:
-        raise ConfigError(f"estimate.step_size: must be positive, got {cfg.estimate.step_size}")
+    for key in ("output_change", "step_size", "l2"):
+        value = getattr(cfg.estimate, key)
+        if value is not None and not value > 0:
+            raise ConfigError(f"estimate.{key}: must be positive, got {value}")
+    if all(getattr(cfg.estimate, k) is None for k in ("output_change", "step_size", "l2")):
+        raise ConfigError("estimate: set one of output_change, step_size or l2 (they set the regularization)")
+    if cfg.gradients.preconditioner_batches < 1:
+        raise ConfigError(f"gradients.preconditioner_batches: must be positive, got {cfg.gradients.preconditioner_batches}")
 
 
 def to_dict(cfg: Any) -> dict:

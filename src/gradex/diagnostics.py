@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from gradex.config import Config, TrainConfig, fingerprint
 from gradex.data import batches
 from gradex.evaluate import loss_from_outputs, outputs
-from gradex.model import autocast, example_outputs, save_trainable, set_trainable_vector, trainable, trainable_vector
-from gradex.pipeline import Run, estimator, gradients, log, prepare
+from gradex.model import autocast, ce_logodds, example_outputs, save_trainable, set_trainable_vector, trainable, trainable_vector
+from gradex.pipeline import Run, estimator, gradients, log, make_run_projector, prepare
 from gradex.train import train
 
 RADII = (0.02, 0.05, 0.1, 0.2)
@@ -62,7 +62,6 @@ def _errors(u0: torch.Tensor, first: torch.Tensor, true: torch.Tensor) -> dict:
 
 def check_linearity(cfg: Config, examples: int = 48, subsets: int = 2) -> dict:
     """Tables of first- vs zeroth-order error, written to linearity.json and linearity.png."""
-    from gradex.gradients import make_projector
     from gradex.select import sample_subsets
 
     run = prepare(cfg)
@@ -75,7 +74,7 @@ def check_linearity(cfg: Config, examples: int = 48, subsets: int = 2) -> dict:
     grads = full_gradients(model, run, idx)
     output = cfg.gradients.output
     u0, _ = outputs(model, run.tokens, idx, run.pad_id, MEASURE, output)
-    projector = make_projector(cfg.gradients.projection, model, cfg.gradients.dim, cfg.gradients.seed)
+    projector = make_run_projector(run, model)
     precision = cfg.model.precision
 
     def measure(delta: torch.Tensor) -> torch.Tensor:
@@ -160,13 +159,17 @@ def random_subsets(n: int, k: int, seed: int) -> torch.Tensor:
 
 
 ROWS_FORMAT = 2  # validate/runs.jsonl rows record the loss under every output definition
+CHANGE_SAMPLE = 128  # training examples per refit on which the real output change is measured
+SWEEP = (0.1, 0.2, 0.3, 0.5, 1.0)  # output_change values validate re-estimates with (linear mode)
 
 
 def validate(cfg: Config, k: int = 20, seeds: int = 2) -> dict:
     """Fine-tune k subsets x seeds for real; compare with estimates. Resumes from validate/runs.jsonl.
 
     Every real fine-tune keeps its adapter (validate/refits/) and records the target validation
-    loss under every output definition, so a changed estimator never needs a fine-tune re-run.
+    loss and the change of its training examples' outputs under every output definition, so a
+    changed estimator never needs a fine-tune re-run. The measured output change is the value to
+    give `estimate.output_change`; the result also re-estimates at a sweep of values.
     """
     run = prepare(cfg)
     gradients(cfg)
@@ -180,10 +183,9 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2) -> dict:
     members = random_subsets(len(run.sources), k, cfg.select.seed + 1000)
     fn, _, l2 = estimator(run)
     est = fn(members).tolist()
-    val = run.indices("validation")
     base = run.meta_model()
     theta = trainable_vector(base)
-    theta_losses = validation_losses(base, run, val)
+    reference = _Reference(run, base)
     jobs = [(i, s) for i in range(len(members)) for s in range(seeds)]
     finished = {(d["subset"], d["seed"]) for d in done}
     for i, s in tqdm(jobs, desc="validate (real fine-tunes)"):
@@ -197,27 +199,70 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2) -> dict:
                         desc=f"subset {i} seed {s}", progress=False)
         adapter = out / "refits" / key / f"subset-{i}-seed-{s}.pt"
         save_trainable(model, adapter)
-        row = {"fingerprint": key, "subset": i, "seed": s, "members": names,
-               "losses": validation_losses(model, run, val),
+        row = {"fingerprint": key, "subset": i, "seed": s, "members": names, **reference.measure(model, names, s),
                "step": ((trainable_vector(model) - theta).norm() / theta.norm()).item(),
                "steps": len(history), "seconds": round(time.perf_counter() - t0, 1),
                "adapter": str(adapter.relative_to(run.dir))}
         with done_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         done.append(row)
-    result = _compare(done, est, theta_losses[cfg.gradients.output], l2, cfg.gradients.output)
+    output = cfg.gradients.output
+    result = _compare(done, est, reference.theta_losses[output], l2, output)
+    if cfg.estimate.mode == "linear":
+        result["sweep"] = _sweep(run, members, done, output)
     (run.dir / "validation.json").write_text(json.dumps(result, indent=2))
     _plot_validation(result, run.dir / "validation.png")
     log(f"validation: spearman {result['spearman']:.3f}, error {result['mean_abs_rel_error']:.4f}, "
-        f"seed noise {result['seed_noise']:.4f}, constant predictor {result['constant_error']:.4f}")
+        f"seed noise {result['seed_noise']:.4f}, constant predictor {result['constant_error']:.4f}; real "
+        f"fine-tunes change their training outputs by {result['real_output_change']:.3f} (estimate.output_change)")
     return result
 
 
-def validation_losses(model: torch.nn.Module, run: Run, val: Sequence[int]) -> dict[str, float]:
-    """The target validation loss softplus(-u_s) under every output definition, from one pass:
-    for "ce" it is the mean answer-token cross-entropy, for "mean-logodds" the paper's loss."""
-    u, nll = outputs(model, run.tokens, val, run.pad_id, MEASURE, output="mean-logodds")
-    return {"ce": nll.mean().item(), "mean-logodds": loss_from_outputs(u)}
+class _Reference:
+    """theta*'s target validation losses and training outputs, against which every refit is measured."""
+
+    def __init__(self, run: Run, base: torch.nn.Module):
+        self.run = run
+        self.val = run.indices("validation")
+        self.train = run.train_indices(run.sources)
+        self.theta_losses, self.u0 = self._pass(base, self.train)
+
+    def _pass(self, model: torch.nn.Module, train: Sequence[int]) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
+        """Validation losses and the training examples' u_s, under every output, from one forward pass.
+
+        The "ce" output is a function of the token cross-entropy (gradex.model.ce_logodds), so a
+        "mean-logodds" pass gives both.
+        """
+        u, nll = outputs(model, self.run.tokens, [*self.val, *train], self.run.pad_id, MEASURE, output="mean-logodds")
+        v = len(self.val)
+        losses = {"ce": nll[:v].mean().item(), "mean-logodds": loss_from_outputs(u[:v])}
+        per_output = {"mean-logodds": u[v:], "ce": ce_logodds(nll[v:])}
+        return losses, {name: dict(zip(train, values.tolist())) for name, values in per_output.items()}
+
+    def measure(self, model: torch.nn.Module, members: list[str], seed: int) -> dict:
+        """{"losses": target validation loss, "output_change": RMS change of u_s over (a sample of) the
+        refit's own training examples}, each under every output definition."""
+        own = self.run.train_indices(members)
+        sample = sorted(random.Random(seed).sample(own, min(len(own), CHANGE_SAMPLE)))
+        losses, u = self._pass(model, sample)
+        change = {name: math.sqrt(float(np.mean([(u[name][i] - self.u0[name][i]) ** 2 for i in sample])))
+                  for name in u}
+        return {"losses": losses, "output_change": change}
+
+
+def _sweep(run: Run, members: torch.Tensor, done: list[dict], output: str) -> list[dict]:
+    """Re-estimate the validated subsets at several `estimate.output_change` values (linear mode)."""
+    from gradex.estimate import calibrate_l2, estimate
+    from gradex.pipeline import problem
+
+    prob = problem(run)
+    rows = []
+    for value in SWEEP:
+        l2 = calibrate_l2(prob, output_change=value)
+        found = _compare(done, estimate(prob, members, l2).loss.tolist(), math.nan, l2, output)
+        rows.append({"output_change": value, "l2": l2, "spearman": found["spearman"],
+                     "mean_abs_rel_error": found["mean_abs_rel_error"]})
+    return rows
 
 
 def _compare(done: list[dict], est: list[float], theta_loss: float, l2: float, output: str) -> dict:
@@ -228,9 +273,11 @@ def _compare(done: list[dict], est: list[float], theta_loss: float, l2: float, o
         by_subset.setdefault(d["subset"], []).append(d)
     rows = []
     for i, runs in sorted(by_subset.items()):
-        losses = [r["losses"][output] for r in sorted(runs, key=lambda r: r["seed"])]
+        runs = sorted(runs, key=lambda r: r["seed"])
+        losses = [r["losses"][output] for r in runs]
         rows.append({"subset": i, "members": runs[0]["members"], "estimate": est[i], "real": float(np.mean(losses)),
-                     "seeds": losses, "real_step": float(np.mean([r["step"] for r in runs]))})
+                     "seeds": losses, "real_step": float(np.mean([r["step"] for r in runs])),
+                     "real_output_change": float(np.mean([r["output_change"][output] for r in runs]))})
     real = np.array([r["real"] for r in rows])
     guess = np.array([r["estimate"] for r in rows])
     noise = [abs(r["seeds"][0] - r["seeds"][1]) / np.mean(r["seeds"][:2]) for r in rows if len(r["seeds"]) > 1]
@@ -242,7 +289,8 @@ def _compare(done: list[dict], est: list[float], theta_loss: float, l2: float, o
         "seed_noise": float(np.mean(noise)) if noise else math.nan,
         "constant_error": float(np.mean(np.abs(theta_loss - real) / real)),
         "theta_star_loss": theta_loss, "l2": l2,
-        "median_real_step": float(np.median([r["real_step"] for r in rows])), "rows": rows,
+        "median_real_step": float(np.median([r["real_step"] for r in rows])),
+        "real_output_change": float(np.median([r["real_output_change"] for r in rows])), "rows": rows,
     }
 
 

@@ -98,8 +98,9 @@ class Run:
             return config_mod.fingerprint(c.model.name, c.model.gguf_file, c.model.max_length, c.data)
         if stage == "meta":
             return config_mod.fingerprint(self.fp("prepare"), c.model, c.meta)
-        if stage == "gradients":
-            return config_mod.fingerprint(self.fp("meta"), c.gradients)
+        if stage == "gradients":  # Adam's preconditioner is measured on the refit recipe's batches
+            batches = (c.refit.batch_size, c.refit.seed) if c.gradients.preconditioner == "adam" else None
+            return config_mod.fingerprint(self.fp("meta"), c.gradients, batches)
         if stage in ("estimate", "select"):
             return config_mod.fingerprint(self.fp("gradients"), c.estimate, c.select)
         if stage == "finetune":
@@ -195,7 +196,7 @@ def meta_train(cfg: Config, force: bool = False) -> Path:
 
 def gradients(cfg: Config, force: bool = False) -> Path:
     """Projected per-example gradients and offsets at theta*, for training and target validation examples."""
-    from gradex.gradients import compute_store, make_projector
+    from gradex.gradients import compute_store
     from gradex.gradients.store import barrier, distributed
 
     run = prepare(cfg)
@@ -209,7 +210,16 @@ def gradients(cfg: Config, force: bool = False) -> Path:
     run.begin("gradients", out, force)
     barrier(world)  # no rank writes a shard before rank 0 has cleared a stale store
     model = run.meta_model()
-    projector = make_projector(cfg.gradients.projection, model, cfg.gradients.dim, cfg.gradients.seed)
+    if cfg.gradients.preconditioner == "adam" and not (out / PRECONDITIONER_FILE).exists():
+        if launch_rank() == 0:
+            from gradex.gradients import preconditioner
+
+            moments = preconditioner.second_moments(
+                model, run.tokens, run.train_indices(run.sources), run.pad_id, cfg.refit.batch_size,
+                cfg.gradients.preconditioner_batches, cfg.model.precision, seed=cfg.refit.seed)
+            preconditioner.save(moments, out / PRECONDITIONER_FILE)
+        barrier(world)  # every rank projects with rank 0's preconditioner
+    projector = make_run_projector(run, model)
     idx = run.train_indices(run.sources) + run.indices("validation")
     meta = json.loads((run.dir / "meta" / "stage.json").read_text())
     extra = {"model": cfg.model.name, "finetune": cfg.model.finetune, "adapter_sha256": meta["adapter_sha256"],
@@ -219,6 +229,22 @@ def gradients(cfg: Config, force: bool = False) -> Path:
                   output=cfg.gradients.output)
     run.mark("gradients", out, examples=len(idx))
     return out
+
+
+PRECONDITIONER_FILE = "preconditioner.pt"  # in store/: Adam's second moments at theta*
+
+
+def make_run_projector(run: Run, model: torch.nn.Module):
+    """The run's projector bound to `model`: P, wrapped with Adam's preconditioner when configured
+    (its second moments are read from the store, so the gradients stage must have run)."""
+    from gradex.gradients import Preconditioned, make_projector, preconditioner
+
+    g = run.cfg.gradients
+    projector = make_projector(g.projection, model, g.dim, g.seed)
+    if g.preconditioner == "none":
+        return projector
+    moments = preconditioner.load(run.dir / "store" / PRECONDITIONER_FILE)
+    return Preconditioned(projector, preconditioner.adam_scales(moments)).bind(projector.layout)
 
 
 def problem(run: Run):
@@ -245,9 +271,15 @@ def problem(run: Run):
 
 
 def regularization(run: Run, prob) -> float:
+    """l2 from the config: `l2` itself, else calibrated to `step_size`, else to `output_change`."""
     from gradex.estimate import calibrate_l2
 
-    return run.cfg.estimate.l2 if run.cfg.estimate.l2 is not None else calibrate_l2(prob, run.cfg.estimate.step_size)
+    est = run.cfg.estimate
+    if est.l2 is not None:
+        return est.l2
+    if est.step_size is not None:
+        return calibrate_l2(prob, est.step_size)
+    return calibrate_l2(prob, output_change=est.output_change)
 
 
 def estimator(run: Run) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[dict], float]:
@@ -271,10 +303,11 @@ def estimator(run: Run) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[di
         est = estimate(prob, subsets, l2, newton_steps=run.cfg.estimate.newton_steps)
         loss = reconstruct(est.z) if reconstruct else est.loss
         seconds = (time.perf_counter() - t0) / max(1, len(subsets))
-        for member, value, step in zip(subsets.tolist(), loss.tolist(), est.step.tolist()):
+        for member, value, step, change in zip(subsets.tolist(), loss.tolist(), est.step.tolist(),
+                                                est.change.tolist()):
             rows.append({"members": [n for n, m in zip(names, member) if m], "size": sum(member),
-                         "estimate": value, "step": step, "mode": mode, "l2": l2, "seconds": seconds,
-                         "fingerprint": fingerprint})
+                         "estimate": value, "step": step, "output_change": change, "mode": mode, "l2": l2,
+                         "seconds": seconds, "fingerprint": fingerprint})
         return loss
 
     return fn, rows, l2
@@ -284,16 +317,13 @@ class Reconstructor:
     """Reconstruct mode: load theta* + P z into the model and measure the validation loss for real."""
 
     def __init__(self, run: Run):
-        from gradex.gradients import make_projector
-
         self.run = run
         self.model = run.meta_model()
         self.theta = trainable_vector(self.model)
-        cfg = run.cfg.gradients
-        if cfg.projection == "none":
+        if run.cfg.gradients.projection == "none":
             raise config_mod.ConfigError("estimate.mode=reconstruct needs a projection (gradients.projection "
                                          "sparse or dense); with `none` use the linear mode")
-        self.projector = make_projector(cfg.projection, self.model, cfg.dim, cfg.seed)
+        self.projector = make_run_projector(run, self.model)
         self.val = run.indices("validation")
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Step 2 of GradEx: per-example gradients of u_s at theta*, projected, written to a resumable store."""
 
+from gradex.gradients import preconditioner
 from gradex.gradients.compute import GradientComputer, single_example
-from gradex.gradients.projectors import (DenseProjector, IdentityProjector, Projector, SparseProjector,
-                                         make_projector)
+from gradex.gradients.projectors import (DenseProjector, IdentityProjector, Preconditioned, Projector,
+                                         SparseProjector, make_projector)
 from gradex.gradients.store import Store, compute_store
 
 __all__ = ["GradientComputer", "single_example", "Projector", "SparseProjector", "DenseProjector",
-           "IdentityProjector", "make_projector", "Store", "compute_store"]
+           "IdentityProjector", "Preconditioned", "make_projector", "Store", "compute_store", "preconditioner"]

@@ -13,6 +13,7 @@ which layers are visited, on the rank that visits them, or on which other parame
 
 All three satisfy E[<P^T g, P^T h>] = <g, h>. `lift(z)` = P z maps a solution z back to a change of
 the trainable parameters (flat, trainable() order); `col_sq_norms()` gives ||P z|| cheaply.
+`Preconditioned` wraps any of them to project Adam-preconditioned gradients (see its docstring).
 """
 
 from __future__ import annotations
@@ -117,9 +118,9 @@ class Projector(ABC):
         """P z as one flat (p,) vector in trainable() order: theta* + lift(z) is the reconstructed model."""
         return torch.cat([t.reshape(-1) for t in self.lift_params(z)])
 
-    def gram(self) -> torch.Tensor:
-        """P^T P, (d, d)."""
-        return torch.diag(self.col_sq_norms())
+    def gram(self, weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """P^T W P, (d, d), W = diag(weights) per parameter (default identity)."""
+        return torch.diag(self.col_sq_norms(weights))
 
     def project_delta(self, delta: torch.Tensor) -> torch.Tensor:
         """The orthogonal projection of a flat change Delta (p,) onto range(P): P (P^T P)^+ P^T Delta.
@@ -130,8 +131,9 @@ class Projector(ABC):
         return self.lift(torch.linalg.pinv(self.gram().double()).float() @ x)
 
     @abstractmethod
-    def col_sq_norms(self) -> torch.Tensor:
-        """(d,) squared column norms of P, summed over all bound parameters."""
+    def col_sq_norms(self, weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(d,) squared column norms of P, summed over all bound parameters; with `weights` (flat, per
+        parameter) the weighted sums sum_j w_j P_jk^2."""
 
     def _check(self, name: str, grads: torch.Tensor) -> int:
         n = self._sizes.get(name)
@@ -176,11 +178,12 @@ class SparseProjector(Projector):
     def lift_param(self, name: str, z: torch.Tensor) -> torch.Tensor:
         return torch.cat([z, -z])[self._index[name].long()]
 
-    def col_sq_norms(self) -> torch.Tensor:
-        counts = torch.zeros(2 * self.dim)
-        for index in self._index.values():
-            counts += torch.bincount(index.long(), minlength=2 * self.dim).float()
-        return counts[:self.dim] + counts[self.dim:]
+    def col_sq_norms(self, weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        counts = torch.zeros(2 * self.dim, dtype=torch.float64)
+        for name, index in self._index.items():
+            w = None if weights is None else weights[name].reshape(-1).double()
+            counts += torch.bincount(index.long(), weights=w, minlength=2 * self.dim)
+        return (counts[:self.dim] + counts[self.dim:]).float()
 
 
 class DenseProjector(Projector):
@@ -225,19 +228,24 @@ class DenseProjector(Projector):
     def lift_param(self, name: str, z: torch.Tensor) -> torch.Tensor:
         return torch.cat([block @ z for block in self._blocks(name)])
 
-    def col_sq_norms(self) -> torch.Tensor:
+    def col_sq_norms(self, weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         # every entry squared is exactly 1/d
-        return torch.full((self.dim,), self.input_dim * self.scale**2)
+        total = self.input_dim if weights is None else sum(float(weights[n].double().sum()) for n, _ in self.layout)
+        return torch.full((self.dim,), total * self.scale**2)
 
-    def gram(self) -> torch.Tensor:
-        """P^T P, accumulated block by block (columns of a dense P are only nearly orthogonal)."""
-        if not hasattr(self, "_gram"):
-            gram = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-            for name, _ in self.layout:
-                for block in self._blocks(name):
-                    gram += (block.T @ block).double()
+    def gram(self, weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """P^T W P, accumulated block by block (columns of a dense P are only nearly orthogonal)."""
+        if weights is None and hasattr(self, "_gram"):
+            return self._gram
+        gram = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        for name, _ in self.layout:
+            w = None if weights is None else weights[name].reshape(-1)
+            for b, block in enumerate(self._blocks(name)):
+                rows = block if w is None else block * w[b * self._rows:b * self._rows + block.shape[0], None]
+                gram += (rows.T @ block).double()
+        if weights is None:
             self._gram = gram.float()
-        return self._gram
+        return gram.float()
 
 
 class IdentityProjector(Projector):
@@ -262,11 +270,75 @@ class IdentityProjector(Projector):
     def lift_param(self, name: str, z: torch.Tensor) -> torch.Tensor:
         return z[self._offset[name]:self._offset[name] + self._sizes[name]].clone()
 
-    def col_sq_norms(self) -> torch.Tensor:
-        return torch.ones(self.dim)
+    def col_sq_norms(self, weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if weights is None:
+            return torch.ones(self.dim)
+        return torch.cat([weights[name].reshape(-1).float() for name, _ in self.layout])
 
     def project_delta(self, delta: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(delta, dtype=torch.float32).reshape(-1).clone()  # range(P) is everything
+
+
+class Preconditioned(Projector):
+    """x = P^T (s * g): another projector applied to gradients scaled coordinate by coordinate.
+
+    With s = D^(1/2) and D = 1 / (sqrt(v) + eps) the Adam preconditioner (v: second moments of
+    the training loss's minibatch gradients at theta*), inner products of x are g^T D h: the
+    geometry in which Adam moves, where every coordinate travels at about the same speed whatever
+    the size of its gradient. Plain gradients weigh coordinates by gradient size (LoRA's B matrices
+    and a few layers dominate) and mis-rank what fine-tuning with Adam will do (docs/method.md).
+    lift(z) = s * (P z) is the parameter change; `kind` is the inner projector's.
+    """
+
+    def __init__(self, inner: Projector, scales: Mapping[str, torch.Tensor], name: str = "adam"):
+        super().__init__(inner.dim, inner.seed)
+        self.inner, self.kind, self.scale, self.name = inner, inner.kind, inner.scale, name
+        self.scales = {n: torch.as_tensor(t, dtype=torch.float32).reshape(-1) for n, t in scales.items()}
+
+    def _bound(self) -> None:
+        if not self.inner.layout:
+            self.inner.bind(self.layout)
+        elif self.inner.layout != self.layout:
+            raise ValueError("Preconditioned: the inner projector is bound to other parameters")
+        for name, _ in self.layout:
+            if name not in self.scales or self.scales[name].numel() != self._sizes[name]:
+                raise ValueError(f"Preconditioned: no scales of the right size for parameter {name!r}")
+        self.dim = self.inner.dim
+        self._squares = {n: t.square() for n, t in self.scales.items()}
+
+    def identity(self) -> dict:
+        digest = hashlib.sha256()
+        for name, _ in self.layout:
+            digest.update(name.encode())
+            digest.update(self.scales[name].numpy().tobytes())
+        return {**self.inner.identity(), "preconditioner": self.name, "preconditioner_sha256": digest.hexdigest()[:16]}
+
+    def start(self, batch_size: int) -> torch.Tensor:
+        return self.inner.start(batch_size)
+
+    def add(self, acc: torch.Tensor, name: str, grads: torch.Tensor) -> None:
+        self._check(name, grads)
+        self.inner.add(acc, name, grads.float() * self.scales[name])
+
+    def result(self, acc: torch.Tensor) -> torch.Tensor:
+        return self.inner.result(acc)
+
+    def lift_param(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        return self.inner.lift_param(name, z) * self.scales[name]
+
+    def col_sq_norms(self, weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        w = self._squares if weights is None else {n: self._squares[n] * weights[n].reshape(-1) for n in self._squares}
+        return self.inner.col_sq_norms(w)
+
+    def gram(self, weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        w = self._squares if weights is None else {n: self._squares[n] * weights[n].reshape(-1) for n in self._squares}
+        return self.inner.gram(w)
+
+    def project_delta(self, delta: torch.Tensor) -> torch.Tensor:
+        """Orthogonal projection of Delta onto range(S P) (the base class's formula with this gram)."""
+        if self.inner.kind == "none":  # S is invertible (every scale > 0): range(S) is everything
+            return torch.as_tensor(delta, dtype=torch.float32).reshape(-1).clone()
+        return super().project_delta(delta)
 
 
 KINDS = {"sparse": SparseProjector, "dense": DenseProjector, "none": IdentityProjector}

@@ -1,0 +1,70 @@
+"""Adam's preconditioner at theta*: what makes projected gradients rank subsets like Adam fine-tunes.
+
+Fine-tuning with Adam moves each coordinate by about lr * m / sqrt(v): coordinates with small
+gradients travel as far as those with large ones. The first-order effect of training on example s
+on the output of example v is then g_v^T D g_s with D = diag(1 / (sqrt(v) + eps)), not g_v^T g_s.
+Projecting D^(1/2) g instead of g (gradex.gradients.projectors.Preconditioned) gives the estimator that
+geometry. v is measured where the fine-tunes start: the mean over minibatches (the fine-tune's
+batch size, its data order) of the squared gradient of the training loss at theta*.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gradex.data import Tokenized, collate
+from gradex.model import autocast, trainable, training_loss
+from gradex.train import epoch_batches
+
+ADAM_EPS = 1e-8  # torch.optim.AdamW's default eps
+
+
+def second_moments(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int], pad_id: int,
+                   batch_size: int, max_batches: int, precision: str = "bf16", seed: int = 0,
+                   progress: bool = True) -> dict[str, torch.Tensor]:
+    """{parameter name: mean over minibatches of the squared training-loss gradient}, fp32.
+
+    Batches are the fine-tune's first epoch (gradex.train.epoch_batches with its seed), at most
+    `max_batches` of them: an average of squares settles after a few dozen batches.
+    """
+    if max_batches < 1:
+        raise ValueError(f"preconditioner_batches must be >= 1, got {max_batches}")
+    params = trainable(model)
+    plan = epoch_batches(tokens, indices, batch_size, seed, 0)[:max_batches]
+    if not plan:
+        raise ValueError("second_moments: no training examples")
+    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params}
+    was_training = model.training
+    model.eval()  # no dropout: the moments of the model the fine-tune starts from
+    try:
+        for chunk in tqdm(plan, desc="preconditioner", disable=not progress, leave=False):
+            batch = collate([tokens[i] for i in chunk], chunk, pad_id)
+            with torch.enable_grad(), autocast(precision):
+                loss = training_loss(model, batch)
+            grads = torch.autograd.grad(loss, [p for _, p in params])
+            for (name, _), g in zip(params, grads):
+                sums[name] += g.float().square()
+    finally:
+        model.train(was_training)
+    return {name: s / len(plan) for name, s in sums.items()}
+
+
+def adam_scales(moments: dict[str, torch.Tensor], eps: float = ADAM_EPS) -> dict[str, torch.Tensor]:
+    """s = D^(1/2) = (sqrt(v) + eps)^(-1/2) per parameter: x = P^T (s * g) has inner products g^T D h."""
+    return {name: (v.sqrt() + eps).rsqrt() for name, v in moments.items()}
+
+
+def save(moments: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(moments, tmp)
+    tmp.replace(path)
+
+
+def load(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu")
