@@ -140,7 +140,12 @@ def test_training_resumes_to_the_same_result(cfg, tmp_path, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_estimate_named_subsets_linear_and_reconstruct(cfg):
+def test_estimate_named_subsets_linear_and_reconstruct(cfg, capsys):
+    cfg.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    assert main(["estimate", str(_write(cfg)), "--subset", "mul,sub", "--subset", ""]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 2 and printed[0].endswith("mul, sub") and printed[1].endswith("(target only)")
+    assert all("output change" in line for line in printed)
     rows = pipeline.estimate(cfg, [[], ["mul"], ["add_more", "mul", "sub"]])
     assert [r["members"] for r in rows] == [[], ["mul"], ["add_more", "mul", "sub"]]
     assert all(r["mode"] == "linear" and r["step"] >= 0 for r in rows)

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "estimate":
             subsets = None if args.subset is None else [[s for s in x.split(",") if s] for x in args.subset]
             for row in pipeline.estimate(cfg, subsets):
-                print(f"{row['estimate']:.4f}  step {row['step']:.3f}  {', '.join(row['members']) or '(target only)'}")
+                print(f"{row['estimate']:.4f}  output change {row['output_change']:.3f}  step {row['step']:.3f}  "
+                      f"{', '.join(row['members']) or '(target only)'}")
         elif args.command == "check-linearity":
             from gradex import diagnostics
 
