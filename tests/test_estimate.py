@@ -180,6 +180,18 @@ def test_calibrate_l2_hits_requested_output_change(change):
     assert float(estimate(p, everything[None], l2, newton_steps=10).change[0]) == pytest.approx(change, rel=0.01)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_calibrate_l2_with_fewer_examples_than_dimensions(seed):
+    # As in a small real run (40 examples, d=256): H_all is singular, and the bracket's tiny-l2 end
+    # must not blow rounding noise in its null space up into a zero or NaN size.
+    from gradex.estimate import implied_output_change
+
+    p = random_problem(seed=seed, n_sources=3, per_source=8, n_target=16, d=256, n_val=10)
+    l2 = calibrate_l2(p, output_change=0.3)
+    z = exact_solve(p, torch.ones(p.n_sources, dtype=torch.bool), l2)
+    assert float(implied_output_change(p, z)[0]) == pytest.approx(0.3, rel=0.01)
+
+
 def test_calibrate_l2_is_monotone_and_rejects_bad_input(prob):
     l_small, l_big = calibrate_l2(prob, 0.05), calibrate_l2(prob, 0.5)
     assert l_small > l_big > 0

@@ -541,6 +541,10 @@ def calibrate_l2(problem: Problem, step_size: float | None = None, *, output_cha
     with _one_thread():
         evals, vecs = torch.linalg.eigh(st["H"].sum(0).view(d, d))
     coef = vecs.T @ st["b"].sum(0)
+    # b lies in the span of the training gradients, i.e. in the range of H_all; its components along
+    # (numerically) null eigenvectors are rounding noise, which a tiny l2 would amplify into a huge z
+    # whose size is then lost to cancellation. Dropping them is exact in exact arithmetic.
+    coef = torch.where(evals > evals.abs().max() * d * torch.finfo(evals.dtype).eps, coef, 0.0)
     if float(coef.norm()) == 0.0:
         raise ValueError("calibrate_l2: the all-sources fit does not move (the gradient sum is zero); give l2 explicitly")
 
@@ -549,7 +553,7 @@ def calibrate_l2(problem: Problem, step_size: float | None = None, *, output_cha
 
     def one_step_log_ratio(log_l2: float) -> float:
         z = vecs @ (coef / (evals.clamp_min(0) + 2 * math.exp(log_l2)))
-        return math.log(size(z) / target)
+        return math.log(max(size(z), 1e-300) / target)
 
     scale = max(float(evals.clamp_min(0).mean()), 1e-30)  # natural unit of l2: mean curvature
     lo, hi = math.log(scale) - 80.0, math.log(scale) + 80.0
@@ -564,7 +568,7 @@ def calibrate_l2(problem: Problem, step_size: float | None = None, *, output_cha
         z0 = warm[min(warm, key=lambda k: abs(k - log_l2))] if warm else None
         z = _newton_single(problem, members, math.exp(log_l2), z0)
         warm[log_l2] = z
-        return math.log(size(z) / target)
+        return math.log(max(size(z), 1e-300) / target)
 
     width = 0.25
     lo, hi = guess - width, guess + width
