@@ -210,8 +210,10 @@ def gradients(cfg: Config, force: bool = False) -> Path:
     run.begin("gradients", out, force)
     barrier(world)  # no rank writes a shard before rank 0 has cleared a stale store
     model = run.meta_model()
-    if cfg.gradients.preconditioner == "adam" and not (out / PRECONDITIONER_FILE).exists():
-        if launch_rank() == 0:
+    if cfg.gradients.preconditioner == "adam":
+        # Only rank 0 decides whether to compute it; every rank then meets at the same barrier (a rank
+        # that checked the file itself could see it already written and skip the barrier).
+        if launch_rank() == 0 and not (out / PRECONDITIONER_FILE).exists():
             from gradex.gradients import preconditioner
 
             moments = preconditioner.second_moments(
