@@ -44,6 +44,7 @@ VARIANTS: dict[str, list[str]] = {
     "d1024-seed1": ["gradients.dim=1024", "gradients.seed=1"],
     "d1024-seed2": ["gradients.dim=1024", "gradients.seed=2"],
     "ce-exact": ["gradients.projection=none", "gradients.preconditioner=none"],
+    "reconstruct": ["estimate.mode=reconstruct"],
 }
 
 
@@ -91,11 +92,14 @@ def main(argv: list[str] | None = None) -> dict:
         found = diagnostics.validate(cfg, args.subsets, args.seeds)
         results[name] = {"overrides": VARIANTS[name], "seconds": round(time.perf_counter() - t0, 1),
                          **{k: v for k, v in found.items() if k != "rows"}}
-        best = min(found["sweep"], key=lambda r: r["mean_abs_rel_error"])
-        print(f"{name:<15} output {found['output']:<13} spearman {found['spearman']:.3f} pearson {found['pearson']:.3f} "
-              f"error {found['mean_abs_rel_error']:.3f} (seed noise {found['seed_noise']:.3f}, constant "
-              f"{found['constant_error']:.3f}); lowest error in the sweep {best['mean_abs_rel_error']:.3f} at "
-              f"output_change {best['output_change']} (spearman {best['spearman']:.3f})", flush=True)
+        line = (f"{name:<15} output {found['output']:<13} spearman {found['spearman']:.3f} pearson "
+                f"{found['pearson']:.3f} error {found['mean_abs_rel_error']:.3f} (seed noise {found['seed_noise']:.3f}, "
+                f"constant {found['constant_error']:.3f})")
+        if "sweep" in found:  # linear mode only
+            best = min(found["sweep"], key=lambda r: r["mean_abs_rel_error"])
+            line += (f"; lowest error in the sweep {best['mean_abs_rel_error']:.3f} at output_change "
+                     f"{best['output_change']} (spearman {best['spearman']:.3f})")
+        print(line, flush=True)
     out = ROOT / "benchmarks" / "results" / ("variants.json" if base.name == "default" else f"variants-{base.name}.json")
     body = {"command": " ".join(["python", "benchmarks/variants.py", *(sys.argv[1:] if argv is None else argv)]),
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},

@@ -68,14 +68,16 @@ def oracle(prob):
     return subsets, z
 
 
-def test_solve_matches_scipy_with_offsets(prob, oracle):
+@pytest.mark.parametrize("tol, z_err, loss_err", [(1e-5, 1e-4, 2e-5), (None, 2e-2, 2e-3)])
+def test_solve_matches_scipy_with_offsets(prob, oracle, tol, z_err, loss_err):
+    # tight tolerance: float32 agreement; the default (TOL): the accuracy docs/method.md promises
     subsets, z_ref = oracle
-    z = solve(prob, subsets, L2)  # default newton_steps
+    z = solve(prob, subsets, L2) if tol is None else solve(prob, subsets, L2, tol=tol)
     for k in range(len(subsets)):
-        assert rel(z[k], z_ref[k]) < 1e-3, (k, rel(z[k], z_ref[k]))
+        assert rel(z[k], z_ref[k]) < z_err, (k, rel(z[k], z_ref[k]))
     loss, loss_ref = linear_loss(prob, z), linear_loss(prob, z_ref)
-    assert float(((loss - loss_ref) / loss_ref).abs().max()) < 2e-4
-    assert spearmanr(loss.numpy(), loss_ref.numpy())[0] >= 0.999
+    assert float(((loss - loss_ref) / loss_ref).abs().max()) < loss_err
+    assert spearmanr(loss.numpy(), loss_ref.numpy())[0] >= 0.99
 
 
 def test_exact_solve_is_a_stationary_point(prob, oracle):
@@ -86,6 +88,14 @@ def test_exact_solve_is_a_stationary_point(prob, oracle):
         x, u = prob.x[keep].double(), prob.u[keep].double()
         grad = -(torch.sigmoid(-(u + x @ z)) @ x) + 2 * L2 * z
         assert float(grad.norm()) < 1e-6 * float((torch.sigmoid(-u) @ x).norm())
+
+
+def test_newton_step_starts_at_the_all_sources_fit(prob, oracle):
+    # every subset's quadratic model is taken at the exact all-sources fit, so for the all-sources
+    # subset itself the one-shot step is already exact
+    subsets, z_ref = oracle
+    z0 = solve(prob, subsets[1:2], L2, newton_steps=0)
+    assert bool(subsets[1].all()) and rel(z0[0], z_ref[1]) < 1e-5
 
 
 def test_one_newton_step_is_close_and_refinement_improves(prob, oracle):
@@ -127,11 +137,11 @@ def test_float64_path_and_batching_agree(prob, oracle):
     z64 = solve(prob, subsets, L2, newton_steps=8, dtype=torch.float64, tol=1e-12)
     assert max(rel(z64[k], z_ref[k]) for k in range(1, len(subsets))) < 1e-6
     threads = torch.get_num_threads()
-    a = estimate(prob, subsets, L2, batch=5, workers=2)
-    b = estimate(prob, subsets, L2, batch=256, workers=1)
+    a = estimate(prob, subsets, L2, batch=5, workers=2, tol=1e-5)
+    b = estimate(prob, subsets, L2, batch=256, workers=1, tol=1e-5)
     assert torch.get_num_threads() == threads  # estimate runs single-threaded inside, then restores
     # the inner solves share one preconditioner per batch and stop at a tolerance: batches agree to
-    # within it (1e-5 relative in z by default), not bit for bit
+    # within it (here 1e-5 relative in z), not bit for bit
     assert torch.allclose(a.loss, b.loss, rtol=1e-5)
     assert a.subsets.shape == subsets.shape and a.z.shape == (len(subsets), prob.dim)
 

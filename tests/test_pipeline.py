@@ -170,7 +170,8 @@ def test_validate_and_check_linearity_on_tiny_model(cfg):
     result = diagnostics.validate(cfg, k=3, seeds=2)
     assert result["subsets"] == 3 and len(result["rows"]) == 3
     assert all(len(r["seeds"]) == 2 for r in result["rows"])
-    for key in ("spearman", "pearson", "mean_abs_rel_error", "seed_noise", "constant_error", "real_output_change"):
+    for key in ("spearman", "pearson", "mean_abs_rel_error", "seed_noise", "constant_error", "size_spearman",
+                "real_output_change"):
         assert key in result
     assert [r["output_change"] for r in result["sweep"]] == list(diagnostics.SWEEP)
     assert result["real_output_change"] > 0
@@ -184,6 +185,10 @@ def test_validate_and_check_linearity_on_tiny_model(cfg):
     # along a tiny random step the first-order model must beat the zeroth-order one
     small = [r for r in lin["rows"] if r["kind"] == "random"][0]
     assert small["first_order_rel_mse"] < small["zeroth_order_rel_mse"]
+    table = diagnostics.format_linearity(lin).splitlines()
+    assert "in range(P)" in table[0] and len(table) == 1 + len(lin["rows"])
+    last = lin["rows"][-1]
+    assert table[-1].split()[-1] == f"{last['projected_explained']:.2f}"
 
 
 def test_gradients_stage_under_a_two_process_launch_equals_one_process(cfg, tmp_path):

@@ -113,14 +113,15 @@ class EstimateConfig:
     mode: str = "linear"  # linear | reconstruct
     # How far the modelled fine-tune moves, which sets the regularization l2. By default the
     # all-sources fit changes the outputs u_s of the training examples by `output_change` (root mean
-    # square, in log-odds): real fine-tunes from theta* of the embedded default move them by ~0.3, and
-    # `gradex validate` measures it on your data. Or give `step_size`, the weight change of the
+    # square, in log-odds); 0.3 gave the lowest error against 40 real fine-tunes of the embedded
+    # default, and `gradex validate` sweeps it on your data. Or give `step_size`, the weight change of the
     # all-sources fit as a fraction of ||theta*||, or `l2` itself: the first of l2, step_size,
     # output_change that is set is used.
     output_change: float | None = 0.3
     step_size: float | None = None
     l2: float | None = None
-    newton_steps: int = 3  # refinement steps after the one-shot Newton solve
+    newton_steps: int = 3  # at most this many refinement steps after the one-shot Newton solve ...
+    tol: float = 1e-4  # ... stopping once the error left in z is below tol (relative): see docs/method.md
 
 
 @dataclass
@@ -271,6 +272,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"estimate.{key}: must be positive, got {value}")
     if all(getattr(cfg.estimate, k) is None for k in ("output_change", "step_size", "l2")):
         raise ConfigError("estimate: set one of output_change, step_size or l2 (they set the regularization)")
+    if not 0 <= cfg.estimate.tol < 1:
+        raise ConfigError(f"estimate.tol: must be in [0, 1), got {cfg.estimate.tol}")
+    if cfg.estimate.newton_steps < 0:
+        raise ConfigError(f"estimate.newton_steps: must be >= 0, got {cfg.estimate.newton_steps}")
     if cfg.gradients.preconditioner_batches < 1:
         raise ConfigError(f"gradients.preconditioner_batches: must be positive, got {cfg.gradients.preconditioner_batches}")
 

@@ -117,11 +117,15 @@ def check_linearity(cfg: Config, examples: int = 48, subsets: int = 2) -> dict:
 
 
 def format_linearity(result: dict) -> str:
-    lines = [f"{'direction':<28} {'|Delta|/|theta*|':>16} {'mean |du|':>10} {'0th-order':>10} {'1st-order':>10} {'explained':>10}"]
+    """The rows as a text table; `in range(P)`: `explained` with Delta replaced by the part of it the
+    projected model can express (trajectories only)."""
+    lines = [f"{'direction':<28} {'|Delta|/|theta*|':>16} {'mean |du|':>10} {'0th-order':>10} {'1st-order':>10} "
+             f"{'explained':>10} {'in range(P)':>12}"]
     for r in result["rows"]:
         name = f"random r={r['radius']}" if r["kind"] == "random" else f"train {r['steps']} steps [{len(r['subset'])} src]"
+        in_range = f"{r['projected_explained']:>12.2f}" if "projected_explained" in r else f"{'':>12}"
         lines.append(f"{name:<28} {r['radius']:>16.3f} {r['mean_abs_change']:>10.4f} {r['zeroth_order_rel_mse']:>10.2e}"
-                     f" {r['first_order_rel_mse']:>10.2e} {r['explained']:>10.2f}")
+                     f" {r['first_order_rel_mse']:>10.2e} {r['explained']:>10.2f} {in_range}")
     return "\n".join(lines)
 
 
@@ -213,8 +217,15 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2) -> dict:
     (run.dir / "validation.json").write_text(json.dumps(result, indent=2))
     _plot_validation(result, run.dir / "validation.png")
     log(f"validation: spearman {result['spearman']:.3f}, error {result['mean_abs_rel_error']:.4f}, "
-        f"seed noise {result['seed_noise']:.4f}, constant predictor {result['constant_error']:.4f}; real "
-        f"fine-tunes change their training outputs by {result['real_output_change']:.3f} (estimate.output_change)")
+        f"seed noise {result['seed_noise']:.4f}, constant predictor {result['constant_error']:.4f}, ranking by "
+        f"subset size alone {result['size_spearman']:.3f}; real "
+        f"fine-tunes change their own training outputs by {result['real_output_change']:.3f} RMS (median)")
+    if "sweep" in result:
+        best = min(result["sweep"], key=lambda r: r["mean_abs_rel_error"])
+        by_change = cfg.estimate.l2 is None and cfg.estimate.step_size is None
+        log(f"estimate.output_change sweep (validation.json): lowest error {best['mean_abs_rel_error']:.4f} at "
+            f"{best['output_change']} (spearman {best['spearman']:.3f}); this run's l2 "
+            + (f"is set by output_change {cfg.estimate.output_change}" if by_change else "is set explicitly"))
     return result
 
 
@@ -288,6 +299,8 @@ def _compare(done: list[dict], est: list[float], theta_loss: float, l2: float, o
         "mean_abs_rel_error": float(np.mean(np.abs(guess - real) / real)),
         "seed_noise": float(np.mean(noise)) if noise else math.nan,
         "constant_error": float(np.mean(np.abs(theta_loss - real) / real)),
+        # a yardstick for the ranking: "more sources (hence more steps) is better", no gradients at all
+        "size_spearman": float(spearmanr([-len(r["members"]) for r in rows], real).statistic) if len(rows) > 2 else math.nan,
         "theta_star_loss": theta_loss, "l2": l2,
         "median_real_step": float(np.median([r["real_step"] for r in rows])),
         "real_output_change": float(np.median([r["real_output_change"] for r in rows])), "rows": rows,

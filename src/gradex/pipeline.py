@@ -302,7 +302,7 @@ def estimator(run: Run) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[di
 
     def fn(subsets: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        est = estimate(prob, subsets, l2, newton_steps=run.cfg.estimate.newton_steps)
+        est = estimate(prob, subsets, l2, newton_steps=run.cfg.estimate.newton_steps, tol=run.cfg.estimate.tol)
         loss = reconstruct(est.z) if reconstruct else est.loss
         seconds = (time.perf_counter() - t0) / max(1, len(subsets))
         for member, value, step, change in zip(subsets.tolist(), loss.tolist(), est.step.tolist(),
