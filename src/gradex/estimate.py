@@ -286,7 +286,8 @@ class _Systems:
         with _one_thread():
             self.M_inv = torch.cholesky_inverse(torch.linalg.cholesky(M)).to(dtype)
         self.direct = torch.zeros(self.m, dtype=torch.bool)  # rows solved by their own Cholesky factor
-        self.L: torch.Tensor | None = None
+        self.L: torch.Tensor | None = None  # their factors, row self._slot[i] for subset i
+        self._slot = torch.full((self.m,), -1, dtype=torch.long)
 
     def matvec(self, P: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(H_S + 2 l2 I) p for every row of P (rows: which subsets P holds, default all)."""
@@ -354,11 +355,7 @@ class _Systems:
         A = (members @ self.H.reshape(self.H.shape[0], -1)).view(-1, *self.H.shape[1:])
         A.diagonal(dim1=1, dim2=2).add_(2.0 * self.l2)
         L = _factorize(A)
-        if self.L is None:
-            self.L, self._slot = L, torch.full((self.m,), -1, dtype=torch.long)
-        else:
-            L = torch.cat([self.L, L])
-            self.L = L
+        self.L = L if self.L is None else torch.cat([self.L, L])
         self._slot[rows] = torch.arange(self.L.shape[0] - rows.numel(), self.L.shape[0])
         self.direct[rows] = True
 

@@ -198,11 +198,16 @@ def training_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return nn.functional.cross_entropy(logits, targets)
 
 
-def save_trainable(model: nn.Module, path: Path) -> None:
+def save_atomic(obj: object, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a killed process never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({n: p.detach().cpu() for n, p in trainable(model)}, tmp)
-    tmp.rename(path)
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def save_trainable(model: nn.Module, path: Path) -> None:
+    save_atomic({n: p.detach().cpu() for n, p in trainable(model)}, path)
 
 
 def load_trainable(model: nn.Module, path: Path) -> None:

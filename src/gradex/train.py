@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from gradex.config import TrainConfig
 from gradex.data import Tokenized, collate
-from gradex.model import autocast, trainable, training_loss
+from gradex.model import autocast, save_atomic, trainable, training_loss
 
 
 def total_steps(recipe: TrainConfig, n_examples: int) -> int:
@@ -96,11 +96,8 @@ def train(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int],
 
 
 def _save(path: Path, params: list[torch.Tensor], opt, sched, step: int, log: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict(),
-                "sched": sched.state_dict(), "step": step, "log": log}, tmp)
-    tmp.replace(path)
+    save_atomic({"params": [p.detach().clone() for p in params], "opt": opt.state_dict(),
+                 "sched": sched.state_dict(), "step": step, "log": log}, path)
 
 
 def write_log(log: list[dict], path: Path) -> None:

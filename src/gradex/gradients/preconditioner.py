@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gradex.data import Tokenized, collate
-from gradex.model import autocast, trainable, training_loss
+from gradex.model import autocast, save_atomic, trainable, training_loss
 from gradex.train import epoch_batches
 
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default eps
@@ -60,10 +60,7 @@ def adam_scales(moments: dict[str, torch.Tensor], eps: float = ADAM_EPS) -> dict
 
 
 def save(moments: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(moments, tmp)
-    tmp.replace(path)
+    save_atomic(moments, path)
 
 
 def load(path: Path) -> dict[str, torch.Tensor]:

@@ -326,13 +326,17 @@ class Preconditioned(Projector):
     def lift_param(self, name: str, z: torch.Tensor) -> torch.Tensor:
         return self.inner.lift_param(name, z) * self.scales[name]
 
+    def _weights(self, weights: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """S W S = diag(s^2 w): the inner projector's weights for P^T S W S P."""
+        if weights is None:
+            return self._squares
+        return {n: self._squares[n] * weights[n].reshape(-1) for n in self._squares}
+
     def col_sq_norms(self, weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        w = self._squares if weights is None else {n: self._squares[n] * weights[n].reshape(-1) for n in self._squares}
-        return self.inner.col_sq_norms(w)
+        return self.inner.col_sq_norms(self._weights(weights))
 
     def gram(self, weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        w = self._squares if weights is None else {n: self._squares[n] * weights[n].reshape(-1) for n in self._squares}
-        return self.inner.gram(w)
+        return self.inner.gram(self._weights(weights))
 
     def project_delta(self, delta: torch.Tensor) -> torch.Tensor:
         """Orthogonal projection of Delta onto range(S P) (the base class's formula with this gram)."""
