@@ -172,8 +172,9 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2) -> dict:
 
     Every real fine-tune keeps its adapter (validate/refits/) and records the target validation
     loss and the change of its training examples' outputs under every output definition, so a
-    changed estimator never needs a fine-tune re-run. The measured output change is the value to
-    give `estimate.output_change`; the result also re-estimates at a sweep of values.
+    changed estimator never needs a fine-tune re-run. The result also re-estimates at a sweep of
+    `estimate.output_change` values: the one with the lowest error is the value to configure (the
+    measured output change of the refits is a check of its scale, not the same quantity).
     """
     run = prepare(cfg)
     gradients(cfg)
