@@ -77,7 +77,7 @@ def test_solve_matches_scipy_with_offsets(prob, oracle, tol, z_err, loss_err):
         assert rel(z[k], z_ref[k]) < z_err, (k, rel(z[k], z_ref[k]))
     loss, loss_ref = linear_loss(prob, z), linear_loss(prob, z_ref)
     assert float(((loss - loss_ref) / loss_ref).abs().max()) < loss_err
-    assert spearmanr(loss.numpy(), loss_ref.numpy())[0] >= 0.99
+    assert spearmanr(loss.numpy(), loss_ref.numpy())[0] >= 0.999
 
 
 def test_exact_solve_is_a_stationary_point(prob, oracle):
