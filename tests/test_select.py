@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gradex.estimate import calibrate_l2, estimator, synthetic_problem
-from gradex.select import Selection, backward, ensemble, forward, sample_subsets
+from gradex.select import (Selection, backward, effects, ensemble, exhaustive, forward, random_size_subsets,
+                           sample_subsets)
 
 N = 10
 HELPFUL = [0, 3, 7]
@@ -115,15 +116,75 @@ def real():
     return p, info, estimator(p, calibrate_l2(p, 0.3))
 
 
-@pytest.mark.parametrize("method", ["ensemble", "forward", "backward"])
+@pytest.mark.parametrize("method", ["ensemble", "effects", "exhaustive", "forward", "backward"])
 def test_real_problem_selects_aligned_sources(real, method):
     p, info, fn = real
     if method == "ensemble":
         sel = ensemble(fn, p.n_sources, m=200, alpha=0.5, seed=0)
+    elif method == "effects":
+        sel = effects(fn, p.n_sources, m=300, seed=0)
     else:
-        sel = {"forward": forward, "backward": backward}[method](fn, p.n_sources)
+        sel = {"forward": forward, "backward": backward, "exhaustive": exhaustive}[method](fn, p.n_sources)
     assert isinstance(sel, Selection)
     assert not set(sel.selected) & set(info["harmful"]), (sel.selected, info)
     assert set(info["helpful"]) <= set(sel.selected), (sel.selected, info)
     assert sel.estimate < sel.baseline
     json.dumps(sel.to_dict(), allow_nan=False)
+
+
+def _linear(beta: list[float]):
+    """f_hat(S) = 1 + sum_{i in S} beta_i exactly: the answer is {i : beta_i < 0}."""
+    b = torch.tensor(beta, dtype=torch.float64)
+    return lambda subsets: 1.0 + subsets.double() @ b
+
+
+CASES = {  # constructed problems with a known answer
+    "all help": ([-0.3, -0.2, -0.1, -0.05, -0.02], [0, 1, 2, 3, 4]),
+    "all hurt": ([0.3, 0.2, 0.1, 0.05, 0.02], []),
+    "mixed": ([-0.3, 0.2, -0.1, 0.05, -0.02], [0, 2, 4]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("rule", ["exhaustive", "effects", "forward", "backward"])
+def test_absolute_rules_recover_the_known_answer(rule, case):
+    beta, answer = CASES[case]
+    fn = _linear(beta)
+    sel = {"exhaustive": lambda: exhaustive(fn, 5), "effects": lambda: effects(fn, 5, m=300, seed=0),
+           "forward": lambda: forward(fn, 5), "backward": lambda: backward(fn, 5)}[rule]()
+    assert sel.selected == answer
+    assert not sel.worse_than_target and sel.estimate <= sel.baseline
+    assert sel.estimate == pytest.approx(1.0 + sum(beta[i] for i in answer))
+
+
+def test_the_papers_rule_is_relative_and_says_so():
+    """The paper's fixed-size ensemble keeps sources better than the average one: it drops helpful
+    sources when all help and keeps some harmful ones when all hurt; the reason flags the latter."""
+    help_all = ensemble(_linear(CASES["all help"][0]), 5, m=400, alpha=0.6, seed=0)
+    assert help_all.selected == [0, 1]
+    hurt_all = ensemble(_linear(CASES["all hurt"][0]), 5, m=400, alpha=0.6, seed=0)
+    assert hurt_all.selected == [2, 3, 4] and hurt_all.worse_than_target and "WARNING" in hurt_all.reason
+
+
+def test_exhaustive_scores_are_average_marginal_effects_and_it_refuses_large_n():
+    beta = [-0.3, 0.2, -0.1, 0.05]
+    fn = _linear([b for b in beta])
+    sel = exhaustive(fn, 4)
+    assert sel.scores == pytest.approx(beta)  # for an additive f_hat the average effect is beta_i itself
+    assert sel.history[0]["members"] == [0, 2] and sel.history[0]["loss"] == pytest.approx(0.6)
+    # a non-additive estimator: the score is the mean of f(S + i) - f(S) over every S without i
+    def pairwise(subsets):
+        s = subsets.double()
+        return 1.0 + s @ torch.tensor(beta, dtype=torch.float64) + 0.4 * s[:, 0] * s[:, 1]
+    inter = exhaustive(pairwise, 4)
+    assert inter.scores[0] == pytest.approx(-0.3 + 0.2) and inter.scores[2] == pytest.approx(-0.1)
+    with pytest.raises(ValueError, match="too many"):
+        exhaustive(fn, 17)
+
+
+def test_random_size_subsets_cover_every_size():
+    s = random_size_subsets(6, 4000, seed=1)
+    sizes = torch.bincount(s.sum(1), minlength=7).double() / 4000
+    assert (sizes - 1 / 7).abs().max() < 0.03
+    assert (s.double().mean(0) - 0.5).abs().max() < 0.03
+    assert torch.equal(s, random_size_subsets(6, 4000, seed=1))
