@@ -64,6 +64,9 @@ def oracle(prob):
     subsets = random_subsets(prob.n_sources, 24)
     subsets[0] = False  # target alone
     subsets[1] = True  # everything
+    # distinct subsets: the losses of duplicates tie exactly, and their order is rounding noise
+    subsets = torch.cat([subsets[:2], torch.unique(subsets[2:], dim=0)])
+    subsets = subsets[[0, 1, *[i for i in range(2, len(subsets)) if subsets[i].any() and not subsets[i].all()]]]
     z = torch.stack([exact_solve(prob, s, L2) for s in subsets])
     return subsets, z
 
@@ -251,3 +254,27 @@ def test_exact_coordinates_keep_every_inner_product():
     assert x.shape == (12, 11)
     gram = (g.float() @ g.float().T).double()
     torch.testing.assert_close(x.double() @ x.double().T, gram, rtol=1e-4, atol=1e-2)
+
+
+def test_mean_weighting_matches_scipy_at_each_subsets_own_l2(prob, oracle):
+    """`mean` weighting is the sum objective with l2 scaled by the subset's share of the examples:
+    the oracle solves each subset exactly at that l2."""
+    from gradex.estimate import subset_l2
+
+    subsets, _ = oracle
+    l2s = subset_l2(prob, subsets, L2, "mean")
+    counts = torch.bincount(prob.group).double()
+    assert l2s[1] == pytest.approx(L2) and l2s[0] == pytest.approx(L2 * counts[0] / counts.sum())
+    z_ref = torch.stack([exact_solve(prob, s, float(l2)) for s, l2 in zip(subsets, l2s)])
+    z = solve(prob, subsets, L2, tol=1e-5, weighting="mean")
+    for k in range(len(subsets)):
+        assert rel(z[k], z_ref[k]) < 1e-4, (k, rel(z[k], z_ref[k]))
+    est = estimate(prob, subsets, L2, tol=1e-5, weighting="mean")
+    torch.testing.assert_close(est.loss, linear_loss(prob, z_ref), rtol=2e-5, atol=0)
+    # the all-sources fit is the same under both weightings; a smaller subset is regularized less
+    # under "mean", so it moves further than under "sum"
+    z_sum = solve(prob, subsets, L2, tol=1e-5)
+    assert rel(z[1], z_sum[1]) < 1e-4
+    assert float(z[0].norm()) > float(z_sum[0].norm())
+    with pytest.raises(ValueError, match="weighting"):
+        subset_l2(prob, subsets, L2, "median")

@@ -39,6 +39,7 @@ __all__ = [
     "solve",
     "estimate",
     "estimator",
+    "subset_l2",
     "linear_loss",
     "implied_step",
     "implied_output_change",
@@ -173,14 +174,14 @@ def _group_blocks(problem: Problem, dtype: torch.dtype) -> list[tuple[torch.Tens
 
 
 def _gradient(blocks: list[tuple[torch.Tensor, torch.Tensor]], members: torch.Tensor,
-              Z: torch.Tensor, l2: float) -> torch.Tensor:
+              Z: torch.Tensor, l2: float | torch.Tensor) -> torch.Tensor:
     """Full-data gradient of every subset's objective at its own z (rows of Z), all at once.
 
     grad_S = -sum_{s in D_S} sigma(-(u_s + x_s . z_S)) x_s + 2 l2 z_S. Group by group, only for the
     subsets that contain the group: the same result as a dense (N, m) product masked by
     membership, with about half the work when subsets hold half the sources.
     """
-    G = Z * (2.0 * l2)
+    G = Z * (2.0 * l2)  # l2: a number, or one per row of Z ((m, 1))
     for i, (Xi, Ui) in enumerate(blocks):
         if Xi.shape[0] == 0:
             continue
@@ -213,6 +214,30 @@ def _check_l2(l2: float) -> float:
     if not l2 > 0 or not math.isfinite(l2):
         raise ValueError(f"l2 must be a positive finite number, got {l2}")
     return l2
+
+
+WEIGHTINGS = ("sum", "mean")
+
+
+def subset_l2(problem: Problem, subsets: torch.Tensor, l2: float, weighting: str = "sum") -> torch.Tensor:
+    """The regularization of each subset's fit, (m,) float64: `l2` is that of the all-sources fit.
+
+    - "sum": every subset's objective sums its examples' losses, with the same l2. A subset with
+      more data moves further: the model of fine-tuning for a number of epochs over each mix.
+    - "mean": the data term is the mean over the subset's examples, i.e. the sum with l2 scaled by
+      |D_S| / |D_all|. Every subset moves about as far, pulled by its examples in proportion to
+      their share: the model of fine-tuning every mix for the same number of optimizer steps
+      (early-stopped gradient descent on the mean loss behaves like a fixed ridge penalty on it).
+    Both agree on the all-sources fit, where l2 is calibrated.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    members = _full_membership(problem, subsets)
+    l2 = _check_l2(l2)
+    if weighting == "sum":
+        return torch.full((members.shape[0],), l2, dtype=torch.float64)
+    counts = torch.bincount(problem.group, minlength=problem.n_sources + 1).double()
+    return l2 * (members.double() @ counts) / counts.sum()
 
 
 # ---------------------------------------------------------------------------- batched solve
@@ -262,10 +287,10 @@ def _chol_solve(L: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 class _Systems:
-    """The Newton systems (H_S + 2 l2 I) v = g of a batch of subsets, H_S = sum of its groups' H_i.
+    """The Newton systems (H_S + 2 l2_S I) v = g of a batch of subsets, H_S = sum of its groups' H_i.
 
     Solved together by conjugate gradients preconditioned with ONE shared matrix, the batch's mean
-    system M = sum_i a_i H_i + 2 l2 I (a_i = share of the batch's subsets holding group i). Why: a
+    system M = sum_i a_i H_i + 2 mean(l2_S) I (a_i = share of the batch's subsets holding group i). Why: a
     subset's system differs from M only by the groups it holds or lacks, so a few iterations
     suffice (2-3 on the benchmark problem), and each costs one product with every group's H_i for
     the subsets holding it: dense matrix products at full speed. A batched Cholesky per subset costs
@@ -274,15 +299,16 @@ class _Systems:
     Cholesky once and solved directly from then on, so the answer never depends on the spectrum.
     """
 
-    def __init__(self, H: torch.Tensor, members: torch.Tensor, l2: float, dtype: torch.dtype):
-        self.H, self.l2, self.dtype = H.to(dtype), l2, dtype
+    def __init__(self, H: torch.Tensor, members: torch.Tensor, l2: torch.Tensor, dtype: torch.dtype):
+        self.H, self.dtype = H.to(dtype), dtype
+        self.l2 = l2.to(dtype)[:, None]  # (m, 1): each subset's own regularization
         self.m = members.shape[0]
         self.members = members
         self.groups = [None if bool(members[:, i].all()) else members[:, i].nonzero().squeeze(1)
                        for i in range(members.shape[1])]
         share = members.double().mean(0)
         M = (share[:, None, None] * H.double()).sum(0)
-        M.diagonal().add_(2.0 * l2)
+        M.diagonal().add_(2.0 * float(l2.double().mean()))
         with _one_thread():
             self.M_inv = torch.cholesky_inverse(torch.linalg.cholesky(M)).to(dtype)
         self.direct = torch.zeros(self.m, dtype=torch.bool)  # rows solved by their own Cholesky factor
@@ -290,8 +316,8 @@ class _Systems:
         self._slot = torch.full((self.m,), -1, dtype=torch.long)
 
     def matvec(self, P: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """(H_S + 2 l2 I) p for every row of P (rows: which subsets P holds, default all)."""
-        Q = P * (2.0 * self.l2)
+        """(H_S + 2 l2_S I) p for every row of P (rows: which subsets P holds, default all)."""
+        Q = P * (2.0 * (self.l2 if rows is None else self.l2[rows]))
         for i, c in enumerate(self.groups):
             if rows is not None:
                 hold = self.members[rows, i]
@@ -353,7 +379,7 @@ class _Systems:
         """Cholesky-factor the systems of `rows` and solve them directly from now on."""
         members = self.members[rows].to(self.dtype)
         A = (members @ self.H.reshape(self.H.shape[0], -1)).view(-1, *self.H.shape[1:])
-        A.diagonal(dim1=1, dim2=2).add_(2.0 * self.l2)
+        A.diagonal(dim1=1, dim2=2).add_(2.0 * self.l2[rows])
         L = _factorize(A)
         self.L = L if self.L is None else torch.cat([self.L, L])
         self._slot[rows] = torch.arange(self.L.shape[0] - rows.numel(), self.L.shape[0])
@@ -365,10 +391,15 @@ class _Systems:
 # exact fit, as close as scikit-learn gets at its default tolerance and ~100x below the seed noise of
 # real fine-tuning on the embedded default (2.5%); most subsets need one refinement, a few two.
 TOL = 1e-4
+# At most this many refinements per subset; a subset stops as soon as it meets `tol`, so the cap
+# only costs time for subsets that need it: under "mean" weighting small subsets are regularized
+# less and land far from the all-sources anchor (6 refinements on the test problem, 1-2 usually).
+NEWTON_STEPS = 8
 
 
-def solve(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: int = 3,
-          *, dtype: torch.dtype = torch.float32, tol: float = TOL, scaled: bool = True) -> torch.Tensor:
+def solve(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: int = NEWTON_STEPS,
+          *, dtype: torch.dtype = torch.float32, tol: float = TOL, scaled: bool = True,
+          weighting: str = "sum") -> torch.Tensor:
     """Fit z_S for every row of `subsets` ((m, n) bool) at once; returns (m, d) in `dtype`.
 
     newton_steps = 0 is the single Newton step from the all-sources fit z_all (`_anchor`) built from
@@ -381,6 +412,7 @@ def solve(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: int 
     full-data gradients are computed for the remaining subsets only. The estimate is optimistic
     (measured errors in z were 2-5x `tol`), which is why the documented accuracy is a measured one.
     All m subsets are in memory at once: (N_i, m) margins per group; `estimate` batches for you.
+    `weighting` sets each subset's own l2 from the all-sources one (`subset_l2`).
     """
     l2 = _check_l2(l2)
     if newton_steps < 0:
@@ -391,9 +423,11 @@ def solve(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: int 
         return torch.zeros(0, d, dtype=dtype)
     an = _anchor(problem, l2)
     H = (an["H32"] if dtype == torch.float32 else an["H"].to(dtype)).view(-1, d, d)
-    systems = _Systems(H, members, l2, dtype)
+    l2s = subset_l2(problem, subsets, l2, weighting)
+    systems = _Systems(H, members, l2s, dtype)
     # -grad_S(z_all): sums of many small terms, so float64 until here
-    B = (members.double() @ an["b"] - 2.0 * l2 * an["z"]).to(dtype)
+    B = (members.double() @ an["b"] - 2.0 * l2s[:, None] * an["z"]).to(dtype)
+    l2s = l2s.to(dtype)[:, None]
     # The one-step answer is what every later step refines, so it is solved tightly; later solves
     # only set the direction of a correction: a 1% error there slows convergence by at most that
     # factor per step (an inexact Newton method) and never moves the fixed point.
@@ -412,7 +446,7 @@ def solve(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: int 
     active = torch.arange(m)  # subsets still refined: each full-data gradient costs only theirs
     for _ in range(newton_steps):
         Za = Z[active]
-        G = _gradient(blocks, members[active], Za, l2)
+        G = _gradient(blocks, members[active], Za, l2s[active])
         ta = t[active]
         if scaled:
             Dp, Gp = D_prev[active], G_prev[active]
@@ -453,8 +487,8 @@ def implied_step(problem: Problem, z: torch.Tensor) -> torch.Tensor:
     return (z.square() @ c).sqrt() / float(problem.theta_norm)
 
 
-def estimate(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: int = 3,
-             batch: int = 256, *, tol: float = TOL, workers: int | None = None) -> Estimates:
+def estimate(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: int = NEWTON_STEPS,
+             batch: int = 256, *, tol: float = TOL, workers: int | None = None, weighting: str = "sum") -> Estimates:
     """Linear-estimate target loss and implied step for every subset, `batch` subsets at a time.
 
     Batches run on `workers` Python threads (default: torch.get_num_threads()), each with torch
@@ -463,6 +497,7 @@ def estimate(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: i
     one thread), while independent batches on separate threads share the cores gracefully and still
     use both when the machine is idle. torch's global thread count is 1 during the call and restored
     after. Memory per worker is about batch * (N + 2 d^2) floats (margins, Hessians and factors).
+    `weighting`: "sum" or "mean" (see `subset_l2`).
     """
     members = _full_membership(problem, subsets)[:, 1:]
     if batch < 1:
@@ -476,19 +511,19 @@ def estimate(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: i
     _group_blocks(problem, torch.float32)
     with _one_thread():
         if workers == 1 or len(chunks) == 1:
-            zs = [solve(problem, c, l2, newton_steps, tol=tol) for c in chunks]
+            zs = [solve(problem, c, l2, newton_steps, tol=tol, weighting=weighting) for c in chunks]
         else:
             with ThreadPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
-                zs = list(pool.map(lambda c: solve(problem, c, l2, newton_steps, tol=tol), chunks))
+                zs = list(pool.map(lambda c: solve(problem, c, l2, newton_steps, tol=tol, weighting=weighting), chunks))
         z = torch.cat(zs) if zs else torch.zeros(0, problem.dim)
         return Estimates(subsets=members, loss=linear_loss(problem, z), z=z, step=implied_step(problem, z),
                          change=implied_output_change(problem, z), l2=l2)
 
 
-def estimator(problem: Problem, l2: float, newton_steps: int = 3, batch: int = 256,
-              tol: float = TOL) -> Callable[[torch.Tensor], torch.Tensor]:
+def estimator(problem: Problem, l2: float, newton_steps: int = NEWTON_STEPS, batch: int = 256,
+              tol: float = TOL, weighting: str = "sum") -> Callable[[torch.Tensor], torch.Tensor]:
     """The `estimate_fn` that gradex.select expects: (k, n) bool subsets -> (k,) estimated loss."""
-    return lambda subsets: estimate(problem, subsets, l2, newton_steps, batch, tol=tol).loss
+    return lambda subsets: estimate(problem, subsets, l2, newton_steps, batch, tol=tol, weighting=weighting).loss
 
 
 # ---------------------------------------------------------------------------- regularization
