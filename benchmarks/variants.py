@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{found['pearson']:.3f} error {found['mean_abs_rel_error']:.3f} (seed noise {found['seed_noise']:.3f}, "
                 f"constant {found['constant_error']:.3f})")
         if "sweep" in found:  # linear mode only
-            best = min(found["sweep"], key=lambda r: r["mean_abs_rel_error"])
+            best = min((r for r in found["sweep"] if r["in_use"]), key=lambda r: r["mean_abs_rel_error"])
             line += (f"; lowest error in the sweep {best['mean_abs_rel_error']:.3f} at output_change "
                      f"{best['output_change']} (spearman {best['spearman']:.3f})")
         print(line, flush=True)

@@ -37,19 +37,24 @@ def test_run_writes_every_artifact_and_skips_unchanged_stages(cfg, capsys):
     summary = pipeline.run_all(cfg)
     run_dir = cfg.run_dir
     for path in ("config.yaml", "data/manifest.json", "meta/adapter.pt", "meta/log.jsonl", "store/manifest.json",
-                 "estimates.parquet", "selection.json", "final/selected/adapter.pt", "final/metrics.json",
-                 "summary.json"):
+                 "estimates.parquet", "selection.json", "final/adapter.pt", "final/metrics.json", "compare.json",
+                 "compare.parquet", "summary.json"):
         assert (run_dir / path).exists(), path
     selection = summary["selection"]
     assert set(selection["source_scores"]) == {"add_more", "mul", "sub"}
     assert set(selection["selected"]) <= {"add_more", "mul", "sub"}
     estimates = pd.read_parquet(run_dir / "estimates.parquet")
     assert len(estimates) >= cfg.select.subsets and estimates["estimate"].notna().all()
-    models = summary["metrics"]["models"]
-    assert set(models) == {"selected", "all", "target"}
-    assert models["all"]["members"] == ["add_more", "mul", "sub"] and models["target"]["members"] == []
-    for m in models.values():
-        assert 0 <= m["test"]["score"] <= 1 and m["test"]["examples"] == 16
+    final = summary["final"]
+    assert final["members"] == selection["selected"] and final["test"]["examples"] == 16
+    mixes = {m["name"]: m for m in summary["compare"]["mixes"]}
+    assert set(mixes) == {"selected", "all", "target", "random", "gradient", "representation"}
+    assert mixes["all"]["members"] == [["add_more", "mul", "sub"]] and mixes["target"]["members"] == [[]]
+    k = len(selection["selected"])
+    assert all(m["sizes"] == [k] for name, m in mixes.items() if name not in ("all", "target"))
+    rows = summary["compare"]["rows"]
+    assert len({r["steps"] for r in rows}) == 1  # the equal budget: every mix got the same steps
+    assert rows[0]["steps"] == 12  # finetune.epochs (1) over the all-sources mix: ceil((20 + 3 * 24) / 8)
 
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "config.yaml"}
     assert main(["run", str(_write(cfg))]) == 0
@@ -167,18 +172,34 @@ def test_validate_and_check_linearity_on_tiny_model(cfg):
     from gradex import diagnostics
 
     cfg.refit.max_steps = 2
-    result = diagnostics.validate(cfg, k=3, seeds=2)
-    assert result["subsets"] == 3 and len(result["rows"]) == 3
+    result = diagnostics.validate(cfg, k=3, seeds=2, recipe="refit")
+    assert result["subsets"] == 3 and len(result["rows"]) == 3 and result["recipe"] == "refit"
     assert all(len(r["seeds"]) == 2 for r in result["rows"])
-    for key in ("spearman", "pearson", "mean_abs_rel_error", "seed_noise", "constant_error", "size_spearman",
-                "real_output_change"):
-        assert key in result
-    assert [r["output_change"] for r in result["sweep"]] == list(diagnostics.SWEEP)
+    assert [r["output_change"] for r in result["sweep"] if r["in_use"]] == list(diagnostics.SWEEP)
+    assert {r["weighting"] for r in result["sweep"] if r["in_use"]} == {"sum"}  # refit: epochs, so sum
     assert result["real_output_change"] > 0
-    runs = [json.loads(line) for line in (cfg.run_dir / "validate" / "runs.jsonl").read_text().splitlines()]
+    runs_path = cfg.run_dir / "validate" / "runs.jsonl"
+    runs = [json.loads(line) for line in runs_path.read_text().splitlines()]
     assert len(runs) == 6 and all((cfg.run_dir / r["adapter"]).exists() for r in runs)
     assert all(set(r["losses"]) == set(r["output_change"]) == {"ce", "mean-logodds"} for r in runs)
     assert (cfg.run_dir / "validation.json").exists() and (cfg.run_dir / "validation.png").exists()
+    # real fine-tunes are keyed by members and seed: fewer subsets reuse them, more add only new ones
+    fewer = diagnostics.validate(cfg, k=2, seeds=2, recipe="refit")
+    assert len(runs_path.read_text().splitlines()) == 6
+    first = {tuple(r["members"]): r["seeds"] for r in result["rows"]}
+    assert all(first[tuple(r["members"])] == r["seeds"] for r in fewer["rows"])
+    more = diagnostics.validate(cfg, k=4, seeds=2, recipe="refit")
+    assert len(runs_path.read_text().splitlines()) == 8 and more["subsets"] == 4
+    assert all(first[tuple(r["members"])] == r["seeds"] for r in more["rows"] if tuple(r["members"]) in first)
+    # the default truth is the deployed recipe: the same fine-tunes that final/ and compare use
+    deployed = diagnostics.validate(cfg, k=2, seeds=1)
+    assert deployed["recipe"] == "finetune" and "equal budget" in deployed["recipe_description"]
+    steps = {json.loads(line)["steps"] for line in runs_path.read_text().splitlines()
+             if json.loads(line)["recipe"] == "finetune"}
+    assert steps == {pipeline.budget_steps(pipeline.Run(cfg))}
+    for row in deployed["rows"]:
+        entry = cfg.run_dir / "finetunes" / pipeline.finetune_key(pipeline.Run(cfg), row["members"], 0) / "result.json"
+        assert json.loads(entry.read_text())["validation"]["loss"] == pytest.approx(row["real"], rel=1e-4)
     lin = diagnostics.check_linearity(cfg, examples=8, subsets=1)
     kinds = [r["kind"] for r in lin["rows"]]
     assert kinds.count("random") == len(diagnostics.RADII) and kinds.count("trajectory") == len(diagnostics.TRAJECTORY_STEPS)

@@ -8,20 +8,24 @@ import sys
 from typing import Callable
 
 from gradex import pipeline
-from gradex.config import Config, ConfigError, load
+from gradex.config import EXAMPLES_DIR, Config, ConfigError, load
 
 STAGES: dict[str, tuple[str, Callable[..., object]]] = {
     "prepare": ("read, check and tokenize every source (all data errors surface here)", pipeline.prepare),
     "meta-train": ("multitask-train on target + all sources: theta*", pipeline.meta_train),
     "gradients": ("projected per-example gradients at theta* into the store", pipeline.gradients),
     "select": ("estimate subsets and select sources (selection.json)", pipeline.select),
-    "finetune": ("fine-tune on target + selected sources, and the all / target-only baselines", pipeline.finetune),
-    "evaluate": ("validation and test metrics of the final models", pipeline.evaluate),
+    "finetune": ("fine-tune on target + selected sources: the final model (final/)", pipeline.finetune),
+    "evaluate": ("validation and test metrics of the final model", pipeline.evaluate),
+    "report": ("write report.html: scores, selection, validation, comparison, costs", pipeline.report),
 }
+EXAMPLES = {path.stem: path for path in sorted(EXAMPLES_DIR.glob("*.yaml"))}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="experiment YAML (default: the embedded SmolLM2 + BIG-bench default)")
+    p.add_argument("--example", choices=sorted(EXAMPLES), help="run a packaged example instead of a YAML file: "
+                   + "; ".join(f"{name}" for name in sorted(EXAMPLES)))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set meta.epochs=1 (repeatable)")
     p.add_argument("--force", action="store_true", help="re-run the stage even if its inputs are unchanged")
@@ -30,7 +34,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gradex", description="Choose which data sources to fine-tune a language model on, from first-order estimates (GradEx).")
     sub = p.add_subparsers(dest="command", required=True)
-    _common(sub.add_parser("run", help="all stages, then print scores, selection and test metrics"))
+    _common(sub.add_parser("run", help="all stages, then print scores, the selection and an equal-budget "
+                                       "comparison with the baselines (compare.run_seeds seeds)"))
     for name, (help_, _) in STAGES.items():
         _common(sub.add_parser(name, help=help_))
     est = sub.add_parser("estimate", help="estimate the target validation loss of given subsets")
@@ -38,40 +43,64 @@ def parser() -> argparse.ArgumentParser:
     est.add_argument("--subset", action="append", default=None, metavar="A,B,...",
                      help="a comma-separated list of sources ('' for the target alone); repeatable. "
                           "Default: none, all, each source alone, all but each source")
+    cmp = sub.add_parser("compare", help="fine-tune the selection and every baseline with the same recipe and "
+                                         "step budget over seeds; paired differences with 95%% intervals")
+    _common(cmp)
+    cmp.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds per mix (default: compare.seeds)")
+    cmp.add_argument("--mix", action="append", default=[], metavar="NAME=A,B,...",
+                     help="also compare a mix of your own (repeatable)")
     lin = sub.add_parser("check-linearity", help="first-order vs zeroth-order error of u_s around theta*")
     _common(lin)
     val = sub.add_parser("validate", help="fine-tune k random subsets for real and compare with the estimates")
     _common(val)
     val.add_argument("--subsets", type=int, default=20, help="number of random subsets (default 20)")
     val.add_argument("--seeds", type=int, default=2, help="fine-tuning seeds per subset (default 2)")
+    val.add_argument("--recipe", choices=("finetune", "refit"), default="finetune",
+                     help="the truth: `finetune`, the fine-tune gradex run deploys (default), or `refit`, "
+                          "theta* fine-tuned with the refit recipe")
     return p
 
 
 def format_summary(summary: dict) -> str:
-    sel, models = summary["selection"], summary["metrics"]["models"]
+    from gradex.compare import format_table
+
+    sel, final = summary["selection"], summary["final"]
     lines = [f"run directory: {summary['run_dir']}", "",
              "source scores (estimated change of the target validation loss when the source is included;"
              " negative helps):"]
     chosen = set(sel["selected"])
-    for name, score in sorted(sel["source_scores"].items(), key=lambda kv: kv[1]):
-        lines.append(f"  {'*' if name in chosen else ' '} {name:<24} {score:+.4f}")
+    for name, score in sorted(sel["source_scores"].items(), key=lambda kv: (kv[1] is None, kv[1])):
+        lines.append(f"  {'*' if name in chosen else ' '} {name:<24} " + (f"{score:+.4f}" if score is not None else "-"))
     lines += ["", f"selected ({sel['method']}, {sel['mode']} estimates): {', '.join(sel['selected']) or '(target only)'}",
+              f"why: {sel['reason']}",
               f"estimated target validation loss of the selection: {sel['estimate']:.4f}"
               f"   (target alone: {sel['baseline']:.4f}; estimates model fine-tuning theta*)",
-              f"real target validation loss of the final model:   {models['selected']['validation']['loss']:.4f}"
-              f"   (fine-tuned from the base model)",
-              "", f"{'final model':<12} {'sources':>8} {'val loss':>9} {'test loss':>10} {'test ' + models['selected']['test']['metric']:>18}"]
-    for name, m in models.items():
-        lines.append(f"{name:<12} {len(m['members']):>8} {m['validation']['loss']:>9.4f} {m['test']['loss']:>10.4f}"
-                     f" {m['test']['score']:>18.3f}")
+              f"final model (final/): {final['recipe']['description']}",
+              f"  validation loss {final['validation']['loss']:.4f}, test loss {final['test']['loss']:.4f}, "
+              f"test {final['test']['metric']} {final['test']['score']:.3f}", ""]
+    lines.append(format_table(summary["compare"]))
+    if summary.get("report"):
+        lines.append(f"\nreport: {summary['report']}")
     lines.append(f"\nfinished in {summary['seconds']:.0f} s")
     return "\n".join(lines)
+
+
+def _mixes(items: list[str]) -> dict[str, list[str]]:
+    out = {}
+    for item in items:
+        name, sep, members = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--mix {item!r}: expected NAME=A,B,... (sources separated by commas)")
+        out[name] = [m for m in members.split(",") if m]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        cfg: Config = load(args.config, args.overrides)
+        if args.example and args.config:
+            raise ConfigError("give a config file or --example, not both")
+        cfg: Config = load(EXAMPLES[args.example] if args.example else args.config, args.overrides)
         if args.command == "run":
             print(format_summary(pipeline.run_all(cfg, args.force)))
         elif args.command == "estimate":
@@ -79,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             for row in pipeline.estimate(cfg, subsets):
                 print(f"{row['estimate']:.4f}  output change {row['output_change']:.3f}  step {row['step']:.3f}  "
                       f"{', '.join(row['members']) or '(target only)'}")
+        elif args.command == "compare":
+            from gradex.compare import format_table
+
+            print(format_table(pipeline.compare(cfg, args.seeds, _mixes(args.mix), force=args.force)))
         elif args.command == "check-linearity":
             from gradex import diagnostics
 
@@ -86,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "validate":
             from gradex import diagnostics
 
-            print(json.dumps(diagnostics.summary(diagnostics.validate(cfg, args.subsets, args.seeds)), indent=2))
+            print(json.dumps(diagnostics.summary(diagnostics.validate(cfg, args.subsets, args.seeds, args.recipe)), indent=2))
         else:
             result = STAGES[args.command][1](cfg, force=args.force)
+            if isinstance(result, pipeline.Run):  # prepare: where the examples went
+                result = result.dir / "data" / "manifest.json"
             print(result if not isinstance(result, dict) else json.dumps(result, indent=2, default=str))
     except ConfigError as err:
         print(f"gradex: error: {err}", file=sys.stderr)

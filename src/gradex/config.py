@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-DEFAULT_CONFIG = Path(__file__).parent / "defaults" / "default.yaml"
+EXAMPLES_DIR = Path(__file__).parent / "examples"  # packaged experiments; `gradex run --example NAME`
+DEFAULT_CONFIG = EXAMPLES_DIR / "default.yaml"
 
 
 class ConfigError(ValueError):
@@ -40,7 +41,9 @@ class ModelConfig:
     gguf_file: str | None = None
     finetune: str = "lora"  # lora | full
     lora: LoraConfig = field(default_factory=LoraConfig)
-    precision: str = "bf16"  # bf16 (autocast on CPU/GPU) | fp32
+    # auto: bf16 autocast where the hardware computes bf16 natively (CUDA, AVX-512 BF16 / AMX CPUs),
+    # else fp32 | bf16 | fp32
+    precision: str = "auto"
     max_length: int = 128  # examples with more tokens than this are an error
 
 
@@ -59,6 +62,9 @@ class SourceConfig:
     template: str = "{prompt}"  # Python format string; {prompt} and any column of the row
     answer_prefix: str = " "  # put between prompt and answer (the answer is what the model predicts)
     limit: int | None = None  # keep this many examples (after a seeded shuffle)
+    # A negative control: "shuffle" permutes the answers across this source's rows (seeded), so its
+    # prompts and answer format stay realistic while every answer is wrong for its prompt.
+    corrupt: str | None = None
 
 
 @dataclass
@@ -93,6 +99,19 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig(TrainConfig):
+    """The recipe of the final fine-tune, also used for every mix `gradex compare` fine-tunes."""
+
+    # base: fine-tune the pretrained model | theta_star: continue from the meta-initialization, the
+    # model the estimates linearize around (docs/method.md, section 5, says which was measured better)
+    init: str = "base"
+    # equal: every mix gets the same number of optimizer steps, `max_steps` or else the steps that
+    # `epochs` passes over the all-sources mix take | epochs: `epochs` passes over each mix's own
+    # data, so bigger mixes get more steps (an unequal comparison, labelled as such)
+    budget: str = "equal"
+
+
+@dataclass
 class GradientConfig:
     # u_s, the per-example output: "ce" = log-odds of the answer's geometric-mean token probability
     # (softplus(-u_s) is its mean token cross-entropy) | "mean-logodds" = mean token log-odds (the paper)
@@ -120,17 +139,38 @@ class EstimateConfig:
     output_change: float | None = 0.3
     step_size: float | None = None
     l2: float | None = None
-    newton_steps: int = 3  # at most this many refinement steps after the one-shot Newton solve ...
+    # How the modelled fine-tune weighs a subset's examples: sum (a fixed number of epochs over each
+    # mix) | mean (the same number of optimizer steps for every mix) | auto: what finetune.budget
+    # deploys (equal -> mean, epochs -> sum). See docs/method.md, section 3.
+    weighting: str = "auto"
+    newton_steps: int = 8  # at most this many refinement steps after the one-shot Newton solve ...
     tol: float = 1e-4  # ... stopping once the error left in z is below tol (relative): see docs/method.md
 
 
 @dataclass
 class SelectConfig:
-    method: str = "ensemble"  # ensemble | forward | backward
-    subsets: int = 400
-    alpha: float = 0.5
-    top_k: int | None = None  # else keep sources whose score beats the mean
+    # exhaustive: the best estimated of all 2^n subsets (n <= 16) | forward / backward: stepwise on
+    # the estimates | effects: random subsets of every size, keep each source whose fitted effect
+    # lowers the estimate | ensemble: the paper's rule, keep sources better than the average source
+    method: str = "ensemble"
+    subsets: int = 400  # ensemble and effects: sampled subsets
+    alpha: float = 0.5  # ensemble: subset size as a share of the sources
+    top_k: int | None = None  # ensemble: keep the top_k scores instead
     seed: int = 0
+
+
+@dataclass
+class CompareConfig:
+    """`gradex compare`: fine-tune every candidate mix with the finetune recipe and the same budget."""
+
+    seeds: int = 3  # fine-tuning seeds per mix; a random mix is drawn afresh for each seed
+    run_seeds: int = 1  # seeds when compare runs as the last stage of `gradex run`
+    # all | target | random (same size as the selection) | gradient (LESS-style cosine of mean
+    # projected gradients, top-k) | representation (cosine of mean hidden states, top-k)
+    baselines: list[str] = field(default_factory=lambda: ["all", "target", "random", "gradient", "representation"])
+    # more selection methods whose selections join the comparison, e.g. [forward, ensemble]
+    methods: list[str] = field(default_factory=list)
+    mixes: dict[str, list[str]] = field(default_factory=dict)  # mixes of your own: name -> sources
 
 
 @dataclass
@@ -143,26 +183,33 @@ class Config:
     gradients: GradientConfig = field(default_factory=GradientConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
-    finetune: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     # Fine-tunes that start from theta* (validate, check-linearity trajectories): theta* is a
     # converged model, and at the base model's learning rate Adam's first steps throw it out of its
     # basin (seed-to-seed spread of the validation loss above 100% measured on the default).
     refit: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-4))
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
 
 
+SELECT_METHODS = ("ensemble", "effects", "forward", "backward", "exhaustive")
 CHOICES = {
     "model.finetune": ("lora", "full"),
-    "model.precision": ("bf16", "fp32"),
+    "model.precision": ("auto", "bf16", "fp32"),
     "gradients.output": ("ce", "mean-logodds"),
     "gradients.projection": ("sparse", "dense", "none"),
     "gradients.preconditioner": ("adam", "none"),
     "estimate.mode": ("linear", "reconstruct"),
-    "select.method": ("ensemble", "forward", "backward"),
+    "estimate.weighting": ("auto", "sum", "mean"),
+    "select.method": SELECT_METHODS,
+    "finetune.init": ("base", "theta_star"),
+    "finetune.budget": ("equal", "epochs"),
 }
+BASELINES = ("all", "target", "random", "gradient", "representation")
+CORRUPTIONS = ("shuffle",)
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
@@ -190,6 +237,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return _coerce(inner, value, where)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(args[0], k, f"{where} key"): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -245,6 +296,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{where}: give exactly one of `bigbench` or `path`")
         if (src.source_column is None) != (src.source_value is None):
             raise ConfigError(f"{where}: `source_column` and `source_value` go together")
+        if src.corrupt is not None and src.corrupt not in CORRUPTIONS:
+            raise ConfigError(f"{where}: corrupt: {src.corrupt!r} is not one of {list(CORRUPTIONS)}")
     names = [s.name for s in cfg.data.sources]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -276,6 +329,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"estimate.tol: must be in [0, 1), got {cfg.estimate.tol}")
     if cfg.estimate.newton_steps < 0:
         raise ConfigError(f"estimate.newton_steps: must be >= 0, got {cfg.estimate.newton_steps}")
+    for key, value in [("compare.seeds", cfg.compare.seeds), ("compare.run_seeds", cfg.compare.run_seeds)]:
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    for b in cfg.compare.baselines:
+        if b not in BASELINES:
+            raise ConfigError(f"compare.baselines: {b!r} is not one of {list(BASELINES)}")
+    for m in cfg.compare.methods:
+        if m not in SELECT_METHODS:
+            raise ConfigError(f"compare.methods: {m!r} is not one of {list(SELECT_METHODS)}")
+    if cfg.finetune.max_steps is not None and cfg.finetune.max_steps < 1:
+        raise ConfigError(f"finetune.max_steps: must be at least 1, got {cfg.finetune.max_steps}")
     if cfg.gradients.preconditioner_batches < 1:
         raise ConfigError(f"gradients.preconditioner_batches: must be positive, got {cfg.gradients.preconditioner_batches}")
 
@@ -292,7 +356,8 @@ def fingerprint(*parts: Any) -> str:
 
 
 def dump(cfg: Config, path: Path) -> None:
+    """The resolved config, loadable as it is (`gradex run runs/<name>/config.yaml` repeats the run);
+    its fingerprint goes in a comment so the file stays a valid config."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = to_dict(cfg)
-    body["fingerprint"] = fingerprint(cfg)
-    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    path.write_text(f"# gradex resolved config, fingerprint {fingerprint(cfg)}\n"
+                    + yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -137,7 +137,25 @@ def _source_examples(src: SourceConfig, where: str, limit: int | None, seed: int
     random.Random(f"{seed}:{src.name}").shuffle(order)
     if limit is not None:
         order = order[:limit]
-    return [_to_example(src, rows[i], i, where, split) for i in order]
+    examples = [_to_example(src, rows[i], i, where, split) for i in order]
+    if src.corrupt == "shuffle":
+        examples = shuffle_answers(examples, f"{seed}:{src.name}:corrupt")
+    return examples
+
+
+def shuffle_answers(examples: list[Example], seed: str) -> list[Example]:
+    """The same prompts with their answers permuted across rows: a derangement, so no example keeps
+    its own answer (a permutation that fixes rows would leave some of the control's answers right)."""
+    if len(examples) < 2:
+        raise ConfigError(f"source {examples[0].source!r}: corrupt: shuffle needs at least 2 examples")
+    rng = random.Random(seed)
+    while True:
+        perm = list(range(len(examples)))
+        rng.shuffle(perm)
+        if all(i != j for i, j in enumerate(perm)):
+            break
+    return [dataclasses.replace(e, answer=examples[j].answer, choices=examples[j].choices)
+            for e, j in zip(examples, perm)]
 
 
 def expand_sources(data: DataConfig) -> list[SourceConfig]:

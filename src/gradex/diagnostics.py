@@ -4,10 +4,10 @@ check-linearity: is u_s(theta* + Delta) ~ u_s + <g_s, Delta>? Along random direc
 projected subspace, and along real fine-tuning trajectories from theta* (the directions that
 matter, which move the outputs far more than random ones of the same length).
 
-validate: fine-tune k random subsets for real (from theta*, with the `refit` recipe: the final
-fine-tune's epochs over the data, at a learning rate for continuing a converged model; two seeds each) and compare the target validation loss with the estimate, next to the two yardsticks
-that say whether the agreement means anything: the seed noise of real fine-tuning, and the error of
-a constant predictor (theta*'s own loss for every subset).
+validate: fine-tune k random subsets for real (by default with the recipe `gradex run` deploys,
+or from theta* with the `refit` recipe; two seeds each) and compare the target validation loss with
+the estimate, next to the two yardsticks that say whether the agreement means anything: the seed
+noise of real fine-tuning, and the error of a constant predictor (theta*'s own loss for every subset).
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from tqdm.auto import tqdm
 from gradex.config import Config, TrainConfig, fingerprint
 from gradex.data import batches
 from gradex.evaluate import loss_from_outputs, outputs
-from gradex.model import autocast, ce_logodds, example_outputs, save_trainable, set_trainable_vector, trainable, trainable_vector
-from gradex.pipeline import Run, estimator, gradients, log, make_run_projector, prepare
+from gradex.model import (autocast, ce_logodds, example_outputs, load_trainable, save_trainable, set_trainable_vector,
+                          trainable, trainable_vector)
+from gradex.pipeline import (Run, estimator, finetune_mix, finetune_recipe, gradients, log, make_run_projector, prepare,
+                             recipe_summary, weighting)
 from gradex.train import train
 
 RADII = (0.02, 0.05, 0.1, 0.2)
@@ -75,7 +77,7 @@ def check_linearity(cfg: Config, examples: int = 48, subsets: int = 2) -> dict:
     output = cfg.gradients.output
     u0, _ = outputs(model, run.tokens, idx, run.pad_id, MEASURE, output)
     projector = make_run_projector(run, model)
-    precision = cfg.model.precision
+    precision = run.precision
 
     def measure(delta: torch.Tensor) -> torch.Tensor:
         set_trainable_vector(model, theta + delta)
@@ -165,64 +167,99 @@ def random_subsets(n: int, k: int, seed: int) -> torch.Tensor:
 ROWS_FORMAT = 2  # validate/runs.jsonl rows record the loss under every output definition
 CHANGE_SAMPLE = 128  # training examples per refit on which the real output change is measured
 SWEEP = (0.1, 0.2, 0.3, 0.5, 1.0)  # output_change values validate re-estimates with (linear mode)
+RECIPES = ("finetune", "refit")
 
 
-def validate(cfg: Config, k: int = 20, seeds: int = 2) -> dict:
+def recipe_label(run: Run, recipe: str) -> str:
+    if recipe == "refit":
+        return (f"refit recipe: from theta*, {run.cfg.refit.epochs:g} epochs over each subset's data, "
+                f"lr {run.cfg.refit.lr:g}")
+    return f"the deployed finetune recipe: {recipe_summary(run)['description']}"
+
+
+def _recipe_key(run: Run, recipe: str) -> str:
+    """What the real fine-tunes of a recipe depend on (not the estimator: changing it keeps them)."""
+    if recipe == "refit":
+        return fingerprint(run.fp("meta"), run.cfg.refit, MEASURE, ROWS_FORMAT)
+    return fingerprint(run.fp("meta"), finetune_recipe(run)[0], MEASURE, ROWS_FORMAT)
+
+
+def _real_finetune(run: Run, recipe: str, names: list[str], seed: int, out: Path, key: str) -> tuple[torch.nn.Module, dict]:
+    """One real fine-tune of target + `names`: the model and what to record about it."""
+    if recipe == "finetune":  # the deployed recipe, shared with final/ and compare through finetunes/
+        res = finetune_mix(run, names, seed, desc=f"validate {'+'.join(names) or 'target'} seed {seed}")
+        model = run.fresh_model()
+        load_trainable(model, run.dir / res["adapter"])
+        model.eval()
+        return model, {"steps": res["steps"], "seconds": res["seconds"], "adapter": res["adapter"]}
+    model = run.meta_model()
+    cfg = TrainConfig(**{**run.cfg.refit.__dict__, "seed": run.cfg.refit.seed + seed})
+    t0 = time.perf_counter()
+    history = train(model, run.tokens, run.train_indices(names), cfg, run.pad_id, run.precision,
+                    desc=f"subset {'+'.join(names)} seed {seed}", progress=False)
+    adapter = out / "refits" / key / f"{fingerprint(sorted(names), seed)}.pt"
+    save_trainable(model, adapter)
+    return model, {"steps": len(history), "seconds": round(time.perf_counter() - t0, 1),
+                   "adapter": str(adapter.relative_to(run.dir))}
+
+
+def validate(cfg: Config, k: int = 20, seeds: int = 2, recipe: str = "finetune") -> dict:
     """Fine-tune k subsets x seeds for real; compare with estimates. Resumes from validate/runs.jsonl.
 
-    Every real fine-tune keeps its adapter (validate/refits/) and records the target validation
-    loss and the change of its training examples' outputs under every output definition, so a
-    changed estimator never needs a fine-tune re-run. The result also re-estimates at a sweep of
-    `estimate.output_change` values: the one with the lowest error is the value to configure (the
-    measured output change of the refits is a check of its scale, not the same quantity).
+    recipe: `finetune` (default), the fine-tune `gradex run` deploys (finetune.init, the equal step
+    budget), so the check is of what the user gets; or `refit`, a fine-tune from theta* with the
+    refit recipe's epochs over each subset, which is what the linear estimate models most directly.
+    Real fine-tunes are keyed by recipe, members and seed, never by their position in a list, so
+    `--subsets 8` after `--subsets 20` (or the other way) reuses the fine-tunes of the subsets both
+    share. Every one keeps its adapter and records the target validation loss and the change of its
+    training examples' outputs (from theta*) under every output definition, so a changed estimator
+    never needs a fine-tune re-run. The result also re-estimates at a sweep of
+    `estimate.output_change` values: the one with the lowest error is the value to configure.
     """
+    if recipe not in RECIPES:
+        raise ValueError(f"validate: recipe must be one of {RECIPES}, got {recipe!r}")
     run = prepare(cfg)
     gradients(cfg)
     out = run.dir / "validate"
     out.mkdir(parents=True, exist_ok=True)
     done_path = out / "runs.jsonl"
-    # Real fine-tunes depend on theta* and the recipe only: changing the estimator keeps them.
-    key = fingerprint(run.fp("meta"), cfg.refit, MEASURE, ROWS_FORMAT)
+    key = _recipe_key(run, recipe)
     done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
     done = [d for d in done if d["fingerprint"] == key]
     members = random_subsets(len(run.sources), k, cfg.select.seed + 1000)
-    fn, _, l2 = estimator(run)
-    est = fn(members).tolist()
+    names_of = [[n for n, m in zip(run.sources, row.tolist()) if m] for row in members]
+    equal_steps = None if recipe == "finetune" else cfg.refit.max_steps is not None  # refit: epochs unless capped
+    fn, _, l2 = estimator(run, equal_steps)
+    est = dict(zip(map(tuple, names_of), fn(members).tolist()))
     base = run.meta_model()
     theta = trainable_vector(base)
     reference = _Reference(run, base)
-    jobs = [(i, s) for i in range(len(members)) for s in range(seeds)]
-    finished = {(d["subset"], d["seed"]) for d in done}
-    for i, s in tqdm(jobs, desc="validate (real fine-tunes)"):
-        if (i, s) in finished:
-            continue
-        names = [n for n, m in zip(run.sources, members[i].tolist()) if m]
-        model = run.meta_model()
-        recipe = TrainConfig(**{**cfg.refit.__dict__, "seed": cfg.refit.seed + s})
-        t0 = time.perf_counter()
-        history = train(model, run.tokens, run.train_indices(names), recipe, run.pad_id, cfg.model.precision,
-                        desc=f"subset {i} seed {s}", progress=False)
-        adapter = out / "refits" / key / f"subset-{i}-seed-{s}.pt"
-        save_trainable(model, adapter)
-        row = {"fingerprint": key, "subset": i, "seed": s, "members": names, **reference.measure(model, names, s),
-               "step": ((trainable_vector(model) - theta).norm() / theta.norm()).item(),
-               "steps": len(history), "seconds": round(time.perf_counter() - t0, 1),
-               "adapter": str(adapter.relative_to(run.dir))}
+    finished = {(tuple(d["members"]), d["seed"]) for d in done}
+    jobs = [(names, s) for names in names_of for s in range(seeds) if (tuple(names), s) not in finished]
+    for names, s in tqdm(jobs, desc=f"validate ({recipe}: real fine-tunes)"):
+        model, info = _real_finetune(run, recipe, names, s, out, key)
+        row = {"fingerprint": key, "recipe": recipe, "seed": s, "members": names,
+               **reference.measure(model, names, s),
+               "step": ((trainable_vector(model) - theta).norm() / theta.norm()).item(), **info}
         with done_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         done.append(row)
+    wanted = set(est)
+    done = [d for d in done if tuple(d["members"]) in wanted and d["seed"] < seeds]
     output = cfg.gradients.output
-    result = _compare(done, est, reference.theta_losses[output], l2, output)
+    result = {"recipe": recipe, "recipe_description": recipe_label(run, recipe),
+              **_compare(done, est, reference.theta_losses[output], l2, output)}
     if cfg.estimate.mode == "linear":
-        result["sweep"] = _sweep(run, members, done, output)
-    (run.dir / "validation.json").write_text(json.dumps(result, indent=2))
+        result["sweep"] = _sweep(run, members, done, output, weighting(run, equal_steps))
+    for path in (run.dir / "validation.json", run.dir / f"validation-{recipe}.json"):
+        path.write_text(json.dumps(result, indent=2))
     _plot_validation(result, run.dir / "validation.png")
-    log(f"validation: spearman {result['spearman']:.3f}, error {result['mean_abs_rel_error']:.4f}, "
-        f"seed noise {result['seed_noise']:.4f}, constant predictor {result['constant_error']:.4f}, ranking by "
-        f"subset size alone {result['size_spearman']:.3f}; real "
-        f"fine-tunes change their own training outputs by {result['real_output_change']:.3f} RMS (median)")
+    log(f"validation against {result['recipe_description']}: spearman {result['spearman']:.3f}, pearson "
+        f"{result['pearson']:.3f}, error {result['mean_abs_rel_error']:.4f}, seed noise {result['seed_noise']:.4f}, "
+        f"constant predictor {result['constant_error']:.4f}, ranking by subset size alone {result['size_spearman']:.3f}; "
+        f"real fine-tunes change their own training outputs by {result['real_output_change']:.3f} RMS (median)")
     if "sweep" in result:
-        best = min(result["sweep"], key=lambda r: r["mean_abs_rel_error"])
+        best = min((r for r in result["sweep"] if r["in_use"]), key=lambda r: r["mean_abs_rel_error"])
         by_change = cfg.estimate.l2 is None and cfg.estimate.step_size is None
         log(f"estimate.output_change sweep (validation.json): lowest error {best['mean_abs_rel_error']:.4f} at "
             f"{best['output_change']} (spearman {best['spearman']:.3f}); this run's l2 "
@@ -262,32 +299,38 @@ class _Reference:
         return {"losses": losses, "output_change": change}
 
 
-def _sweep(run: Run, members: torch.Tensor, done: list[dict], output: str) -> list[dict]:
-    """Re-estimate the validated subsets at several `estimate.output_change` values (linear mode)."""
+def _sweep(run: Run, members: torch.Tensor, done: list[dict], output: str, weights: str) -> list[dict]:
+    """Re-estimate the validated subsets at several `estimate.output_change` values (linear mode),
+    under both weightings (`weights` is the one in use)."""
     from gradex.estimate import calibrate_l2, estimate
     from gradex.pipeline import problem
 
     prob = problem(run)
+    names = [tuple(n for n, m in zip(run.sources, row.tolist()) if m) for row in members]
     rows = []
     for value in SWEEP:
         l2 = calibrate_l2(prob, output_change=value)
-        found = _compare(done, estimate(prob, members, l2).loss.tolist(), math.nan, l2, output)
-        rows.append({"output_change": value, "l2": l2, "spearman": found["spearman"],
-                     "mean_abs_rel_error": found["mean_abs_rel_error"]})
+        for w in ("sum", "mean"):
+            loss = estimate(prob, members, l2, weighting=w).loss.tolist()
+            found = _compare(done, dict(zip(names, loss)), math.nan, l2, output)
+            rows.append({"output_change": value, "weighting": w, "in_use": w == weights, "l2": l2,
+                         "spearman": found["spearman"], "pearson": found["pearson"],
+                         "mean_abs_rel_error": found["mean_abs_rel_error"]})
     return rows
 
 
-def _compare(done: list[dict], est: list[float], theta_loss: float, l2: float, output: str) -> dict:
+def _compare(done: list[dict], est: dict[tuple[str, ...], float], theta_loss: float, l2: float, output: str) -> dict:
+    """Estimates (by members) against the real fine-tunes of the same subsets, with the yardsticks."""
     from scipy.stats import pearsonr, spearmanr
 
-    by_subset: dict[int, list[dict]] = {}
+    by_subset: dict[tuple[str, ...], list[dict]] = {}
     for d in done:
-        by_subset.setdefault(d["subset"], []).append(d)
+        by_subset.setdefault(tuple(d["members"]), []).append(d)
     rows = []
-    for i, runs in sorted(by_subset.items()):
+    for names, runs in sorted(by_subset.items()):
         runs = sorted(runs, key=lambda r: r["seed"])
         losses = [r["losses"][output] for r in runs]
-        rows.append({"subset": i, "members": runs[0]["members"], "estimate": est[i], "real": float(np.mean(losses)),
+        rows.append({"members": list(names), "estimate": est[names], "real": float(np.mean(losses)),
                      "seeds": losses, "real_step": float(np.mean([r["step"] for r in runs])),
                      "real_output_change": float(np.mean([r["output_change"][output] for r in runs]))})
     real = np.array([r["real"] for r in rows])

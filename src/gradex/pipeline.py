@@ -1,6 +1,6 @@
 """The stages of a run, each a function of the config that reads and writes the run directory.
 
-    prepare -> meta-train -> gradients -> estimate -> select -> finetune -> evaluate
+    prepare -> meta-train -> gradients -> estimate -> select -> finetune -> compare -> report
 
 Each stage records the fingerprint of everything it depends on in `<dir>/stage.json`; a stage whose
 fingerprint is unchanged is skipped, and a stage that changes invalidates the ones after it (their
@@ -9,6 +9,7 @@ fingerprints include its own). Long stages (training, gradients) resume from par
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,10 +26,8 @@ import torch
 from gradex import config as config_mod
 from gradex.config import Config
 from gradex.data import Example, Tokenized, check_lengths, load_examples, read_examples, save_examples, tokenize
-from gradex.model import load_base, load_tokenizer, load_trainable, make_trainable, save_trainable, trainable_vector
-
-FINAL_RUNS = ("selected", "all", "target")  # the selected mix and the two obvious baselines
-
+from gradex.model import (load_base, load_tokenizer, load_trainable, make_trainable, resolve_precision, save_trainable,
+                          trainable_vector)
 
 def log(msg: str) -> None:
     if launch_rank() == 0:
@@ -67,6 +66,11 @@ class Run:
         return self.tokenizer.pad_token_id
 
     @cached_property
+    def precision(self) -> str:
+        """The precision this machine runs (`model.precision` with `auto` resolved)."""
+        return resolve_precision(self.cfg.model.precision)
+
+    @cached_property
     def sources(self) -> list[str]:
         """Auxiliary source names in config order (column j of a subset = source j)."""
         target = self.cfg.data.target.name
@@ -97,20 +101,13 @@ class Run:
         if stage == "prepare":
             return config_mod.fingerprint(c.model.name, c.model.gguf_file, c.model.max_length, c.data)
         if stage == "meta":
-            return config_mod.fingerprint(self.fp("prepare"), c.model, c.meta)
+            return config_mod.fingerprint(self.fp("prepare"), c.model, self.precision, c.meta)
         if stage == "gradients":  # Adam's preconditioner is measured on the refit recipe's batches
             batches = (c.refit.batch_size, c.refit.seed) if c.gradients.preconditioner == "adam" else None
             return config_mod.fingerprint(self.fp("meta"), c.gradients, batches)
         if stage in ("estimate", "select"):
-            return config_mod.fingerprint(self.fp("gradients"), c.estimate, c.select)
-        if stage == "finetune":
-            return config_mod.fingerprint(self.fp("prepare"), c.model, c.finetune, self.selected())
-        if stage == "evaluate":  # its `loss` is the estimated quantity, which the output defines
-            return config_mod.fingerprint(self.fp("finetune"), c.gradients.output)
+            return config_mod.fingerprint(self.fp("gradients"), c.estimate, c.select, weighting(self))
         raise KeyError(stage)
-
-    def selected(self) -> list[str]:
-        return json.loads((self.dir / "selection.json").read_text())["selected"]
 
     def done(self, stage: str, where: Path) -> bool:
         info = _stage_info(where)
@@ -184,7 +181,7 @@ def meta_train(cfg: Config, force: bool = False) -> Path:
     model = run.fresh_model(seed=cfg.meta.seed)
     idx = run.train_indices(run.sources)
     t0 = time.perf_counter()
-    history = train(model, run.tokens, idx, cfg.meta, run.pad_id, cfg.model.precision, checkpoint, desc="meta-train")
+    history = train(model, run.tokens, idx, cfg.meta, run.pad_id, run.precision, checkpoint, desc="meta-train")
     save_trainable(model, out / "adapter.pt")
     write_log(history, out / "log.jsonl")
     checkpoint.unlink(missing_ok=True)
@@ -207,6 +204,7 @@ def gradients(cfg: Config, force: bool = False) -> Path:
     if not force and run.done("gradients", out):
         return out
     _, world = distributed()
+    t0 = time.perf_counter()
     run.begin("gradients", out, force)
     barrier(world)  # no rank writes a shard before rank 0 has cleared a stale store
     model = run.meta_model()
@@ -218,7 +216,7 @@ def gradients(cfg: Config, force: bool = False) -> Path:
 
             moments = preconditioner.second_moments(
                 model, run.tokens, run.train_indices(run.sources), run.pad_id, cfg.refit.batch_size,
-                cfg.gradients.preconditioner_batches, cfg.model.precision, seed=cfg.refit.seed)
+                cfg.gradients.preconditioner_batches, run.precision, seed=cfg.refit.seed)
             preconditioner.save(moments, out / PRECONDITIONER_FILE)
         barrier(world)  # every rank projects with rank 0's preconditioner
     projector = make_run_projector(run, model)
@@ -227,9 +225,9 @@ def gradients(cfg: Config, force: bool = False) -> Path:
     extra = {"model": cfg.model.name, "finetune": cfg.model.finetune, "adapter_sha256": meta["adapter_sha256"],
              "theta_norm": trainable_vector(model).norm().item()}
     compute_store(model, run.tokens, idx, run.pad_id, out, projector, batch_size=cfg.gradients.batch_size,
-                  chunk_size=cfg.gradients.chunk_size, precision=cfg.model.precision, manifest_extra=extra,
+                  chunk_size=cfg.gradients.chunk_size, precision=run.precision, manifest_extra=extra,
                   output=cfg.gradients.output)
-    run.mark("gradients", out, examples=len(idx))
+    run.mark("gradients", out, examples=len(idx), seconds=round(time.perf_counter() - t0, 1))
     return out
 
 
@@ -284,11 +282,23 @@ def regularization(run: Run, prob) -> float:
     return calibrate_l2(prob, output_change=est.output_change)
 
 
-def estimator(run: Run) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[dict], float]:
+def weighting(run: Run, equal_steps: bool | None = None) -> str:
+    """`estimate.weighting` with `auto` resolved to the weighting that models the deployed fine-tune:
+    mean when every mix gets the same number of steps (default: as the finetune budget says), else sum."""
+    if run.cfg.estimate.weighting != "auto":
+        return run.cfg.estimate.weighting
+    if equal_steps is None:
+        equal_steps = run.cfg.finetune.budget == "equal" or run.cfg.finetune.max_steps is not None
+    return "mean" if equal_steps else "sum"
+
+
+def estimator(run: Run, equal_steps: bool | None = None,
+              stage: str = "select") -> tuple[Callable[[torch.Tensor], torch.Tensor], list[dict], float]:
     """A function subsets (k, n) bool -> estimated target validation loss (k,), and its record.
 
-    Every call appends one row per subset to the record (members, estimate, implied step, mode,
-    seconds), which becomes estimates.parquet.
+    equal_steps: whether the modelled fine-tune gives every mix the same steps (`weighting`). Every
+    call appends one row per subset to the record (members, estimate, implied step, mode, seconds,
+    and the `stage` that asked), which becomes estimates.parquet.
     """
     from gradex.estimate import estimate
 
@@ -297,18 +307,21 @@ def estimator(run: Run) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[di
     rows: list[dict] = []
     names = run.sources
     mode = run.cfg.estimate.mode
+    weights = weighting(run, equal_steps)
     fingerprint = run.fp("select")
     reconstruct = Reconstructor(run) if mode == "reconstruct" else None
 
     def fn(subsets: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        est = estimate(prob, subsets, l2, newton_steps=run.cfg.estimate.newton_steps, tol=run.cfg.estimate.tol)
+        est = estimate(prob, subsets, l2, newton_steps=run.cfg.estimate.newton_steps, tol=run.cfg.estimate.tol,
+                       weighting=weights)
         loss = reconstruct(est.z) if reconstruct else est.loss
         seconds = (time.perf_counter() - t0) / max(1, len(subsets))
         for member, value, step, change in zip(subsets.tolist(), loss.tolist(), est.step.tolist(),
                                                 est.change.tolist()):
             rows.append({"members": [n for n, m in zip(names, member) if m], "size": sum(member),
                          "estimate": value, "step": step, "output_change": change, "mode": mode, "l2": l2,
+                         "weighting": weights, "stage": stage,
                          "seconds": seconds, "fingerprint": fingerprint})
         return loss
 
@@ -336,7 +349,7 @@ class Reconstructor:
         losses = []
         for row in tqdm(z, desc="reconstruct", leave=False):
             set_trainable_vector(self.model, self.theta + self.projector.lift(row))
-            u, _ = outputs(self.model, self.run.tokens, self.val, self.run.pad_id, self.run.cfg.model.precision,
+            u, _ = outputs(self.model, self.run.tokens, self.val, self.run.pad_id, self.run.precision,
                            self.run.cfg.gradients.output)
             losses.append(loss_from_outputs(u))
         set_trainable_vector(self.model, self.theta)
@@ -369,104 +382,312 @@ def estimate(cfg: Config, subsets: list[list[str]] | None = None) -> list[dict]:
         if unknown:
             raise config_mod.ConfigError(f"estimate: unknown source(s) {unknown}; sources: {names}")
         members = torch.tensor([[name in subset for name in names] for subset in subsets], dtype=torch.bool)
-    fn, rows, l2 = estimator(run)
+    fn, rows, l2 = estimator(run, stage="estimate")
     fn(members)
     _save_estimates(run, rows)
     return rows
 
 
-def select(cfg: Config, force: bool = False) -> dict:
-    """Select sources by their estimates; writes selection.json and appends to estimates.parquet."""
+def selection(run: Run, method: str, fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+    """Select sources by `method` from the run's estimates: the body of selection.json.
+
+    fn: the estimator (`estimator(run)[0]`), built here when not given."""
     from gradex import select as select_mod
 
+    if fn is None:
+        fn, _, _ = estimator(run)
+    n, sc = len(run.sources), run.cfg.select
+    t0 = time.perf_counter()
+    if method == "ensemble":
+        sel = select_mod.ensemble(fn, n, sc.subsets, sc.alpha, sc.seed, top_k=sc.top_k)
+    elif method == "effects":
+        sel = select_mod.effects(fn, n, sc.subsets, sc.seed)
+    elif method == "exhaustive":
+        if n > select_mod.EXHAUSTIVE_LIMIT:
+            raise config_mod.ConfigError(f"select.method: exhaustive search needs at most "
+                                         f"{select_mod.EXHAUSTIVE_LIMIT} sources, this run has {n}; use forward")
+        sel = select_mod.exhaustive(fn, n)
+    else:
+        sel = getattr(select_mod, method)(fn, n)
+    body = sel.to_dict()
+    body.update({"sources": run.sources, "selected": [run.sources[j] for j in sel.selected],
+                 "source_scores": dict(zip(run.sources, sel.scores)), "mode": run.cfg.estimate.mode,
+                 "worse_than_target": sel.worse_than_target, "seconds": round(time.perf_counter() - t0, 3)})
+    for step in body["history"]:  # name the sources that the method saw as column numbers
+        for key in ("source", "members"):
+            if key in step:
+                step[key] = run.sources[step[key]] if key == "source" else [run.sources[j] for j in step[key]]
+        if "candidates" in step:
+            step["candidates"] = {run.sources[int(j)]: v for j, v in step["candidates"].items()}
+    return body
+
+
+def select(cfg: Config, force: bool = False) -> dict:
+    """Select sources by their estimates; writes selection.json and appends to estimates.parquet."""
     run = prepare(cfg)
     gradients(cfg)
     if not force and run.done("select", run.dir / "select"):
         return json.loads((run.dir / "selection.json").read_text())
     fn, rows, l2 = estimator(run)
-    n, sc = len(run.sources), cfg.select
-    t0 = time.perf_counter()
-    if sc.method == "ensemble":
-        sel = select_mod.ensemble(fn, n, sc.subsets, sc.alpha, sc.seed, top_k=sc.top_k)
-    else:
-        sel = getattr(select_mod, sc.method)(fn, n)
-    seconds = time.perf_counter() - t0
-    body = sel.to_dict()
-    body.update({"sources": run.sources, "selected": [run.sources[j] for j in sel.selected],
-                 "source_scores": dict(zip(run.sources, sel.scores)), "l2": l2, "mode": cfg.estimate.mode,
-                 "estimated_subsets": len(rows), "seconds": round(seconds, 3)})
+    body = selection(run, cfg.select.method, fn)
+    body.update({"l2": l2, "estimated_subsets": len(rows)})
     (run.dir / "selection.json").write_text(json.dumps(body, indent=2))
     _save_estimates(run, rows)
-    run.mark("select", run.dir / "select", subsets=len(rows), seconds=round(seconds, 3))
-    log(f"estimated {len(rows)} subsets in {seconds:.2f} s ({cfg.estimate.mode} mode, l2={l2:.3g}); "
+    run.mark("select", run.dir / "select", subsets=len(rows), seconds=body["seconds"])
+    log(f"estimated {len(rows)} subsets in {body['seconds']:.2f} s ({cfg.estimate.mode} mode, l2={l2:.3g}); "
         f"selected {body['selected']}")
+    if body["worse_than_target"]:
+        log("warning: the selected sources are estimated to make the target worse than fine-tuning on the "
+            "target alone (selection.json, reason); consider select.method exhaustive, forward or effects")
     return body
 
 
-def finetune(cfg: Config, force: bool = False, runs: tuple[str, ...] = FINAL_RUNS) -> Path:
-    """Fine-tune the base model on target + selected sources (and the two baselines)."""
+# ---------------------------------------------------------------------------- fine-tunes of mixes
+
+def budget_steps(run: Run) -> int | None:
+    """The optimizer steps of every fine-tune under the equal budget: `finetune.max_steps`, else the
+    steps `finetune.epochs` passes over the all-sources mix take. None under `budget: epochs`
+    without max_steps (each mix then takes `epochs` passes over its own data)."""
+    from gradex.train import total_steps
+
+    f = run.cfg.finetune
+    if f.max_steps is not None:
+        return f.max_steps
+    if f.budget == "epochs":
+        return None
+    return total_steps(f, len(run.train_indices(run.sources)))
+
+
+def recipe_summary(run: Run) -> dict:
+    """What every fine-tune of a mix gets, in numbers and in words."""
+    f = run.cfg.finetune
+    steps = budget_steps(run)
+    start = "from theta* (the meta-initialization)" if f.init == "theta_star" else "from the base model"
+    budget = (f"{steps} optimizer steps per fine-tune (equal budget)" if steps is not None else
+              f"{f.epochs:g} epochs over each mix's own data (UNEQUAL budget: bigger mixes get more steps)")
+    return {"init": f.init, "budget": f.budget, "steps": steps, "epochs": f.epochs, "lr": f.lr,
+            "batch_size": f.batch_size, "description": f"{budget}, {start}, lr {f.lr:g}, batch {f.batch_size}"}
+
+
+def finetune_recipe(run: Run) -> tuple[str, Any]:
+    """(key, recipe): the finetune recipe with the budget's steps filled in, and a key for everything
+    that shapes a fine-tune of a mix except its members and seed (data, model, precision, start)."""
+    c = run.cfg
+    recipe = dataclasses.replace(c.finetune, max_steps=budget_steps(run))
+    start = _stage_info(run.dir / "meta").get("adapter_sha256") if c.finetune.init == "theta_star" else "base"
+    return config_mod.fingerprint(run.fp("prepare"), c.model, run.precision, recipe, start, c.gradients.output), recipe
+
+
+def finetune_key(run: Run, members: list[str], seed: int) -> str:
+    return config_mod.fingerprint(finetune_recipe(run)[0], sorted(members), seed)
+
+
+def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finetune") -> dict:
+    """Fine-tune on target train + `members` with the finetune recipe at seed offset `seed`, then
+    evaluate on the target validation and test splits.
+
+    Kept in finetunes/<key>/ (adapter, log, result.json), so any stage that needs the same
+    fine-tune (the final model, compare, validate) reuses it; an interrupted one resumes from its
+    checkpoint."""
+    from gradex.evaluate import evaluate as evaluate_model
     from gradex.train import train, write_log
 
+    key = finetune_key(run, members, seed)
+    recipe = dataclasses.replace(finetune_recipe(run)[1], seed=run.cfg.finetune.seed + seed)
+    where = run.dir / "finetunes" / key
+    done = where / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    model = run.meta_model() if run.cfg.finetune.init == "theta_star" else run.fresh_model(seed=recipe.seed)
+    idx = run.train_indices(members)
+    t0 = time.perf_counter()
+    history = train(model, run.tokens, idx, recipe, run.pad_id, run.precision, where / "checkpoint.pt", desc=desc)
+    seconds = time.perf_counter() - t0
+    save_trainable(model, where / "adapter.pt")
+    write_log(history, where / "log.jsonl")
+    t0 = time.perf_counter()
+    metrics = {split: evaluate_model(model, run.tokenizer, run.examples, run.tokens, run.indices(split),
+                                     run.precision, desc=f"{desc} {split}", output=run.cfg.gradients.output)
+               for split in ("validation", "test")}
+    result = {"key": key, "members": [s for s in run.sources if s in set(members)], "seed": seed,
+              "init": run.cfg.finetune.init, "steps": len(history), "examples": len(idx),
+              "seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
+              "adapter": str((where / "adapter.pt").relative_to(run.dir)), **metrics}
+    _write_json(done, result)
+    (where / "checkpoint.pt").unlink(missing_ok=True)
+    return result
+
+
+def _write_json(path: Path, body: Any) -> None:
+    """Write JSON atomically: a killed process leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body, indent=2))
+    tmp.replace(path)
+
+
+def finetune(cfg: Config, force: bool = False) -> dict:
+    """The deliverable: the finetune recipe on target + selected sources, copied to final/ with its
+    validation and test metrics (final/metrics.json)."""
     run = prepare(cfg)
-    select(cfg)
+    members = select(cfg)["selected"]
+    key = finetune_key(run, members, 0)
+    if force:
+        shutil.rmtree(run.dir / "finetunes" / key, ignore_errors=True)
+    result = finetune_mix(run, members, 0, desc="finetune[selected]")
     out = run.dir / "final"
-    if not force and run.done("finetune", out):
-        return out
-    members = {"selected": run.selected(), "all": run.sources, "target": []}
-    for name in runs:
-        where = out / name
-        if not force and run.done("finetune", where):
-            continue
-        run.begin("finetune", where, force)
-        model = run.fresh_model(seed=cfg.finetune.seed)
-        idx = run.train_indices(members[name])
-        history = train(model, run.tokens, idx, cfg.finetune, run.pad_id, cfg.model.precision,
-                        where / "checkpoint.pt", desc=f"finetune[{name}]")
-        save_trainable(model, where / "adapter.pt")
-        write_log(history, where / "log.jsonl")
-        (where / "checkpoint.pt").unlink(missing_ok=True)
-        run.mark("finetune", where, members=members[name], steps=len(history), examples=len(idx))
-        log(f"fine-tuned [{name}] on {len(idx)} examples in {len(history)} steps")
-    run.mark("finetune", out, runs=list(runs))
-    return out
+    previous = out / "metrics.json"
+    if force or not previous.exists() or json.loads(previous.read_text()).get("key") != key:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run.dir / result["adapter"], out / "adapter.tmp")
+        (out / "adapter.tmp").replace(out / "adapter.pt")
+        _write_json(previous, {**result, "recipe": recipe_summary(run)})
+        log(f"fine-tuned the selection ({len(members)} sources, {result['examples']} examples) in "
+            f"{result['steps']} steps: test {result['test']['metric']} {result['test']['score']:.3f}, "
+            f"test loss {result['test']['loss']:.4f}")
+    return json.loads(previous.read_text())
 
 
 def evaluate(cfg: Config, force: bool = False) -> dict:
-    """Target validation and test metrics of theta* and of every final model (final/metrics.json)."""
-    from gradex.evaluate import evaluate as evaluate_model
+    """Validation and test metrics of the final model (final/metrics.json)."""
+    return finetune(cfg, force)
+
+
+# ---------------------------------------------------------------------------- compare
+
+def _similarity(run: Run, kind: str) -> dict[str, float]:
+    """Per-source similarity for a baseline, cached in compare/<kind>.json by what it was computed from."""
+    from gradex.baselines import similarity_scores
+
+    inputs = run.fp("gradients") if kind == "gradient" else (run.fp("prepare"), run.cfg.model.name)
+    key = config_mod.fingerprint(kind, inputs)
+    path = run.dir / "compare" / f"{kind}.json"
+    if path.exists() and json.loads(path.read_text())["key"] == key:
+        return json.loads(path.read_text())["scores"]
+    scores = similarity_scores(kind, run)
+    _write_json(path, {"key": key, "scores": scores})
+    return scores
+
+
+def candidate_mixes(run: Run, body: dict, seeds: int, extra: dict[str, list[str]] | None = None) -> tuple[list, dict]:
+    """The mixes compare fine-tunes: the selection, other selection methods, baselines, named mixes.
+
+    Returns (mixes, similarity scores per similarity baseline)."""
+    from gradex.baselines import random_mix, top_k
+    from gradex.compare import SELECTED, Mix
+
+    c = run.cfg
+    chosen = body["selected"]
+    k = len(chosen)
+    mixes = [Mix(SELECTED, "selection", [chosen] * seeds, f"select.method {c.select.method}")]
+    fn = None
+    for method in c.compare.methods:
+        if method == c.select.method:
+            continue
+        if fn is None:
+            fn, _, _ = estimator(run)
+        other = selection(run, method, fn)["selected"]
+        mixes.append(Mix(f"gradex[{method}]", "selection", [other] * seeds, f"select.method {method}"))
+    similarity = {}
+    for b in c.compare.baselines:
+        if b == "all":
+            mixes.append(Mix("all", "baseline", [list(run.sources)] * seeds, "every source"))
+        elif b == "target":
+            mixes.append(Mix("target", "baseline", [[]] * seeds, "the target alone"))
+        elif b == "random":
+            draws = [random_mix(run.sources, k, f"{c.select.seed}:random:{s}") for s in range(seeds)]
+            mixes.append(Mix("random", "baseline", draws, f"{k} random sources, drawn afresh per seed"))
+        else:
+            similarity[b] = _similarity(run, b)
+            note = ("top-k by cosine of mean projected gradients with the target's (LESS-style)" if b == "gradient"
+                    else "top-k by cosine of mean hidden states with the target's")
+            mixes.append(Mix(b, "baseline", [top_k(similarity[b], k)] * seeds, note))
+    for name, members in {**c.compare.mixes, **(extra or {})}.items():
+        unknown = sorted(set(members) - set(run.sources))
+        if unknown:
+            raise config_mod.ConfigError(f"compare mix {name!r}: unknown source(s) {unknown}; sources: {run.sources}")
+        if any(m.name == name for m in mixes):
+            raise config_mod.ConfigError(f"compare mix {name!r}: the name is taken; choose another")
+        mixes.append(Mix(name, "user", [[s for s in run.sources if s in members]] * seeds, "named by the user"))
+    return mixes, similarity
+
+
+COMPARE_FORMAT = 1  # bump when compare.json changes shape, so cached results are recomputed
+
+
+def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] | None = None,
+            force: bool = False) -> dict:
+    """Fine-tune every candidate mix with the finetune recipe and budget over `seeds` seeds
+    (default compare.seeds), evaluate on the target test split, and compare each with the selection.
+
+    Writes compare.json (the table, the verdict, every fine-tune) and compare.parquet (one row per
+    mix and seed). Fine-tunes are cached by what shapes them, so more seeds or another mix later
+    costs only the new fine-tunes; `force` re-runs them all."""
+    import pandas as pd
+
+    from gradex import compare as cmp
 
     run = prepare(cfg)
-    finetune(cfg)
-    out = run.dir / "final"
-    path = out / "metrics.json"
-    if not force and path.exists() and json.loads(path.read_text()).get("fingerprint") == run.fp("evaluate"):
+    body = select(cfg)
+    final = finetune(cfg)
+    k = seeds or cfg.compare.seeds
+    candidates, similarity = candidate_mixes(run, body, k, mixes)
+    jobs = [(m, s) for m in candidates for s in range(k)]
+    keys = {(m.name, s): finetune_key(run, m.members[s], s) for m, s in jobs}
+    if force:
+        for key in set(keys.values()) - {final["key"]}:
+            shutil.rmtree(run.dir / "finetunes" / key, ignore_errors=True)
+    fingerprint = config_mod.fingerprint(sorted(keys.items()), [m.__dict__ for m in candidates], COMPARE_FORMAT)
+    path = run.dir / "compare.json"
+    if not force and path.exists() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
         return json.loads(path.read_text())
-    results: dict[str, Any] = {"fingerprint": run.fp("evaluate"), "models": {}}
-    val, test = run.indices("validation"), run.indices("test")
-    for name in FINAL_RUNS:
-        model = run.fresh_model()
-        load_trainable(model, out / name / "adapter.pt")
-        results["models"][name] = {
-            "members": json.loads((out / name / "stage.json").read_text())["members"],
-            "validation": evaluate_model(model, run.tokenizer, run.examples, run.tokens, val, cfg.model.precision,
-                                         desc=f"evaluate[{name}]", output=cfg.gradients.output),
-            "test": evaluate_model(model, run.tokenizer, run.examples, run.tokens, test, cfg.model.precision,
-                                   desc=f"test[{name}]", output=cfg.gradients.output),
-        }
-    path.write_text(json.dumps(results, indent=2))
-    return results
+    todo = len({key for key in keys.values() if not (run.dir / "finetunes" / key / "result.json").exists()})
+    log(f"compare: {len(candidates)} mixes x {k} seed(s) = {len(jobs)} fine-tunes, {todo} to train "
+        f"({recipe_summary(run)['description']})")
+    rows = []
+    for m, s in jobs:
+        res = finetune_mix(run, m.members[s], s, desc=f"compare[{m.name} seed {s}]")
+        rows.append({"mix": m.name, "kind": m.kind, "seed": s, "members": res["members"], "size": len(res["members"]),
+                     "steps": res["steps"], "examples": res["examples"], "seconds": res["seconds"],
+                     "validation_loss": res["validation"]["loss"], "test_loss": res["test"]["loss"],
+                     "test_score": res["test"]["score"], "key": res["key"]})
+    summary = cmp.summarize(candidates, rows)
+    metric = final["test"]["metric"]
+    meta = _stage_info(run.dir / "meta")
+    grads = _stage_info(run.dir / "store")
+    stage_seconds = {"meta-train": meta.get("seconds"), "gradients": grads.get("seconds"),
+                     "select": _stage_info(run.dir / "select").get("seconds")}
+    known = [v for v in stage_seconds.values() if v is not None]
+    result = {"fingerprint": fingerprint, "seeds": k, "recipe": recipe_summary(run), "metric": metric, "test_examples": final["test"]["examples"],
+              "selection": {"method": cfg.select.method, "selected": body["selected"], "reason": body["reason"]},
+              "similarity": similarity, "mixes": summary, "verdict": cmp.verdict(summary, metric.replace("_", " ")),
+              "cost": {"stages_seconds": stage_seconds,
+                       "selection_seconds": sum(known) if len(known) == len(stage_seconds) else None,
+                       "finetune_seconds": final["seconds"]},
+              "rows": rows}
+    _write_json(path, result)
+    pd.DataFrame(rows).to_parquet(run.dir / "compare.parquet")
+    return result
 
 
 def run_all(cfg: Config, force: bool = False) -> dict:
-    """Every stage in order; returns the summary that `gradex run` prints."""
+    """Every stage in order, the comparison at compare.run_seeds seeds included; returns the summary
+    that `gradex run` prints."""
     t0 = time.perf_counter()
     prepare(cfg, force)
     meta_train(cfg, force)
     gradients(cfg, force)
-    selection = select(cfg, force)
-    finetune(cfg, force)
-    metrics = evaluate(cfg, force)
-    summary = {"run_dir": str(cfg.run_dir), "selection": selection, "metrics": metrics,
-               "seconds": round(time.perf_counter() - t0, 1)}
-    (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    body = select(cfg, force)
+    final = finetune(cfg, force)
+    result = compare(cfg, seeds=cfg.compare.run_seeds)
+    summary = {"run_dir": str(cfg.run_dir), "selection": body, "final": final, "compare": result,
+               "report": str(report(cfg)), "seconds": round(time.perf_counter() - t0, 1)}
+    _write_json(cfg.run_dir / "summary.json", summary)
     return summary
+
+
+def report(cfg: Config, force: bool = False) -> Path:
+    """report.html from whatever the run directory holds (cheap: always rebuilt)."""
+    from gradex import report as report_mod
+
+    return report_mod.write(cfg.run_dir)

@@ -1,0 +1,102 @@
+"""The obvious answers gradex's selection is compared with: mixes chosen without the estimates.
+
+- all sources, the target alone;
+- a random mix of the same size as the selection (drawn afresh for each fine-tuning seed);
+- gradient similarity (as in LESS): the cosine between a source's mean projected gradient and the
+  target's, read from the store, so it sees the same gradients the estimates do;
+- representation similarity: the cosine between the mean last-layer hidden state of a source's
+  examples and the target's, under the base model.
+
+Both similarity baselines score the target's validation examples, which is what the selection is
+judged on, and keep the top k sources, k = the size of gradex's selection.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gradex.data import Tokenized, batches
+
+
+def random_mix(sources: Sequence[str], k: int, seed: str) -> list[str]:
+    """k sources drawn uniformly without replacement, deterministic from `seed`, in source order."""
+    picked = set(random.Random(seed).sample(range(len(sources)), k))
+    return [s for j, s in enumerate(sources) if j in picked]
+
+
+def top_k(scores: dict[str, float], k: int) -> list[str]:
+    """The k sources with the highest similarity (ties broken by source order), in source order."""
+    names = list(scores)
+    best = set(sorted(names, key=lambda s: (-scores[s], names.index(s)))[:k])
+    return [s for s in names if s in best]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
+
+
+def mean_cosines(features: np.ndarray, groups: Sequence[str], sources: Sequence[str], target: str) -> dict[str, float]:
+    """Cosine between each source's mean feature row and the target's mean row.
+
+    features: (N, d) one row per example; groups: each row's source name (the target's rows carry
+    `target`). A source with no rows is an error: its similarity would be meaningless.
+    """
+    groups = np.asarray(groups)
+    reference = features[groups == target]
+    if len(reference) == 0:
+        raise ValueError(f"no rows of the target {target!r} to compare the sources with")
+    ref = reference.astype(np.float64).mean(0)
+    out = {}
+    for s in sources:
+        rows = features[groups == s]
+        if len(rows) == 0:
+            raise ValueError(f"source {s!r} has no rows")
+        out[s] = _cosine(rows.astype(np.float64).mean(0), ref)
+    return out
+
+
+@torch.no_grad()
+def mean_hidden_states(model: torch.nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int], pad_id: int,
+                       batch_size: int = 32, desc: str = "representations") -> np.ndarray:
+    """(len(indices), hidden) mean over each example's tokens (prompt and answer) of the last hidden layer."""
+    from gradex.model import language_model
+
+    lm = language_model(model)
+    rows = []
+    for batch in tqdm(list(batches(tokens, list(indices), batch_size, pad_id)), desc=desc, leave=False):
+        hidden = lm.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        mask = batch.attention_mask[..., None].to(hidden.dtype)
+        rows.append(((hidden * mask).sum(1) / mask.sum(1)).float())
+    return torch.cat(rows).numpy()
+
+
+def similarity_scores(kind: str, run: Any) -> dict[str, float]:
+    """Per-source similarity to the target's validation examples: kind `gradient` or `representation`."""
+    target = run.cfg.data.target.name
+    reference = f"{target}:validation"
+
+    def group(i: int) -> str:  # a source's name, or the target's split
+        e = run.examples[i]
+        return e.source if e.source != target else f"{target}:{e.split}"
+
+    if kind == "gradient":
+        from gradex.gradients import Store
+
+        store = Store.open(run.dir / "store")
+        index = store.index.tolist()
+        return mean_cosines(np.asarray(store.x), [group(i) for i in index], run.sources, reference)
+    if kind == "representation":
+        from gradex.model import load_base
+
+        idx = run.train_indices(run.sources) + run.indices("validation")
+        model = load_base(run.cfg.model)
+        model.eval()
+        features = mean_hidden_states(model, run.tokens, idx, run.pad_id)
+        return mean_cosines(features, [group(i) for i in idx], run.sources, reference)
+    raise ValueError(f"unknown similarity {kind!r}")

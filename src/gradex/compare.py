@@ -1,0 +1,160 @@
+"""Does the selection beat the obvious answers? Equal-budget fine-tunes of every candidate mix, over seeds.
+
+Every mix is fine-tuned with the `finetune` recipe (same init, same number of optimizer steps under
+the default equal budget) with seeds 0..k-1, then evaluated on the target test split. For each
+baseline, the difference to gradex's selection is taken seed by seed (seed s of the baseline against
+seed s of the selection: same data order and adapter initialization where the mixes allow it),
+and a 95% Student-t interval of the mean paired difference says whether the gap is beyond the
+noise of fine-tuning. The random baseline draws a fresh mix for every seed, so its interval
+covers the choice of mix as well as the seed.
+
+This module holds the pure part (which mixes, the statistics, the table and the verdict);
+`gradex.pipeline.compare` runs the fine-tunes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+SELECTED = "selected"  # the mix gradex deploys: the selection of `select.method`
+
+
+@dataclass
+class Mix:
+    """A candidate mix: its name, what made it, and its sources for each seed."""
+
+    name: str
+    kind: str  # selection | baseline | user
+    members: list[list[str]]  # members[s] = the sources fine-tuned with seed s
+    note: str = ""
+
+
+def paired_interval(diffs: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """Mean, standard deviation and the Student-t interval of the mean of paired differences.
+
+    With one pair there is no spread to measure: the interval is None, and no verdict can be drawn.
+    """
+    from scipy.stats import t
+
+    d = np.asarray(diffs, dtype=np.float64)
+    n = len(d)
+    mean = float(d.mean()) if n else math.nan
+    if n < 2:
+        return {"n": n, "mean": mean, "sd": None, "low": None, "high": None}
+    sd = float(d.std(ddof=1))
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else None, "values": v.tolist()}
+
+
+def judge(interval: dict[str, Any]) -> str:
+    """`better` / `worse` when the interval excludes 0 (positive = gradex's selection better), else `tie`;
+    `untested` without an interval (one seed)."""
+    if interval["low"] is None:
+        return "untested"
+    if interval["low"] > 0:
+        return "better"
+    if interval["high"] < 0:
+        return "worse"
+    return "tie"
+
+
+def summarize(mixes: Sequence[Mix], rows: Sequence[dict]) -> list[dict]:
+    """Per mix: test loss and metric over seeds, and the paired difference to the selection.
+
+    rows: one per (mix, seed) with keys mix, seed, test_loss, test_score. Differences are oriented so
+    that positive means gradex's selection did better: baseline loss - selection loss, and
+    selection score - baseline score.
+    """
+    by = {(r["mix"], r["seed"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows if r["mix"] == SELECTED})
+    out = []
+    for mix in mixes:
+        mine = [by[(mix.name, s)] for s in seeds if (mix.name, s) in by]
+        entry: dict[str, Any] = {"name": mix.name, "kind": mix.kind, "note": mix.note, "members": mix.members,
+                                 "sizes": [len(m) for m in mix.members], "seeds": [r["seed"] for r in mine],
+                                 "test_loss": spread([r["test_loss"] for r in mine]),
+                                 "test_score": spread([r["test_score"] for r in mine]),
+                                 "validation_loss": spread([r["validation_loss"] for r in mine])}
+        if mix.name != SELECTED:
+            pairs = [(by[(SELECTED, s)], by[(mix.name, s)]) for s in seeds if (mix.name, s) in by]
+            loss = paired_interval([b["test_loss"] - a["test_loss"] for a, b in pairs])
+            score = paired_interval([a["test_score"] - b["test_score"] for a, b in pairs])
+            entry.update(diff_loss=loss, diff_score=score, verdict_loss=judge(loss), verdict_score=judge(score))
+        out.append(entry)
+    return out
+
+
+def verdict(summary: Sequence[dict], metric: str) -> str:
+    """One sentence: which baselines the selection beat, tied and lost to, on the loss and the metric."""
+    others = [m for m in summary if m["name"] != SELECTED]
+    if not others:
+        return "nothing to compare the selection with"
+    if all(m["verdict_loss"] == "untested" for m in others):
+        n = len(summary[0]["seeds"]) if summary else 0
+        return (f"{n} seed per mix: differences have no interval, so no verdict; `gradex compare` "
+                f"fine-tunes more seeds (compare.seeds)")
+    parts = []
+    for key, label in (("verdict_loss", "test loss"), ("verdict_score", f"test {metric}")):
+        groups: dict[str, list[str]] = {}
+        for m in others:
+            groups.setdefault(m[key], []).append(m["name"])
+        said = []
+        if groups.get("better"):
+            said.append(f"beat {', '.join(groups['better'])} beyond seed noise")
+        if groups.get("tie"):
+            said.append(f"tied {', '.join(groups['tie'])} within the 95% interval")
+        if groups.get("worse"):
+            said.append(f"lost to {', '.join(groups['worse'])} beyond seed noise")
+        parts.append(f"on {label} gradex's selection " + "; ".join(said))
+    return ". ".join(parts) + "."
+
+
+def fmt_number(value: float | None, fmt: str = ".3f", signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, ("+" if signed else "") + fmt)
+
+
+def fmt_interval(d: dict | None) -> str:
+    if d is None:
+        return ""
+    if d["low"] is None:
+        return fmt_number(d["mean"], signed=True)
+    return f"{fmt_number(d['mean'], signed=True)} [{fmt_number(d['low'], signed=True)}, {fmt_number(d['high'], signed=True)}]"
+
+
+def format_table(result: dict) -> str:
+    """The comparison as text: one line per mix, then the verdict."""
+    r = result["recipe"]
+    metric = result["metric"]
+    lines = [f"compare: {result['seeds']} seed(s) per mix, {r['description']}; target test split "
+             f"({result['test_examples']} examples)",
+             f"{'mix':<22} {'sources':>7} {'test loss (sd)':>16} {metric + ' (sd)':>18} "
+             f"{'loss: gain [95% CI]':>28} {metric + ': gain [95% CI]':>30}"]
+    for m in result["mixes"]:
+        size = m["sizes"][0] if len(set(m["sizes"])) == 1 else f"{min(m['sizes'])}-{max(m['sizes'])}"
+        loss, score = m["test_loss"], m["test_score"]
+        lines.append(f"{m['name']:<22} {size!s:>7} {fmt_number(loss['mean']):>8} ({fmt_number(loss['sd']):>5})"
+                     f" {fmt_number(score['mean']):>10} ({fmt_number(score['sd']):>5})"
+                     f" {fmt_interval(m.get('diff_loss')):>28} {fmt_interval(m.get('diff_score')):>30}")
+    lines.append("gain: the baseline's loss minus the selection's (or the selection's score minus the "
+                 "baseline's), paired by seed; positive = gradex's selection better")
+    cost = result.get("cost") or {}
+    if cost.get("selection_seconds") is not None:
+        lines.append(f"cost of the selection (meta-train + gradients + select): {cost['selection_seconds']:.0f} s; "
+                     f"one fine-tune: {fmt_number(cost.get('finetune_seconds'), '.0f')} s")
+    lines.append("verdict: " + result["verdict"])
+    return "\n".join(lines)
+
+
+def to_dict(mixes: Sequence[Mix]) -> list[dict]:
+    return [asdict(m) for m in mixes]
