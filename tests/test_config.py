@@ -38,6 +38,17 @@ def test_default_config_loads_and_fingerprint_is_stable():
     ({"meta": {"epochs": "three"}}, "meta.epochs: expected float"),
     ({"model": {"finetune": "qlora"}}, "model.finetune: 'qlora' is not one of"),
     ({"select": {"alpha": 1.5}}, "select.alpha"),
+    ({"meta": {"lr": -1}}, "meta.lr: must be positive, got -1"),
+    ({"finetune": {"max_steps": 0}}, "finetune: batch_size and max_steps must be at least 1"),
+    ({"refit": {"warmup": 1.5}}, "refit: weight_decay must be >= 0 and warmup in [0, 1)"),
+    ({"data": {"per_source": 0}}, "data.per_source: must be at least 1, got 0"),
+    ({"finetune": {"init": "scratch"}}, "finetune.init: 'scratch' is not one of"),
+    ({"finetune": {"budget": "tokens"}}, "finetune.budget: 'tokens' is not one of"),
+    ({"estimate": {"weighting": "median"}}, "estimate.weighting: 'median' is not one of"),
+    ({"select": {"method": "greedy"}}, "select.method: 'greedy' is not one of"),
+    ({"compare": {"baselines": ["all", "oracle"]}}, "compare.baselines: 'oracle' is not one of"),
+    ({"compare": {"seeds": 0}}, "compare.seeds: must be at least 1, got 0"),
+    ({"compare": {"mixes": ["a", "b"]}}, "compare.mixes: expected a mapping"),
 ])
 def test_schema_errors_name_the_key(raw, message):
     base = config.to_dict(config.load())
@@ -135,3 +146,20 @@ def test_template_and_splits(tmp_path, tiny_model_dir):
     assert len({e.row for e in target}) == 30  # no row lands in two splits
     assert target[0].prompt.startswith("Q: ") and target[0].prompt.endswith("\nA:")
     assert target[0].answer.startswith(" ")
+
+
+def test_yaml_numbers_in_any_notation_and_overrides_that_name_the_key(tmp_path):
+    cfg = config.load(overrides=["estimate.tol=1e-4", "finetune.lr=2e-4"])  # YAML 1.1 reads both as strings
+    assert cfg.estimate.tol == 1e-4 and cfg.finetune.lr == 2e-4
+    with pytest.raises(ConfigError, match=r"override 'name.x=1': name is a value, not a section"):
+        config.load(overrides=["name.x=1"])
+    with pytest.raises(ConfigError, match=r"data.sources\[0\] \(add2\): limit must be at least 1"):
+        config.load(overrides=["data.sources=[{name: add2, bigbench: arithmetic/2_digit_addition, limit: 0}]"])
+
+
+def test_the_resolved_config_loads_back_as_it_is(tmp_path):
+    cfg = config.load(overrides=["meta.epochs=1", "compare.mixes={mine: [add2, add4]}"])
+    config.dump(cfg, tmp_path / "config.yaml")
+    again = config.load(tmp_path / "config.yaml")
+    assert config.fingerprint(again) == config.fingerprint(cfg) and again.compare.mixes == {"mine": ["add2", "add4"]}
+    assert f"fingerprint {config.fingerprint(cfg)}" in (tmp_path / "config.yaml").read_text().splitlines()[0]

@@ -247,6 +247,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
@@ -273,8 +278,10 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"override {item!r}: expected key=value, e.g. meta.epochs=2")
         node = raw
         *parents, leaf = key.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parents[:depth + 1])} is a value, not a section")
         node[leaf] = yaml.safe_load(value)
     return from_dict(raw)
 
@@ -313,10 +320,25 @@ def validate(cfg: Config) -> None:
         if getattr(t, split) < 1:
             raise ConfigError(f"data.target.{split}: needs at least 1 example")
     for key, value in [("model.max_length", cfg.model.max_length), ("gradients.dim", cfg.gradients.dim),
-                       ("gradients.batch_size", cfg.gradients.batch_size), ("meta.batch_size", cfg.meta.batch_size),
-                       ("finetune.batch_size", cfg.finetune.batch_size), ("select.subsets", cfg.select.subsets)]:
+                       ("gradients.batch_size", cfg.gradients.batch_size), ("select.subsets", cfg.select.subsets)]:
         if value < 1:
             raise ConfigError(f"{key}: must be positive, got {value}")
+    for section in ("meta", "finetune", "refit"):
+        recipe: TrainConfig = getattr(cfg, section)
+        for key in ("epochs", "lr"):
+            if not getattr(recipe, key) > 0:
+                raise ConfigError(f"{section}.{key}: must be positive, got {getattr(recipe, key)}")
+        if recipe.batch_size < 1 or (recipe.max_steps is not None and recipe.max_steps < 1):
+            raise ConfigError(f"{section}: batch_size and max_steps must be at least 1, got "
+                              f"{recipe.batch_size} and {recipe.max_steps}")
+        if recipe.weight_decay < 0 or not 0 <= recipe.warmup < 1:
+            raise ConfigError(f"{section}: weight_decay must be >= 0 and warmup in [0, 1), got "
+                              f"{recipe.weight_decay} and {recipe.warmup}")
+    for i, src in enumerate(cfg.data.sources):
+        if src.limit is not None and src.limit < 1:
+            raise ConfigError(f"data.sources[{i}] ({src.name}): limit must be at least 1, got {src.limit}")
+    if cfg.data.per_source is not None and cfg.data.per_source < 1:
+        raise ConfigError(f"data.per_source: must be at least 1, got {cfg.data.per_source}")
     if not 0 < cfg.select.alpha < 1:
         raise ConfigError(f"select.alpha: must be in (0, 1), got {cfg.select.alpha}")
     for key in ("output_change", "step_size", "l2"):
@@ -338,8 +360,6 @@ def validate(cfg: Config) -> None:
     for m in cfg.compare.methods:
         if m not in SELECT_METHODS:
             raise ConfigError(f"compare.methods: {m!r} is not one of {list(SELECT_METHODS)}")
-    if cfg.finetune.max_steps is not None and cfg.finetune.max_steps < 1:
-        raise ConfigError(f"finetune.max_steps: must be at least 1, got {cfg.finetune.max_steps}")
     if cfg.gradients.preconditioner_batches < 1:
         raise ConfigError(f"gradients.preconditioner_batches: must be positive, got {cfg.gradients.preconditioner_batches}")
 
