@@ -11,6 +11,7 @@ import pytest
 from conftest import arithmetic_rows, write_jsonl
 from gradex import config, pipeline
 from gradex.cli import main
+from gradex.compare import format_table
 
 
 @pytest.fixture()
@@ -234,3 +235,26 @@ def test_gradients_stage_under_a_two_process_launch_equals_one_process(cfg, tmp_
     assert manifest["world_size"] == 2
     for name, array in reference.items():
         np.testing.assert_array_equal(np.load(single / f"{name}.npy"), array)
+
+
+def test_compare_caches_fine_tunes_labels_unequal_budgets_and_checks_named_mixes(cfg, capsys):
+    cfg.compare.baselines = ["all", "random"]
+    first = pipeline.compare(cfg, seeds=2, mixes={"mine": ["mul"]})
+    names = [m["name"] for m in first["mixes"]]
+    assert names == ["selected", "all", "random", "mine"] and first["seeds"] == 2
+    assert all(m["seeds"] == [0, 1] for m in first["mixes"])
+    assert "equal budget" in first["recipe"]["description"]
+    trained = sorted(p.name for p in (cfg.run_dir / "finetunes").iterdir())
+    again = pipeline.compare(cfg, seeds=2, mixes={"mine": ["mul"]})
+    assert again["fingerprint"] == first["fingerprint"]
+    assert sorted(p.name for p in (cfg.run_dir / "finetunes").iterdir()) == trained  # nothing retrained
+    # the epochs recipe: each mix takes epochs over its own data, and the table says it is unequal
+    cfg.finetune.budget = "epochs"
+    unequal = pipeline.compare(cfg, seeds=1)
+    assert all(r["steps"] == -(-r["examples"] // 8) for r in unequal["rows"])  # one epoch of its own data
+    assert {r["mix"]: r["steps"] for r in unequal["rows"]}["all"] == 12
+    assert "UNEQUAL" in unequal["recipe"]["description"] and "UNEQUAL" in format_table(unequal)
+    with pytest.raises(config.ConfigError, match=r"compare mix 'bad': unknown source\(s\) \['nope'\]"):
+        pipeline.compare(cfg, seeds=1, mixes={"bad": ["nope"]})
+    assert main(["compare", str(_write(cfg)), "--seeds", "1", "--mix", "bad"]) == 2
+    assert "expected NAME=A,B" in capsys.readouterr().err

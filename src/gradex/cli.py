@@ -15,7 +15,9 @@ STAGES: dict[str, tuple[str, Callable[..., object]]] = {
     "meta-train": ("multitask-train on target + all sources: theta*", pipeline.meta_train),
     "gradients": ("projected per-example gradients at theta* into the store", pipeline.gradients),
     "select": ("estimate subsets and select sources (selection.json)", pipeline.select),
-    "finetune": ("fine-tune on target + selected sources: the final model (final/)", pipeline.finetune),
+    "finetune": ("fine-tune on target + selected sources: the final model (final/), with the finetune recipe "
+                 "(finetune.init; finetune.budget equal by default: the steps all sources need for "
+                 "finetune.epochs, the same for every mix)", pipeline.finetune),
     "evaluate": ("validation and test metrics of the final model", pipeline.evaluate),
     "report": ("write report.html: scores, selection, validation, comparison, costs", pipeline.report),
 }
@@ -44,7 +46,16 @@ def parser() -> argparse.ArgumentParser:
                      help="a comma-separated list of sources ('' for the target alone); repeatable. "
                           "Default: none, all, each source alone, all but each source")
     cmp = sub.add_parser("compare", help="fine-tune the selection and every baseline with the same recipe and "
-                                         "step budget over seeds; paired differences with 95%% intervals")
+                                         "step budget over seeds; paired differences with 95%% intervals",
+                         description="Fine-tune gradex's selection and each baseline of compare.baselines (all "
+                                     "sources, the target alone, a random mix of the same size drawn afresh per "
+                                     "seed, gradient and representation similarity top-k) with the finetune "
+                                     "recipe. Under finetune.budget: equal (the default) every mix gets the same "
+                                     "number of optimizer steps: finetune.max_steps, or the steps finetune.epochs "
+                                     "passes over all sources take; under `epochs` each mix takes epochs over its "
+                                     "own data and the table says the budget is unequal. Writes compare.json and "
+                                     "compare.parquet; fine-tunes are cached, so more seeds later cost only the "
+                                     "new ones.")
     _common(cmp)
     cmp.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds per mix (default: compare.seeds)")
     cmp.add_argument("--mix", action="append", default=[], metavar="NAME=A,B,...",
