@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gradex.atomic import write_json
 from gradex.config import Config, TrainConfig, fingerprint
 from gradex.data import batches
 from gradex.evaluate import loss_from_outputs, outputs
@@ -252,7 +253,7 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2, recipe: str = "finetune")
     if cfg.estimate.mode == "linear":
         result["sweep"] = _sweep(run, members, done, output, weighting(run, equal_steps))
     for path in (run.dir / "validation.json", run.dir / f"validation-{recipe}.json"):
-        path.write_text(json.dumps(result, indent=2))
+        write_json(path, result)
     _plot_validation(result, run.dir / "validation.png")
     log(f"validation against {result['recipe_description']}: spearman {result['spearman']:.3f}, pearson "
         f"{result['pearson']:.3f}, error {result['mean_abs_rel_error']:.4f}, seed noise {result['seed_noise']:.4f}, "

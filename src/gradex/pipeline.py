@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from gradex import config as config_mod
+from gradex.atomic import write_json
 from gradex.config import Config
 from gradex.data import Example, Tokenized, check_lengths, load_examples, read_examples, save_examples, tokenize
 from gradex.model import (load_base, load_tokenizer, load_trainable, make_trainable, resolve_precision, save_trainable,
@@ -118,7 +119,7 @@ class Run:
             return
         where.mkdir(parents=True, exist_ok=True)
         body = {"stage": stage, "fingerprint": self.fp(stage), "status": status, **info}
-        (where / "stage.json").write_text(json.dumps(body, indent=2))
+        write_json(where / "stage.json", body)
 
     def begin(self, stage: str, where: Path, force: bool) -> None:
         """Start (or resume) a stage: partial work made from other inputs must not be resumed."""
@@ -431,7 +432,7 @@ def select(cfg: Config, force: bool = False) -> dict:
     fn, rows, l2 = estimator(run)
     body = selection(run, cfg.select.method, fn)
     body.update({"l2": l2, "estimated_subsets": len(rows)})
-    (run.dir / "selection.json").write_text(json.dumps(body, indent=2))
+    write_json(run.dir / "selection.json", body)
     _save_estimates(run, rows)
     run.mark("select", run.dir / "select", subsets=len(rows), seconds=body["seconds"])
     log(f"estimated {len(rows)} subsets in {body['seconds']:.2f} s ({cfg.estimate.mode} mode, l2={l2:.3g}); "
@@ -513,17 +514,9 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
               "init": run.cfg.finetune.init, "steps": len(history), "examples": len(idx),
               "seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
               "adapter": str((where / "adapter.pt").relative_to(run.dir)), **metrics}
-    _write_json(done, result)
+    write_json(done, result)
     (where / "checkpoint.pt").unlink(missing_ok=True)
     return result
-
-
-def _write_json(path: Path, body: Any) -> None:
-    """Write JSON atomically: a killed process leaves the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(body, indent=2))
-    tmp.replace(path)
 
 
 def finetune(cfg: Config, force: bool = False) -> dict:
@@ -541,7 +534,7 @@ def finetune(cfg: Config, force: bool = False) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run.dir / result["adapter"], out / "adapter.tmp")
         (out / "adapter.tmp").replace(out / "adapter.pt")
-        _write_json(previous, {**result, "recipe": recipe_summary(run)})
+        write_json(previous, {**result, "recipe": recipe_summary(run)})
         log(f"fine-tuned the selection ({len(members)} sources, {result['examples']} examples) in "
             f"{result['steps']} steps: test {result['test']['metric']} {result['test']['score']:.3f}, "
             f"test loss {result['test']['loss']:.4f}")
@@ -565,7 +558,7 @@ def _similarity(run: Run, kind: str) -> dict[str, float]:
     if path.exists() and json.loads(path.read_text())["key"] == key:
         return json.loads(path.read_text())["scores"]
     scores = similarity_scores(kind, run)
-    _write_json(path, {"key": key, "scores": scores})
+    write_json(path, {"key": key, "scores": scores})
     return scores
 
 
@@ -665,7 +658,7 @@ def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] |
                        "selection_seconds": sum(known) if len(known) == len(stage_seconds) else None,
                        "finetune_seconds": final["seconds"]},
               "rows": rows}
-    _write_json(path, result)
+    write_json(path, result)
     pd.DataFrame(rows).to_parquet(run.dir / "compare.parquet")
     return result
 
@@ -682,7 +675,7 @@ def run_all(cfg: Config, force: bool = False) -> dict:
     result = compare(cfg, seeds=cfg.compare.run_seeds)
     summary = {"run_dir": str(cfg.run_dir), "selection": body, "final": final, "compare": result,
                "report": str(report(cfg)), "seconds": round(time.perf_counter() - t0, 1)}
-    _write_json(cfg.run_dir / "summary.json", summary)
+    write_json(cfg.run_dir / "summary.json", summary)
     return summary
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradex.atomic import write_bytes
 from gradex.data import Tokenized, collate
 from gradex.gradients.compute import GradientComputer
 from gradex.gradients.projectors import Projector
@@ -77,12 +78,6 @@ class Store:
 
 def _sha256(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -162,7 +157,7 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
     if rank == 0:
         out_dir.joinpath("shards").mkdir(parents=True, exist_ok=True)
         if not (out_dir / "plan.json").exists():
-            _atomic_write_bytes(out_dir / "plan.json", json.dumps(plan, indent=2, sort_keys=True).encode())
+            write_bytes(out_dir / "plan.json", json.dumps(plan, indent=2, sort_keys=True).encode())
         for stale in out_dir.rglob("*.tmp*"):  # left by a killed run; nothing writes yet
             stale.unlink(missing_ok=True)
     barrier(world)
@@ -266,7 +261,7 @@ def _merge(out_dir: Path, chunks: list[list[int]], plan: dict, extra: dict, worl
         },
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
-    _atomic_write_bytes(out_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
+    write_bytes(out_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
     shutil.rmtree(out_dir / "shards", ignore_errors=True)
 
 
