@@ -33,7 +33,7 @@ from gradex.compare import SELECTED, format_table
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ("default", "corrupted")
 # The corrupted sources of examples/corrupted.yaml, fixed when the example was built.
-CORRUPTED = ("sub2_shuffled", "sub4_shuffled", "sub3_plus_one")
+CORRUPTED = ("add2_shuffled", "add4_shuffled", "add3_plus_one")
 
 
 def key_name(mix: str) -> str:

@@ -163,3 +163,20 @@ def test_the_resolved_config_loads_back_as_it_is(tmp_path):
     again = config.load(tmp_path / "config.yaml")
     assert config.fingerprint(again) == config.fingerprint(cfg) and again.compare.mixes == {"mine": ["add2", "add4"]}
     assert f"fingerprint {config.fingerprint(cfg)}" in (tmp_path / "config.yaml").read_text().splitlines()[0]
+
+
+def test_dataclass_defaults_are_the_shipped_default():
+    """A partial YAML means "the default plus my changes": the dataclasses and default.yaml agree on
+    every setting except the data itself (which sources, which target task)."""
+    from dataclasses import asdict
+
+    ours, shipped = asdict(config.Config()), asdict(config.load())
+    for section in ours:
+        if section in ("data", "name"):
+            continue
+        assert ours[section] == shipped[section], section
+    data, shipped_data = ours["data"], shipped["data"]
+    for key in ("seed", "per_source"):
+        assert data[key] == shipped_data[key], key
+    for key in ("train", "validation", "test"):
+        assert data["target"][key] == shipped_data["target"][key], key

@@ -29,7 +29,13 @@ def test_default_pipeline_small(tmp_path):
     assert set(sel["source_scores"]) == {"add2", "add3_plus_one", "plural"}
     store = (tmp_path / "small" / "store" / "manifest.json").read_text()
     assert '"model": "smollm2"' in store
-    models = summary["metrics"]["models"]
     # the real model answers some 3-digit sums after a few LoRA steps; loss must be finite and sane
-    for m in models.values():
-        assert 0 < m["validation"]["loss"] < 5 and 0 <= m["test"]["score"] <= 1
+    final = summary["final"]
+    assert 0 < final["validation"]["loss"] < 5 and 0 <= final["test"]["score"] <= 1
+    rows = summary["compare"]["rows"]
+    # the comparison at the run's seeds: every mix got the same number of optimizer steps
+    assert {r["mix"] for r in rows} >= {"selected", "all", "target"}
+    assert len({r["steps"] for r in rows}) == 1
+    for r in rows:
+        assert 0 < r["test_loss"] < 5 and 0 <= r["test_score"] <= 1
+    assert (tmp_path / "small" / "report.html").exists()

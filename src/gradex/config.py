@@ -69,7 +69,7 @@ class SourceConfig:
 
 @dataclass
 class TargetConfig(SourceConfig):
-    train: int = 64
+    train: int = 48
     validation: int = 64
     test: int = 100
 
@@ -102,9 +102,11 @@ class TrainConfig:
 class FinetuneConfig(TrainConfig):
     """The recipe of the final fine-tune, also used for every mix `gradex compare` fine-tunes."""
 
-    # base: fine-tune the pretrained model | theta_star: continue from the meta-initialization, the
-    # model the estimates linearize around (docs/method.md, section 5, says which was measured better)
-    init: str = "base"
+    # theta_star: continue from the meta-initialization, the model the estimates linearize around
+    # (measured better on both shipped examples at equal steps: docs/method.md, section 6) | base:
+    # fine-tune the pretrained model
+    init: str = "theta_star"
+    lr: float = 2e-4  # theta* is already trained; 1e-3 (the base-init recipe) overshoots from there
     # equal: every mix gets the same number of optimizer steps, `max_steps` or else the steps that
     # `epochs` passes over the all-sources mix take | epochs: `epochs` passes over each mix's own
     # data, so bigger mixes get more steps (an unequal comparison, labelled as such)
