@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gradex.baselines import mean_cosines, random_mix, top_k
-from gradex.compare import SELECTED, Mix, judge, paired_interval, summarize, verdict
+from gradex.compare import SELECTED, Mix, estimate_check, judge, paired_interval, summarize, verdict
 
 
 def test_paired_interval_matches_scipys_one_sample_t_interval():
@@ -42,6 +42,21 @@ def test_summarize_pairs_by_seed_and_orients_gains_towards_the_selection():
     assert "on test loss gradex's selection beat all" in text and "tied random within the 95% interval" in text
     single = summarize(mixes, [r for r in rows if r["seed"] == 0])
     assert "no verdict" in verdict(single, "exact match")
+
+
+def test_estimate_check_scores_each_distinct_mix_once_against_its_seed_mean():
+    def row(members, seed, est, real):
+        return {"members": members, "seed": seed, "estimate": est, "validation_loss": real}
+
+    rows = [row(["a"], 0, 0.30, 0.32), row(["a"], 1, 0.30, 0.28),  # real mean 0.30: error 0
+            row(["b"], 0, 0.20, 0.25), row([], 0, 0.50, 0.40), row(["a", "b"], 0, 0.10, 0.20)]
+    got = estimate_check(rows)
+    est, real = [0.30, 0.20, 0.50, 0.10], [0.30, 0.25, 0.40, 0.20]
+    assert got["mixes"] == 4
+    assert got["spearman"] == pytest.approx(1.0)
+    assert got["pearson"] == pytest.approx(np.corrcoef(est, real)[0, 1])
+    assert got["mean_abs_rel_error"] == pytest.approx(np.mean([0, 0.05 / 0.25, 0.1 / 0.4, 0.1 / 0.2]))
+    assert estimate_check(rows[:3]) is None  # two distinct mixes: no correlation to speak of
 
 
 def test_random_mixes_are_seeded_and_of_the_requested_size():

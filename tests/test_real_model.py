@@ -24,7 +24,7 @@ def test_default_pipeline_small(tmp_path):
     cfg.data.sources = [s for s in cfg.data.sources if s.name in ("add2", "add3_plus_one", "plural")]
     summary = pipeline.run_all(cfg)
     text = format_summary(summary)
-    assert "selected (ensemble, linear estimates)" in text
+    assert "selected (exhaustive, linear estimates)" in text  # select.method best, 3 sources
     sel = summary["selection"]
     assert set(sel["source_scores"]) == {"add2", "add3_plus_one", "plural"}
     store = (tmp_path / "small" / "store" / "manifest.json").read_text()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import numpy as np
 import torch
 
 from gradex.estimate import calibrate_l2, estimator, synthetic_problem
-from gradex.select import (Selection, backward, effects, ensemble, exhaustive, forward, random_size_subsets,
+from gradex.select import (Selection, backward, best, effects, ensemble, exhaustive, forward, random_size_subsets,
                            sample_subsets)
 
 N = 10
@@ -188,3 +189,18 @@ def test_random_size_subsets_cover_every_size():
     assert (sizes - 1 / 7).abs().max() < 0.03
     assert (s.double().mean(0) - 0.5).abs().max() < 0.03
     assert torch.equal(s, random_size_subsets(6, 4000, seed=1))
+
+
+def test_best_is_exhaustive_up_to_the_limit_and_forward_beyond_it():
+    rng = np.random.default_rng(3)
+    effect = torch.tensor(rng.normal(0, 1, 6))
+
+    def fn(subsets: torch.Tensor) -> torch.Tensor:  # additive: both searches find the negative effects
+        return 1.0 + subsets.double() @ effect
+
+    small = best(fn, 6)
+    assert small.method == "exhaustive" and small.selected == exhaustive(fn, 6).selected
+    assert small.selected == [i for i in range(6) if effect[i] < 0]
+    large = best(fn, 6, limit=4)
+    assert large.method == "forward" and large.selected == forward(fn, 6).selected == small.selected
+    assert "too many to estimate all 2^6 subsets" in large.reason

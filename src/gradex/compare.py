@@ -84,6 +84,8 @@ def summarize(mixes: Sequence[Mix], rows: Sequence[dict]) -> list[dict]:
                                  "test_loss": spread([r["test_loss"] for r in mine]),
                                  "test_score": spread([r["test_score"] for r in mine]),
                                  "validation_loss": spread([r["validation_loss"] for r in mine])}
+        estimates = [r["estimate"] for r in mine if r.get("estimate") is not None]
+        entry["estimate"] = float(np.mean(estimates)) if estimates else None  # of the validation loss
         if mix.name != SELECTED:
             pairs = [(by[(SELECTED, s)], by[(mix.name, s)]) for s in seeds if (mix.name, s) in by]
             loss = paired_interval([b["test_loss"] - a["test_loss"] for a, b in pairs])
@@ -91,6 +93,25 @@ def summarize(mixes: Sequence[Mix], rows: Sequence[dict]) -> list[dict]:
             entry.update(diff_loss=loss, diff_score=score, verdict_loss=judge(loss), verdict_score=judge(score))
         out.append(entry)
     return out
+
+
+def estimate_check(rows: Sequence[dict]) -> dict[str, Any] | None:
+    """How well the estimates predicted the compared fine-tunes: each distinct mix's estimated target
+    validation loss against its real one (mean over seeds), as `gradex validate` does for random
+    subsets. None when fewer than three distinct mixes carry an estimate."""
+    from scipy.stats import pearsonr, spearmanr
+
+    by: dict[tuple[str, ...], list[dict]] = {}
+    for r in rows:
+        if r.get("estimate") is not None:
+            by.setdefault(tuple(r["members"]), []).append(r)
+    if len(by) < 3:
+        return None
+    est = np.array([g[0]["estimate"] for g in by.values()])
+    real = np.array([np.mean([r["validation_loss"] for r in g]) for g in by.values()])
+    return {"mixes": len(by), "spearman": float(spearmanr(est, real).statistic),
+            "pearson": float(pearsonr(est, real).statistic),
+            "mean_abs_rel_error": float(np.mean(np.abs(est - real) / real))}
 
 
 def verdict(summary: Sequence[dict], metric: str) -> str:
@@ -152,6 +173,10 @@ def format_table(result: dict) -> str:
     if cost.get("selection_seconds") is not None:
         lines.append(f"cost of the selection (meta-train + gradients + select): {cost['selection_seconds']:.0f} s; "
                      f"one fine-tune: {fmt_number(cost.get('finetune_seconds'), '.0f')} s")
+    check = result.get("estimate_check")
+    if check:
+        lines.append(f"estimates vs these fine-tunes' validation loss over {check['mixes']} distinct mixes: Spearman "
+                     f"{check['spearman']:.2f}, Pearson {check['pearson']:.2f}, mean error {check['mean_abs_rel_error']:.1%}")
     lines.append("verdict: " + result["verdict"])
     return "\n".join(lines)
 

@@ -151,10 +151,12 @@ class EstimateConfig:
 
 @dataclass
 class SelectConfig:
-    # exhaustive: the best estimated of all 2^n subsets (n <= 16) | forward / backward: stepwise on
-    # the estimates | effects: random subsets of every size, keep each source whose fitted effect
-    # lowers the estimate | ensemble: the paper's rule, keep sources better than the average source
-    method: str = "ensemble"
+    # best: the subset with the lowest estimate, of all 2^n (exhaustive) when n <= 16, else by forward
+    # stepwise (the default: chosen by `compare` on both shipped examples, docs/method.md section 6) |
+    # exhaustive: all 2^n subsets (n <= 16) | forward / backward: stepwise on the estimates | effects:
+    # random subsets of every size, keep each source whose fitted effect lowers the estimate |
+    # ensemble: the paper's rule, keep sources better than the average source
+    method: str = "best"
     subsets: int = 400  # ensemble and effects: sampled subsets
     alpha: float = 0.5  # ensemble: subset size as a share of the sources
     top_k: int | None = None  # ensemble: keep the top_k scores instead
@@ -197,7 +199,7 @@ class Config:
         return Path(self.runs_dir) / self.name
 
 
-SELECT_METHODS = ("ensemble", "effects", "forward", "backward", "exhaustive")
+SELECT_METHODS = ("best", "ensemble", "effects", "forward", "backward", "exhaustive")
 CHOICES = {
     "model.finetune": ("lora", "full"),
     "model.precision": ("auto", "bf16", "fp32"),

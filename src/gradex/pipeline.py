@@ -401,6 +401,8 @@ def selection(run: Run, method: str, fn: Callable[[torch.Tensor], torch.Tensor] 
     t0 = time.perf_counter()
     if method == "ensemble":
         sel = select_mod.ensemble(fn, n, sc.subsets, sc.alpha, sc.seed, top_k=sc.top_k)
+    elif method == "best":
+        sel = select_mod.best(fn, n)
     elif method == "effects":
         sel = select_mod.effects(fn, n, sc.subsets, sc.seed)
     elif method == "exhaustive":
@@ -605,7 +607,7 @@ def candidate_mixes(run: Run, body: dict, seeds: int, extra: dict[str, list[str]
     return mixes, similarity
 
 
-COMPARE_FORMAT = 1  # bump when compare.json changes shape, so cached results are recomputed
+COMPARE_FORMAT = 2  # bump when compare.json changes shape, so cached results are recomputed
 
 
 def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] | None = None,
@@ -644,6 +646,11 @@ def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] |
                      "steps": res["steps"], "examples": res["examples"], "seconds": res["seconds"],
                      "validation_loss": res["validation"]["loss"], "test_loss": res["test"]["loss"],
                      "test_score": res["test"]["score"], "key": res["key"]})
+    fn, _, _ = estimator(run, stage="compare")
+    names = run.sources
+    subsets = torch.tensor([[n in r["members"] for n in names] for r in rows], dtype=torch.bool)
+    for r, value in zip(rows, fn(subsets).tolist() if rows else []):
+        r["estimate"] = value
     summary = cmp.summarize(candidates, rows)
     metric = final["test"]["metric"]
     meta = _stage_info(run.dir / "meta")
@@ -653,7 +660,8 @@ def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] |
     known = [v for v in stage_seconds.values() if v is not None]
     result = {"fingerprint": fingerprint, "seeds": k, "recipe": recipe_summary(run), "metric": metric, "test_examples": final["test"]["examples"],
               "selection": {"method": cfg.select.method, "selected": body["selected"], "reason": body["reason"]},
-              "similarity": similarity, "mixes": summary, "verdict": cmp.verdict(summary, metric.replace("_", " ")),
+              "similarity": similarity, "mixes": summary, "estimate_check": cmp.estimate_check(rows),
+              "verdict": cmp.verdict(summary, metric.replace("_", " ")),
               "cost": {"stages_seconds": stage_seconds,
                        "selection_seconds": sum(known) if len(known) == len(stage_seconds) else None,
                        "finetune_seconds": final["seconds"]},
