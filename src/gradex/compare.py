@@ -95,23 +95,31 @@ def summarize(mixes: Sequence[Mix], rows: Sequence[dict]) -> list[dict]:
     return out
 
 
+def agreement(estimates: Sequence[float], real: Sequence[float]) -> dict[str, float]:
+    """Spearman and Pearson correlation (NaN below three points) and mean absolute relative error of
+    estimated against real losses: the figures `gradex validate` and `gradex compare` report."""
+    from scipy.stats import pearsonr, spearmanr
+
+    est, real = np.asarray(estimates, dtype=np.float64), np.asarray(real, dtype=np.float64)
+    enough = len(real) > 2
+    return {"spearman": float(spearmanr(est, real).statistic) if enough else math.nan,
+            "pearson": float(pearsonr(est, real).statistic) if enough else math.nan,
+            "mean_abs_rel_error": float(np.mean(np.abs(est - real) / real))}
+
+
 def estimate_check(rows: Sequence[dict]) -> dict[str, Any] | None:
     """How well the estimates predicted the compared fine-tunes: each distinct mix's estimated target
     validation loss against its real one (mean over seeds), as `gradex validate` does for random
     subsets. None when fewer than three distinct mixes carry an estimate."""
-    from scipy.stats import pearsonr, spearmanr
-
     by: dict[tuple[str, ...], list[dict]] = {}
     for r in rows:
         if r.get("estimate") is not None:
             by.setdefault(tuple(r["members"]), []).append(r)
     if len(by) < 3:
         return None
-    est = np.array([g[0]["estimate"] for g in by.values()])
-    real = np.array([np.mean([r["validation_loss"] for r in g]) for g in by.values()])
-    return {"mixes": len(by), "spearman": float(spearmanr(est, real).statistic),
-            "pearson": float(pearsonr(est, real).statistic),
-            "mean_abs_rel_error": float(np.mean(np.abs(est - real) / real))}
+    est = [g[0]["estimate"] for g in by.values()]
+    real = [float(np.mean([r["validation_loss"] for r in g])) for g in by.values()]
+    return {"mixes": len(by), **agreement(est, real)}
 
 
 def verdict(summary: Sequence[dict], metric: str) -> str:

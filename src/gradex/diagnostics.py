@@ -322,7 +322,9 @@ def _sweep(run: Run, members: torch.Tensor, done: list[dict], output: str, weigh
 
 def _compare(done: list[dict], est: dict[tuple[str, ...], float], theta_loss: float, l2: float, output: str) -> dict:
     """Estimates (by members) against the real fine-tunes of the same subsets, with the yardsticks."""
-    from scipy.stats import pearsonr, spearmanr
+    from scipy.stats import spearmanr
+
+    from gradex.compare import agreement
 
     by_subset: dict[tuple[str, ...], list[dict]] = {}
     for d in done:
@@ -339,9 +341,7 @@ def _compare(done: list[dict], est: dict[tuple[str, ...], float], theta_loss: fl
     noise = [abs(r["seeds"][0] - r["seeds"][1]) / np.mean(r["seeds"][:2]) for r in rows if len(r["seeds"]) > 1]
     return {
         "subsets": len(rows), "output": output,
-        "spearman": float(spearmanr(guess, real).statistic) if len(rows) > 2 else math.nan,
-        "pearson": float(pearsonr(guess, real).statistic) if len(rows) > 2 else math.nan,
-        "mean_abs_rel_error": float(np.mean(np.abs(guess - real) / real)),
+        **agreement(guess, real),
         "seed_noise": float(np.mean(noise)) if noise else math.nan,
         "constant_error": float(np.mean(np.abs(theta_loss - real) / real)),
         # a yardstick for the ranking: "more sources (hence more steps) is better", no gradients at all

@@ -368,6 +368,11 @@ def _save_estimates(run: Run, rows: list[dict]) -> None:
     frame.to_parquet(path)
 
 
+def member_mask(names: list[str], subsets: list[list[str]]) -> torch.Tensor:
+    """Subsets named by their sources as the (k, n) bool matrix the estimator takes; column j is names[j]."""
+    return torch.tensor([[name in subset for name in names] for subset in subsets], dtype=torch.bool)
+
+
 def estimate(cfg: Config, subsets: list[list[str]] | None = None) -> list[dict]:
     """Estimate the target validation loss of named subsets (default: none, all, each source alone,
     and all but each source) and append them to estimates.parquet."""
@@ -382,7 +387,7 @@ def estimate(cfg: Config, subsets: list[list[str]] | None = None) -> list[dict]:
         unknown = sorted({s for subset in subsets for s in subset} - set(names))
         if unknown:
             raise config_mod.ConfigError(f"estimate: unknown source(s) {unknown}; sources: {names}")
-        members = torch.tensor([[name in subset for name in names] for subset in subsets], dtype=torch.bool)
+        members = member_mask(names, subsets)
     fn, rows, l2 = estimator(run, stage="estimate")
     fn(members)
     _save_estimates(run, rows)
@@ -647,9 +652,7 @@ def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] |
                      "validation_loss": res["validation"]["loss"], "test_loss": res["test"]["loss"],
                      "test_score": res["test"]["score"], "key": res["key"]})
     fn, _, _ = estimator(run, stage="compare")
-    names = run.sources
-    subsets = torch.tensor([[n in r["members"] for n in names] for r in rows], dtype=torch.bool)
-    for r, value in zip(rows, fn(subsets).tolist() if rows else []):
+    for r, value in zip(rows, fn(member_mask(run.sources, [r["members"] for r in rows])).tolist()):
         r["estimate"] = value
     summary = cmp.summarize(candidates, rows)
     metric = final["test"]["metric"]
