@@ -128,8 +128,11 @@ def bigbench_tasks(tasks: list[str]) -> dict[str, dict]:
     missing = {f"{BIGBENCH_PREFIX}{t.strip('/')}/task.json": t for t, p in paths.items() if not p.exists()}
     if missing:
         sdist = _pip_download(BIGBENCH_PACKAGE, cache_dir() / "downloads" / "bigbench")
+        known: list[str] = []  # every JSON task's name, for the error below; the pass reads them anyway
         with tarfile.open(sdist) as tar:
             for member in tar:
+                if member.name.startswith(BIGBENCH_PREFIX) and member.name.endswith("/task.json"):
+                    known.append(member.name[len(BIGBENCH_PREFIX):-len("/task.json")])
                 task = missing.pop(member.name, None)
                 if task is None:
                     continue
@@ -138,13 +141,17 @@ def bigbench_tasks(tasks: list[str]) -> dict[str, dict]:
                 if not missing:
                     break
         if missing:
-            known = _bigbench_names(sdist)
-            raise FileNotFoundError(f"BIG-bench has no JSON task {sorted(missing.values())}; "
-                                    f"examples of known tasks: {known[:12]} ... ({len(known)} in all)")
+            raise FileNotFoundError(_unknown_tasks(sorted(missing.values()), sorted(known)))
     return {t: json.loads(p.read_text()) for t, p in paths.items()}
 
 
-def _bigbench_names(sdist: Path) -> list[str]:
-    with tarfile.open(sdist) as tar:
-        return sorted(m.name[len(BIGBENCH_PREFIX):-len("/task.json")] for m in tar
-                      if m.name.startswith(BIGBENCH_PREFIX) and m.name.endswith("/task.json"))
+def _unknown_tasks(tasks: list[str], known: list[str]) -> str:
+    """Name the unknown tasks and, for each, the known names closest to it (a typo is the usual cause)."""
+    import difflib
+
+    guesses = []
+    for task in tasks:
+        close = difflib.get_close_matches(task.strip("/"), known, n=3, cutoff=0.6)
+        guesses.append(f"{task!r}: did you mean {' or '.join(map(repr, close))}?" if close else f"{task!r}")
+    return (f"BIG-bench has no JSON task {'; '.join(guesses)} ({len(known)} JSON tasks in all, e.g. "
+            f"{', '.join(known[:3])})")
