@@ -83,6 +83,11 @@ class DataConfig:
     sources_column: str | None = None
     per_source: int | None = 40  # default `limit` for sources that set none
     seed: int = 0
+    # A training example (of a source, or of the target's train split) whose prompt, casefolded and
+    # with whitespace collapsed, equals a target validation or test prompt inflates every score.
+    # drop: leave it out (the next rows of its source fill in) | refuse: an error | warn: keep it.
+    # Either way the data manifest records how many each source had.
+    leakage: str = "drop"
 
 
 @dataclass
@@ -203,6 +208,7 @@ SELECT_METHODS = ("best", "ensemble", "effects", "forward", "backward", "exhaust
 CHOICES = {
     "model.finetune": ("lora", "full"),
     "model.precision": ("auto", "bf16", "fp32"),
+    "data.leakage": ("drop", "refuse", "warn"),
     "gradients.output": ("ce", "mean-logodds"),
     "gradients.projection": ("sparse", "dense", "none"),
     "gradients.preconditioner": ("adam", "none"),
@@ -304,7 +310,8 @@ def validate(cfg: Config) -> None:
         if not src.name:
             raise ConfigError(f"{where}: every source needs a name")
         if (src.bigbench is None) == (src.path is None):
-            raise ConfigError(f"{where}: give exactly one of `bigbench` or `path`")
+            given = "sets both `bigbench` and" if src.path is not None else "sets neither `bigbench` nor"
+            raise ConfigError(f"{where}: {given} `path`; give exactly one")
         if (src.source_column is None) != (src.source_value is None):
             raise ConfigError(f"{where}: `source_column` and `source_value` go together")
         if src.corrupt is not None and src.corrupt not in CORRUPTIONS:
@@ -338,6 +345,9 @@ def validate(cfg: Config) -> None:
         if recipe.weight_decay < 0 or not 0 <= recipe.warmup < 1:
             raise ConfigError(f"{section}: weight_decay must be >= 0 and warmup in [0, 1), got "
                               f"{recipe.weight_decay} and {recipe.warmup}")
+    if cfg.data.target.limit is not None:  # it would be silently ignored
+        raise ConfigError(f"data.target: limit does not apply to the target (its size is train + validation + "
+                          f"test), got {cfg.data.target.limit}")
     for i, src in enumerate(cfg.data.sources):
         if src.limit is not None and src.limit < 1:
             raise ConfigError(f"data.sources[{i}] ({src.name}): limit must be at least 1, got {src.limit}")

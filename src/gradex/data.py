@@ -2,15 +2,21 @@
 
 An `Example` is one (prompt, answer) pair of one source and one split. The target's examples are
 split into train / validation / test; every auxiliary source's examples are training examples.
-Errors name the source, the file and the row, and are raised before any model is loaded.
+Errors name the source, the file and the file's own line (or row), and are raised before any model
+is loaded. A training example whose prompt repeats a target validation or test prompt would inflate
+every score; `data.leakage` says whether such examples are dropped, refused or only reported.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
+import io
 import json
 import random
+import string
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -30,7 +36,16 @@ class Example:
     prompt: str
     answer: str
     choices: tuple[str, ...] = ()
-    row: int = 0  # row in the source's file, for error messages
+    row: int = 0  # the line (JSONL, CSV) or 1-based row (Parquet, datasets) in the source's file
+    origin: str = ""  # file and line, e.g. "data/qa.csv line 5", for error messages
+
+
+class Examples(list[Example]):
+    """load_examples' result: the examples, plus what the leakage check found (for the manifest)."""
+
+    def __init__(self, items: Iterable[Example] = (), leakage: dict[str, Any] | None = None):
+        super().__init__(items)
+        self.leakage: dict[str, Any] = leakage or {}
 
 
 @dataclass(frozen=True)
@@ -49,54 +64,142 @@ class Batch:
 
 # ---------------------------------------------------------------------------- reading sources
 
-def _read_rows(src: SourceConfig, where: str) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Row:
+    """One record of a source, with where it sits in its file, so errors point at the file itself."""
+
+    values: dict[str, Any]
+    number: int  # JSONL, CSV: the physical line the record starts on (CSV header = line 1);
+    # Parquet, datasets folder: the 1-based row; BIG-bench: the 1-based example of task.json
+    origin: str  # e.g. "data/qa.csv line 5", for messages
+
+
+def _one_line(err: BaseException) -> str:
+    """A foreign library's message on one line (the CLI prints every error as one line)."""
+    return " ".join(str(err).split())
+
+
+def _read_text(path: Path, where: str) -> str:
+    """The file as UTF-8 text; a binary or otherwise-encoded file is an error naming the line."""
+    raw = path.read_bytes()
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        hint = " (it is a Parquet file: name it .parquet)" if raw.startswith(b"PAR1") else ""
+        line = raw.count(b"\n", 0, nul) + 1
+        raise ConfigError(f"{where}: {path} line {line}: a NUL byte: this is a binary file, not {path.suffix} "
+                          f"text{hint}")
+    try:
+        return raw.decode("utf-8-sig")  # a leading byte-order mark, as some editors write, is not data
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{where}: {path} line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); "
+                          f"save the file as UTF-8") from err
+
+
+def _jsonl_rows(path: Path, where: str) -> list[Row]:
+    rows = []
+    # split on "\n" only: str.splitlines would also split inside a JSON string holding U+2028
+    for number, line in enumerate(_read_text(path, where).split("\n"), start=1):
+        if not line.strip():
+            continue
+        origin = f"{path} line {number}"
+        try:
+            values = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{where}: {origin}: not valid JSON: {err}") from err
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: {origin}: expected a JSON object, got {type(values).__name__}")
+        rows.append(Row(values, number, origin))
+    return rows
+
+
+def _csv_rows(path: Path, where: str) -> list[Row]:
+    # the csv module rather than pandas: it tells which physical line a record starts on, and a quoted
+    # cell may span lines
+    reader = csv.reader(io.StringIO(_read_text(path, where), newline=""))
+    rows: list[Row] = []
+    header: list[str] | None = None
+    end = 0  # the last physical line read so far
+    try:
+        for record in reader:
+            number, end = end + 1, reader.line_num
+            if not record:  # a blank line
+                continue
+            if header is None:
+                header = record
+                dupes = sorted({c for c in header if header.count(c) > 1})
+                if dupes:
+                    raise ConfigError(f"{where}: {path} line {number}: the header repeats column(s) {dupes}")
+                continue
+            origin = f"{path} line {number}"
+            if len(record) != len(header):
+                raise ConfigError(f"{where}: {origin}: {len(record)} fields, but the header (line 1) has "
+                                  f"{len(header)}")
+            rows.append(Row(dict(zip(header, record)), number, origin))
+    except csv.Error as err:
+        raise ConfigError(f"{where}: {path} line {reader.line_num}: not valid CSV: {_one_line(err)}") from err
+    return rows
+
+
+def _parquet_rows(path: Path, where: str) -> list[Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        records = pq.read_table(path).to_pylist()  # list columns come back as Python lists
+    except (pa.ArrowException, OSError) as err:
+        raise ConfigError(f"{where}: {path}: not a readable Parquet file: {_one_line(err)}") from err
+    return [Row(values, number, f"{path} row {number}") for number, values in enumerate(records, start=1)]
+
+
+def _dataset_rows(path: Path, where: str) -> list[Row]:
+    try:
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:  # noqa: BLE001 - report any reason the folder is unreadable
+        raise ConfigError(f"{where}: {path} is not a `datasets` folder saved with save_to_disk: "
+                          f"{_one_line(err)}") from err
+    if isinstance(ds, datasets.DatasetDict):
+        raise ConfigError(f"{where}: {path} holds several splits {list(ds)}; point `path` at one of them")
+    return [Row(values, number, f"{path} row {number}") for number, values in enumerate(ds.to_list(), start=1)]
+
+
+READERS = {".jsonl": _jsonl_rows, ".json": _jsonl_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
+
+
+def _read_rows(src: SourceConfig, where: str) -> list[Row]:
     if src.bigbench is not None:
         return _bigbench_rows(src.bigbench, where)
     path = Path(src.path)
     if not path.exists():
         raise ConfigError(f"{where}: file not found: {path}")
     if path.is_dir():
-        try:
-            import datasets
-
-            ds = datasets.load_from_disk(str(path))
-        except Exception as err:  # noqa: BLE001 - report any reason the folder is unreadable
-            raise ConfigError(f"{where}: {path} is not a `datasets` folder saved with save_to_disk: {err}") from err
-        if isinstance(ds, datasets.DatasetDict):
-            raise ConfigError(f"{where}: {path} holds several splits {list(ds)}; point `path` at one of them")
-        rows = ds.to_list()
-    elif path.suffix in (".jsonl", ".json"):
-        rows = []
-        for i, line in enumerate(path.read_text().splitlines()):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ConfigError(f"{where}: {path} row {i}: not valid JSON: {err}") from err
-    elif path.suffix in (".csv", ".parquet"):
-        import pandas as pd
-
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False) if path.suffix == ".csv" else pd.read_parquet(path)
-        rows = frame.to_dict("records")
+        rows = _dataset_rows(path, where)
+    elif path.suffix in READERS:
+        rows = READERS[path.suffix](path, where)
     else:
         raise ConfigError(f"{where}: {path}: unknown file type {path.suffix!r} (use .jsonl, .csv, .parquet or a datasets folder)")
     if src.source_column is not None:
-        if rows and src.source_column not in rows[0]:
-            raise ConfigError(f"{where}: {path} has no column {src.source_column!r}; columns: {sorted(rows[0])}")
-        rows = [r for r in rows if str(r.get(src.source_column)) == src.source_value]
+        if rows and src.source_column not in rows[0].values:
+            raise ConfigError(f"{where}: {path} has no column {src.source_column!r}; columns: {sorted(rows[0].values)}")
+        rows = [r for r in rows if str(r.values.get(src.source_column)) == src.source_value]
     return rows
 
 
-def _bigbench_rows(task: str, where: str) -> list[dict[str, Any]]:
+def _bigbench_rows(task: str, where: str) -> list[Row]:
     from gradex.assets import bigbench_task
 
     try:
         spec = bigbench_task(task)
     except FileNotFoundError as err:
         raise ConfigError(f"{where}: {err}") from err
+    if not spec.get("examples"):  # e.g. `arithmetic`, whose examples live in its subtasks
+        raise ConfigError(f"{where}: BIG-bench task {task!r} has no examples of its own; if it has subtasks, name "
+                          f"one, e.g. {task.strip('/')}/<subtask>")
     prefix, suffix = spec.get("example_input_prefix", ""), spec.get("example_output_prefix", "")
     rows = []
-    for ex in spec["examples"]:
+    for number, ex in enumerate(spec["examples"], start=1):
         scores = ex.get("target_scores") or {}
         target = ex.get("target")
         if isinstance(target, list):
@@ -105,42 +208,111 @@ def _bigbench_rows(task: str, where: str) -> list[dict[str, Any]]:
             target = max(scores, key=scores.get)
         # a task without a free-form target is multiple choice
         choices = list(scores) if "target" not in ex else None
-        rows.append({"input": f"{prefix.lstrip()}{ex['input']}{suffix}".rstrip(), "target": target, "choices": choices})
+        values = {"input": f"{prefix.lstrip()}{ex['input']}{suffix}".rstrip(), "target": target, "choices": choices}
+        rows.append(Row(values, number, f"BIG-bench task {task} example {number}"))
     return rows
 
 
-def _to_example(src: SourceConfig, row: dict[str, Any], i: int, where: str, split: str) -> Example:
+def _list_cell(value: Any, origin: str, column: str) -> tuple[str, ...]:
+    """A list-valued column: a list in JSONL, Parquet and datasets folders, JSON-encoded text in CSV."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{origin}: column {column!r} is not a JSON-encoded list (write it as "
+                              f'["a", "b"]): {err}') from err
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{origin}: column {column!r} should be a list, got {type(value).__name__} {value!r}")
+    for item in value:
+        if isinstance(item, (list, tuple, dict)) or item is None:
+            raise ConfigError(f"{origin}: column {column!r}: each choice should be text, got {item!r}")
+    return tuple(str(item) for item in value)
+
+
+def _to_example(src: SourceConfig, row: Row, where: str, split: str) -> Example:
+    at = f"{where}: {row.origin}"
+    values = row.values
     for key in (src.prompt_field, src.answer_field):
-        if key not in row:
-            raise ConfigError(f"{where}: row {i} has no column {key!r}; columns: {sorted(row)}")
-    answer = row[src.answer_field]
+        if key not in values:
+            raise ConfigError(f"{at}: no column {key!r}; columns: {sorted(values)}")
+    answer = values[src.answer_field]
+    if isinstance(answer, (list, tuple, dict)):
+        raise ConfigError(f"{at}: the answer in column {src.answer_field!r} should be text, got {answer!r}")
     if answer is None or str(answer).strip() == "":
-        raise ConfigError(f"{where}: row {i}: empty answer in column {src.answer_field!r}")
+        raise ConfigError(f"{at}: empty answer in column {src.answer_field!r}")
+    if values[src.prompt_field] is None:
+        raise ConfigError(f"{at}: empty prompt in column {src.prompt_field!r}")
     try:
-        prompt = src.template.format(**{**row, "prompt": row[src.prompt_field]}).rstrip()
+        prompt = src.template.format(**{**values, "prompt": values[src.prompt_field]}).rstrip()
     except (KeyError, IndexError) as err:
-        raise ConfigError(f"{where}: template {src.template!r} names a column the row lacks: {err}") from err
+        raise ConfigError(f"{at}: template {src.template!r} names a column the row lacks: {err}") from err
+    if not prompt.strip():
+        raise ConfigError(f"{at}: empty prompt (column {src.prompt_field!r} through template {src.template!r})")
     choices: tuple[str, ...] = ()
     field_ = src.choices_field or ("choices" if src.bigbench else None)
-    if field_ and row.get(field_) is not None:
-        choices = tuple(str(c) for c in row[field_])
+    if field_ and values.get(field_) not in (None, ""):  # an empty CSV cell: this row is not multiple choice
+        choices = _list_cell(values[field_], at, field_)
         if str(answer) not in choices:
-            raise ConfigError(f"{where}: row {i}: answer {answer!r} is not one of its choices")
-    return Example(src.name, split, prompt, src.answer_prefix + str(answer).strip(), choices, i)
+            raise ConfigError(f"{at}: answer {answer!r} is not one of its choices {list(choices)}")
+    return Example(src.name, split, prompt, src.answer_prefix + str(answer).strip(), choices, row.number, row.origin)
 
 
-def _source_examples(src: SourceConfig, where: str, limit: int | None, seed: int, split: str) -> list[Example]:
+def _shuffled_rows(src: SourceConfig, where: str, seed: int) -> list[Row]:
+    """The source's rows in its seeded order (the first `limit` of them are its examples)."""
     rows = _read_rows(src, where)
     if not rows:
         raise ConfigError(f"{where}: the source is empty (0 rows)")
+    for role in ("prompt_field", "answer_field", "choices_field"):  # a misspelt column, said once
+        column = getattr(src, role)
+        if column is not None and not any(column in r.values for r in rows):
+            raise ConfigError(f"{where}: {src.path or src.bigbench}: no row has the column {column!r} ({role}); "
+                              f"columns: {sorted(rows[0].values)}")
     order = list(range(len(rows)))
     random.Random(f"{seed}:{src.name}").shuffle(order)
-    if limit is not None:
-        order = order[:limit]
-    examples = [_to_example(src, rows[i], i, where, split) for i in order]
-    if src.corrupt == "shuffle":
-        examples = shuffle_answers(examples, f"{seed}:{src.name}:corrupt")
-    return examples
+    return [rows[i] for i in order]
+
+
+def prompt_key(text: str) -> str:
+    """Casefolded, whitespace collapsed and stripped: prompts that differ only so ask the same thing."""
+    return " ".join(text.casefold().split())
+
+
+def _template_columns(template: str) -> set[str]:
+    return {name.split(".")[0].split("[")[0] for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+def _with_keys(src: SourceConfig, row: Row, where: str, split: str) -> tuple[Example, frozenset[str]]:
+    """The row's example and the keys the leakage check compares: its prompt, and the prompt column
+    itself when the template only adds fixed text around it ("Q: {prompt}\nA:" asks what {prompt}
+    asks), so a source formatted with another template is still caught."""
+    example = _to_example(src, row, where, split)
+    keys = {prompt_key(example.prompt)}
+    column = prompt_key(str(row.values[src.prompt_field]))
+    if column and _template_columns(src.template) <= {"prompt", src.prompt_field}:
+        keys.add(column)
+    return example, frozenset(keys)
+
+
+def _take(src: SourceConfig, where: str, rows: Sequence[Row], limit: int | None, held_out: set[str],
+          drop: bool) -> tuple[list[Example], list[Example]]:
+    """Training examples from `rows` in order, up to `limit`, and those of them whose prompt repeats
+    a held-out one. With `drop` those are skipped and the next rows fill their places, so a source
+    without leaks gets exactly the examples it got before the check existed."""
+    kept: list[Example] = []
+    leaked: list[Example] = []
+    for row in rows:
+        if limit is not None and len(kept) >= limit:
+            break
+        example, keys = _with_keys(src, row, where, "train")
+        if keys & held_out:
+            leaked.append(example)
+            if drop:
+                continue
+        kept.append(example)
+    if not kept:
+        raise ConfigError(f"{where}: all {len(leaked)} of its training examples repeat a target validation or "
+                          f"test prompt (data.leakage: drop leaves none)")
+    return kept, leaked
 
 
 def shuffle_answers(examples: list[Example], seed: str) -> list[Example]:
@@ -164,10 +336,10 @@ def expand_sources(data: DataConfig) -> list[SourceConfig]:
     if data.sources_file is not None:
         base = SourceConfig(path=data.sources_file)
         rows = _read_rows(base, f"data.sources_file ({data.sources_file})")
-        if rows and data.sources_column not in rows[0]:
+        if rows and data.sources_column not in rows[0].values:
             raise ConfigError(f"data.sources_file: {data.sources_file} has no column {data.sources_column!r}; "
-                              f"columns: {sorted(rows[0])}")
-        for value in sorted({str(r[data.sources_column]) for r in rows}):
+                              f"columns: {sorted(rows[0].values)}")
+        for value in sorted({str(r.values.get(data.sources_column)) for r in rows}):
             if value == data.target.name:
                 continue  # the target's own rows may live in the same file
             sources.append(dataclasses.replace(base, name=value, source_column=data.sources_column, source_value=value))
@@ -178,22 +350,54 @@ def expand_sources(data: DataConfig) -> list[SourceConfig]:
     return sources
 
 
-def load_examples(cfg: Config) -> list[Example]:
+def load_examples(cfg: Config) -> Examples:
     """All examples in dataset order: target train, validation, test, then each source's."""
     data = cfg.data
     target: TargetConfig = data.target
     sizes = {s: getattr(target, s) for s in SPLITS}
+    total = sum(sizes.values())
     where = f"target {target.name!r}"
-    pool = _source_examples(target, where, None, data.seed, "train")
-    if len(pool) < sum(sizes.values()):
-        raise ConfigError(f"{where}: has {len(pool)} examples, but train+validation+test ask for {sum(sizes.values())}")
-    out, start = [], 0
-    for split in SPLITS:
-        out += [dataclasses.replace(e, split=split) for e in pool[start:start + sizes[split]]]
-        start += sizes[split]
+    pool = _shuffled_rows(target, where, data.seed)
+    if len(pool) < total:
+        raise ConfigError(f"{where}: has {len(pool)} examples, but train+validation+test ask for {total}")
+    held: list[Example] = []
+    held_keys: set[str] = set()
+    for i, row in enumerate(pool[sizes["train"]:total]):
+        example, keys = _with_keys(target, row, where, "validation" if i < sizes["validation"] else "test")
+        held.append(example)
+        held_keys |= keys
+    drop = data.leakage == "drop"
+    # the target's unused rows (after its test split) can stand in for dropped train rows
+    train, leaked = _take(target, where, pool[:sizes["train"]] + pool[total:], sizes["train"], held_keys, drop)
+    out, leaks = [*train, *held], {target.name: leaked}
     for src in expand_sources(data):
-        out += _source_examples(src, f"source {src.name!r}", src.limit or data.per_source, data.seed, "train")
-    return out
+        at = f"source {src.name!r}"
+        examples, leaks[src.name] = _take(src, at, _shuffled_rows(src, at, data.seed), src.limit or data.per_source,
+                                          held_keys, drop)
+        if src.corrupt == "shuffle":
+            examples = shuffle_answers(examples, f"{data.seed}:{src.name}:corrupt")
+        out += examples
+    return Examples(out, _report_leakage(data.leakage, leaks, target.name))
+
+
+def _report_leakage(mode: str, leaks: dict[str, list[Example]], target: str) -> dict[str, Any]:
+    """Refuse, or say what was dropped or kept; the returned counts go in the data manifest."""
+    counts = {name: len(found) for name, found in leaks.items() if found}
+    total = sum(counts.values())
+    report = {"mode": mode, "found": total, "dropped": total if mode == "drop" else 0, "sources": counts}
+    if not total:
+        return report
+    listed = ", ".join(f"{name}{' (train split)' if name == target else ''} {n}" for name, n in counts.items())
+    first = next(e for found in leaks.values() for e in found)
+    what = f"{total} training example(s) repeat a target validation or test prompt: {listed}"
+    if mode == "refuse":
+        prompt = first.prompt if len(first.prompt) <= 80 else first.prompt[:77] + "..."
+        raise ConfigError(f"data.leakage: refuse: {what}; e.g. source {first.source!r}: {first.origin}: "
+                          f"{prompt!r}; set data.leakage to drop to leave them out")
+    verb = "dropped them" if mode == "drop" else "kept them (data.leakage: warn); they inflate every score"
+    # prepare runs on one process only, so this prints once
+    print(f"gradex: data.leakage: {what}; {verb}", file=sys.stderr, flush=True)
+    return report
 
 
 # ---------------------------------------------------------------------------- tokens
@@ -208,10 +412,10 @@ def tokenize(tokenizer: Any, examples: Sequence[Example]) -> list[Tokenized]:
 def check_lengths(examples: Sequence[Example], tokens: Sequence[Tokenized], max_length: int) -> None:
     for ex, tok in zip(examples, tokens):
         if len(tok.ids) > max_length:
-            raise ConfigError(f"source {ex.source!r} row {ex.row}: {len(tok.ids)} tokens is longer than "
-                              f"model.max_length={max_length}; raise the limit or drop the row")
+            raise ConfigError(f"source {ex.source!r}: {ex.origin or f'row {ex.row}'}: {len(tok.ids)} tokens is "
+                              f"longer than model.max_length={max_length}; raise the limit or drop the row")
         if tok.n_prompt == 0:
-            raise ConfigError(f"source {ex.source!r} row {ex.row}: empty prompt")
+            raise ConfigError(f"source {ex.source!r}: {ex.origin or f'row {ex.row}'}: empty prompt")
 
 
 def collate(tokens: Sequence[Tokenized], index: Iterable[int], pad_id: int) -> Batch:
@@ -236,7 +440,8 @@ def batches(tokens: Sequence[Tokenized], indices: Sequence[int], batch_size: int
 # ---------------------------------------------------------------------------- manifest
 
 def save_examples(examples: Sequence[Example], tokens: Sequence[Tokenized], out: Path) -> dict:
-    """Write examples.jsonl and a manifest of counts, token lengths and a content hash."""
+    """Write examples.jsonl and a manifest of counts, token lengths, a content hash and (for
+    load_examples' result) what the leakage check found."""
     out.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({**dataclasses.asdict(e), "n_tokens": len(t.ids)}) for e, t in zip(examples, tokens)]
     body = "\n".join(lines) + "\n"
@@ -249,10 +454,13 @@ def save_examples(examples: Sequence[Example], tokens: Sequence[Tokenized], out:
         s["max_tokens"] = max(s["max_tokens"], len(t.ids))
         s["total_tokens"] += len(t.ids)
     manifest = {"examples": len(examples), "sha256": hashlib.sha256(body.encode()).hexdigest(), "sources": per_source}
+    if isinstance(examples, Examples):
+        manifest["leakage"] = examples.leakage
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 
 
 def read_examples(out: Path) -> list[Example]:
     rows = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines() if line]
-    return [Example(r["source"], r["split"], r["prompt"], r["answer"], tuple(r["choices"]), r["row"]) for r in rows]
+    return [Example(r["source"], r["split"], r["prompt"], r["answer"], tuple(r["choices"]), r["row"], r.get("origin", ""))
+            for r in rows]
