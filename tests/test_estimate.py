@@ -278,3 +278,92 @@ def test_mean_weighting_matches_scipy_at_each_subsets_own_l2(prob, oracle):
     assert float(z[0].norm()) > float(z_sum[0].norm())
     with pytest.raises(ValueError, match="weighting"):
         subset_l2(prob, subsets, L2, "median")
+
+
+# ---------------------------------------------------------------------------- ill-conditioned problems
+
+
+def duplicated_problem(seed: int = 0, n_sources: int = 4, per_source: int = 100, n_target: int = 120,
+                       k: int = 12, n_val: int = 60) -> Problem:
+    """Every gradient repeated in two halves (x = [a, a]): H is exactly singular, so at a tiny l2 its
+    systems H + 2 l2 I are not positive definite in floating point, while the margins, hence the
+    losses, are well defined (the fit does not depend on the null direction [v, -v])."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [n_target] + [per_source] * n_sources
+    group = torch.cat([torch.full((s,), i, dtype=torch.long) for i, s in enumerate(sizes)])
+    means = torch.randn(n_sources + 1, k, generator=g) * 0.6
+    a = means[group] + torch.randn(len(group), k, generator=g)
+    a_val = means[0] + torch.randn(n_val, k, generator=g)
+    return Problem(x=torch.cat([a, a], 1), u=1.5 + 1.5 * torch.randn(len(group), generator=g), group=group,
+                   x_val=torch.cat([a_val, a_val], 1), u_val=1.5 + 1.5 * torch.randn(n_val, generator=g),
+                   n_sources=n_sources)
+
+
+def test_cholesky_falls_back_on_matrices_rounding_made_indefinite():
+    from gradex.estimate import _cholesky
+
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    singular = b @ b.T + 1e-18 * torch.eye(6, dtype=torch.float64)  # rank 3: float64 cannot factor it
+    assert int(torch.linalg.cholesky_ex(singular)[1]) != 0
+    fine = torch.eye(6, dtype=torch.float64) * 2
+    L = _cholesky(torch.stack([fine, singular]))
+    assert torch.equal(L[0], torch.linalg.cholesky(fine))  # a matrix that factors is left as it is
+    rebuilt = L[1] @ L[1].T
+    shift = float((rebuilt - singular).diagonal().mean())
+    assert 0 < shift <= 1e-6 * float(singular.diagonal().mean())  # the smallest shift that works
+    torch.testing.assert_close(rebuilt - shift * torch.eye(6, dtype=torch.float64), singular, atol=1e-12, rtol=0)
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        _cholesky(torch.full((2, 2), float("nan")))
+
+
+def test_estimate_at_a_tiny_l2_on_a_singular_hessian_matches_the_oracle():
+    """Was: LinAlgError from the exact all-sources fit (`_newton_single`, no fallback), then from the
+    shared preconditioner and the per-subset factors; and float32 refinement blew rounding noise in
+    the null space up into z ~ 1e12 that looked converged."""
+    p = duplicated_problem()
+    l2 = 1e-17
+    subsets = torch.cat([torch.ones(1, p.n_sources, dtype=torch.bool), random_subsets(p.n_sources, 7, seed=1)])
+    est = estimate(p, subsets, l2, tol=1e-5, workers=1)
+    ref = linear_loss(p, torch.stack([exact_solve(p, s, l2) for s in subsets]))
+    err = ((est.loss - ref) / ref).abs()
+    assert float(err[0]) < 1e-6  # all sources: the exact fit itself, through the jittered Cholesky
+    assert bool(est.converged.any()) and float(err[est.converged].max()) < 1e-4
+    assert torch.isfinite(est.z).all() and float(est.z.norm(dim=1).max()) < 10
+
+
+def test_converged_flags_the_subsets_that_met_tol():
+    """Under mean weighting small subsets land far from the all-sources anchor and need more steps
+    than 2: those are flagged, and every subset flagged converged is as accurate as `tol` promises."""
+    p = random_problem(seed=2)
+    subsets = torch.cat([torch.eye(p.n_sources, dtype=torch.bool), random_subsets(p.n_sources, 12, seed=3)])
+    from gradex.estimate import subset_l2
+
+    l2s = subset_l2(p, subsets, L2, "mean")
+    ref = linear_loss(p, torch.stack([exact_solve(p, s, float(l2)) for s, l2 in zip(subsets, l2s)]))
+    capped = estimate(p, subsets, L2, newton_steps=2, tol=1e-5, weighting="mean")
+    err = ((capped.loss - ref) / ref).abs()
+    assert capped.converged.dtype == torch.bool and capped.converged.shape == (len(subsets),)
+    assert 0 < int(capped.converged.sum()) < len(subsets)
+    assert float(err[capped.converged].max()) < 1e-4
+    assert float(err[~capped.converged].max()) > float(err[capped.converged].max())
+    assert not estimate(p, subsets, L2, newton_steps=0).converged.any()  # one step measures nothing
+    full = estimate(p, subsets, L2, tol=1e-5, weighting="mean")
+    assert bool(full.converged.all()) and float(((full.loss - ref) / ref).abs().max()) < 1e-4
+
+
+def test_calibrate_l2_refuses_a_size_beyond_reach_instead_of_a_singular_fit():
+    """Two pairs of opposite gradients with unequal offsets: as l2 -> 0 the fit's output change tends
+    to a finite limit (sqrt(6.5) = 2.55), but one Newton step overshoots it, so the search used to
+    widen toward l2 = 0 until the Hessian (rank 2 of 8) was singular: an uncaught LinAlgError."""
+    from gradex.estimate import implied_output_change
+
+    x = torch.zeros(4, 8)
+    x[0, 0], x[1, 0], x[2, 1], x[3, 1] = 1.0, -1.0, 1.0, -1.0
+    u = torch.tensor([-3.0, 3.0, -2.0, 2.0])
+    p = Problem(x=x, u=u, group=torch.tensor([0, 0, 1, 1]), x_val=x[:2], u_val=u[:2], n_sources=1)
+    with pytest.raises(ValueError, match=r"more than the all-sources fit reaches: 2\.55"):
+        calibrate_l2(p, output_change=3.0)
+    l2 = calibrate_l2(p, output_change=2.0)  # within reach: found as before
+    z = exact_solve(p, torch.ones(1, dtype=torch.bool), l2)
+    assert float(implied_output_change(p, z)[0]) == pytest.approx(2.0, rel=1e-3)

@@ -37,6 +37,7 @@ __all__ = [
     "Problem",
     "Estimates",
     "solve",
+    "solve_flagged",
     "estimate",
     "estimator",
     "subset_l2",
@@ -107,6 +108,9 @@ class Estimates:
     step: torch.Tensor  # (m,) implied ||P z|| / ||theta*||
     change: torch.Tensor  # (m,) implied RMS change of the training examples' outputs u_s
     l2: float
+    # (m,) bool: the subset's refinement met `tol` within `newton_steps`. False rows stopped at the
+    # step cap with their error unknown (always so for newton_steps = 0, which measures nothing).
+    converged: torch.Tensor
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -259,23 +263,44 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
-def _factorize(A: torch.Tensor) -> torch.Tensor:
-    """Batched Cholesky (LU-based solves hit an MKL pivot error on 2-thread CPUs).
+# Diagonal shifts tried, relative to a matrix's mean diagonal, when its Cholesky factorization fails
+# even in float64. The smallest that works is used: the factor then solves a slightly damped system.
+JITTER = (1e-12, 1e-9, 1e-6, 1e-3)
 
-    A matrix that float32 cannot factor (rounding made it indefinite) is redone in float64; the
-    factor is only a preconditioner for the refinement steps, so its precision bounds the speed of
-    convergence, not the answer.
+
+def _cholesky(A: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factors of a batch (..., d, d) of systems H + 2 l2 I, in A's dtype, robustly.
+
+    They are positive definite in exact arithmetic (l2 > 0), not always in floating point: float32
+    rounding, or an l2 far below the curvature of a rank-deficient H (fewer examples than
+    dimensions, collinear gradients), leaves a pivot at zero or below. A matrix that fails is redone
+    in float64, then with a growing shift (JITTER) of its diagonal. Every caller can use a shifted
+    factor: the refinement only preconditions with it (its fixed point is grad = 0 whatever the
+    factor), `_newton_single` line-searches the (damped, still descent) step it gives, and the
+    one-shot step moves by at most the shift's relative size. LU-based solves are no alternative:
+    they hit an MKL pivot error on 2-thread CPUs.
     """
+    batch = A.reshape(-1, *A.shape[-2:])
     with _one_thread():
-        L, info = torch.linalg.cholesky_ex(A)
-        bad = info != 0
-        if bad.any():
-            L64, info64 = torch.linalg.cholesky_ex(A[bad].double())
-            if (info64 != 0).any():
-                raise FloatingPointError("Hessian at z=0 plus 2*l2*I is not positive definite; is l2 > 0?")
-            L = L.clone()
-            L[bad] = L64.to(A.dtype)
-    return L
+        L, info = torch.linalg.cholesky_ex(batch)
+        bad = (info != 0).nonzero().squeeze(1)
+        if bad.numel() == 0:
+            return L.reshape(A.shape)
+        L = L.clone()
+        A64 = batch[bad].double()
+        if not bool(torch.isfinite(A64).all()):
+            raise FloatingPointError("a Hessian of the estimate holds NaN or inf: are the store's gradients finite?")
+        scale = A64.diagonal(dim1=1, dim2=2).mean(1).abs().clamp_min(torch.finfo(torch.float64).tiny)
+        eye = torch.eye(A.shape[-1], dtype=torch.float64)
+        for shift in (0.0, *JITTER):
+            L64, info64 = torch.linalg.cholesky_ex(A64 + (shift * scale)[:, None, None] * eye)
+            ok = info64 == 0
+            L[bad[ok]] = L64[ok].to(L.dtype)
+            bad, A64, scale = bad[~ok], A64[~ok], scale[~ok]
+            if bad.numel() == 0:
+                return L.reshape(A.shape)
+    raise FloatingPointError(f"{bad.numel()} Hessian(s) of the estimate are not positive definite even with "
+                             f"{JITTER[-1]:g} of their diagonal added; is l2 > 0?")
 
 
 def _chol_solve(L: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -310,7 +335,7 @@ class _Systems:
         M = (share[:, None, None] * H.double()).sum(0)
         M.diagonal().add_(2.0 * float(l2.double().mean()))
         with _one_thread():
-            self.M_inv = torch.cholesky_inverse(torch.linalg.cholesky(M)).to(dtype)
+            self.M_inv = torch.cholesky_inverse(_cholesky(M)).to(dtype)
         self.direct = torch.zeros(self.m, dtype=torch.bool)  # rows solved by their own Cholesky factor
         self.L: torch.Tensor | None = None  # their factors, row self._slot[i] for subset i
         self._slot = torch.full((self.m,), -1, dtype=torch.long)
@@ -376,11 +401,13 @@ class _Systems:
         return X, ok
 
     def _factor(self, rows: torch.Tensor) -> None:
-        """Cholesky-factor the systems of `rows` and solve them directly from now on."""
+        """Cholesky-factor the systems of `rows` and solve them directly from now on. The factor only
+        preconditions the refinement steps, so its precision (float32, or a shift `_cholesky` had to
+        add) bounds the speed of convergence, not the answer."""
         members = self.members[rows].to(self.dtype)
         A = (members @ self.H.reshape(self.H.shape[0], -1)).view(-1, *self.H.shape[1:])
         A.diagonal(dim1=1, dim2=2).add_(2.0 * self.l2[rows])
-        L = _factorize(A)
+        L = _cholesky(A)
         self.L = L if self.L is None else torch.cat([self.L, L])
         self._slot[rows] = torch.arange(self.L.shape[0] - rows.numel(), self.L.shape[0])
         self.direct[rows] = True
@@ -401,6 +428,16 @@ def solve(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: int 
           *, dtype: torch.dtype = torch.float32, tol: float = TOL, scaled: bool = True,
           weighting: str = "sum") -> torch.Tensor:
     """Fit z_S for every row of `subsets` ((m, n) bool) at once; returns (m, d) in `dtype`.
+    `solve_flagged` also says which subsets met `tol`."""
+    return solve_flagged(problem, subsets, l2, newton_steps, dtype=dtype, tol=tol, scaled=scaled,
+                         weighting=weighting)[0]
+
+
+def solve_flagged(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: int = NEWTON_STEPS,
+                  *, dtype: torch.dtype = torch.float32, tol: float = TOL, scaled: bool = True,
+                  weighting: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, converged): z_S (m, d) in `dtype` for every row of `subsets` ((m, n) bool) at once, and
+    (m,) bool, whether each subset's refinement met `tol` within `newton_steps`.
 
     newton_steps = 0 is the single Newton step from the all-sources fit z_all (`_anchor`) built from
     per-group sums there. Each further step is z <- z - t_S H0(S)^-1 grad_S(z): the full-data
@@ -420,7 +457,7 @@ def solve(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: int 
     members = _full_membership(problem, subsets)
     m, d = members.shape[0], problem.dim
     if m == 0:
-        return torch.zeros(0, d, dtype=dtype)
+        return torch.zeros(0, d, dtype=dtype), torch.zeros(0, dtype=torch.bool)
     an = _anchor(problem, l2)
     H = (an["H32"] if dtype == torch.float32 else an["H"].to(dtype)).view(-1, d, d)
     l2s = subset_l2(problem, subsets, l2, weighting)
@@ -435,7 +472,7 @@ def solve(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: int 
     D0 = systems.solve(B, rtol=max(eps, min(tol, 1e-3) * 0.1))
     Z = an["z"].to(dtype) + D0
     if newton_steps == 0:
-        return Z
+        return Z, torch.zeros(m, dtype=torch.bool)
     blocks = _group_blocks(problem, dtype)
     # The last step s = -t D (D = H0^-1 G) and the gradient change y it caused give the curvature
     # ratio (s.H0 s)/(s.y) along s; with H0 s = -t G that is t (D.G)/(D.(G - G_new)), free to compute.
@@ -466,7 +503,9 @@ def solve(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: int 
         active = active[left > tol * Za.norm(dim=1)]
         if active.numel() == 0:
             break
-    return Z
+    converged = torch.ones(m, dtype=torch.bool)
+    converged[active] = False  # still refining when the step cap was reached
+    return Z, converged
 
 
 def linear_loss(problem: Problem, z: torch.Tensor) -> torch.Tensor:
@@ -485,6 +524,23 @@ def implied_step(problem: Problem, z: torch.Tensor) -> torch.Tensor:
         z = z.unsqueeze(0)
     c = torch.ones(z.shape[1], dtype=torch.float64) if problem.col_sq_norms is None else problem.col_sq_norms.double()
     return (z.square() @ c).sqrt() / float(problem.theta_norm)
+
+
+def _working_dtype(problem: Problem, members: torch.Tensor, l2: float, weighting: str) -> torch.dtype:
+    """float32, unless its rounding would swamp the subsets' systems H_S + 2 l2_S I: float32 resolves
+    condition numbers up to about 1 / (d eps32), and past that (an l2 far below the curvature of a
+    rank-deficient H) the refinement blows rounding noise in H's null space up into a huge z, whose
+    updates then look converged. float64 costs about 2x and resolves them. Real runs are far from
+    the limit (2 l2 / lambda_max ~ 0.3 on both shipped examples, against d eps32 = 3e-5)."""
+    if members.shape[0] == 0:
+        return torch.float32
+    an = _anchor(problem, l2)
+    if "top" not in an:
+        with _one_thread():
+            an["top"] = float(torch.linalg.eigvalsh(an["H"].sum(0).view(problem.dim, problem.dim))[-1])
+    smallest = float(subset_l2(problem, members, l2, weighting).min())
+    resolves = 2 * smallest >= problem.dim * torch.finfo(torch.float32).eps * an["top"]
+    return torch.float32 if resolves else torch.float64
 
 
 def estimate(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: int = NEWTON_STEPS,
@@ -507,17 +563,23 @@ def estimate(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: i
     workers = max(1, torch.get_num_threads() if workers is None else int(workers))
     size = max(1, min(batch, -(-m // workers)))  # small jobs still use every worker
     chunks = [members[i:i + size] for i in range(0, m, size)]
+    dtype = _working_dtype(problem, members, l2, weighting)
     _anchor(problem, l2)  # fill the caches before any thread needs them
-    _group_blocks(problem, torch.float32)
+    _group_blocks(problem, dtype)
+
+    def run(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return solve_flagged(problem, chunk, l2, newton_steps, dtype=dtype, tol=tol, weighting=weighting)
+
     with _one_thread():
         if workers == 1 or len(chunks) == 1:
-            zs = [solve(problem, c, l2, newton_steps, tol=tol, weighting=weighting) for c in chunks]
+            parts = [run(c) for c in chunks]
         else:
             with ThreadPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
-                zs = list(pool.map(lambda c: solve(problem, c, l2, newton_steps, tol=tol, weighting=weighting), chunks))
-        z = torch.cat(zs) if zs else torch.zeros(0, problem.dim)
-        return Estimates(subsets=members, loss=linear_loss(problem, z), z=z, step=implied_step(problem, z),
-                         change=implied_output_change(problem, z), l2=l2)
+                parts = list(pool.map(run, chunks))
+        z = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, problem.dim)
+        converged = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.bool)
+        return Estimates(subsets=members, loss=linear_loss(problem, z), z=z.float(), step=implied_step(problem, z),
+                         change=implied_output_change(problem, z), l2=l2, converged=converged)
 
 
 def estimator(problem: Problem, l2: float, newton_steps: int = NEWTON_STEPS, batch: int = 256,
@@ -552,7 +614,7 @@ def _newton_single(problem: Problem, members: torch.Tensor, l2: float, z0: torch
         Hm = (X.T * w) @ X
         Hm.diagonal().add_(2 * l2)
         with _one_thread():
-            step = torch.cholesky_solve(g[:, None], torch.linalg.cholesky(Hm)).squeeze(1)
+            step = torch.cholesky_solve(g[:, None], _cholesky(Hm)).squeeze(1)
         dec = float(g.dot(step))
         if dec <= 2 * tol * max(abs(f), 1e-300):
             z = z - step  # already in the quadratic regime: the full step is the best one
@@ -585,6 +647,15 @@ def _second_moment(problem: Problem) -> torch.Tensor:
         x64 = problem.x.double()
         problem._cache["C"] = (x64.T @ x64) / max(1, x64.shape[0])
     return problem._cache["C"]
+
+
+def _smallest_l2(problem: Problem) -> float:
+    """The smallest l2 at which the all-sources fit's Hessian H(z) + 2 l2 I is nonsingular in float64
+    at every z: H(z) <= X^T X / 4 (each weight sigma(m) sigma(-m) is at most 1/4), and a float64
+    Cholesky resolves condition numbers up to about 1 / (d eps)."""
+    with _one_thread():
+        top = float(torch.linalg.eigvalsh(_second_moment(problem))[-1]) * problem.x.shape[0] / 4
+    return max(top * problem.dim * torch.finfo(torch.float64).eps / 2, torch.finfo(torch.float64).tiny)
 
 
 def calibrate_l2(problem: Problem, step_size: float | None = None, *, output_change: float | None = None,
@@ -648,21 +719,28 @@ def calibrate_l2(problem: Problem, step_size: float | None = None, *, output_cha
         warm[log_l2] = z
         return math.log(max(size(z), 1e-300) / target)
 
+    # Below `floor` the exact fit's Hessian is singular in float64: widening there would solve a
+    # singular system instead of finding the answer, so the bracket stops at it.
+    floor, ceiling = math.log(_smallest_l2(problem)), hi
+    guess = min(max(guess, floor), ceiling)
     width = 0.25
-    lo, hi = guess - width, guess + width
+    lo, hi = max(guess - width, floor), min(guess + width, ceiling)
     f_lo, f_hi = log_ratio(lo), log_ratio(hi)
-    for _ in range(40):  # widen until the bracket holds the exact answer (the size falls as l2 grows)
-        if f_lo >= 0 >= f_hi:
-            break
+    while not f_lo >= 0 >= f_hi:  # widen until the bracket holds the exact answer (the size falls as l2 grows)
+        if f_lo < 0 and lo == floor:
+            raise ValueError(f"calibrate_l2: {label}={target} is more than the all-sources fit reaches: "
+                             f"{target * math.exp(f_lo):.4g} at l2={math.exp(floor):.3g}, the smallest l2 at "
+                             f"which its Hessian is not singular in float64; ask for less or give l2 explicitly")
+        if f_hi > 0 and hi == ceiling:
+            raise ValueError(f"calibrate_l2: {label}={target} is less than the all-sources fit moves even at "
+                             f"l2={math.exp(ceiling):.3g}; give l2 explicitly")
         width *= 2
         if f_lo < 0:
-            lo = guess - width
+            lo = max(guess - width, floor)
             f_lo = log_ratio(lo)
         if f_hi > 0:
-            hi = guess + width
+            hi = min(guess + width, ceiling)
             f_hi = log_ratio(hi)
-    else:
-        raise ValueError(f"calibrate_l2: cannot reach {label}={target}; give l2 explicitly")
     if f_lo == 0:
         return math.exp(lo)
     if f_hi == 0:
