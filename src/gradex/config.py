@@ -45,6 +45,9 @@ class ModelConfig:
     # else fp32 | bf16 | fp32
     precision: str = "auto"
     max_length: int = 128  # examples with more tokens than this are an error
+    # Run Python code that a model directory or hub repository ships (its own architecture): only
+    # for a model you trust, since that code runs with your permissions when gradex loads it.
+    trust_remote_code: bool = False
 
 
 @dataclass
