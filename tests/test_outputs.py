@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,13 +46,24 @@ def test_outputs_match_full_logit_oracle() -> None:
     assert (u_ce - u_mean).abs().max() > 1e-2
 
 
-def test_ce_output_is_clipped_like_the_logodds() -> None:
-    from gradex.model import LOGODDS_CLIP, ce_logodds
+def test_ce_output_is_floored_and_clipped() -> None:
+    """CE at or below CE_FLOOR gives the floor's u_s and no gradient (du/dCE ~ -1/CE no longer reaches
+    near-solved examples); large CE is clipped like the token log-odds; in between u_s is exact."""
+    from gradex.model import CE_FLOOR, LOGODDS_CLIP, at_ce_floor, ce_logodds
 
-    u = ce_logodds(torch.tensor([0.0, 1e-12, 50.0, float(torch.log(torch.tensor(2.0)))]))
+    ce = torch.tensor([0.0, 1e-12, 0.5 * CE_FLOOR, 2 * CE_FLOOR, 50.0, float(torch.log(torch.tensor(2.0)))],
+                      requires_grad=True)
+    u = ce_logodds(ce)
     assert torch.isfinite(u).all()
-    assert u[0] == pytest.approx(LOGODDS_CLIP, rel=1e-3) and u[2] == pytest.approx(-LOGODDS_CLIP, rel=1e-3)
-    assert abs(float(u[3])) < 1e-5  # p = 1/2
+    ceiling = -torch.log(torch.expm1(torch.tensor(CE_FLOOR, dtype=torch.float64)))
+    assert torch.allclose(u[:3].double(), ceiling.expand(3), rtol=1e-6)
+    assert float(u[4]) == pytest.approx(-LOGODDS_CLIP, rel=1e-3)
+    assert abs(float(u[5])) < 1e-5  # p = 1/2
+    assert float(F.softplus(-u[3].double())) == pytest.approx(2 * CE_FLOOR, rel=1e-5)  # just above the floor: exact
+    (grad,) = torch.autograd.grad(u.sum(), ce)
+    assert torch.equal(grad[:3], torch.zeros(3)) and grad[4] == 0
+    assert float(grad[3]) == pytest.approx(-1 / (1 - math.exp(-2 * CE_FLOOR)), rel=1e-4)  # -e^ce / expm1(ce)
+    assert at_ce_floor(u.detach()).tolist() == [True, True, True, False, False, False]
 
 
 @pytest.mark.parametrize("output", OUTPUTS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -115,3 +116,91 @@ def test_two_processes_write_the_single_process_store(tmp_path: Path) -> None:
     assert single["world_size"] == 1 and multi["world_size"] == 2
     assert multi["computed_chunks"] == 8  # rank 0 did chunks 0, 2, ..., 14
     assert same_arrays(tmp_path / "single", tmp_path / "multi")
+
+
+# ---------------------------------------------------------------------------- numerics
+
+
+def _greedy_tokens(model, n: int, answer: int = 2, seed: int = 0) -> list:
+    """Prompts followed by the model's own greedy answer: near-solved examples (tiny CE)."""
+    import torch
+
+    from gradex.data import Tokenized
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 64, (6,), generator=gen).tolist()
+        for _ in range(answer):
+            with torch.no_grad():
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        out.append(Tokenized(ids, 6))
+    return out
+
+
+def test_store_counts_examples_at_the_ce_floor(tmp_path: Path) -> None:
+    """Near-solved examples sit at the floor: u_s there, a zero gradient, and the manifest counts
+    them, against the oracle of the examples' own fp32 cross-entropies."""
+    import torch
+
+    from gradex.model import CE_FLOOR, EPS, ce_logodds, example_outputs_and_nll
+
+    model = tiny_model()
+    with torch.no_grad():
+        model.get_base_model().lm_head.weight.mul_(300)  # confident: most greedy answers get CE < 1e-3
+    toks = _greedy_tokens(model, 8) + tiny_tokens(8, seed=1)
+    indices = list(range(len(toks)))
+    with torch.no_grad():
+        _, nll = example_outputs_and_nll(model, collate(toks, indices, 0))
+    floored = nll < CE_FLOOR
+    assert 0 < int(floored.sum()) < len(toks)
+    store = compute_store(model, toks, indices, pad_id=0, out_dir=tmp_path / "s",
+                          projector=make_projector("sparse", dim=16, seed=3), batch_size=4, chunk_size=6,
+                          precision="fp32", progress=False)
+    assert store.manifest["ce_floor"] == CE_FLOOR and store.manifest["ce_clipped"] == int(floored.sum())
+    mask = floored.numpy()
+    assert np.all(store.u[mask] == float(ce_logodds(torch.tensor(CE_FLOOR))))
+    assert np.all(store.x[mask] == 0)
+    inside = ((nll > CE_FLOOR) & (nll < -math.log(EPS))).numpy()  # neither floored nor clipped at p = eps
+    assert inside.any() and np.all(np.abs(store.x[inside]).sum(1) > 0)
+    other = compute_store(model, toks, indices, pad_id=0, out_dir=tmp_path / "m", output="mean-logodds",
+                          projector=make_projector("sparse", dim=16, seed=3), precision="fp32", progress=False)
+    assert other.manifest["ce_floor"] is None and other.manifest["ce_clipped"] is None
+
+
+def _poison(model, marker: int, gradient_only: bool) -> None:
+    """Hooks that turn the gradient (or the forward value) of every example holding token `marker`
+    into NaN, at layer 0's q_proj: 0 * sqrt(y - y) is 0 forward and 0 * inf = NaN backward."""
+    import torch
+
+    lm = model.get_base_model()
+    poisoned: list[torch.Tensor] = []
+    lm.model.embed_tokens.register_forward_pre_hook(lambda _m, inputs: poisoned.append((inputs[0] == marker).any(1)))
+
+    def nan_rows(_module, _inputs, y):
+        rows = poisoned[-1]
+        parts = []
+        for b in range(y.shape[0]):
+            row = y[b:b + 1]
+            if rows[b]:
+                row = row + 0 * torch.sqrt(row - row.detach()) if gradient_only else row * float("nan")
+            parts.append(row)
+        return torch.cat(parts)
+
+    lm.model.layers[0].self_attn.q_proj.register_forward_hook(nan_rows)
+
+
+@pytest.mark.parametrize("gradient_only", [True, False])
+def test_a_nan_in_the_gradient_pass_names_the_example(tmp_path: Path, gradient_only: bool) -> None:
+    model, toks = tiny_model(), tiny_tokens(12)
+    toks[7].ids[0] = 0  # the marker: no other example holds token 0, and padding is token 1 here
+    _poison(model, marker=0, gradient_only=gradient_only)
+    what = "gradient" if gradient_only else "output u_s"
+    kwargs = dict(projector=make_projector("sparse", dim=16, seed=3), batch_size=4, chunk_size=6,
+                  precision="fp32", progress=False)
+    with pytest.raises(FloatingPointError, match=f"source mul, split train, index 7 has a NaN or inf {what}"):
+        compute_store(model, toks, range(12), pad_id=1, out_dir=tmp_path / "named",
+                      describe=lambda i: f"source mul, split train, index {i}", **kwargs)
+    with pytest.raises(FloatingPointError, match=f"dataset position 7 has a NaN or inf {what}"):
+        compute_store(model, toks, range(12), pad_id=1, out_dir=tmp_path / "plain", **kwargs)
+    assert not (tmp_path / "plain" / "manifest.json").exists()

@@ -9,8 +9,10 @@ u_s is a log-odds whose logistic loss softplus(-u_s) is the loss GradEx estimate
 - "mean-logodds" (METHOD.md, the paper): the mean over answer tokens of the token log-odds
   o_t = logit_y - logsumexp(other logits) = log(p_t / (1 - p_t)). Every token weighs the same, so
   an answer's one uncertain token (a carried digit) is averaged away by its confident ones.
-Probabilities are clipped to [eps, 1 - eps] either way. The LM head is applied at answer positions
-only (the rest of the sequence needs no vocabulary projection), which saves most of the head's cost.
+Token probabilities are clipped to [eps, 1 - eps]; "ce" floors CE_s at CE_FLOOR (see there). The LM
+head is applied at answer positions only (the rest of the sequence needs no vocabulary projection),
+which saves most of the head's cost, and in fp32 whatever the model's precision, so u_s and its
+gradient with respect to the logits are fp32 numbers in every pass (gradients, validate, evaluate).
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ from gradex.data import Batch
 EPS = 1e-6
 OUTPUTS = ("ce", "mean-logodds")  # definitions of u_s; see the module docstring
 LOGODDS_CLIP = math.log((1 - EPS) / EPS)  # p clipped to [eps, 1 - eps]
+# The "ce" output's floor on an example's CE (u_s <= log-odds of p_bar = 0.999). Why: u = -log(expm1(CE))
+# has du/dCE ~ -1/CE, and a near-solved example's CE is a small difference of two logit-sized
+# numbers (logsumexp - logit_y), whose fp32 rounding (~1e-6 at |logit| ~ 20) that factor amplifies
+# into its u_s and its gradient. Below 1e-3 the example can change the loss by less than 1e-3, and on
+# the shipped examples none is below it (smallest CE at theta*: 1.5e-3), so no estimate there moves.
+# A clipped example has u_s at the floor and a zero gradient; the store counts them (manifest).
+CE_FLOOR = 1e-3
 
 
 def resolve_name(cfg: ModelConfig) -> tuple[str, str | None]:
@@ -153,13 +162,16 @@ def answer_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.T
     """Logits (fp32) at the positions that predict answer tokens, their targets, and their rows.
 
     Position t-1 predicts token t, so an answer token at t is scored by the hidden state at t-1.
+    The head runs outside autocast: a bf16 logit of size 20 is rounded by up to 0.06, which moves a
+    near-solved example's CE by ~6% and its u_s with it; casting bf16 logits up afterwards cannot undo that.
     """
     lm = language_model(model)
     hidden = lm.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     predicts = batch.answer_mask[:, 1:]
     rows, cols = predicts.nonzero(as_tuple=True)
     h = hidden[rows, cols]
-    logits = lm.get_output_embeddings()(h).float()
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        logits = lm.get_output_embeddings()(h.float()).float()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
@@ -185,8 +197,15 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def ce_logodds(ce: torch.Tensor) -> torch.Tensor:
-    """log(p / (1 - p)) for p = exp(-ce), computed as -log(expm1(ce)), p clipped to [eps, 1 - eps]."""
-    return -torch.log(torch.expm1(ce.clamp(-math.log1p(-EPS), -math.log(EPS))))
+    """log(p / (1 - p)) for p = exp(-ce), computed as -log(expm1(ce)), with ce clipped to
+    [CE_FLOOR, -log(eps)] (the clipped side gets a zero gradient)."""
+    return -torch.log(torch.expm1(ce.clamp(CE_FLOOR, -math.log(EPS))))
+
+
+def at_ce_floor(u: torch.Tensor) -> torch.Tensor:
+    """Which "ce" outputs u_s sit at the floor (CE_s <= CE_FLOOR): u_s is monotone in CE_s, so these
+    are exactly the u_s equal to the floor's (the largest fp32 value ce_logodds gives)."""
+    return u.float() >= ce_logodds(torch.tensor(CE_FLOOR, dtype=torch.float32))
 
 
 def example_outputs(model: nn.Module, batch: Batch, output: str = "ce") -> torch.Tensor:

@@ -12,7 +12,9 @@ Fallback ("loop"): one torch.autograd.grad per example, for parameters no hook c
 "hooks+loop", on the same batched graph) or for every parameter (method "loop", one forward per
 example, no padding: the plain reference).
 
-The model may run under bf16 autocast; per-example gradients are formed and projected in fp32.
+The model may run under bf16 autocast; per-example gradients are formed and projected in fp32, the
+LM head and the output function run in fp32 (gradex.model.answer_logits), and the u_s returned come
+from an fp32 forward, so the store's offsets are the numbers validate and an fp32 evaluate measure.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from gradex.data import Batch
-from gradex.model import autocast, example_outputs, is_conv1d, trainable
+from gradex.model import autocast, example_outputs, is_conv1d, resolve_precision, trainable
 from gradex.gradients.projectors import Projector
 
 Sink = Callable[[str, torch.Tensor], None]  # (parameter name, per-example gradients (B, n_param) fp32)
@@ -73,11 +75,20 @@ class GradientComputer:
         was_training = self.model.training
         self.model.eval()
         try:
-            if self.method == "loop":
-                return self._loop(batch, sink, precision)
-            return self._hooks(batch, sink, precision)
+            u = self._loop(batch, sink, precision) if self.method == "loop" else self._hooks(batch, sink, precision)
+            if resolve_precision(precision) != "fp32":
+                u = self._fp32_outputs(batch)
+            return u
         finally:
             self.model.train(was_training)
+
+    @torch.no_grad()
+    def _fp32_outputs(self, batch: Batch) -> torch.Tensor:
+        """u (B,) from an fp32 forward. Why a second forward under bf16: u_s is the offset of every
+        example's logistic loss, compared with validation losses measured in fp32, and bf16 hidden
+        states move it by about 1e-2. Gradients only set directions and stay bf16 (with fp32 logits);
+        the extra forward costs a fraction of the backward and the projection."""
+        return example_outputs(self.model, batch, self.output).float()
 
     def projected(self, batch: Batch, projector: Projector, precision: str = "bf16") -> tuple[torch.Tensor, torch.Tensor]:
         """(x (B, d), u (B,)): projected per-example gradients and outputs, both fp32."""

@@ -6,7 +6,8 @@ Layout of a store directory:
     shards/chunk-*.npz one file per finished chunk of examples (deleted after the merge)
     x.npy u.npy index.npy
     col_sq_norms.npy   (d,) squared column norms of P, so ||P z|| needs no projector
-    manifest.json      written last: its presence means the store is complete
+    manifest.json      written last: its presence means the store is complete (it also counts the
+                       examples whose "ce" output sat at the CE floor, `ce_clipped`)
 
 The examples are split into fixed chunks of `chunk_size`. Each finished chunk is written atomically
 (temporary file + os.replace), so killing the pass at any moment loses at most the chunks in flight,
@@ -26,7 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from gradex.atomic import write_bytes
 from gradex.data import Tokenized, collate
 from gradex.gradients.compute import GradientComputer
 from gradex.gradients.projectors import Projector
+from gradex.model import CE_FLOOR, at_ce_floor
 
 FORMAT = 1
 ARRAYS = ("x", "u", "index")
@@ -113,16 +115,23 @@ def _shard_path(out_dir: Path, chunk: int) -> Path:
 
 # ---------------------------------------------------------------------------- the pass
 
+def dataset_position(i: int) -> str:
+    return f"the example at dataset position {i}"
+
+
 def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int], pad_id: int,
                   out_dir: str | Path, projector: Projector, batch_size: int = 8, chunk_size: int = 64,
                   precision: str = "bf16", manifest_extra: dict | None = None, method: str = "auto",
-                  progress: bool = True, output: str = "ce") -> Store:
+                  progress: bool = True, output: str = "ce",
+                  describe: Callable[[int], str] = dataset_position) -> Store:
     """Project the per-example gradients of u_s for tokens[i], i in `indices`, into a store at `out_dir`.
 
     `projector` is bound to the model's trainable parameters here if it is not bound yet.
     `manifest_extra` (model name, theta* fingerprint, ...) is part of the store's identity: a
     directory holding shards computed with other inputs is an error, never silently mixed.
-    Resumes from finished chunks; under WORLD_SIZE > 1 every rank must call it with the same arguments.
+    A NaN or inf gradient or output is an error naming the example, `describe(i)` (the caller knows
+    its source and split). Resumes from finished chunks; under WORLD_SIZE > 1 every rank must call
+    it with the same arguments.
     """
     out_dir = Path(out_dir)
     started = time.perf_counter()
@@ -146,6 +155,7 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
         "projector": projector.identity(),
         "precision": precision,
         "output": output,
+        "ce_floor": CE_FLOOR if output == "ce" else None,
         "chunk_size": chunk_size,
         "n": len(indices),
         "indices_sha256": _sha256(indices),
@@ -177,13 +187,14 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
                disable=not progress or rank != 0, dynamic_ncols=True)
     for c in mine:
         t0 = time.perf_counter()
-        x, u = _compute_chunk(computer, projector, tokens, chunks[c], pad_id, batch_size, precision, bar)
+        x, u = _compute_chunk(computer, projector, tokens, chunks[c], pad_id, batch_size, precision, bar, describe)
         seconds = time.perf_counter() - t0
         path = _shard_path(out_dir, c)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        clipped = int(at_ce_floor(torch.from_numpy(u)).sum()) if output == "ce" else 0
         with open(tmp, "wb") as fh:
             np.savez(fh, x=x, u=u, index=np.asarray(chunks[c], dtype=np.int64), seconds=np.float64(seconds),
-                     method=np.str_(computer.method))
+                     method=np.str_(computer.method), clipped=np.int64(clipped))
         os.replace(tmp, path)
     bar.close()
     barrier(world)
@@ -194,7 +205,8 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
 
 
 def _compute_chunk(computer: GradientComputer, projector: Projector, tokens: Sequence[Tokenized], chunk: list[int],
-                   pad_id: int, batch_size: int, precision: str, bar: Any) -> tuple[np.ndarray, np.ndarray]:
+                   pad_id: int, batch_size: int, precision: str, bar: Any,
+                   describe: Callable[[int], str] = dataset_position) -> tuple[np.ndarray, np.ndarray]:
     """x (k, d), u (k,) for one chunk, in chunk order; batches are formed by length to cut padding."""
     order = sorted(range(len(chunk)), key=lambda i: len(tokens[chunk[i]].ids))
     x = np.zeros((len(chunk), projector.dim), dtype=np.float32)
@@ -203,10 +215,27 @@ def _compute_chunk(computer: GradientComputer, projector: Projector, tokens: Seq
         rows = order[start:start + batch_size]
         batch = collate([tokens[chunk[i]] for i in rows], [chunk[i] for i in rows], pad_id)
         xb, ub = computer.projected(batch, projector, precision)
+        _check_finite(xb, ub, [chunk[i] for i in rows], describe)
         x[rows] = xb.numpy()
         u[rows] = ub.numpy()
         bar.update(len(rows))
     return x, u
+
+
+def _check_finite(x: torch.Tensor, u: torch.Tensor, indices: list[int], describe: Callable[[int], str]) -> None:
+    """Refuse a batch whose projected gradient or output holds NaN or inf, naming the example: one
+    such row would make every estimate NaN. A non-finite coordinate of a per-example gradient
+    reaches its projection (every projector weighs each coordinate by a nonzero factor)."""
+    bad_u = ~torch.isfinite(u)
+    bad = bad_u | ~torch.isfinite(x).all(1)
+    if not bool(bad.any()):
+        return
+    rows = bad.nonzero().squeeze(1).tolist()
+    what = "output u_s" if bool(bad_u[rows[0]]) else "gradient"
+    more = f" (and {len(rows) - 1} more in its batch)" if len(rows) > 1 else ""
+    raise FloatingPointError(f"gradient pass: {describe(indices[rows[0]])} has a NaN or inf {what}{more}; "
+                             f"theta* may hold non-finite weights, or the precision overflowed "
+                             f"(try model.precision: fp32)")
 
 
 def _merge(out_dir: Path, chunks: list[list[int]], plan: dict, extra: dict, world: int, started: float,
@@ -217,7 +246,7 @@ def _merge(out_dir: Path, chunks: list[list[int]], plan: dict, extra: dict, worl
     x = np.lib.format.open_memmap(tmp_x, mode="w+", dtype=np.float32, shape=(n, d))
     u = np.zeros(n, dtype=np.float32)
     index = np.zeros(n, dtype=np.int64)
-    methods, compute_seconds, lo = set(), 0.0, 0
+    methods, compute_seconds, clipped, lo = set(), 0.0, 0, 0
     for c, chunk in enumerate(chunks):
         path = _shard_path(out_dir, c)
         if not path.exists():
@@ -230,6 +259,7 @@ def _merge(out_dir: Path, chunks: list[list[int]], plan: dict, extra: dict, worl
             index[lo:lo + len(chunk)] = shard["index"]
             methods.add(str(shard["method"]))
             compute_seconds += float(shard["seconds"])
+            clipped += int(shard["clipped"])
         lo += len(chunk)
     x.flush()
     del x
@@ -247,6 +277,9 @@ def _merge(out_dir: Path, chunks: list[list[int]], plan: dict, extra: dict, worl
         "method": "+".join(sorted(methods)),
         "precision": plan["precision"],
         "output": plan["output"],
+        # the "ce" output's floor on CE (gradex.model.CE_FLOOR) and how many examples sat at it
+        "ce_floor": plan["ce_floor"],
+        "ce_clipped": clipped if plan["ce_floor"] is not None else None,
         "chunk_size": plan["chunk_size"],
         "chunks": len(chunks),
         "world_size": world,
@@ -265,5 +298,6 @@ def _merge(out_dir: Path, chunks: list[list[int]], plan: dict, extra: dict, worl
     shutil.rmtree(out_dir / "shards", ignore_errors=True)
 
 
-_MANIFEST_KEYS = {"format", "n", "dim", "dtype", "projector", "method", "precision", "output", "chunk_size", "chunks",
-                  "world_size", "indices_sha256", "tokens_sha256", "parameters_sha256", "timings", "machine"}
+_MANIFEST_KEYS = {"format", "n", "dim", "dtype", "projector", "method", "precision", "output", "ce_floor", "ce_clipped",
+                  "chunk_size", "chunks", "world_size", "indices_sha256", "tokens_sha256", "parameters_sha256",
+                  "timings", "machine"}
