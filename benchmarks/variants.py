@@ -80,10 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for name in names:
         cfg = variant_config(base, args, name)
-        key = config_mod.fingerprint(pipeline.Run(cfg).fp("meta"), cfg.refit, diagnostics.MEASURE,
-                                     diagnostics.ROWS_FORMAT)
+        key = diagnostics.recipe_key(pipeline.Run(cfg), "finetune")  # validate's truth: the deployed recipe
         have = [json.loads(line) for line in runs.read_text().splitlines()]
-        have = {(r["subset"], r["seed"]) for r in have if r["fingerprint"] == key and "output_change" in r}
+        have = {(tuple(r["members"]), r["seed"]) for r in have if r["fingerprint"] == key and "output_change" in r}
         missing = args.subsets * args.seeds - len(have)
         if missing > 0:
             sys.exit(f"{runs}: {missing} of {args.subsets} x {args.seeds} real fine-tunes are missing; run "

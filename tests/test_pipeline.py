@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import arithmetic_rows, write_jsonl
+from conftest import tiny_run_config
 from gradex import config, pipeline
 from gradex.cli import main
 from gradex.compare import format_table
@@ -17,22 +17,7 @@ from gradex.compare import format_table
 
 @pytest.fixture()
 def cfg(tmp_path, tiny_model_dir):
-    write_jsonl(tmp_path / "add.jsonl", arithmetic_rows(60, "+", 0))
-    write_jsonl(tmp_path / "add_more.jsonl", arithmetic_rows(24, "+", 1))
-    write_jsonl(tmp_path / "mul.jsonl", arithmetic_rows(24, "*", 2))
-    write_jsonl(tmp_path / "sub.jsonl", arithmetic_rows(24, "-", 3))
-    raw = {
-        "name": "tiny", "runs_dir": str(tmp_path / "runs"),
-        "model": {"name": str(tiny_model_dir), "precision": "fp32", "max_length": 24,
-                  "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
-        "data": {"target": {"name": "add", "path": str(tmp_path / "add.jsonl"), "train": 20, "validation": 16, "test": 16},
-                 "sources": [{"name": n, "path": str(tmp_path / f"{n}.jsonl")} for n in ("add_more", "mul", "sub")]},
-        "meta": {"epochs": 2, "batch_size": 8, "lr": 0.01},
-        "gradients": {"dim": 32, "batch_size": 4, "chunk_size": 16},
-        "select": {"subsets": 20},
-        "finetune": {"epochs": 1, "batch_size": 8, "lr": 0.01},
-    }
-    return config.from_dict(raw)
+    return tiny_run_config(tmp_path, tiny_model_dir)
 
 
 def test_run_writes_every_artifact_and_skips_unchanged_stages(cfg, capsys):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from typing import Callable
 
 from gradex import pipeline
 from gradex.config import EXAMPLES_DIR, Config, ConfigError, load
+from gradex.config import dumps as config_dumps
 
 STAGES: dict[str, tuple[str, Callable[..., object]]] = {
     "prepare": ("read, check and tokenize every source (all data errors surface here)", pipeline.prepare),
@@ -35,7 +37,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gradex", description="Choose which data sources to fine-tune a language model on, from first-order estimates (GradEx).")
+    p.add_argument("--version", action="version", version=f"gradex {version()}")
+    p.add_argument("--debug", action="store_true", help="on an error, print the full traceback too")
     sub = p.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("status", help="each stage of the run directory: done, stale (and why), running "
+                                          "(interrupted), missing; runs nothing"))
+    _common(sub.add_parser("config", help="print the resolved config (defaults, file and --set overrides) as YAML"))
     _common(sub.add_parser("run", help="all stages, then print scores, the selection and an equal-budget "
                                        "comparison with the baselines (compare.run_seeds seeds)"))
     for name, (help_, _) in STAGES.items():
@@ -106,13 +113,28 @@ def _mixes(items: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("gradex")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.example and args.config:
             raise ConfigError("give a config file or --example, not both")
         cfg: Config = load(EXAMPLES[args.example] if args.example else args.config, args.overrides)
-        if args.command == "run":
+        if args.command == "status":
+            print(f"run directory: {cfg.run_dir}")
+            print(pipeline.format_status(pipeline.status(cfg)))
+        elif args.command == "config":
+            print(config_dumps(cfg), end="")
+        elif args.command == "run":
             print(format_summary(pipeline.run_all(cfg, args.force)))
         elif args.command == "estimate":
             subsets = None if args.subset is None else [[s for s in x.split(",") if s] for x in args.subset]
@@ -137,11 +159,19 @@ def main(argv: list[str] | None = None) -> int:
                 result = result.dir / "data" / "manifest.json"
             print(result if not isinstance(result, dict) else json.dumps(result, indent=2, default=str))
     except ConfigError as err:
+        if args.debug:
+            traceback.print_exc()
         print(f"gradex: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gradex: interrupted; finished work is kept and the stage resumes on re-run", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug or an environment problem: one line, the traceback on request
+        if args.debug:
+            traceback.print_exc()
+        print(f"gradex: error: {type(err).__name__}: {err} (run with --debug for the traceback; finished work "
+              "is kept)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -392,9 +392,14 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def dumps(cfg: Config) -> str:
+    """The resolved config as YAML, loadable as it is; its fingerprint goes in a comment so the text
+    stays a valid config."""
+    return f"# gradex resolved config, fingerprint {fingerprint(cfg)}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def dump(cfg: Config, path: Path) -> None:
-    """The resolved config, loadable as it is (`gradex run runs/<name>/config.yaml` repeats the run);
-    its fingerprint goes in a comment so the file stays a valid config."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# gradex resolved config, fingerprint {fingerprint(cfg)}\n"
-                    + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write `dumps(cfg)` (`gradex run runs/<name>/config.yaml` repeats the run)."""
+    from gradex.atomic import write_bytes
+
+    write_bytes(path, dumps(cfg).encode())

@@ -178,11 +178,11 @@ def recipe_label(run: Run, recipe: str) -> str:
     return f"the deployed finetune recipe: {recipe_summary(run)['description']}"
 
 
-def _recipe_key(run: Run, recipe: str) -> str:
+def recipe_key(run: Run, recipe: str) -> str:
     """What the real fine-tunes of a recipe depend on (not the estimator: changing it keeps them)."""
     if recipe == "refit":
-        return fingerprint(run.fp("meta"), run.cfg.refit, MEASURE, ROWS_FORMAT)
-    return fingerprint(run.fp("meta"), finetune_recipe(run)[0], MEASURE, ROWS_FORMAT)
+        return fingerprint(run.output("data"), run.output("theta*"), run.cfg.refit, MEASURE, ROWS_FORMAT)
+    return fingerprint(finetune_recipe(run)[0], MEASURE, ROWS_FORMAT)
 
 
 def _real_finetune(run: Run, recipe: str, names: list[str], seed: int, out: Path, key: str) -> tuple[torch.nn.Module, dict]:
@@ -224,7 +224,7 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2, recipe: str = "finetune")
     out = run.dir / "validate"
     out.mkdir(parents=True, exist_ok=True)
     done_path = out / "runs.jsonl"
-    key = _recipe_key(run, recipe)
+    key = recipe_key(run, recipe)
     done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
     done = [d for d in done if d["fingerprint"] == key]
     members = random_subsets(len(run.sources), k, cfg.select.seed + 1000)

@@ -2,9 +2,10 @@
 
     prepare -> meta-train -> gradients -> estimate -> select -> finetune -> compare -> report
 
-Each stage records the fingerprint of everything it depends on in `<dir>/stage.json`; a stage whose
-fingerprint is unchanged is skipped, and a stage that changes invalidates the ones after it (their
-fingerprints include its own). Long stages (training, gradients) resume from partial work.
+Each stage records in the ledger (`<dir>/stage.json`, gradex.ledger) the hashes of the config parts
+it used and of the artifacts it read, and the hashes of what it wrote; a stage whose inputs are
+unchanged is skipped, and one whose inputs changed (a data file edited, an upstream stage that wrote
+something else) runs again, saying why. Long stages (training, gradients) resume from partial work.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from gradex import config as config_mod
+from gradex import ledger
 from gradex.atomic import write_json
 from gradex.config import Config
 from gradex.data import Example, Tokenized, check_lengths, load_examples, read_examples, save_examples, tokenize
@@ -96,50 +98,90 @@ class Run:
         model.eval()
         return model
 
-    # ------------------------------------------------------------------ fingerprints
-    def fp(self, stage: str) -> str:
+    # ------------------------------------------------------------------ the ledger
+    @cached_property
+    def data_files(self) -> dict[str, str]:
+        """The hash of every data file the config names (bigbench tasks come from the pinned package)."""
+        d = self.cfg.data
+        paths = [s.path for s in (d.target, *d.sources) if s.path] + ([d.sources_file] if d.sources_file else [])
+        return {f"file {p}": ledger.sha256(Path(p)) if Path(p).exists() else "missing" for p in dict.fromkeys(paths)}
+
+    def inputs(self, stage: str) -> dict[str, str | None]:
+        """What a stage's output depends on, hashed: the config parts it uses and the artifacts it reads."""
         c = self.cfg
         if stage == "prepare":
-            return config_mod.fingerprint(c.model.name, c.model.gguf_file, c.model.max_length, c.data)
+            return {"config": config_mod.fingerprint(c.model.name, c.model.gguf_file, c.model.max_length, c.data),
+                    **self.data_files}
         if stage == "meta":
-            return config_mod.fingerprint(self.fp("prepare"), c.model, self.precision, c.meta)
+            return {"config": config_mod.fingerprint(c.model, self.precision, c.meta), "data": self.output("data")}
         if stage == "gradients":  # Adam's preconditioner is measured on the refit recipe's batches
             batches = (c.refit.batch_size, c.refit.seed) if c.gradients.preconditioner == "adam" else None
-            return config_mod.fingerprint(self.fp("meta"), c.gradients, batches)
-        if stage in ("estimate", "select"):
-            return config_mod.fingerprint(self.fp("gradients"), c.estimate, c.select, weighting(self))
+            return {"config": config_mod.fingerprint(c.model, self.precision, c.gradients, batches),
+                    "data": self.output("data"), "theta*": self.output("theta*")}
+        if stage == "select":
+            return {"config": config_mod.fingerprint(c.estimate, c.select, weighting(self)),
+                    "data": self.output("data"), "store": self.output("store")}
         raise KeyError(stage)
 
-    def done(self, stage: str, where: Path) -> bool:
-        info = _stage_info(where)
-        return info.get("fingerprint") == self.fp(stage) and info.get("status") == "done"
+    def fp(self, stage: str) -> str:
+        return config_mod.fingerprint(self.inputs(stage))
 
-    def mark(self, stage: str, where: Path, status: str = "done", **info: Any) -> None:
+    def output(self, name: str) -> str | None:
+        """The recorded hash of an upstream artifact (None until its stage is done)."""
+        stage = PRODUCER[name]
+        record = ledger.read(self.dir / STAGE_DIRS[stage])
+        return record.get("outputs", {}).get(name) if record.get("status") == "done" else None
+
+    def state(self, stage: str) -> tuple[str, str]:
+        return ledger.state(self.dir / STAGE_DIRS[stage], self.inputs(stage))
+
+    def done(self, stage: str, force: bool = False) -> bool:
+        """Whether a stage's output is current; if not, say why before it runs (never silently)."""
+        state, why = self.state(stage)
+        if state == "done" and not force:
+            return True
+        if force:
+            state, why = "forced", "--force"
+        verb = {"missing": "running", "running": "resuming", "stale": "running again", "forced": "running again"}
+        log(f"{STAGE_NAMES[stage]}: {verb[state]} ({why})")
+        return False
+
+    def mark(self, stage: str, status: str = "done", outputs: dict[str, str] | None = None, **info: Any) -> None:
         if launch_rank() != 0:
             return
+        where = self.dir / STAGE_DIRS[stage]
         where.mkdir(parents=True, exist_ok=True)
-        body = {"stage": stage, "fingerprint": self.fp(stage), "status": status, **info}
-        write_json(where / "stage.json", body)
+        ledger.write(where, stage, self.inputs(stage), outputs, status, **info)
 
-    def begin(self, stage: str, where: Path, force: bool) -> None:
+    def begin(self, stage: str, force: bool) -> None:
         """Start (or resume) a stage: partial work made from other inputs must not be resumed."""
         if launch_rank() != 0:
             return
-        if force or _stage_info(where).get("fingerprint") not in (None, self.fp(stage)):
+        where = self.dir / STAGE_DIRS[stage]
+        if force or ledger.state(where, self.inputs(stage))[0] not in ("missing", "running"):
             shutil.rmtree(where, ignore_errors=True)
-        self.mark(stage, where, status="running")
+        self.mark(stage, status="running")
+
+
+STAGE_DIRS = {"prepare": "data", "meta": "meta", "gradients": "store", "select": "select"}
+STAGE_NAMES = {"prepare": "prepare", "meta": "meta-train", "gradients": "gradients", "select": "select"}
+PRODUCER = {"data": "prepare", "theta*": "meta", "store": "gradients"}  # artifact -> the stage that writes it
 
 
 def _stage_info(where: Path) -> dict:
-    path = where / "stage.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return ledger.read(where)
 
 
 # ---------------------------------------------------------------------------- stages
+
+def data_sha256(examples: list[Example], tokens: list[Tokenized]) -> str:
+    """The hash of what training and evaluation see (sources, splits, texts, token ids), in order;
+    provenance (file lines) is left out, so renumbering a file's rows makes nothing stale."""
+    h = hashlib.sha256()
+    for e, t in zip(examples, tokens):
+        h.update(json.dumps([e.source, e.split, e.prompt, e.answer, list(e.choices), t.ids, t.n_prompt]).encode())
+    return h.hexdigest()[:16]
+
 
 def prepare(cfg: Config, force: bool = False) -> Run:
     """Read, check and tokenize every source; write the resolved config and the data manifest.
@@ -150,12 +192,12 @@ def prepare(cfg: Config, force: bool = False) -> Run:
     run = Run(cfg)
     out = run.dir / "data"
     if launch_rank() != 0:
-        if not run.done("prepare", out):
+        if run.state("prepare")[0] != "done":
             raise config_mod.ConfigError("under a multi-process launch only `gradex gradients` runs in parallel: "
                                          "run `gradex meta-train` first, then launch the gradient pass")
         return run
     config_mod.dump(cfg, run.dir / "config.yaml")
-    if not force and run.done("prepare", out):
+    if run.done("prepare", force):
         return run
     examples = load_examples(cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -163,7 +205,7 @@ def prepare(cfg: Config, force: bool = False) -> Run:
     check_lengths(examples, tokens, cfg.model.max_length)
     manifest = save_examples(examples, tokens, out)
     run.__dict__.update(tokenizer=tokenizer)
-    run.mark("prepare", out, examples=manifest["examples"])
+    run.mark("prepare", examples=manifest["examples"], outputs={"data": data_sha256(examples, tokens)})
     counts = ", ".join(f"{s}={v['count']}" for s, v in manifest["sources"].items())
     log(f"prepared {manifest['examples']} examples ({counts})")
     return run
@@ -175,9 +217,9 @@ def meta_train(cfg: Config, force: bool = False) -> Path:
 
     run = prepare(cfg)
     out = run.dir / "meta"
-    if not force and run.done("meta", out):
+    if run.done("meta", force):
         return out / "adapter.pt"
-    run.begin("meta", out, force)
+    run.begin("meta", force)
     checkpoint = out / "checkpoint.pt"
     model = run.fresh_model(seed=cfg.meta.seed)
     idx = run.train_indices(run.sources)
@@ -186,8 +228,8 @@ def meta_train(cfg: Config, force: bool = False) -> Path:
     save_trainable(model, out / "adapter.pt")
     write_log(history, out / "log.jsonl")
     checkpoint.unlink(missing_ok=True)
-    run.mark("meta", out, steps=len(history), seconds=round(time.perf_counter() - t0, 1),
-             final_loss=history[-1]["loss"], adapter_sha256=_sha256(out / "adapter.pt"))
+    run.mark("meta", steps=len(history), seconds=round(time.perf_counter() - t0, 1),
+             final_loss=history[-1]["loss"], outputs={"theta*": ledger.sha256(out / "adapter.pt")})
     log(f"meta-trained theta* in {len(history)} steps (train loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f})")
     return out / "adapter.pt"
 
@@ -198,15 +240,15 @@ def gradients(cfg: Config, force: bool = False) -> Path:
     from gradex.gradients.store import barrier, distributed
 
     run = prepare(cfg)
-    if launch_rank() != 0 and not run.done("meta", run.dir / "meta"):
+    if launch_rank() != 0 and run.state("meta")[0] != "done":
         raise config_mod.ConfigError("under a multi-process launch run `gradex meta-train` first")
     meta_train(cfg)
     out = run.dir / "store"
-    if not force and run.done("gradients", out):
+    if run.done("gradients", force):
         return out
     _, world = distributed()
     t0 = time.perf_counter()
-    run.begin("gradients", out, force)
+    run.begin("gradients", force)
     barrier(world)  # no rank writes a shard before rank 0 has cleared a stale store
     model = run.meta_model()
     if cfg.gradients.preconditioner == "adam":
@@ -222,17 +264,23 @@ def gradients(cfg: Config, force: bool = False) -> Path:
         barrier(world)  # every rank projects with rank 0's preconditioner
     projector = make_run_projector(run, model)
     idx = run.train_indices(run.sources) + run.indices("validation")
-    meta = json.loads((run.dir / "meta" / "stage.json").read_text())
-    extra = {"model": cfg.model.name, "finetune": cfg.model.finetune, "adapter_sha256": meta["adapter_sha256"],
+    extra = {"model": cfg.model.name, "finetune": cfg.model.finetune, "adapter_sha256": run.output("theta*"),
              "theta_norm": trainable_vector(model).norm().item()}
     compute_store(model, run.tokens, idx, run.pad_id, out, projector, batch_size=cfg.gradients.batch_size,
                   chunk_size=cfg.gradients.chunk_size, precision=run.precision, manifest_extra=extra,
                   output=cfg.gradients.output)
-    run.mark("gradients", out, examples=len(idx), seconds=round(time.perf_counter() - t0, 1))
+    run.mark("gradients", examples=len(idx), seconds=round(time.perf_counter() - t0, 1),
+             outputs={"store": store_sha256(out)})
     return out
 
 
 PRECONDITIONER_FILE = "preconditioner.pt"  # in store/: Adam's second moments at theta*
+STORE_FILES = ("x.npy", "u.npy", "index.npy", "col_sq_norms.npy", PRECONDITIONER_FILE)
+
+
+def store_sha256(out: Path) -> str:
+    """The store's content hash: its arrays and preconditioner, not its timings or machine."""
+    return hashlib.sha256("".join(ledger.sha256(out / f) for f in STORE_FILES if (out / f).exists()).encode()).hexdigest()[:16]
 
 
 def make_run_projector(run: Run, model: torch.nn.Module):
@@ -434,14 +482,15 @@ def select(cfg: Config, force: bool = False) -> dict:
     """Select sources by their estimates; writes selection.json and appends to estimates.parquet."""
     run = prepare(cfg)
     gradients(cfg)
-    if not force and run.done("select", run.dir / "select"):
+    if run.done("select", force) and (run.dir / "selection.json").exists():
         return json.loads((run.dir / "selection.json").read_text())
     fn, rows, l2 = estimator(run)
     body = selection(run, cfg.select.method, fn)
     body.update({"l2": l2, "estimated_subsets": len(rows)})
     write_json(run.dir / "selection.json", body)
     _save_estimates(run, rows)
-    run.mark("select", run.dir / "select", subsets=len(rows), seconds=body["seconds"])
+    run.mark("select", subsets=len(rows), seconds=body["seconds"],
+             outputs={"selection": ledger.sha256(run.dir / "selection.json")})
     log(f"estimated {len(rows)} subsets in {body['seconds']:.2f} s ({cfg.estimate.mode} mode, l2={l2:.3g}); "
         f"selected {body['selected']}")
     if body["worse_than_target"]:
@@ -482,8 +531,8 @@ def finetune_recipe(run: Run) -> tuple[str, Any]:
     that shapes a fine-tune of a mix except its members and seed (data, model, precision, start)."""
     c = run.cfg
     recipe = dataclasses.replace(c.finetune, max_steps=budget_steps(run))
-    start = _stage_info(run.dir / "meta").get("adapter_sha256") if c.finetune.init == "theta_star" else "base"
-    return config_mod.fingerprint(run.fp("prepare"), c.model, run.precision, recipe, start, c.gradients.output), recipe
+    start = run.output("theta*") if c.finetune.init == "theta_star" else "base"
+    return config_mod.fingerprint(run.output("data"), c.model, run.precision, recipe, start, c.gradients.output), recipe
 
 
 def finetune_key(run: Run, members: list[str], seed: int) -> str:
@@ -559,7 +608,7 @@ def _similarity(run: Run, kind: str) -> dict[str, float]:
     """Per-source similarity for a baseline, cached in compare/<kind>.json by what it was computed from."""
     from gradex.baselines import similarity_scores
 
-    inputs = run.fp("gradients") if kind == "gradient" else (run.fp("prepare"), run.cfg.model.name)
+    inputs = run.output("store") if kind == "gradient" else (run.output("data"), run.cfg.model)
     key = config_mod.fingerprint(kind, inputs)
     path = run.dir / "compare" / f"{kind}.json"
     if path.exists() and json.loads(path.read_text())["key"] == key:
@@ -688,6 +737,48 @@ def run_all(cfg: Config, force: bool = False) -> dict:
                "report": str(report(cfg)), "seconds": round(time.perf_counter() - t0, 1)}
     write_json(cfg.run_dir / "summary.json", summary)
     return summary
+
+
+def status(cfg: Config) -> list[dict]:
+    """Each stage's state without running anything: done, stale (and why), running (interrupted), missing."""
+    run = Run(cfg)
+    rows: list[dict] = []
+    upstream_ok = True
+    for stage in STAGE_DIRS:
+        state, why = run.state(stage)
+        if state == "done" and not upstream_ok:
+            state, why = "stale", f"an upstream stage ({rows[-1]['stage']}) is not done"
+        rows.append({"stage": STAGE_NAMES[stage], "state": state, "why": why})
+        upstream_ok = upstream_ok and state == "done"
+    selection = json.loads((run.dir / "selection.json").read_text()) if (run.dir / "selection.json").exists() else None
+    final = run.dir / "final" / "metrics.json"
+    if not final.exists():
+        rows.append({"stage": "finetune", "state": "missing", "why": "not run yet"})
+    elif not upstream_ok or selection is None:
+        rows.append({"stage": "finetune", "state": "stale", "why": "an upstream stage is not done"})
+    elif json.loads(final.read_text()).get("key") != finetune_key(run, selection["selected"], 0):
+        rows.append({"stage": "finetune", "state": "stale", "why": "changed: the selection, the data, theta* or the "
+                                                                   "finetune recipe"})
+    else:
+        rows.append({"stage": "finetune", "state": "done", "why": ""})
+    path = run.dir / "compare.json"
+    if not path.exists():
+        rows.append({"stage": "compare", "state": "missing", "why": "not run yet"})
+    else:
+        body = json.loads(path.read_text())
+        current = upstream_ok and selection is not None and body["selection"]["selected"] == selection["selected"]
+        current = current and all(r["key"] == finetune_key(run, r["members"], r["seed"]) for r in body["rows"])
+        rows.append({"stage": "compare", "state": "done" if current else "stale",
+                     "why": f"{body['seeds']} seed(s), {len(body['mixes'])} mixes" if current else
+                     "changed: the selection, the data, theta* or the finetune recipe; `gradex compare` re-runs "
+                     "only the fine-tunes that changed"})
+    have = (run.dir / "report.html").exists()
+    rows.append({"stage": "report", "state": "done" if have else "missing", "why": "rebuilt on every run" if have else ""})
+    return rows
+
+
+def format_status(rows: list[dict]) -> str:
+    return "\n".join(f"{r['stage']:<11} {r['state']:<8} {r['why']}".rstrip() for r in rows)
 
 
 def report(cfg: Config, force: bool = False) -> Path:

@@ -1,0 +1,71 @@
+"""The ledger: what each stage of a run read and what it wrote, so a re-run can tell done from stale.
+
+Every stage directory holds one record, `stage.json`:
+
+    {"stage": "meta", "status": "done",
+     "inputs": {"config": "<hash of the config parts it used>", "data": "<hash of the examples>"},
+     "outputs": {"theta*": "<hash of the adapter>"}, ...timings and counts}
+
+A stage's inputs are the hashes of its config parts and of every artifact it read, taken from the
+upstream records' outputs (or, for prepare, from the data files themselves). A stage is done when
+its recorded inputs equal the current ones; so editing a data file, forcing an upstream stage that
+then writes something different, or changing a setting makes exactly the dependent stages stale,
+and an upstream re-run that reproduces its output byte for byte makes nothing stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from gradex.atomic import write_json
+
+RECORD = "stage.json"
+
+
+def sha256(path: Path) -> str:
+    """The first 16 hex digits of a file's SHA-256 (streamed: stores can be large), or of every file
+    under a folder, names included."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            h.update(str(file.relative_to(path)).encode() + b"\0")
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def read(where: Path) -> dict:
+    import json
+
+    path = where / RECORD
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write(where: Path, stage: str, inputs: dict[str, Any], outputs: dict[str, str] | None = None,
+          status: str = "done", **info: Any) -> None:
+    write_json(where / RECORD, {"stage": stage, "status": status, "inputs": inputs, "outputs": outputs or {},
+                                **info})
+
+
+def changed(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The names of the inputs whose hash differs (a name on one side only counts as changed)."""
+    return sorted(k for k in recorded.keys() | current.keys() if recorded.get(k) != current.get(k))
+
+
+def state(where: Path, current: dict[str, Any]) -> tuple[str, str]:
+    """(done | stale | running | missing, why) for the record in `where` against the current inputs."""
+    record = read(where)
+    if not record:
+        return "missing", "not run yet"
+    if "inputs" not in record:
+        return "stale", "recorded by an older gradex (no input hashes)"
+    diff = changed(record["inputs"], current)
+    if diff:
+        return "stale", "changed: " + ", ".join(diff)
+    if record.get("status") != "done":
+        return "running", "started and not finished (interrupted, or running now); a re-run resumes it"
+    return "done", ""
