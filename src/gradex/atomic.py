@@ -1,22 +1,36 @@
 """Writes that a killed process cannot leave half-done: a temporary file, then a rename.
 
-Every artifact a later stage or a resumed run reads goes through here (or `gradex.model.save_atomic`
-for torch objects), so a file is either the old one, the new one, or absent.
+Every artifact a later stage or a resumed run reads goes through here (tensor files through
+`gradex.tensorfile`, which writes with `replacing`), so a file is either the old one, the new one,
+or absent.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[BinaryIO]:
+    """A binary file handle whose contents replace `path` when the block ends without an error
+    (streamed: a checkpoint is never held in memory twice)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # per process: ranks may write side by side
+    try:
+        with open(tmp, "wb") as fh:
+            yield fh
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when the block failed
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # per process: ranks may write side by side
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with replacing(path) as fh:
+        fh.write(data)
 
 
 def write_json(path: Path, body: Any) -> None:

@@ -27,6 +27,7 @@ from torch import nn
 
 from gradex.config import ConfigError, ModelConfig
 from gradex.data import Batch
+from gradex.tensorfile import load_tensors, save_tensors
 
 EPS = 1e-6
 OUTPUTS = ("ce", "mean-logodds")  # definitions of u_s; see the module docstring
@@ -49,15 +50,21 @@ def resolve_name(cfg: ModelConfig) -> tuple[str, str | None]:
     return cfg.name, cfg.gguf_file
 
 
+def _load_error(cfg: ModelConfig, what: str, err: Exception) -> ConfigError:
+    if "trust_remote_code" in str(err) and not cfg.trust_remote_code:
+        return ConfigError(f"model.name: {cfg.name!r} ships Python code of its own, which gradex runs only "
+                           f"with model.trust_remote_code: true (set it only for a model you trust)")
+    return ConfigError(f"model.name: cannot load {what} {cfg.name!r} (a hub id, a local directory, or 'smollm2'): {err}")
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
     name, gguf = resolve_name(cfg)
-    try:
-        tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf)
+    try:  # code shipped with a model runs only if the user says so (model.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model.name: cannot load a tokenizer for {cfg.name!r} "
-                          f"(a hub id, a local directory, or 'smollm2'): {err}") from err
+        raise _load_error(cfg, "a tokenizer for", err) from err
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
@@ -71,9 +78,10 @@ def load_base(cfg: ModelConfig) -> nn.Module:
 
     name, gguf = resolve_name(cfg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf, dtype=torch.float32,
+                                                     trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model.name: cannot load {cfg.name!r} as a causal LM: {err}") from err
+        raise _load_error(cfg, "a causal LM from", err) from err
     model.config.use_cache = False
     return model
 
@@ -231,20 +239,13 @@ def training_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return nn.functional.cross_entropy(logits, targets)
 
 
-def save_atomic(obj: object, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a killed process never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 def save_trainable(model: nn.Module, path: Path) -> None:
-    save_atomic({n: p.detach().cpu() for n, p in trainable(model)}, path)
+    """The trainable parameters (an adapter): a tensor file (gradex.tensorfile), safe to load."""
+    save_tensors({n: p for n, p in trainable(model)}, path)
 
 
 def load_trainable(model: nn.Module, path: Path) -> None:
-    state = torch.load(path, map_location="cpu")
+    state = load_tensors(path)
     params = dict(trainable(model))
     if set(state) != set(params):
         raise ValueError(f"{path}: saved parameters do not match the model's trainable parameters")

@@ -20,7 +20,10 @@ from tqdm.auto import tqdm
 
 from gradex.config import TrainConfig
 from gradex.data import Tokenized, collate
-from gradex.model import autocast, save_atomic, trainable, training_loss
+from gradex.model import autocast, trainable, training_loss
+from gradex.tensorfile import json_tensor, load_tensors, save_tensors, tensor_json
+
+CHECKPOINT_FORMAT = 2  # a tensor file (gradex.tensorfile); 1 was a pickled dict, no longer read
 
 
 def total_steps(recipe: TrainConfig, n_examples: int) -> int:
@@ -61,13 +64,7 @@ def train(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int],
     log: list[dict] = []
     start = 0
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        with torch.no_grad():
-            for p, saved in zip(params, state["params"]):
-                p.copy_(saved)
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start, log = state["step"], state["log"]
+        start, log = _resume(checkpoint, params, opt, sched)
     model.train()
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not progress, leave=False)
     t0 = time.perf_counter()
@@ -95,9 +92,56 @@ def train(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int],
     return log
 
 
-def _save(path: Path, params: list[torch.Tensor], opt, sched, step: int, log: list[dict]) -> None:
-    save_atomic({"params": [p.detach().clone() for p in params], "opt": opt.state_dict(),
-                 "sched": sched.state_dict(), "step": step, "log": log}, path)
+def _save(path: Path, params: list[torch.Tensor], opt: torch.optim.Optimizer,
+          sched: torch.optim.lr_scheduler.LRScheduler, step: int, log: list[dict]) -> None:
+    """Everything a resumed run needs to take the same steps, as tensors plus JSON (no pickled
+    objects): the parameters, the optimizer's per-parameter tensors, torch's RNG state (dropout), and
+    the optimizer's settings, the scheduler, the step and the log."""
+    tensors = {f"param.{i}": p for i, p in enumerate(params)}
+    opt_state = opt.state_dict()
+    scalars: dict[str, dict] = {}
+    for i, slots in opt_state["state"].items():
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{i}.{key}"] = value
+            else:
+                scalars.setdefault(str(i), {})[key] = value
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    tensors["state"] = json_tensor({"format": CHECKPOINT_FORMAT, "step": step, "log": log, "opt_scalars": scalars,
+                                    "param_groups": opt_state["param_groups"], "sched": sched.state_dict()})
+    save_tensors(tensors, path)
+
+
+def _resume(path: Path, params: list[torch.Tensor], opt: torch.optim.Optimizer,
+            sched: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, list[dict]]:
+    """Load what `_save` wrote into the parameters, optimizer, scheduler and RNG; (step, log)."""
+    tensors = load_tensors(path)
+    state = tensor_json(tensors["state"]) if "state" in tensors else {}
+    if state.get("format") != CHECKPOINT_FORMAT or sum(k.startswith("param.") for k in tensors) != len(params):
+        raise ValueError(f"{path}: a checkpoint of another gradex version or of other parameters; "
+                         f"delete it to train from the start")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"param.{i}"])
+    slots: dict[int, dict] = {}
+    for name, t in tensors.items():
+        if name.startswith("opt."):
+            _, i, key = name.split(".", 2)
+            slots.setdefault(int(i), {})[key] = t
+    for i, values in state["opt_scalars"].items():
+        slots.setdefault(int(i), {}).update(values)
+    groups = state["param_groups"]
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])  # JSON made the tuple a list
+    opt.load_state_dict({"state": slots, "param_groups": groups})
+    sched.load_state_dict(state["sched"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return state["step"], state["log"]
 
 
 def write_log(log: list[dict], path: Path) -> None:

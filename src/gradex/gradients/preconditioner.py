@@ -18,7 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gradex.data import Tokenized, collate
-from gradex.model import autocast, save_atomic, trainable, training_loss
+from gradex.model import autocast, trainable, training_loss
+from gradex.tensorfile import load_tensors, save_tensors
 from gradex.train import epoch_batches
 
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default eps
@@ -60,8 +61,8 @@ def adam_scales(moments: dict[str, torch.Tensor], eps: float = ADAM_EPS) -> dict
 
 
 def save(moments: dict[str, torch.Tensor], path: Path) -> None:
-    save_atomic(moments, path)
+    save_tensors(moments, path)
 
 
 def load(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu")
+    return load_tensors(path)

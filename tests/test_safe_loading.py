@@ -1,0 +1,144 @@
+"""A run directory from someone else cannot run code when gradex reads it: tensor files only (loaded
+with weights_only=True), and a model's own Python code only with model.trust_remote_code."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradex.config import ConfigError, LoraConfig, ModelConfig, TrainConfig
+from gradex.gradients import preconditioner
+from gradex.model import load_base, load_trainable, make_trainable, save_trainable, trainable
+from gradex.train import train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gradients_helper import tiny_tokens  # noqa: E402
+
+
+def dropout_model() -> torch.nn.Module:
+    """A tiny LoRA Llama with attention dropout: training draws random numbers, so resuming it
+    reproduces the uninterrupted run only if the checkpoint restores the RNG too."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.3))
+    return make_trainable(base, ModelConfig(lora=LoraConfig(r=4)), seed=0)
+
+
+RECIPE = TrainConfig(epochs=1, batch_size=4, lr=0.05, warmup=0.2, seed=3)  # 24 examples: 6 steps
+TOKENS = tiny_tokens(24)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_after(step: int):
+    def on_step(k: int) -> None:
+        if k == step:
+            raise Interrupt
+
+    return on_step
+
+
+def test_checkpoint_is_tensors_and_resumes_to_the_uninterrupted_run(tmp_path: Path) -> None:
+    torch.manual_seed(11)
+    whole = dropout_model()
+    log = train(whole, TOKENS, range(24), RECIPE, pad_id=0, precision="fp32", progress=False)
+    assert len(log) == 6
+
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.manual_seed(11)
+    first = dropout_model()
+    with pytest.raises(Interrupt):
+        train(first, TOKENS, range(24), RECIPE, pad_id=0, precision="fp32", checkpoint=ckpt, save_every=2,
+              progress=False, on_step=stop_after(3))  # killed after step 3: the checkpoint holds step 2
+    saved = torch.load(ckpt, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in saved.values())
+    assert json.loads(bytes(saved["state"].tolist()))["step"] == 2
+
+    torch.manual_seed(99)  # a new process: any other RNG state
+    resumed = dropout_model()
+    resumed_log = train(resumed, TOKENS, range(24), RECIPE, pad_id=0, precision="fp32", checkpoint=ckpt,
+                        save_every=2, progress=False)
+    assert [r["loss"] for r in resumed_log] == [r["loss"] for r in log]
+    for (name, a), (_, b) in zip(trainable(whole), trainable(resumed)):
+        assert torch.equal(a, b), name
+
+
+def pickled_payload(path: Path, marker: Path) -> None:
+    """A file that, loaded by a full unpickler, creates `marker` (stands for any code)."""
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    torch.save({"params": Payload(), "step": 1}, path)
+
+
+@pytest.mark.parametrize("artifact", ["checkpoint", "adapter", "preconditioner"])
+def test_a_pickled_object_in_an_artifact_is_refused(tmp_path: Path, artifact: str) -> None:
+    marker = tmp_path / "code-ran"
+    path = tmp_path / f"{artifact}.pt"
+    pickled_payload(path, marker)
+    model = dropout_model()
+    with pytest.raises(ValueError, match="refused to load: it holds Python objects other than tensors"):
+        if artifact == "checkpoint":
+            train(model, TOKENS, range(24), RECIPE, pad_id=0, precision="fp32", checkpoint=path, progress=False)
+        elif artifact == "adapter":
+            load_trainable(model, path)
+        else:
+            preconditioner.load(path)
+    assert not marker.exists()
+
+
+def test_adapter_and_preconditioner_round_trip(tmp_path: Path) -> None:
+    model = dropout_model()
+    save_trainable(model, tmp_path / "adapter.pt")
+    other = dropout_model()
+    with torch.no_grad():
+        for _, p in trainable(other):
+            p.zero_()
+    load_trainable(other, tmp_path / "adapter.pt")
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(trainable(model), trainable(other)))
+    moments = {name: p.detach().square() for name, p in trainable(model)}
+    preconditioner.save(moments, tmp_path / "preconditioner.pt")
+    loaded = preconditioner.load(tmp_path / "preconditioner.pt")
+    assert loaded.keys() == moments.keys() and all(torch.equal(loaded[k], moments[k]) for k in moments)
+    torch.save({"weights": [torch.ones(2)]}, tmp_path / "nested.pt")  # plain data, but not named tensors
+    with pytest.raises(ValueError, match="not a gradex tensor file"):
+        preconditioner.load(tmp_path / "nested.pt")
+
+
+def model_with_its_own_code(root: Path, marker: Path) -> Path:
+    """A model directory whose config points at a Python file that creates `marker` when imported."""
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({
+        "model_type": "gradex-test-custom",
+        "auto_map": {"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomModel"}}))
+    (root / "custom.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import PretrainedConfig\n\n\n"
+        "class CustomConfig(PretrainedConfig):\n"
+        "    model_type = 'gradex-test-custom'\n")
+    return root
+
+
+def test_model_code_runs_only_with_trust_remote_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import dynamic_module_utils
+
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    marker = tmp_path / "code-ran"
+    name = str(model_with_its_own_code(tmp_path / "model", marker))
+    assert ModelConfig().trust_remote_code is False
+    with pytest.raises(ConfigError, match="runs only with model.trust_remote_code: true"):
+        load_base(ModelConfig(name=name))
+    assert not marker.exists()
+    with pytest.raises(Exception):  # the user's choice: the code runs (this stub then fails to build a model)
+        load_base(ModelConfig(name=name, trust_remote_code=True))
+    assert marker.exists()
