@@ -366,12 +366,17 @@ def estimator(run: Run, equal_steps: bool | None = None,
                        weighting=weights)
         loss = reconstruct(est.z) if reconstruct else est.loss
         seconds = (time.perf_counter() - t0) / max(1, len(subsets))
-        for member, value, step, change in zip(subsets.tolist(), loss.tolist(), est.step.tolist(),
-                                                est.change.tolist()):
+        for member, value, step, change, converged in zip(subsets.tolist(), loss.tolist(), est.step.tolist(),
+                                                           est.change.tolist(), est.converged.tolist()):
             rows.append({"members": [n for n, m in zip(names, member) if m], "size": sum(member),
                          "estimate": value, "step": step, "output_change": change, "mode": mode, "l2": l2,
-                         "weighting": weights, "stage": stage,
+                         "weighting": weights, "stage": stage, "converged": converged,
                          "seconds": seconds, "fingerprint": fingerprint})
+        unconverged = int((~est.converged).sum())
+        if unconverged:
+            log(f"warning: {unconverged} of {len(subsets)} subsets did not meet estimate.tol "
+                f"({run.cfg.estimate.tol:g}) within estimate.newton_steps ({run.cfg.estimate.newton_steps}) "
+                f"refinements: their estimates are less accurate (converged false in estimates.parquet)")
         return loss
 
     return fn, rows, l2
