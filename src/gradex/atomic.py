@@ -35,3 +35,9 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, body: Any) -> None:
     write_bytes(path, json.dumps(body, indent=2).encode())
+
+
+def write_parquet(path: Path, frame: Any) -> None:
+    """A pandas DataFrame as Parquet, replaced whole like every other artifact."""
+    with replacing(path) as fh:
+        frame.to_parquet(fh)

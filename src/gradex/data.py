@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from gradex.atomic import write_bytes, write_json
 from gradex.config import Config, ConfigError, DataConfig, SourceConfig, TargetConfig
 
 SPLITS = ("train", "validation", "test")
@@ -445,7 +446,7 @@ def save_examples(examples: Sequence[Example], tokens: Sequence[Tokenized], out:
     out.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({**dataclasses.asdict(e), "n_tokens": len(t.ids)}) for e, t in zip(examples, tokens)]
     body = "\n".join(lines) + "\n"
-    (out / "examples.jsonl").write_text(body)
+    write_bytes(out / "examples.jsonl", body.encode())
     per_source: dict[str, dict] = {}
     for e, t in zip(examples, tokens):
         s = per_source.setdefault(e.source, {"count": 0, "splits": {}, "max_tokens": 0, "total_tokens": 0})
@@ -456,7 +457,7 @@ def save_examples(examples: Sequence[Example], tokens: Sequence[Tokenized], out:
     manifest = {"examples": len(examples), "sha256": hashlib.sha256(body.encode()).hexdigest(), "sources": per_source}
     if isinstance(examples, Examples):
         manifest["leakage"] = examples.leakage
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_json(out / "manifest.json", manifest)
     return manifest
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradex.atomic import write_json
+from gradex.atomic import write_bytes, write_json
 from gradex.config import Config, TrainConfig, fingerprint
 from gradex.data import batches
 from gradex.evaluate import loss_from_outputs, outputs
@@ -114,7 +114,7 @@ def check_linearity(cfg: Config, examples: int = 48, subsets: int = 2) -> dict:
                          **_errors(u0, u0 + grads @ delta, true),
                          "projected_explained": _errors(u0, u0 + grads @ proj, true)["explained"]})
     result = {"examples": len(idx), "theta_norm": theta.norm().item(), "rows": rows}
-    (run.dir / "linearity.json").write_text(json.dumps(result, indent=2))
+    write_json(run.dir / "linearity.json", result)
     _plot_linearity(rows, run.dir / "linearity.png")
     return result
 
@@ -225,8 +225,8 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2, recipe: str = "finetune")
     out.mkdir(parents=True, exist_ok=True)
     done_path = out / "runs.jsonl"
     key = recipe_key(run, recipe)
-    done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
-    done = [d for d in done if d["fingerprint"] == key]
+    lines = done_path.read_text().splitlines() if done_path.exists() else []  # every recipe's rows
+    done = [d for d in map(json.loads, lines) if d["fingerprint"] == key]
     members = random_subsets(len(run.sources), k, cfg.select.seed + 1000)
     names_of = [[n for n, m in zip(run.sources, row.tolist()) if m] for row in members]
     equal_steps = None if recipe == "finetune" else cfg.refit.max_steps is not None  # refit: epochs unless capped
@@ -242,8 +242,8 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2, recipe: str = "finetune")
         row = {"fingerprint": key, "recipe": recipe, "seed": s, "members": names,
                **reference.measure(model, names, s),
                "step": ((trainable_vector(model) - theta).norm() / theta.norm()).item(), **info}
-        with done_path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        lines.append(json.dumps(row))
+        write_bytes(done_path, ("\n".join(lines) + "\n").encode())  # whole or not at all: a kill cannot cut a row
         done.append(row)
     wanted = set(est)
     done = [d for d in done if tuple(d["members"]) in wanted and d["seed"] < seeds]

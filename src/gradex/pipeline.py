@@ -26,7 +26,7 @@ import torch
 
 from gradex import config as config_mod
 from gradex import ledger
-from gradex.atomic import write_json
+from gradex.atomic import write_json, write_parquet
 from gradex.config import Config
 from gradex.data import Example, Tokenized, check_lengths, load_examples, read_examples, save_examples, tokenize
 from gradex.model import (load_base, load_tokenizer, load_trainable, make_trainable, resolve_precision, save_trainable,
@@ -268,7 +268,8 @@ def gradients(cfg: Config, force: bool = False) -> Path:
              "theta_norm": trainable_vector(model).norm().item()}
     compute_store(model, run.tokens, idx, run.pad_id, out, projector, batch_size=cfg.gradients.batch_size,
                   chunk_size=cfg.gradients.chunk_size, precision=run.precision, manifest_extra=extra,
-                  output=cfg.gradients.output)
+                  output=cfg.gradients.output, describe=lambda i: f"{run.examples[i].origin or 'source ' + run.examples[i].source} "
+                                                                 f"({run.examples[i].split} split, example {i})")
     run.mark("gradients", examples=len(idx), seconds=round(time.perf_counter() - t0, 1),
              outputs={"store": store_sha256(out)})
     return out
@@ -418,7 +419,7 @@ def _save_estimates(run: Run, rows: list[dict]) -> None:
     frame = pd.DataFrame(rows)
     if path.exists():
         frame = pd.concat([pd.read_parquet(path), frame], ignore_index=True)
-    frame.to_parquet(path)
+    write_parquet(path, frame)
 
 
 def member_mask(names: list[str], subsets: list[list[str]]) -> torch.Tensor:
@@ -724,7 +725,7 @@ def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] |
                        "finetune_seconds": final["seconds"]},
               "rows": rows}
     write_json(path, result)
-    pd.DataFrame(rows).to_parquet(run.dir / "compare.parquet")
+    write_parquet(run.dir / "compare.parquet", pd.DataFrame(rows))
     return result
 
 

@@ -21,6 +21,7 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from gradex.atomic import write_bytes
 from gradex.compare import SELECTED
 from gradex.compare import fmt_interval as interval_text
 from gradex.compare import fmt_number as num
@@ -81,7 +82,7 @@ def write(run_dir: Path) -> Path:
             f"<title>{_e(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
             f"<h1>{_e(title)}</h1>\n" + "\n".join(sections) + "\n</body>\n</html>\n")
     path = run_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
+    write_bytes(path, page.encode("utf-8"))
     return path
 
 

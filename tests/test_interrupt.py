@@ -1,0 +1,159 @@
+"""kill -9 at a random point of each stage, then a re-run: the same artifacts as a run never interrupted.
+
+Each case copies a finished reference run on the tiny model, deletes one stage's artifacts, starts that
+stage's command in a child process, waits until the stage has begun (a file it writes appears), waits a
+random moment more and sends SIGKILL; then it re-runs the stage and compares what it wrote with the
+reference: byte for byte where the stage is deterministic on CPU (data, store, selection, validate's
+measurements), within float rounding for resumed training (the adapter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_run_config
+from gradex import config, diagnostics, pipeline
+
+VALIDATE = {"k": 2, "seeds": 1}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir):
+    """A run never interrupted: every stage through validate."""
+    cfg = tiny_run_config(tmp_path_factory.mktemp("reference"), tiny_model_dir)
+    cfg.meta.epochs = 3  # long enough to be killed in the middle of
+    pipeline.select(cfg)
+    pipeline.estimate(cfg, [["mul"], ["add_more", "sub"]])
+    pipeline.finetune(cfg)
+    diagnostics.validate(cfg, **VALIDATE)
+    return cfg
+
+
+# stage -> (command, artifacts it writes (deleted before the kill), the file whose appearance means it
+# began (None: a random time after start-up), the longest wait after that in seconds)
+CASES = {
+    "prepare": (["prepare"], ["data"], "config.yaml", 1.0),
+    "meta-train": (["meta-train"], ["meta"], "meta/stage.json", 4.0),
+    "preconditioner": (["gradients"], ["store"], "store/stage.json", 0.5),
+    "gradients": (["gradients"], ["store"], "store/plan.json", 4.0),
+    "estimate": (["estimate", "--subset", "mul", "--subset", "add_more,sub"], ["estimates.parquet"], None, 8.0),
+    "select": (["select"], ["select", "selection.json"], None, 8.0),
+    "finetune": (["finetune"], ["finetunes", "final"], None, 10.0),
+    "evaluate": (["evaluate"], ["finetunes", "final"], "finetunes/*/adapter.pt", 1.0),
+    "validate": (["validate", "--subsets", "2", "--seeds", "1"], ["validate", "finetunes"], "validate", 6.0),
+}
+
+
+def _copy(reference, tmp_path, drop: list[str]):
+    cfg = config.from_dict({**config.to_dict(reference), "runs_dir": str(tmp_path / "runs")})
+    shutil.copytree(reference.run_dir, cfg.run_dir)
+    for name in drop:
+        path = cfg.run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if "estimates.parquet" not in drop and "select" in drop:  # select's rows go with it, estimate's stay
+        frame = pd.read_parquet(cfg.run_dir / "estimates.parquet")
+        frame[frame["stage"] != "select"].to_parquet(cfg.run_dir / "estimates.parquet")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict(cfg)))
+    return cfg, path
+
+
+def _kill_midway(args: list[str], run_dir: Path, trigger: str | None, wait: float, rng: random.Random) -> str:
+    """Start `gradex <args>`, SIGKILL it a random moment after `trigger` appears; say where it landed."""
+    child = subprocess.Popen([sys.executable, "-m", "gradex.cli", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, cwd=run_dir.parent.parent)
+    deadline = time.monotonic() + 120
+    while trigger and not list(run_dir.glob(trigger)) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(rng.uniform(2.0 if trigger is None else 0.0, wait))  # None: start-up (imports) takes ~2 s
+    finished = child.poll() is not None
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    return "after it finished" if finished else "midway"
+
+
+def _vector(run: pipeline.Run, path: Path) -> torch.Tensor:
+    from gradex.model import load_trainable, trainable_vector
+
+    model = run.fresh_model()
+    load_trainable(model, path)
+    return trainable_vector(model)
+
+
+def _without(body: dict, *keys: str) -> dict:
+    return {k: v for k, v in body.items() if k not in keys}
+
+
+def _rerun(stage: str, cfg) -> None:
+    if stage == "estimate":
+        pipeline.estimate(cfg, [["mul"], ["add_more", "sub"]])
+    elif stage == "validate":
+        diagnostics.validate(cfg, **VALIDATE)
+    else:
+        {"prepare": pipeline.prepare, "meta-train": pipeline.meta_train, "preconditioner": pipeline.gradients,
+         "gradients": pipeline.gradients, "select": pipeline.select, "finetune": pipeline.finetune,
+         "evaluate": pipeline.evaluate}[stage](cfg)
+
+
+def _same_artifacts(stage: str, cfg, reference) -> None:
+    a, b = reference.run_dir, cfg.run_dir
+    if stage == "prepare":
+        for name in ("examples.jsonl", "manifest.json"):
+            assert (a / "data" / name).read_bytes() == (b / "data" / name).read_bytes(), name
+    elif stage == "meta-train":
+        run = pipeline.Run(cfg)
+        torch.testing.assert_close(_vector(run, a / "meta" / "adapter.pt"), _vector(run, b / "meta" / "adapter.pt"),
+                                   rtol=1e-5, atol=1e-6)
+    elif stage in ("preconditioner", "gradients"):
+        for name in ("x.npy", "u.npy", "index.npy", pipeline.PRECONDITIONER_FILE):
+            assert (a / "store" / name).read_bytes() == (b / "store" / name).read_bytes(), name
+    elif stage in ("estimate", "select"):
+        key = ["stage", "size", "estimate"]
+        frames = [pd.read_parquet(d / "estimates.parquet") for d in (a, b)]
+        rows = [f[f["stage"] == stage].assign(members=f["members"].map(tuple)) for f in frames]
+        assert [list(map(tuple, r[["members", *key]].to_numpy())) for r in rows][0] == \
+            list(map(tuple, rows[1][["members", *key]].to_numpy()))
+        if stage == "select":
+            sel = [json.loads((d / "selection.json").read_text()) for d in (a, b)]
+            assert _without(sel[0], "seconds") == _without(sel[1], "seconds")
+    elif stage in ("finetune", "evaluate"):
+        run = pipeline.Run(cfg)
+        torch.testing.assert_close(_vector(run, a / "final" / "adapter.pt"), _vector(run, b / "final" / "adapter.pt"),
+                                   rtol=1e-5, atol=1e-6)
+        found = [json.loads((d / "final" / "metrics.json").read_text()) for d in (a, b)]
+        for split in ("validation", "test"):
+            assert found[0][split]["score"] == found[1][split]["score"]
+            assert found[0][split]["loss"] == pytest.approx(found[1][split]["loss"], rel=1e-5)
+    elif stage == "validate":
+        rows = [[json.loads(line) for line in (d / "validate" / "runs.jsonl").read_text().splitlines()] for d in (a, b)]
+        assert len(rows[0]) == len(rows[1]) == VALIDATE["k"] * VALIDATE["seeds"]
+        for x, y in zip(rows[0], rows[1]):
+            assert (x["members"], x["seed"], x["steps"]) == (y["members"], y["seed"], y["steps"])
+            assert x["losses"] == pytest.approx(y["losses"], rel=1e-5)
+    else:
+        raise KeyError(stage)
+
+
+@pytest.mark.parametrize("stage", list(CASES))
+def test_kill_9_then_rerun_gives_the_uninterrupted_artifacts(stage, reference, tmp_path):
+    args, drop, trigger, wait = CASES[stage]
+    cfg, path = _copy(reference, tmp_path, drop)
+    rng = random.Random(f"{stage}:{os.environ.get('GRADEX_KILL_SEED', 0)}")
+    landed = _kill_midway([*args, str(path)], cfg.run_dir, trigger, wait, rng)
+    print(f"{stage}: killed {landed}")
+    _rerun(stage, cfg)
+    _same_artifacts(stage, cfg, reference)
