@@ -12,17 +12,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from gradex.estimate import (
-    Problem,
-    calibrate_l2,
-    estimate,
-    estimator,
-    exact_solve,
-    implied_step,
-    linear_loss,
-    solve,
-    synthetic_problem,
-)
+from gradex.estimate import Problem, calibrate_l2, estimate, estimator, implied_step, linear_loss, solve
+from oracles import exact_solve, synthetic_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -300,25 +291,25 @@ def duplicated_problem(seed: int = 0, n_sources: int = 4, per_source: int = 100,
 
 
 def test_cholesky_falls_back_on_matrices_rounding_made_indefinite():
-    from gradex.estimate import _cholesky
+    from gradex.estimate.linalg import cholesky
 
     g = torch.Generator().manual_seed(0)
     b = torch.randn(6, 3, generator=g, dtype=torch.float64)
     singular = b @ b.T + 1e-18 * torch.eye(6, dtype=torch.float64)  # rank 3: float64 cannot factor it
     assert int(torch.linalg.cholesky_ex(singular)[1]) != 0
     fine = torch.eye(6, dtype=torch.float64) * 2
-    L = _cholesky(torch.stack([fine, singular]))
+    L = cholesky(torch.stack([fine, singular]))
     assert torch.equal(L[0], torch.linalg.cholesky(fine))  # a matrix that factors is left as it is
     rebuilt = L[1] @ L[1].T
     shift = float((rebuilt - singular).diagonal().mean())
     assert 0 < shift <= 1e-6 * float(singular.diagonal().mean())  # the smallest shift that works
     torch.testing.assert_close(rebuilt - shift * torch.eye(6, dtype=torch.float64), singular, atol=1e-12, rtol=0)
     with pytest.raises(FloatingPointError, match="NaN or inf"):
-        _cholesky(torch.full((2, 2), float("nan")))
+        cholesky(torch.full((2, 2), float("nan")))
 
 
 def test_estimate_at_a_tiny_l2_on_a_singular_hessian_matches_the_oracle():
-    """Was: LinAlgError from the exact all-sources fit (`_newton_single`, no fallback), then from the
+    """Was: LinAlgError from the exact all-sources fit (`exact_fit`, then `_newton_single`, had no fallback), then from the
     shared preconditioner and the per-subset factors; and float32 refinement blew rounding noise in
     the null space up into z ~ 1e12 that looked converged."""
     p = duplicated_problem()
