@@ -35,6 +35,10 @@ def test_default_config_loads_and_fingerprint_is_stable():
 
 @pytest.mark.parametrize("raw, message", [
     ({"modle": {}}, "unknown key(s) ['modle']"),
+    ({"model": {"lora": {"r": 0}}}, "model.lora: r must be at least 1 and alpha positive, got r=0"),
+    ({"model": {"lora": {"alpha": -2}}}, "model.lora: r must be at least 1 and alpha positive, got r=8, alpha=-2"),
+    ({"model": {"lora": {"target_modules": []}}}, "model.lora.target_modules: name at least one module"),
+    ({"gradients": {"chunk_size": 0}}, "gradients.chunk_size: must be positive, got 0"),
     ({"meta": {"epochs": "three"}}, "meta.epochs: expected float"),
     ({"model": {"finetune": "qlora"}}, "model.finetune: 'qlora' is not one of"),
     ({"select": {"alpha": 1.5}}, "select.alpha"),

@@ -379,6 +379,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"compare.methods: {m!r} is not one of {list(SELECT_METHODS)}")
     if cfg.gradients.preconditioner_batches < 1:
         raise ConfigError(f"gradients.preconditioner_batches: must be positive, got {cfg.gradients.preconditioner_batches}")
+    if cfg.gradients.chunk_size < 1:
+        raise ConfigError(f"gradients.chunk_size: must be positive, got {cfg.gradients.chunk_size}")
+    lora = cfg.model.lora
+    if lora.r < 1 or not lora.alpha > 0:
+        raise ConfigError(f"model.lora: r must be at least 1 and alpha positive, got r={lora.r}, alpha={lora.alpha}")
+    if not lora.target_modules:
+        raise ConfigError("model.lora.target_modules: name at least one module (e.g. [q_proj, v_proj])")
 
 
 def to_dict(cfg: Any) -> dict:
