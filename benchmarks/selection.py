@@ -6,7 +6,7 @@
     python benchmarks/selection.py --candidates --tag candidates   # every method x estimate weighting
 
 For each scenario (the packaged examples `default` and `corrupted`) it runs every stage, then
-`gradex.pipeline.compare`: every candidate mix fine-tuned with the finetune recipe, the same number
+`gradex.pipeline.compare` (gradex.stages.compare): every candidate mix fine-tuned with the finetune recipe, the same number
 of optimizer steps, `--seeds` seeds, evaluated on the target test split. Fine-tunes are cached in
 each run directory, so a re-run (or a run with more seeds or methods) trains only what is new.
 Writes benchmarks/results/selection[-<tag>].json and prints one JSON line last with, per scenario

@@ -9,7 +9,7 @@ noise of fine-tuning. The random baseline draws a fresh mix for every seed, so i
 covers the choice of mix as well as the seed.
 
 This module holds the pure part (which mixes, the statistics, the table and the verdict);
-`gradex.pipeline.compare` runs the fine-tunes.
+`gradex.stages.compare` runs the fine-tunes.
 """
 
 from __future__ import annotations

@@ -29,8 +29,11 @@ from gradex.data import batches
 from gradex.evaluate import loss_from_outputs, outputs
 from gradex.model import (autocast, ce_logodds, example_outputs, load_trainable, save_trainable, set_trainable_vector,
                           trainable, trainable_vector)
-from gradex.pipeline import (Run, estimator, finetune_mix, finetune_recipe, gradients, log, make_run_projector, prepare,
-                             recipe_summary, weighting)
+from gradex.run import Run, log
+from gradex.stages.estimate import estimator, problem, weighting
+from gradex.stages.finetune import finetune_mix, finetune_recipe, recipe_summary
+from gradex.stages.gradients import gradients, make_run_projector
+from gradex.stages.prepare import prepare
 from gradex.train import train
 
 RADII = (0.02, 0.05, 0.1, 0.2)
@@ -304,7 +307,6 @@ def _sweep(run: Run, members: torch.Tensor, done: list[dict], output: str, weigh
     """Re-estimate the validated subsets at several `estimate.output_change` values (linear mode),
     under both weightings (`weights` is the one in use)."""
     from gradex.estimate import calibrate_l2, estimate
-    from gradex.pipeline import problem
 
     prob = problem(run)
     names = [tuple(n for n, m in zip(run.sources, row.tolist()) if m) for row in members]

@@ -1,0 +1,164 @@
+"""A config bound to its run directory: the cached examples, tokens and tokenizer, the models, and
+the stage ledger (what each stage read and wrote, gradex.ledger), through which a stage tells done
+from stale.
+
+    <run dir>/data/    prepare       (STAGE_DIRS: where each ledgered stage keeps stage.json)
+              meta/    meta-train
+              store/   gradients
+              select/  select
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradex import config as config_mod
+from gradex import ledger
+from gradex.config import Config
+from gradex.data import Example, Tokenized, read_examples, tokenize
+from gradex.model import load_base, load_tokenizer, load_trainable, make_trainable, resolve_precision
+
+
+def log(msg: str) -> None:
+    if launch_rank() == 0:
+        print(f"gradex: {msg}", file=sys.stderr, flush=True)
+
+
+def launch_rank() -> int:
+    """This process's rank under accelerate launch / torchrun (0 when run alone).
+
+    Only rank 0 writes run-level files; the ranks share the work of the gradient pass."""
+    return int(os.environ.get("RANK", "0"))
+
+
+class Run:
+    """A config bound to its run directory, with lazily loaded data and models."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.dir = cfg.run_dir
+
+    # ------------------------------------------------------------------ data
+    @cached_property
+    def tokenizer(self) -> Any:
+        return load_tokenizer(self.cfg.model)
+
+    @cached_property
+    def examples(self) -> list[Example]:
+        return read_examples(self.dir / "data")
+
+    @cached_property
+    def tokens(self) -> list[Tokenized]:
+        return tokenize(self.tokenizer, self.examples)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @cached_property
+    def precision(self) -> str:
+        """The precision this machine runs (`model.precision` with `auto` resolved)."""
+        return resolve_precision(self.cfg.model.precision)
+
+    @cached_property
+    def sources(self) -> list[str]:
+        """Auxiliary source names in config order (column j of a subset = source j)."""
+        target = self.cfg.data.target.name
+        return list(dict.fromkeys(e.source for e in self.examples if e.source != target))
+
+    def indices(self, split: str, source: str | None = None) -> list[int]:
+        source = source or self.cfg.data.target.name
+        return [i for i, e in enumerate(self.examples) if e.source == source and e.split == split]
+
+    def train_indices(self, members: list[str]) -> list[int]:
+        """Target train plus every example of the named sources."""
+        keep = {self.cfg.data.target.name, *members}
+        return [i for i, e in enumerate(self.examples) if e.split == "train" and e.source in keep]
+
+    # ------------------------------------------------------------------ models
+    def fresh_model(self, seed: int = 0) -> torch.nn.Module:
+        return make_trainable(load_base(self.cfg.model), self.cfg.model, seed=seed)
+
+    def meta_model(self) -> torch.nn.Module:
+        model = self.fresh_model()
+        load_trainable(model, self.dir / "meta" / "adapter.pt")
+        model.eval()
+        return model
+
+    # ------------------------------------------------------------------ the ledger
+    @cached_property
+    def data_files(self) -> dict[str, str]:
+        """The hash of every data file the config names (bigbench tasks come from the pinned package)."""
+        d = self.cfg.data
+        paths = [s.path for s in (d.target, *d.sources) if s.path] + ([d.sources_file] if d.sources_file else [])
+        return {f"file {p}": ledger.sha256(Path(p)) if Path(p).exists() else "missing" for p in dict.fromkeys(paths)}
+
+    def inputs(self, stage: str) -> dict[str, str | None]:
+        """What a stage's output depends on, hashed: the config parts it uses and the artifacts it reads."""
+        c = self.cfg
+        if stage == "prepare":
+            return {"config": config_mod.fingerprint(c.model.name, c.model.gguf_file, c.model.max_length, c.data),
+                    **self.data_files}
+        if stage == "meta":
+            return {"config": config_mod.fingerprint(c.model, self.precision, c.meta), "data": self.output("data")}
+        if stage == "gradients":  # Adam's preconditioner is measured on the refit recipe's batches
+            batches = (c.refit.batch_size, c.refit.seed) if c.gradients.preconditioner == "adam" else None
+            return {"config": config_mod.fingerprint(c.model, self.precision, c.gradients, batches),
+                    "data": self.output("data"), "theta*": self.output("theta*")}
+        if stage == "select":
+            from gradex.stages.estimate import weighting
+
+            return {"config": config_mod.fingerprint(c.estimate, c.select, weighting(self)),
+                    "data": self.output("data"), "store": self.output("store")}
+        raise KeyError(stage)
+
+    def fp(self, stage: str) -> str:
+        return config_mod.fingerprint(self.inputs(stage))
+
+    def output(self, name: str) -> str | None:
+        """The recorded hash of an upstream artifact (None until its stage is done)."""
+        stage = PRODUCER[name]
+        record = ledger.read(self.dir / STAGE_DIRS[stage])
+        return record.get("outputs", {}).get(name) if record.get("status") == "done" else None
+
+    def state(self, stage: str) -> tuple[str, str]:
+        return ledger.state(self.dir / STAGE_DIRS[stage], self.inputs(stage))
+
+    def done(self, stage: str, force: bool = False) -> bool:
+        """Whether a stage's output is current; if not, say why before it runs (never silently)."""
+        state, why = self.state(stage)
+        if state == "done" and not force:
+            return True
+        if force:
+            state, why = "forced", "--force"
+        verb = {"missing": "running", "running": "resuming", "stale": "running again", "forced": "running again"}
+        log(f"{STAGE_NAMES[stage]}: {verb[state]} ({why})")
+        return False
+
+    def mark(self, stage: str, status: str = "done", outputs: dict[str, str] | None = None, **info: Any) -> None:
+        if launch_rank() != 0:
+            return
+        where = self.dir / STAGE_DIRS[stage]
+        where.mkdir(parents=True, exist_ok=True)
+        ledger.write(where, stage, self.inputs(stage), outputs, status, **info)
+
+    def begin(self, stage: str, force: bool) -> None:
+        """Start (or resume) a stage: partial work made from other inputs must not be resumed."""
+        if launch_rank() != 0:
+            return
+        where = self.dir / STAGE_DIRS[stage]
+        if force or ledger.state(where, self.inputs(stage))[0] not in ("missing", "running"):
+            shutil.rmtree(where, ignore_errors=True)
+        self.mark(stage, status="running")
+
+
+STAGE_DIRS = {"prepare": "data", "meta": "meta", "gradients": "store", "select": "select"}
+STAGE_NAMES = {"prepare": "prepare", "meta": "meta-train", "gradients": "gradients", "select": "select"}
+PRODUCER = {"data": "prepare", "theta*": "meta", "store": "gradients"}  # artifact -> the stage that writes it

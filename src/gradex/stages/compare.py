@@ -1,0 +1,136 @@
+"""compare: every candidate mix (the selection, other selection methods, baselines, named mixes)
+fine-tuned over seeds with the finetune recipe and compared with the selection (compare.json)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from gradex import config as config_mod
+from gradex import ledger
+from gradex.atomic import write_json, write_parquet
+from gradex.config import Config
+from gradex.run import Run, log
+from gradex.stages.estimate import estimator, member_mask
+from gradex.stages.finetune import finetune, finetune_key, finetune_mix, recipe_summary
+from gradex.stages.prepare import prepare
+from gradex.stages.select import select, selection
+
+
+def _similarity(run: Run, kind: str) -> dict[str, float]:
+    """Per-source similarity for a baseline, cached in compare/<kind>.json by what it was computed from."""
+    from gradex.baselines import similarity_scores
+
+    inputs = run.output("store") if kind == "gradient" else (run.output("data"), run.cfg.model)
+    key = config_mod.fingerprint(kind, inputs)
+    path = run.dir / "compare" / f"{kind}.json"
+    if path.exists() and json.loads(path.read_text())["key"] == key:
+        return json.loads(path.read_text())["scores"]
+    scores = similarity_scores(kind, run)
+    write_json(path, {"key": key, "scores": scores})
+    return scores
+
+
+def candidate_mixes(run: Run, body: dict, seeds: int, extra: dict[str, list[str]] | None = None) -> tuple[list, dict]:
+    """The mixes compare fine-tunes: the selection, other selection methods, baselines, named mixes.
+
+    Returns (mixes, similarity scores per similarity baseline)."""
+    from gradex.baselines import random_mix, top_k
+    from gradex.compare import SELECTED, Mix
+
+    c = run.cfg
+    chosen = body["selected"]
+    k = len(chosen)
+    mixes = [Mix(SELECTED, "selection", [chosen] * seeds, f"select.method {c.select.method}")]
+    fn = None
+    for method in c.compare.methods:
+        if method == c.select.method:
+            continue
+        if fn is None:
+            fn, _, _ = estimator(run)
+        other = selection(run, method, fn)["selected"]
+        mixes.append(Mix(f"gradex[{method}]", "selection", [other] * seeds, f"select.method {method}"))
+    similarity = {}
+    for b in c.compare.baselines:
+        if b == "all":
+            mixes.append(Mix("all", "baseline", [list(run.sources)] * seeds, "every source"))
+        elif b == "target":
+            mixes.append(Mix("target", "baseline", [[]] * seeds, "the target alone"))
+        elif b == "random":
+            draws = [random_mix(run.sources, k, f"{c.select.seed}:random:{s}") for s in range(seeds)]
+            mixes.append(Mix("random", "baseline", draws, f"{k} random sources, drawn afresh per seed"))
+        else:
+            similarity[b] = _similarity(run, b)
+            note = ("top-k by cosine of mean projected gradients with the target's (LESS-style)" if b == "gradient"
+                    else "top-k by cosine of mean hidden states with the target's")
+            mixes.append(Mix(b, "baseline", [top_k(similarity[b], k)] * seeds, note))
+    for name, members in {**c.compare.mixes, **(extra or {})}.items():
+        unknown = sorted(set(members) - set(run.sources))
+        if unknown:
+            raise config_mod.ConfigError(f"compare mix {name!r}: unknown source(s) {unknown}; sources: {run.sources}")
+        if any(m.name == name for m in mixes):
+            raise config_mod.ConfigError(f"compare mix {name!r}: the name is taken; choose another")
+        mixes.append(Mix(name, "user", [[s for s in run.sources if s in members]] * seeds, "named by the user"))
+    return mixes, similarity
+
+
+COMPARE_FORMAT = 2  # bump when compare.json changes shape, so cached results are recomputed
+
+
+def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] | None = None,
+            force: bool = False) -> dict:
+    """Fine-tune every candidate mix with the finetune recipe and budget over `seeds` seeds
+    (default compare.seeds), evaluate on the target test split, and compare each with the selection.
+
+    Writes compare.json (the table, the verdict, every fine-tune) and compare.parquet (one row per
+    mix and seed). Fine-tunes are cached by what shapes them, so more seeds or another mix later
+    costs only the new fine-tunes; `force` re-runs them all."""
+    import pandas as pd
+
+    from gradex import compare as cmp
+
+    run = prepare(cfg)
+    body = select(cfg)
+    final = finetune(cfg)
+    k = seeds or cfg.compare.seeds
+    candidates, similarity = candidate_mixes(run, body, k, mixes)
+    jobs = [(m, s) for m in candidates for s in range(k)]
+    keys = {(m.name, s): finetune_key(run, m.members[s], s) for m, s in jobs}
+    if force:
+        for key in set(keys.values()) - {final["key"]}:
+            shutil.rmtree(run.dir / "finetunes" / key, ignore_errors=True)
+    fingerprint = config_mod.fingerprint(sorted(keys.items()), [m.__dict__ for m in candidates], COMPARE_FORMAT)
+    path = run.dir / "compare.json"
+    if not force and path.exists() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
+        return json.loads(path.read_text())
+    todo = len({key for key in keys.values() if not (run.dir / "finetunes" / key / "result.json").exists()})
+    log(f"compare: {len(candidates)} mixes x {k} seed(s) = {len(jobs)} fine-tunes, {todo} to train "
+        f"({recipe_summary(run)['description']})")
+    rows = []
+    for m, s in jobs:
+        res = finetune_mix(run, m.members[s], s, desc=f"compare[{m.name} seed {s}]")
+        rows.append({"mix": m.name, "kind": m.kind, "seed": s, "members": res["members"], "size": len(res["members"]),
+                     "steps": res["steps"], "examples": res["examples"], "seconds": res["seconds"],
+                     "validation_loss": res["validation"]["loss"], "test_loss": res["test"]["loss"],
+                     "test_score": res["test"]["score"], "key": res["key"]})
+    fn, _, _ = estimator(run, stage="compare")
+    for r, value in zip(rows, fn(member_mask(run.sources, [r["members"] for r in rows])).tolist()):
+        r["estimate"] = value
+    summary = cmp.summarize(candidates, rows)
+    metric = final["test"]["metric"]
+    meta = ledger.read(run.dir / "meta")
+    grads = ledger.read(run.dir / "store")
+    stage_seconds = {"meta-train": meta.get("seconds"), "gradients": grads.get("seconds"),
+                     "select": ledger.read(run.dir / "select").get("seconds")}
+    known = [v for v in stage_seconds.values() if v is not None]
+    result = {"fingerprint": fingerprint, "seeds": k, "recipe": recipe_summary(run), "metric": metric, "test_examples": final["test"]["examples"],
+              "selection": {"method": cfg.select.method, "selected": body["selected"], "reason": body["reason"]},
+              "similarity": similarity, "mixes": summary, "estimate_check": cmp.estimate_check(rows),
+              "verdict": cmp.verdict(summary, metric.replace("_", " ")),
+              "cost": {"stages_seconds": stage_seconds,
+                       "selection_seconds": sum(known) if len(known) == len(stage_seconds) else None,
+                       "finetune_seconds": final["seconds"]},
+              "rows": rows}
+    write_json(path, result)
+    write_parquet(run.dir / "compare.parquet", pd.DataFrame(rows))
+    return result

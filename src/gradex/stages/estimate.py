@@ -1,0 +1,170 @@
+"""The run's estimator: the estimation problem read from the store, its l2 and weighting from the
+config, and a function subsets -> estimated target loss that records every estimate; the
+`gradex estimate` stage, which appends named subsets' estimates to estimates.parquet."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from gradex import config as config_mod
+from gradex.atomic import write_parquet
+from gradex.config import Config
+from gradex.model import trainable_vector
+from gradex.run import Run, log
+from gradex.stages.gradients import gradients, make_run_projector
+from gradex.stages.prepare import prepare
+
+
+def problem(run: Run):
+    """The estimation problem read from the store: training rows, validation rows, groups."""
+    from gradex.estimate import Problem, exact_coordinates
+    from gradex.gradients import Store
+
+    store = Store.open(run.dir / "store")
+    if store.manifest["projector"]["kind"] == "none":
+        x = exact_coordinates(store.x)  # exact inner products in rank(G) <= N dimensions
+        col = torch.ones(x.shape[1])
+    else:
+        x = torch.tensor(np.asarray(store.x), dtype=torch.float32)
+        col = torch.as_tensor(store.col_sq_norms, dtype=torch.float32) if store.col_sq_norms is not None else None
+    u = torch.tensor(np.asarray(store.u), dtype=torch.float32)
+    index = store.index.tolist()
+    examples = run.examples
+    group_of = {name: j + 1 for j, name in enumerate(run.sources)}
+    train_rows = [r for r, i in enumerate(index) if examples[i].split == "train"]
+    val_rows = [r for r, i in enumerate(index) if examples[i].split == "validation"]
+    group = torch.tensor([group_of.get(examples[index[r]].source, 0) for r in train_rows])
+    return Problem(x=x[train_rows], u=u[train_rows], group=group, x_val=x[val_rows], u_val=u[val_rows],
+                   n_sources=len(run.sources), col_sq_norms=col, theta_norm=float(store.manifest["theta_norm"]))
+
+
+def regularization(run: Run, prob) -> float:
+    """l2 from the config: `l2` itself, else calibrated to `step_size`, else to `output_change`."""
+    from gradex.estimate import calibrate_l2
+
+    est = run.cfg.estimate
+    if est.l2 is not None:
+        return est.l2
+    if est.step_size is not None:
+        return calibrate_l2(prob, est.step_size)
+    return calibrate_l2(prob, output_change=est.output_change)
+
+
+def weighting(run: Run, equal_steps: bool | None = None) -> str:
+    """`estimate.weighting` with `auto` resolved to the weighting that models the deployed fine-tune:
+    mean when every mix gets the same number of steps (default: as the finetune budget says), else sum."""
+    if run.cfg.estimate.weighting != "auto":
+        return run.cfg.estimate.weighting
+    if equal_steps is None:
+        equal_steps = run.cfg.finetune.budget == "equal" or run.cfg.finetune.max_steps is not None
+    return "mean" if equal_steps else "sum"
+
+
+def estimator(run: Run, equal_steps: bool | None = None,
+              stage: str = "select") -> tuple[Callable[[torch.Tensor], torch.Tensor], list[dict], float]:
+    """A function subsets (k, n) bool -> estimated target validation loss (k,), and its record.
+
+    equal_steps: whether the modelled fine-tune gives every mix the same steps (`weighting`). Every
+    call appends one row per subset to the record (members, estimate, implied step, mode, seconds,
+    and the `stage` that asked), which becomes estimates.parquet.
+    """
+    from gradex.estimate import estimate
+
+    prob = problem(run)
+    l2 = regularization(run, prob)
+    rows: list[dict] = []
+    names = run.sources
+    mode = run.cfg.estimate.mode
+    weights = weighting(run, equal_steps)
+    fingerprint = run.fp("select")
+    reconstruct = Reconstructor(run) if mode == "reconstruct" else None
+
+    def fn(subsets: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        est = estimate(prob, subsets, l2, newton_steps=run.cfg.estimate.newton_steps, tol=run.cfg.estimate.tol,
+                       weighting=weights)
+        loss = reconstruct(est.z) if reconstruct else est.loss
+        seconds = (time.perf_counter() - t0) / max(1, len(subsets))
+        for member, value, step, change, converged in zip(subsets.tolist(), loss.tolist(), est.step.tolist(),
+                                                           est.change.tolist(), est.converged.tolist()):
+            rows.append({"members": [n for n, m in zip(names, member) if m], "size": sum(member),
+                         "estimate": value, "step": step, "output_change": change, "mode": mode, "l2": l2,
+                         "weighting": weights, "stage": stage, "converged": converged,
+                         "seconds": seconds, "fingerprint": fingerprint})
+        unconverged = int((~est.converged).sum())
+        if unconverged:
+            log(f"warning: {unconverged} of {len(subsets)} subsets did not meet estimate.tol "
+                f"({run.cfg.estimate.tol:g}) within estimate.newton_steps ({run.cfg.estimate.newton_steps}) "
+                f"refinements: their estimates are less accurate (converged false in estimates.parquet)")
+        return loss
+
+    return fn, rows, l2
+
+
+class Reconstructor:
+    """Reconstruct mode: load theta* + P z into the model and measure the validation loss for real."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.model = run.meta_model()
+        self.theta = trainable_vector(self.model)
+        if run.cfg.gradients.projection == "none":
+            raise config_mod.ConfigError("estimate.mode=reconstruct needs a projection (gradients.projection "
+                                         "sparse or dense); with `none` use the linear mode")
+        self.projector = make_run_projector(run, self.model)
+        self.val = run.indices("validation")
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        from gradex.evaluate import loss_from_outputs, outputs
+        from gradex.model import set_trainable_vector
+        from tqdm.auto import tqdm
+
+        losses = []
+        for row in tqdm(z, desc="reconstruct", leave=False):
+            set_trainable_vector(self.model, self.theta + self.projector.lift(row))
+            u, _ = outputs(self.model, self.run.tokens, self.val, self.run.pad_id, self.run.precision,
+                           self.run.cfg.gradients.output)
+            losses.append(loss_from_outputs(u))
+        set_trainable_vector(self.model, self.theta)
+        return torch.tensor(losses)
+
+
+def save_estimates(run: Run, rows: list[dict]) -> None:
+    """Append estimate rows to estimates.parquet (one row per evaluated subset)."""
+    import pandas as pd
+
+    path = run.dir / "estimates.parquet"
+    frame = pd.DataFrame(rows)
+    if path.exists():
+        frame = pd.concat([pd.read_parquet(path), frame], ignore_index=True)
+    write_parquet(path, frame)
+
+
+def member_mask(names: list[str], subsets: list[list[str]]) -> torch.Tensor:
+    """Subsets named by their sources as the (k, n) bool matrix the estimator takes; column j is names[j]."""
+    return torch.tensor([[name in subset for name in names] for subset in subsets], dtype=torch.bool)
+
+
+def estimate(cfg: Config, subsets: list[list[str]] | None = None) -> list[dict]:
+    """Estimate the target validation loss of named subsets (default: none, all, each source alone,
+    and all but each source) and append them to estimates.parquet."""
+    run = prepare(cfg)
+    gradients(cfg)
+    names = run.sources
+    if subsets is None:
+        n = len(names)
+        eye = torch.eye(n, dtype=torch.bool)
+        members = torch.cat([torch.zeros(1, n, dtype=torch.bool), torch.ones(1, n, dtype=torch.bool), eye, ~eye])
+    else:
+        unknown = sorted({s for subset in subsets for s in subset} - set(names))
+        if unknown:
+            raise config_mod.ConfigError(f"estimate: unknown source(s) {unknown}; sources: {names}")
+        members = member_mask(names, subsets)
+    fn, rows, l2 = estimator(run, stage="estimate")
+    fn(members)
+    save_estimates(run, rows)
+    return rows

@@ -1,0 +1,119 @@
+"""Fine-tunes of mixes under the finetune recipe and step budget, cached in finetunes/<key>/ and
+shared by every stage that needs one; the finetune stage (the final model, final/) and evaluate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from typing import Any
+
+from gradex import config as config_mod
+from gradex.atomic import write_json
+from gradex.config import Config
+from gradex.model import save_trainable
+from gradex.run import Run, log
+from gradex.stages.prepare import prepare
+from gradex.stages.select import select
+
+
+def budget_steps(run: Run) -> int | None:
+    """The optimizer steps of every fine-tune under the equal budget: `finetune.max_steps`, else the
+    steps `finetune.epochs` passes over the all-sources mix take. None under `budget: epochs`
+    without max_steps (each mix then takes `epochs` passes over its own data)."""
+    from gradex.train import total_steps
+
+    f = run.cfg.finetune
+    if f.max_steps is not None:
+        return f.max_steps
+    if f.budget == "epochs":
+        return None
+    return total_steps(f, len(run.train_indices(run.sources)))
+
+
+def recipe_summary(run: Run) -> dict:
+    """What every fine-tune of a mix gets, in numbers and in words."""
+    f = run.cfg.finetune
+    steps = budget_steps(run)
+    start = "from theta* (the meta-initialization)" if f.init == "theta_star" else "from the base model"
+    budget = (f"{steps} optimizer steps per fine-tune (equal budget)" if steps is not None else
+              f"{f.epochs:g} epochs over each mix's own data (UNEQUAL budget: bigger mixes get more steps)")
+    return {"init": f.init, "budget": f.budget, "steps": steps, "epochs": f.epochs, "lr": f.lr,
+            "batch_size": f.batch_size, "description": f"{budget}, {start}, lr {f.lr:g}, batch {f.batch_size}"}
+
+
+def finetune_recipe(run: Run) -> tuple[str, Any]:
+    """(key, recipe): the finetune recipe with the budget's steps filled in, and a key for everything
+    that shapes a fine-tune of a mix except its members and seed (data, model, precision, start)."""
+    c = run.cfg
+    recipe = dataclasses.replace(c.finetune, max_steps=budget_steps(run))
+    start = run.output("theta*") if c.finetune.init == "theta_star" else "base"
+    return config_mod.fingerprint(run.output("data"), c.model, run.precision, recipe, start, c.gradients.output), recipe
+
+
+def finetune_key(run: Run, members: list[str], seed: int) -> str:
+    return config_mod.fingerprint(finetune_recipe(run)[0], sorted(members), seed)
+
+
+def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finetune") -> dict:
+    """Fine-tune on target train + `members` with the finetune recipe at seed offset `seed`, then
+    evaluate on the target validation and test splits.
+
+    Kept in finetunes/<key>/ (adapter, log, result.json), so any stage that needs the same
+    fine-tune (the final model, compare, validate) reuses it; an interrupted one resumes from its
+    checkpoint."""
+    from gradex.evaluate import evaluate as evaluate_model
+    from gradex.train import train, write_log
+
+    key = finetune_key(run, members, seed)
+    recipe = dataclasses.replace(finetune_recipe(run)[1], seed=run.cfg.finetune.seed + seed)
+    where = run.dir / "finetunes" / key
+    done = where / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    model = run.meta_model() if run.cfg.finetune.init == "theta_star" else run.fresh_model(seed=recipe.seed)
+    idx = run.train_indices(members)
+    t0 = time.perf_counter()
+    history = train(model, run.tokens, idx, recipe, run.pad_id, run.precision, where / "checkpoint.pt", desc=desc)
+    seconds = time.perf_counter() - t0
+    save_trainable(model, where / "adapter.pt")
+    write_log(history, where / "log.jsonl")
+    t0 = time.perf_counter()
+    metrics = {split: evaluate_model(model, run.tokenizer, run.examples, run.tokens, run.indices(split),
+                                     run.precision, desc=f"{desc} {split}", output=run.cfg.gradients.output)
+               for split in ("validation", "test")}
+    result = {"key": key, "members": [s for s in run.sources if s in set(members)], "seed": seed,
+              "init": run.cfg.finetune.init, "steps": len(history), "examples": len(idx),
+              "seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
+              "adapter": str((where / "adapter.pt").relative_to(run.dir)), **metrics}
+    write_json(done, result)
+    (where / "checkpoint.pt").unlink(missing_ok=True)
+    return result
+
+
+def finetune(cfg: Config, force: bool = False) -> dict:
+    """The deliverable: the finetune recipe on target + selected sources, copied to final/ with its
+    validation and test metrics (final/metrics.json)."""
+    run = prepare(cfg)
+    members = select(cfg)["selected"]
+    key = finetune_key(run, members, 0)
+    if force:
+        shutil.rmtree(run.dir / "finetunes" / key, ignore_errors=True)
+    result = finetune_mix(run, members, 0, desc="finetune[selected]")
+    out = run.dir / "final"
+    previous = out / "metrics.json"
+    if force or not previous.exists() or json.loads(previous.read_text()).get("key") != key:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run.dir / result["adapter"], out / "adapter.tmp")
+        (out / "adapter.tmp").replace(out / "adapter.pt")
+        write_json(previous, {**result, "recipe": recipe_summary(run)})
+        log(f"fine-tuned the selection ({len(members)} sources, {result['examples']} examples) in "
+            f"{result['steps']} steps: test {result['test']['metric']} {result['test']['score']:.3f}, "
+            f"test loss {result['test']['loss']:.4f}")
+    return json.loads(previous.read_text())
+
+
+def evaluate(cfg: Config, force: bool = False) -> dict:
+    """Validation and test metrics of the final model (final/metrics.json)."""
+    return finetune(cfg, force)

@@ -1,0 +1,35 @@
+"""meta-train: multitask training on target + every source, the meta-initialization theta*."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from gradex import ledger
+from gradex.config import Config
+from gradex.model import save_trainable
+from gradex.run import log
+from gradex.stages.prepare import prepare
+
+
+def meta_train(cfg: Config, force: bool = False) -> Path:
+    """Multitask-train on target + all sources: the meta-initialization theta* (meta/adapter.pt)."""
+    from gradex.train import train, write_log
+
+    run = prepare(cfg)
+    out = run.dir / "meta"
+    if run.done("meta", force):
+        return out / "adapter.pt"
+    run.begin("meta", force)
+    checkpoint = out / "checkpoint.pt"
+    model = run.fresh_model(seed=cfg.meta.seed)
+    idx = run.train_indices(run.sources)
+    t0 = time.perf_counter()
+    history = train(model, run.tokens, idx, cfg.meta, run.pad_id, run.precision, checkpoint, desc="meta-train")
+    save_trainable(model, out / "adapter.pt")
+    write_log(history, out / "log.jsonl")
+    checkpoint.unlink(missing_ok=True)
+    run.mark("meta", steps=len(history), seconds=round(time.perf_counter() - t0, 1),
+             final_loss=history[-1]["loss"], outputs={"theta*": ledger.sha256(out / "adapter.pt")})
+    log(f"meta-trained theta* in {len(history)} steps (train loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f})")
+    return out / "adapter.pt"

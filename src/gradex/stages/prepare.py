@@ -1,0 +1,49 @@
+"""prepare: read, check and tokenize every source; write the resolved config and the data manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from gradex import config as config_mod
+from gradex.config import Config
+from gradex.data import Example, Tokenized, check_lengths, load_examples, save_examples, tokenize
+from gradex.model import load_tokenizer
+from gradex.run import Run, launch_rank, log
+
+
+def data_sha256(examples: list[Example], tokens: list[Tokenized]) -> str:
+    """The hash of what training and evaluation see (sources, splits, texts, token ids), in order;
+    provenance (file lines) is left out, so renumbering a file's rows makes nothing stale."""
+    h = hashlib.sha256()
+    for e, t in zip(examples, tokens):
+        h.update(json.dumps([e.source, e.split, e.prompt, e.answer, list(e.choices), t.ids, t.n_prompt]).encode())
+    return h.hexdigest()[:16]
+
+
+def prepare(cfg: Config, force: bool = False) -> Run:
+    """Read, check and tokenize every source; write the resolved config and the data manifest.
+
+    Every data error (missing file or column, empty source, over-long example, unknown model)
+    is raised here, before anything expensive runs.
+    """
+    run = Run(cfg)
+    out = run.dir / "data"
+    if launch_rank() != 0:
+        if run.state("prepare")[0] != "done":
+            raise config_mod.ConfigError("under a multi-process launch only `gradex gradients` runs in parallel: "
+                                         "run `gradex meta-train` first, then launch the gradient pass")
+        return run
+    config_mod.dump(cfg, run.dir / "config.yaml")
+    if run.done("prepare", force):
+        return run
+    examples = load_examples(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    tokens = tokenize(tokenizer, examples)
+    check_lengths(examples, tokens, cfg.model.max_length)
+    manifest = save_examples(examples, tokens, out)
+    run.__dict__.update(tokenizer=tokenizer)
+    run.mark("prepare", examples=manifest["examples"], outputs={"data": data_sha256(examples, tokens)})
+    counts = ", ".join(f"{s}={v['count']}" for s, v in manifest["sources"].items())
+    log(f"prepared {manifest['examples']} examples ({counts})")
+    return run

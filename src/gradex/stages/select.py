@@ -1,0 +1,76 @@
+"""select: choose sources by their estimates (gradex.select's methods on the run's estimator);
+writes selection.json and appends the estimates to estimates.parquet."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+import torch
+
+from gradex import config as config_mod
+from gradex import ledger
+from gradex.atomic import write_json
+from gradex.config import Config
+from gradex.run import Run, log
+from gradex.stages.estimate import estimator, save_estimates
+from gradex.stages.gradients import gradients
+from gradex.stages.prepare import prepare
+
+
+def selection(run: Run, method: str, fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+    """Select sources by `method` from the run's estimates: the body of selection.json.
+
+    fn: the estimator (`estimator(run)[0]`), built here when not given."""
+    from gradex import select as select_mod
+
+    if fn is None:
+        fn, _, _ = estimator(run)
+    n, sc = len(run.sources), run.cfg.select
+    t0 = time.perf_counter()
+    if method == "ensemble":
+        sel = select_mod.ensemble(fn, n, sc.subsets, sc.alpha, sc.seed, top_k=sc.top_k)
+    elif method == "best":
+        sel = select_mod.best(fn, n)
+    elif method == "effects":
+        sel = select_mod.effects(fn, n, sc.subsets, sc.seed)
+    elif method == "exhaustive":
+        if n > select_mod.EXHAUSTIVE_LIMIT:
+            raise config_mod.ConfigError(f"select.method: exhaustive search needs at most "
+                                         f"{select_mod.EXHAUSTIVE_LIMIT} sources, this run has {n}; use forward")
+        sel = select_mod.exhaustive(fn, n)
+    else:
+        sel = getattr(select_mod, method)(fn, n)
+    body = sel.to_dict()
+    body.update({"sources": run.sources, "selected": [run.sources[j] for j in sel.selected],
+                 "source_scores": dict(zip(run.sources, sel.scores)), "mode": run.cfg.estimate.mode,
+                 "worse_than_target": sel.worse_than_target, "seconds": round(time.perf_counter() - t0, 3)})
+    for step in body["history"]:  # name the sources that the method saw as column numbers
+        for key in ("source", "members"):
+            if key in step:
+                step[key] = run.sources[step[key]] if key == "source" else [run.sources[j] for j in step[key]]
+        if "candidates" in step:
+            step["candidates"] = {run.sources[int(j)]: v for j, v in step["candidates"].items()}
+    return body
+
+
+def select(cfg: Config, force: bool = False) -> dict:
+    """Select sources by their estimates; writes selection.json and appends to estimates.parquet."""
+    run = prepare(cfg)
+    gradients(cfg)
+    if run.done("select", force) and (run.dir / "selection.json").exists():
+        return json.loads((run.dir / "selection.json").read_text())
+    fn, rows, l2 = estimator(run)
+    body = selection(run, cfg.select.method, fn)
+    body.update({"l2": l2, "estimated_subsets": len(rows)})
+    write_json(run.dir / "selection.json", body)
+    save_estimates(run, rows)
+    run.mark("select", subsets=len(rows), seconds=body["seconds"],
+             outputs={"selection": ledger.sha256(run.dir / "selection.json")})
+    log(f"estimated {len(rows)} subsets in {body['seconds']:.2f} s ({cfg.estimate.mode} mode, l2={l2:.3g}); "
+        f"selected {body['selected']}")
+    if body["worse_than_target"]:
+        log("warning: the selected sources are estimated to make the target worse than fine-tuning on the "
+            "target alone (selection.json, reason); consider select.method exhaustive, forward or effects")
+    return body
