@@ -53,6 +53,9 @@ def test_default_config_loads_and_fingerprint_is_stable():
     ({"compare": {"baselines": ["all", "oracle"]}}, "compare.baselines: 'oracle' is not one of"),
     ({"compare": {"seeds": 0}}, "compare.seeds: must be at least 1, got 0"),
     ({"compare": {"mixes": ["a", "b"]}}, "compare.mixes: expected a mapping"),
+    ({"estimate": {"refinements": -1}}, "estimate.refinements: must be >= 0, got -1"),
+    ({"estimate": {"newton_steps": 3}}, "estimate.newton_steps: renamed to estimate.refinements (it counts the "
+                                        "refinement steps after the first Newton step); use estimate.refinements"),
 ])
 def test_schema_errors_name_the_key(raw, message):
     base = config.to_dict(config.load())
@@ -63,6 +66,17 @@ def test_schema_errors_name_the_key(raw, message):
             base[key] = value
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
         config.from_dict(base)
+
+
+def test_the_renamed_newton_steps_key_says_its_new_name_in_a_file_and_in_an_override(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("estimate: {newton_steps: 2}\n")
+    with pytest.raises(ConfigError, match=r"^estimate.newton_steps: renamed to estimate.refinements"):
+        config.load(path)
+    with pytest.raises(ConfigError, match=r"^estimate.newton_steps: renamed to estimate.refinements"):
+        config.load(overrides=["estimate.newton_steps=2"])
+    assert config.load(overrides=["estimate.refinements=2"]).estimate.refinements == 2
+    assert config.load().estimate.refinements == 8  # the dataclass default and default.yaml agree
 
 
 def test_duplicate_source_and_target_as_source(tmp_path, tiny_model_dir):

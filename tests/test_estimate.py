@@ -88,7 +88,7 @@ def test_newton_step_starts_at_the_all_sources_fit(prob, oracle):
     # every subset's quadratic model is taken at the exact all-sources fit, so for the all-sources
     # subset itself the one-shot step is already exact
     subsets, z_ref = oracle
-    z0 = solve(prob, subsets[1:2], L2, newton_steps=0)
+    z0 = solve(prob, subsets[1:2], L2, refinements=0)
     assert bool(subsets[1].all()) and rel(z0[0], z_ref[1]) < 1e-5
 
 
@@ -96,14 +96,14 @@ def test_one_newton_step_is_close_and_refinement_improves(prob, oracle):
     subsets, z_ref = oracle
     errors = []
     for steps in range(5):
-        z = solve(prob, subsets, L2, newton_steps=steps, tol=0.0)
+        z = solve(prob, subsets, L2, refinements=steps, tol=0.0)
         errors.append(max(rel(z[k], z_ref[k]) for k in range(1, len(subsets))))
     assert errors[0] < 0.25  # one Newton step from z = 0 is already close ...
     assert errors[0] > 1e-2  # ... but visibly not exact at this l2 (else the test proves nothing)
     for a, b in zip(errors, errors[1:]):  # ... and every refinement step helps until float32 noise
         assert b < a or b < 1e-5, errors
     assert errors[3] < errors[0] / 100
-    plain = max(rel(solve(prob, subsets, L2, newton_steps=3, tol=0.0, scaled=False)[k], z_ref[k])
+    plain = max(rel(solve(prob, subsets, L2, refinements=3, tol=0.0, scaled=False)[k], z_ref[k])
                 for k in range(1, len(subsets)))
     assert errors[0] / 10 > plain > errors[3]  # the fixed-Hessian iteration converges, the scaled one faster
 
@@ -128,7 +128,7 @@ def test_zero_offsets_match_sklearn():
 
 def test_float64_path_and_batching_agree(prob, oracle):
     subsets, z_ref = oracle
-    z64 = solve(prob, subsets, L2, newton_steps=8, dtype=torch.float64, tol=1e-12)
+    z64 = solve(prob, subsets, L2, refinements=8, dtype=torch.float64, tol=1e-12)
     assert max(rel(z64[k], z_ref[k]) for k in range(1, len(subsets))) < 1e-6
     threads = torch.get_num_threads()
     a = estimate(prob, subsets, L2, batch=5, workers=2, tol=1e-5)
@@ -166,7 +166,7 @@ def test_calibrate_l2_hits_requested_step(step_size):
     everything = torch.ones(p.n_sources, dtype=torch.bool)
     exact_step = float(implied_step(p, exact_solve(p, everything, l2))[0])
     assert abs(exact_step / step_size - 1) < 0.01
-    est_step = float(estimate(p, everything[None], l2, newton_steps=10).step[0])
+    est_step = float(estimate(p, everything[None], l2, refinements=10).step[0])
     assert abs(est_step / step_size - 1) < 0.01
 
 
@@ -181,7 +181,7 @@ def test_calibrate_l2_hits_requested_output_change(change):
     rms = float((p.x.double() @ z).square().mean().sqrt())  # the definition, from the raw rows
     assert abs(rms / change - 1) < 0.01
     assert float(implied_output_change(p, z)[0]) == pytest.approx(rms, rel=1e-9)
-    assert float(estimate(p, everything[None], l2, newton_steps=10).change[0]) == pytest.approx(change, rel=0.01)
+    assert float(estimate(p, everything[None], l2, refinements=10).change[0]) == pytest.approx(change, rel=0.01)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -332,13 +332,13 @@ def test_converged_flags_the_subsets_that_met_tol():
 
     l2s = subset_l2(p, subsets, L2, "mean")
     ref = linear_loss(p, torch.stack([exact_solve(p, s, float(l2)) for s, l2 in zip(subsets, l2s)]))
-    capped = estimate(p, subsets, L2, newton_steps=2, tol=1e-5, weighting="mean")
+    capped = estimate(p, subsets, L2, refinements=2, tol=1e-5, weighting="mean")
     err = ((capped.loss - ref) / ref).abs()
     assert capped.converged.dtype == torch.bool and capped.converged.shape == (len(subsets),)
     assert 0 < int(capped.converged.sum()) < len(subsets)
     assert float(err[capped.converged].max()) < 1e-4
     assert float(err[~capped.converged].max()) > float(err[capped.converged].max())
-    assert not estimate(p, subsets, L2, newton_steps=0).converged.any()  # one step measures nothing
+    assert not estimate(p, subsets, L2, refinements=0).converged.any()  # one step measures nothing
     full = estimate(p, subsets, L2, tol=1e-5, weighting="mean")
     assert bool(full.converged.all()) and float(((full.loss - ref) / ref).abs().max()) < 1e-4
 

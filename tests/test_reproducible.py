@@ -63,7 +63,7 @@ def test_two_processes_give_a_byte_identical_store_and_the_same_selection(tmp_pa
 
     # the estimator's record flags unconverged subsets and says how many (one Newton step measures nothing)
     cfg = tiny_run_config(data, tiny_model_dir)
-    cfg.runs_dir, cfg.estimate.newton_steps = str(tmp_path / "a"), 0
+    cfg.runs_dir, cfg.estimate.refinements = str(tmp_path / "a"), 0
     fn, record, _ = pipeline.estimator(pipeline.Run(cfg))
     fn(torch.ones(3, 3, dtype=torch.bool))
     assert [r["converged"] for r in record] == [False] * 3

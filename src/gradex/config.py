@@ -153,7 +153,7 @@ class EstimateConfig:
     # mix) | mean (the same number of optimizer steps for every mix) | auto: what finetune.budget
     # deploys (equal -> mean, epochs -> sum). See docs/method.md, section 3.
     weighting: str = "auto"
-    newton_steps: int = 8  # at most this many refinement steps after the one-shot Newton solve ...
+    refinements: int = 8  # at most this many refinement steps after the first Newton step ...
     tol: float = 1e-4  # ... stopping once the error left in z is below tol (relative): see docs/method.md
 
 
@@ -225,6 +225,11 @@ BASELINES = ("all", "target", "random", "gradient", "representation")
 CORRUPTIONS = ("shuffle",)
 
 
+# Keys an earlier gradex accepted, under their new names: an old config says what to write instead.
+RENAMED = {"estimate.newton_steps": ("estimate.refinements", "it counts the refinement steps after the first "
+                                     "Newton step")}
+
+
 def _build(cls: type, raw: Any, where: str) -> Any:
     """Build dataclass `cls` from a YAML mapping, naming the key path of any mistake."""
     if raw is None:
@@ -233,6 +238,11 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        path = f"{where}.{key}".lstrip(".")
+        if path in RENAMED:
+            new, why = RENAMED[path]
+            raise ConfigError(f"{path}: renamed to {new} ({why}); use {new}")
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known: {sorted(names)}")
@@ -366,8 +376,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("estimate: set one of output_change, step_size or l2 (they set the regularization)")
     if not 0 <= cfg.estimate.tol < 1:
         raise ConfigError(f"estimate.tol: must be in [0, 1), got {cfg.estimate.tol}")
-    if cfg.estimate.newton_steps < 0:
-        raise ConfigError(f"estimate.newton_steps: must be >= 0, got {cfg.estimate.newton_steps}")
+    if cfg.estimate.refinements < 0:
+        raise ConfigError(f"estimate.refinements: must be >= 0, got {cfg.estimate.refinements}")
     for key, value in [("compare.seeds", cfg.compare.seeds), ("compare.run_seeds", cfg.compare.run_seeds)]:
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")

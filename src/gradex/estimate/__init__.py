@@ -22,7 +22,7 @@ from gradex.estimate.calibrate import calibrate_l2
 from gradex.estimate.linalg import JITTER
 from gradex.estimate.problem import (WEIGHTINGS, Problem, exact_coordinates, implied_output_change, implied_step,
                                      linear_loss, subset_l2)
-from gradex.estimate.solver import NEWTON_STEPS, TOL, Estimates, estimate, estimator, solve, solve_flagged
+from gradex.estimate.solver import REFINEMENTS, TOL, Estimates, estimate, estimator, solve, solve_flagged
 
 __all__ = [
     "Problem",
@@ -38,7 +38,7 @@ __all__ = [
     "calibrate_l2",
     "exact_coordinates",
     "TOL",
-    "NEWTON_STEPS",
+    "REFINEMENTS",
     "WEIGHTINGS",
     "JITTER",
 ]

@@ -40,8 +40,8 @@ class Estimates:
     step: torch.Tensor  # (m,) implied ||P z|| / ||theta*||
     change: torch.Tensor  # (m,) implied RMS change of the training examples' outputs u_s
     l2: float
-    # (m,) bool: the subset's refinement met `tol` within `newton_steps`. False rows stopped at the
-    # step cap with their error unknown (always so for newton_steps = 0, which measures nothing).
+    # (m,) bool: the subset's refinement met `tol` within `refinements`. False rows stopped at the
+    # step cap with their error unknown (always so for refinements = 0, which measures nothing).
     converged: torch.Tensor
 
 
@@ -211,25 +211,25 @@ TOL = 1e-4
 # At most this many refinements per subset; a subset stops as soon as it meets `tol`, so the cap
 # only costs time for subsets that need it: under "mean" weighting small subsets are regularized
 # less and land far from the all-sources anchor (6 refinements on the test problem, 1-2 usually).
-NEWTON_STEPS = 8
+REFINEMENTS = 8
 
 
-def solve(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: int = NEWTON_STEPS,
+def solve(problem: Problem, subsets: torch.Tensor, l2: float, refinements: int = REFINEMENTS,
           *, dtype: torch.dtype = torch.float32, tol: float = TOL, scaled: bool = True,
           weighting: str = "sum") -> torch.Tensor:
     """Fit z_S for every row of `subsets` ((m, n) bool) at once; returns (m, d) in `dtype`.
     `solve_flagged` also says which subsets met `tol`."""
-    return solve_flagged(problem, subsets, l2, newton_steps, dtype=dtype, tol=tol, scaled=scaled,
+    return solve_flagged(problem, subsets, l2, refinements, dtype=dtype, tol=tol, scaled=scaled,
                          weighting=weighting)[0]
 
 
-def solve_flagged(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: int = NEWTON_STEPS,
+def solve_flagged(problem: Problem, subsets: torch.Tensor, l2: float, refinements: int = REFINEMENTS,
                   *, dtype: torch.dtype = torch.float32, tol: float = TOL, scaled: bool = True,
                   weighting: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
     """(z, converged): z_S (m, d) in `dtype` for every row of `subsets` ((m, n) bool) at once, and
-    (m,) bool, whether each subset's refinement met `tol` within `newton_steps`.
+    (m,) bool, whether each subset's refinement met `tol` within `refinements`.
 
-    newton_steps = 0 is the single Newton step from the all-sources fit z_all (`_anchor`) built from
+    refinements = 0 is the single Newton step from the all-sources fit z_all (`_anchor`) built from
     per-group sums there. Each further step is z <- z - t_S H0(S)^-1 grad_S(z): the full-data
     gradient of subset S, preconditioned by the Hessian H0(S) at z_all (solved by `_Systems`),
     scaled per subset by a secant estimate t_S of how much the true curvature differs from H0 along
@@ -242,8 +242,8 @@ def solve_flagged(problem: Problem, subsets: torch.Tensor, l2: float, newton_ste
     `weighting` sets each subset's own l2 from the all-sources one (`subset_l2`).
     """
     l2 = check_l2(l2)
-    if newton_steps < 0:
-        raise ValueError(f"newton_steps must be >= 0, got {newton_steps}")
+    if refinements < 0:
+        raise ValueError(f"refinements must be >= 0, got {refinements}")
     members = full_membership(problem, subsets)
     m, d = members.shape[0], problem.dim
     if m == 0:
@@ -261,7 +261,7 @@ def solve_flagged(problem: Problem, subsets: torch.Tensor, l2: float, newton_ste
     eps = 1e-7 if dtype == torch.float32 else 1e-12
     D0 = systems.solve(B, rtol=max(eps, min(tol, 1e-3) * 0.1))
     Z = an["z"].to(dtype) + D0
-    if newton_steps == 0:
+    if refinements == 0:
         return Z, torch.zeros(m, dtype=torch.bool)
     blocks = _group_blocks(problem, dtype)
     # The last step s = -t D (D = H0^-1 G) and the gradient change y it caused give the curvature
@@ -271,7 +271,7 @@ def solve_flagged(problem: Problem, subsets: torch.Tensor, l2: float, newton_ste
     D_prev, G_prev, t = -D0, -B, torch.ones(m, 1, dtype=dtype)
     last = D0.norm(dim=1)  # size of the previous update
     active = torch.arange(m)  # subsets still refined: each full-data gradient costs only theirs
-    for _ in range(newton_steps):
+    for _ in range(refinements):
         Za = Z[active]
         G = _gradient(blocks, members[active], Za, l2s[active])
         ta = t[active]
@@ -315,7 +315,7 @@ def _working_dtype(problem: Problem, members: torch.Tensor, l2: float, weighting
     return torch.float32 if resolves else torch.float64
 
 
-def estimate(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: int = NEWTON_STEPS,
+def estimate(problem: Problem, subsets: torch.Tensor, l2: float, refinements: int = REFINEMENTS,
              batch: int = 256, *, tol: float = TOL, workers: int | None = None, weighting: str = "sum") -> Estimates:
     """Linear-estimate target loss and implied step for every subset, `batch` subsets at a time.
 
@@ -340,7 +340,7 @@ def estimate(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: i
     _group_blocks(problem, dtype)
 
     def run(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return solve_flagged(problem, chunk, l2, newton_steps, dtype=dtype, tol=tol, weighting=weighting)
+        return solve_flagged(problem, chunk, l2, refinements, dtype=dtype, tol=tol, weighting=weighting)
 
     with one_thread():
         if workers == 1 or len(chunks) == 1:
@@ -354,7 +354,7 @@ def estimate(problem: Problem, subsets: torch.Tensor, l2: float, newton_steps: i
                          change=implied_output_change(problem, z), l2=l2, converged=converged)
 
 
-def estimator(problem: Problem, l2: float, newton_steps: int = NEWTON_STEPS, batch: int = 256,
+def estimator(problem: Problem, l2: float, refinements: int = REFINEMENTS, batch: int = 256,
               tol: float = TOL, weighting: str = "sum") -> Callable[[torch.Tensor], torch.Tensor]:
     """The `estimate_fn` that gradex.select expects: (k, n) bool subsets -> (k,) estimated loss."""
-    return lambda subsets: estimate(problem, subsets, l2, newton_steps, batch, tol=tol, weighting=weighting).loss
+    return lambda subsets: estimate(problem, subsets, l2, refinements, batch, tol=tol, weighting=weighting).loss

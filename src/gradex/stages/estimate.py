@@ -85,7 +85,7 @@ def estimator(run: Run, equal_steps: bool | None = None,
 
     def fn(subsets: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        est = estimate(prob, subsets, l2, newton_steps=run.cfg.estimate.newton_steps, tol=run.cfg.estimate.tol,
+        est = estimate(prob, subsets, l2, refinements=run.cfg.estimate.refinements, tol=run.cfg.estimate.tol,
                        weighting=weights)
         loss = reconstruct(est.z) if reconstruct else est.loss
         seconds = (time.perf_counter() - t0) / max(1, len(subsets))
@@ -98,7 +98,7 @@ def estimator(run: Run, equal_steps: bool | None = None,
         unconverged = int((~est.converged).sum())
         if unconverged:
             log(f"warning: {unconverged} of {len(subsets)} subsets did not meet estimate.tol "
-                f"({run.cfg.estimate.tol:g}) within estimate.newton_steps ({run.cfg.estimate.newton_steps}) "
+                f"({run.cfg.estimate.tol:g}) within estimate.refinements ({run.cfg.estimate.refinements}) "
                 f"refinements: their estimates are less accurate (converged false in estimates.parquet)")
         return loss
 
