@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import random
@@ -23,6 +22,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from gradex import ledger
 from gradex.atomic import write_bytes, write_json
 from gradex.config import Config, ConfigError, DataConfig, SourceConfig, TargetConfig
 
@@ -454,7 +454,7 @@ def save_examples(examples: Sequence[Example], tokens: Sequence[Tokenized], out:
         s["splits"][e.split] = s["splits"].get(e.split, 0) + 1
         s["max_tokens"] = max(s["max_tokens"], len(t.ids))
         s["total_tokens"] += len(t.ids)
-    manifest = {"examples": len(examples), "sha256": hashlib.sha256(body.encode()).hexdigest(), "sources": per_source}
+    manifest = {"examples": len(examples), "sha256": ledger.sha256(out / "examples.jsonl"), "sources": per_source}
     if isinstance(examples, Examples):
         manifest["leakage"] = examples.leakage
     write_json(out / "manifest.json", manifest)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from gradex.atomic import write_json
 from gradex.config import Config
-from gradex.run import PRODUCER, STAGE_DIRS, STAGE_NAMES, Run, launch_rank, log
+from gradex.launch import launch_rank
+from gradex.run import PRODUCER, STAGE_DIRS, STAGE_NAMES, Run, log
 from gradex.stages.compare import COMPARE_FORMAT, candidate_mixes, compare
 from gradex.stages.estimate import (Reconstructor, estimate, estimator, member_mask, problem, regularization,
                                     save_estimates, weighting)

@@ -10,7 +10,6 @@ from stale.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from functools import cached_property
@@ -23,19 +22,13 @@ from gradex import config as config_mod
 from gradex import ledger
 from gradex.config import Config
 from gradex.data import Example, Tokenized, read_examples, tokenize
+from gradex.launch import launch_rank
 from gradex.model import load_base, load_tokenizer, load_trainable, make_trainable, resolve_precision
 
 
 def log(msg: str) -> None:
     if launch_rank() == 0:
         print(f"gradex: {msg}", file=sys.stderr, flush=True)
-
-
-def launch_rank() -> int:
-    """This process's rank under accelerate launch / torchrun (0 when run alone).
-
-    Only rank 0 writes run-level files; the ranks share the work of the gradient pass."""
-    return int(os.environ.get("RANK", "0"))
 
 
 class Run:

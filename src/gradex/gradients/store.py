@@ -18,8 +18,6 @@ the same whatever the world size, so the merged store does not depend on it.
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import json
 import os
 import platform
@@ -33,10 +31,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradex.atomic import write_bytes
+from gradex.atomic import replacing, write_bytes
+from gradex.config import fingerprint
 from gradex.data import Tokenized, collate
 from gradex.gradients.compute import GradientComputer
 from gradex.gradients.projectors import Projector
+from gradex.launch import barrier, distributed
 from gradex.model import CE_FLOOR, at_ce_floor
 
 FORMAT = 1
@@ -78,35 +78,9 @@ class Store:
 
 # ---------------------------------------------------------------------------- helpers
 
-def _sha256(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    with replacing(path) as fh:
         np.save(fh, array)
-    os.replace(tmp, path)
-
-
-def distributed() -> tuple[int, int]:
-    """(rank, world size); initializes a gloo process group when launched with WORLD_SIZE > 1."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=2))
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 def _shard_path(out_dir: Path, chunk: int) -> Path:
@@ -158,9 +132,9 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
         "ce_floor": CE_FLOOR if output == "ce" else None,
         "chunk_size": chunk_size,
         "n": len(indices),
-        "indices_sha256": _sha256(indices),
-        "tokens_sha256": _sha256([(tokens[i].ids, tokens[i].n_prompt) for i in indices]),
-        "parameters_sha256": _sha256(computer.layout),
+        "indices_sha256": fingerprint(indices),
+        "tokens_sha256": fingerprint([(tokens[i].ids, tokens[i].n_prompt) for i in indices]),
+        "parameters_sha256": fingerprint(computer.layout),
         "extra": json.loads(json.dumps(extra, sort_keys=True, default=str)),
     }
 
@@ -190,12 +164,10 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
         x, u = _compute_chunk(computer, projector, tokens, chunks[c], pad_id, batch_size, precision, bar, describe)
         seconds = time.perf_counter() - t0
         path = _shard_path(out_dir, c)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         clipped = int(at_ce_floor(torch.from_numpy(u)).sum()) if output == "ce" else 0
-        with open(tmp, "wb") as fh:
+        with replacing(path) as fh:
             np.savez(fh, x=x, u=u, index=np.asarray(chunks[c], dtype=np.int64), seconds=np.float64(seconds),
                      method=np.str_(computer.method), clipped=np.int64(clipped))
-        os.replace(tmp, path)
     bar.close()
     barrier(world)
     if rank == 0:
@@ -263,10 +235,10 @@ def _merge(out_dir: Path, chunks: list[list[int]], plan: dict, extra: dict, worl
         lo += len(chunk)
     x.flush()
     del x
-    os.replace(tmp_x, out_dir / "x.npy")
-    _save_npy(out_dir / "u.npy", u)
-    _save_npy(out_dir / "index.npy", index)
-    _save_npy(out_dir / "col_sq_norms.npy", col_sq_norms)
+    os.replace(tmp_x, out_dir / "x.npy")  # written in place as a memmap, so not through gradex.atomic
+    _write_npy(out_dir / "u.npy", u)
+    _write_npy(out_dir / "index.npy", index)
+    _write_npy(out_dir / "col_sq_norms.npy", col_sq_norms)
     manifest = {
         **extra,
         "format": FORMAT,

@@ -13,7 +13,8 @@ from gradex import config as config_mod
 from gradex import ledger
 from gradex.config import Config
 from gradex.model import trainable_vector
-from gradex.run import Run, launch_rank
+from gradex.launch import barrier, distributed, launch_rank
+from gradex.run import Run
 from gradex.stages.meta import meta_train
 from gradex.stages.prepare import prepare
 
@@ -21,7 +22,6 @@ from gradex.stages.prepare import prepare
 def gradients(cfg: Config, force: bool = False) -> Path:
     """Projected per-example gradients and offsets at theta*, for training and target validation examples."""
     from gradex.gradients import compute_store
-    from gradex.gradients.store import barrier, distributed
 
     run = prepare(cfg)
     if launch_rank() != 0 and run.state("meta")[0] != "done":

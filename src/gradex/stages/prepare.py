@@ -9,7 +9,8 @@ from gradex import config as config_mod
 from gradex.config import Config
 from gradex.data import Example, Tokenized, check_lengths, load_examples, save_examples, tokenize
 from gradex.model import load_tokenizer
-from gradex.run import Run, launch_rank, log
+from gradex.launch import launch_rank
+from gradex.run import Run, log
 
 
 def data_sha256(examples: list[Example], tokens: list[Tokenized]) -> str:
