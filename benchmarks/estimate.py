@@ -22,7 +22,7 @@ Measured, in this order:
 - gradex `estimate` at its defaults, offsets zeroed, over the same subsets (median of repeats);
 - scikit-learn per subset, offsets zeroed, on the first --sklearn-subsets subsets (rate extrapolated);
 - the exact oracle with offsets on --oracle-subsets subsets;
-- gradex `estimate` at tol=1e-5 instead of the default 1e-3 (key `tight`), with offsets.
+- gradex `estimate` at tol=1e-5 instead of the default 1e-4 (TOL; key `tight`), with offsets.
 Accuracy: Spearman of the estimated target losses across subsets, and the max relative difference
 of the estimated loss (and of z), gradex vs sklearn (no offsets) and gradex vs the oracle (offsets).
 

@@ -6,7 +6,7 @@ u_s is a log-odds whose logistic loss softplus(-u_s) is the loss GradEx estimate
   u_s = log(p_bar / (1 - p_bar)) = -log(expm1(CE_s)) with CE_s the example's mean token
   cross-entropy. softplus(-u_s) = -log p_bar = CE_s exactly, so the estimate is the usual
   validation loss, and the gradient weights each token by how uncertain it is.
-- "mean-logodds" (METHOD.md, the paper): the mean over answer tokens of the token log-odds
+- "mean-logodds" (the paper's; docs/method.md, section 2): the mean over answer tokens of the token log-odds
   o_t = logit_y - logsumexp(other logits) = log(p_t / (1 - p_t)). Every token weighs the same, so
   an answer's one uncertain token (a carried digit) is averaged away by its confident ones.
 Token probabilities are clipped to [eps, 1 - eps]; "ce" floors CE_s at CE_FLOOR (see there). The LM
@@ -93,7 +93,7 @@ def is_conv1d(module: nn.Module) -> bool:
 def make_trainable(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Module:
     """Wrap with LoRA, or unfreeze the linear layers of the transformer blocks (full fine-tuning).
 
-    Full fine-tuning leaves embeddings, LM head and norms frozen, as METHOD.md prescribes.
+    Full fine-tuning leaves embeddings, LM head and norms frozen (docs/method.md, section 1).
     """
     if cfg.finetune == "lora":
         from peft import LoraConfig, get_peft_model

@@ -1,4 +1,4 @@
-"""Choose auxiliary sources from estimated target losses f_hat(S) (METHOD.md, Step 4).
+"""Choose auxiliary sources from estimated target losses f_hat(S) (docs/method.md, section 4).
 
 Every method here sees the estimator only as `estimate_fn`: a (k, n) bool tensor of subsets in,
 a (k,) tensor of estimated target losses out (lower is better). That keeps selection independent

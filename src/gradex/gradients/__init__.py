@@ -1,4 +1,5 @@
-"""Step 2 of GradEx: per-example gradients of u_s at theta*, projected, written to a resumable store."""
+"""Per-example gradients of u_s at theta*, projected, written to a resumable store (docs/method.md,
+section 2)."""
 
 from gradex.gradients import preconditioner
 from gradex.gradients.compute import GradientComputer, single_example
