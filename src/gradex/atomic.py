@@ -15,17 +15,24 @@ from typing import Any, BinaryIO, Iterator
 
 
 @contextmanager
-def replacing(path: Path) -> Iterator[BinaryIO]:
-    """A binary file handle whose contents replace `path` when the block ends without an error
-    (streamed: a checkpoint is never held in memory twice)."""
+def replacing_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` that replaces it when the block ends without an error, for
+    writers that need a file name rather than a handle (a memory-mapped array)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # per process: ranks may write side by side
     try:
-        with open(tmp, "wb") as fh:
-            yield fh
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only left when the block failed
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[BinaryIO]:
+    """A binary file handle whose contents replace `path` when the block ends without an error
+    (streamed: a checkpoint is never held in memory twice)."""
+    with replacing_path(path) as tmp, open(tmp, "wb") as fh:
+        yield fh
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gradex.atomic import write_bytes
 from gradex.config import TrainConfig
 from gradex.data import Tokenized, collate
 from gradex.model import autocast, trainable, training_loss
@@ -145,5 +146,4 @@ def _resume(path: Path, params: list[torch.Tensor], opt: torch.optim.Optimizer,
 
 
 def write_log(log: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(json.dumps(r) for r in log) + "\n")
+    write_bytes(path, ("\n".join(json.dumps(r) for r in log) + "\n").encode())

@@ -10,8 +10,8 @@ Layout of a store directory:
                        examples whose "ce" output sat at the CE floor, `ce_clipped`)
 
 The examples are split into fixed chunks of `chunk_size`. Each finished chunk is written atomically
-(temporary file + os.replace), so killing the pass at any moment loses at most the chunks in flight,
-and a re-run skips every finished chunk. With WORLD_SIZE > 1 (torchrun / accelerate launch), rank r
+(gradex.atomic: a temporary file, then a rename), so killing the pass at any moment loses at most
+the chunks in flight, and a re-run skips every finished chunk. With WORLD_SIZE > 1 (torchrun / accelerate launch), rank r
 computes the chunks c with c % world == r; rank 0 merges after a barrier. Chunks and batches are
 the same whatever the world size, so the merged store does not depend on it.
 """
@@ -19,7 +19,6 @@ the same whatever the world size, so the merged store does not depend on it.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import time
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradex.atomic import replacing, write_bytes
+from gradex.atomic import replacing, replacing_path, write_bytes
 from gradex.config import fingerprint
 from gradex.data import Tokenized, collate
 from gradex.gradients.compute import GradientComputer
@@ -214,28 +213,27 @@ def _merge(out_dir: Path, chunks: list[list[int]], plan: dict, extra: dict, worl
            col_sq_norms: np.ndarray) -> None:
     t0 = time.perf_counter()
     n, d = plan["n"], plan["projector"]["dim"]
-    tmp_x = out_dir / f"x.npy.tmp{os.getpid()}"
-    x = np.lib.format.open_memmap(tmp_x, mode="w+", dtype=np.float32, shape=(n, d))
     u = np.zeros(n, dtype=np.float32)
     index = np.zeros(n, dtype=np.int64)
     methods, compute_seconds, clipped, lo = set(), 0.0, 0, 0
-    for c, chunk in enumerate(chunks):
-        path = _shard_path(out_dir, c)
-        if not path.exists():
-            raise RuntimeError(f"{path}: chunk {c} is missing after every rank finished; re-run to compute it")
-        with np.load(path) as shard:
-            if shard["x"].shape != (len(chunk), d) or shard["index"].tolist() != chunk:
-                raise RuntimeError(f"{path}: shard does not match chunk {c} of the plan; delete {out_dir} and re-run")
-            x[lo:lo + len(chunk)] = shard["x"]
-            u[lo:lo + len(chunk)] = shard["u"]
-            index[lo:lo + len(chunk)] = shard["index"]
-            methods.add(str(shard["method"]))
-            compute_seconds += float(shard["seconds"])
-            clipped += int(shard["clipped"])
-        lo += len(chunk)
-    x.flush()
-    del x
-    os.replace(tmp_x, out_dir / "x.npy")  # written in place as a memmap, so not through gradex.atomic
+    with replacing_path(out_dir / "x.npy") as tmp_x:  # a memory map is written through its file name
+        x = np.lib.format.open_memmap(tmp_x, mode="w+", dtype=np.float32, shape=(n, d))
+        for c, chunk in enumerate(chunks):
+            path = _shard_path(out_dir, c)
+            if not path.exists():
+                raise RuntimeError(f"{path}: chunk {c} is missing after every rank finished; re-run to compute it")
+            with np.load(path) as shard:
+                if shard["x"].shape != (len(chunk), d) or shard["index"].tolist() != chunk:
+                    raise RuntimeError(f"{path}: shard does not match chunk {c} of the plan; delete {out_dir} and re-run")
+                x[lo:lo + len(chunk)] = shard["x"]
+                u[lo:lo + len(chunk)] = shard["u"]
+                index[lo:lo + len(chunk)] = shard["index"]
+                methods.add(str(shard["method"]))
+                compute_seconds += float(shard["seconds"])
+                clipped += int(shard["clipped"])
+            lo += len(chunk)
+        x.flush()
+        del x
     _write_npy(out_dir / "u.npy", u)
     _write_npy(out_dir / "index.npy", index)
     _write_npy(out_dir / "col_sq_norms.npy", col_sq_norms)

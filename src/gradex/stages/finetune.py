@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from gradex import config as config_mod
-from gradex.atomic import write_json
+from gradex.atomic import replacing, write_json
 from gradex.config import Config
 from gradex.model import save_trainable
 from gradex.run import Run, log
@@ -105,8 +105,8 @@ def finetune(cfg: Config, force: bool = False) -> dict:
     previous = out / "metrics.json"
     if force or not previous.exists() or json.loads(previous.read_text()).get("key") != key:
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run.dir / result["adapter"], out / "adapter.tmp")
-        (out / "adapter.tmp").replace(out / "adapter.pt")
+        with open(run.dir / result["adapter"], "rb") as src, replacing(out / "adapter.pt") as dst:
+            shutil.copyfileobj(src, dst)
         write_json(previous, {**result, "recipe": recipe_summary(run)})
         log(f"fine-tuned the selection ({len(members)} sources, {result['examples']} examples) in "
             f"{result['steps']} steps: test {result['test']['metric']} {result['test']['score']:.3f}, "
