@@ -90,3 +90,21 @@ def test_similarity_ranks_a_planted_source_first():
     assert top_k(scores, 1) == ["twin"] and top_k(scores, 0) == []
     with pytest.raises(ValueError, match="no rows"):
         mean_cosines(features, groups, names + ["missing"], "target:validation")
+
+
+def test_forward_finetunes_counts_every_subset_a_forward_search_evaluates():
+    from gradex.compare import price
+    from gradex.stages.compare import forward_finetunes
+
+    n, helpful = 6, {1: -0.3, 4: -0.2}  # an additive loss: two sources help, the rest hurt
+
+    def fn(subsets: torch.Tensor) -> torch.Tensor:
+        effect = torch.tensor([helpful.get(j, 0.1) for j in range(n)])
+        return 1.0 + subsets.double() @ effect.double()
+
+    # the target alone, then round 1 (6 candidates, adds 1), round 2 (5, adds 4), round 3 (4, none helps)
+    assert forward_finetunes(fn, n) == 1 + 6 + 5 + 4
+    cost = price(selection_seconds=100.0, finetune_seconds=50.0, forward_finetunes=16)
+    assert cost == {"forward_finetunes": 16, "by_finetuning_seconds": 800.0, "speedup": 8.0,
+                    "overhead_vs_finetune": 2.0}
+    assert price(None, 50.0, 16)["speedup"] is None  # a stage time unknown: no ratio

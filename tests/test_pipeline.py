@@ -233,6 +233,13 @@ def test_compare_caches_fine_tunes_labels_unequal_budgets_and_checks_named_mixes
     assert names == ["selected", "all", "random", "mine"] and first["seeds"] == 2
     assert all(m["seeds"] == [0, 1] for m in first["mixes"])
     assert "equal budget" in first["recipe"]["description"]
+    # the price of the answer: a forward search by real fine-tuning over 3 sources evaluates the target
+    # alone and 3, 2, 1 candidates in its rounds at most, each at the measured fine-tune's cost
+    cost = first["cost"]
+    assert 1 + 3 <= cost["forward_finetunes"] <= 1 + 3 + 2 + 1
+    assert cost["by_finetuning_seconds"] == pytest.approx(cost["forward_finetunes"] * cost["finetune_seconds"], rel=0.01)
+    assert cost["speedup"] == pytest.approx(cost["by_finetuning_seconds"] / cost["selection_seconds"], rel=0.01)
+    assert f"would train {cost['forward_finetunes']} fine-tunes" in format_table(first)
     # every compared fine-tune carries the estimate of its mix, the same the estimator gives directly
     fn, _, _ = pipeline.estimator(pipeline.Run(cfg))
     run_sources = pipeline.Run(cfg).sources

@@ -181,12 +181,26 @@ def format_table(result: dict) -> str:
     if cost.get("selection_seconds") is not None:
         lines.append(f"cost of the selection (meta-train + gradients + select): {cost['selection_seconds']:.0f} s; "
                      f"one fine-tune: {fmt_number(cost.get('finetune_seconds'), '.0f')} s")
+        if cost.get("speedup") is not None:
+            lines.append(f"by real fine-tuning, a forward stepwise search would train {cost['forward_finetunes']} "
+                         f"fine-tunes: ~{cost['by_finetuning_seconds'] / 60:.0f} min at that cost, "
+                         f"{cost['speedup']:.1f}x the selection's time (an extrapolation from the measured fine-tune)")
     check = result.get("estimate_check")
     if check:
         lines.append(f"estimates vs these fine-tunes' validation loss over {check['mixes']} distinct mixes: Spearman "
                      f"{check['spearman']:.2f}, Pearson {check['pearson']:.2f}, mean error {check['mean_abs_rel_error']:.1%}")
     lines.append("verdict: " + result["verdict"])
     return "\n".join(lines)
+
+
+def price(selection_seconds: float | None, finetune_seconds: float, forward_finetunes: int) -> dict:
+    """What the same answer would cost by real fine-tuning: a forward stepwise search that trains one
+    fine-tune per subset it evaluates, at the measured training time of one fine-tune (evaluation left
+    out, so the real figure is higher), against the selection's own stages."""
+    by_finetuning = forward_finetunes * finetune_seconds
+    return {"forward_finetunes": forward_finetunes, "by_finetuning_seconds": round(by_finetuning, 3),
+            "speedup": round(by_finetuning / selection_seconds, 2) if selection_seconds else None,
+            "overhead_vs_finetune": round(selection_seconds / finetune_seconds, 2) if selection_seconds else None}
 
 
 def to_dict(mixes: Sequence[Mix]) -> list[dict]:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradex.atomic import write_bytes, write_json
+from gradex.atomic import replacing, write_bytes, write_json
 from gradex.config import Config, TrainConfig, fingerprint
 from gradex.data import batches
 from gradex.evaluate import loss_from_outputs, outputs
@@ -151,7 +151,8 @@ def _plot_linearity(rows: list[dict], path: Path) -> None:
     ax.set(xscale="log", yscale="log", xlabel="|Delta| / |theta*|", ylabel="mean squared relative error of u_s")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with replacing(path) as fh:  # a figure, like every artifact, is written whole or not at all
+        fig.savefig(fh, format="png", dpi=120)
     plt.close(fig)
 
 
@@ -375,5 +376,6 @@ def _plot_validation(result: dict, path: Path) -> None:
            title=f"spearman {result['spearman']:.2f}")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with replacing(path) as fh:  # a figure, like every artifact, is written whole or not at all
+        fig.savefig(fh, format="png", dpi=120)
     plt.close(fig)

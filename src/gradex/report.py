@@ -272,6 +272,10 @@ def _costs(compare: dict | None) -> str:
     rows = [[stage, num(seconds, ".1f")] for stage, seconds in cost["stages_seconds"].items()]
     rows.append(["selection in all (meta-train + gradients + select)", num(cost.get("selection_seconds"), ".1f")])
     rows.append(["one fine-tune", num(cost.get("finetune_seconds"), ".1f")])
+    if cost.get("forward_finetunes") is not None:
+        rows.append([f"the same search by real fine-tuning ({cost['forward_finetunes']} fine-tunes, extrapolated)",
+                     num(cost.get("by_finetuning_seconds"), ".1f")])
+        rows.append(["speedup of the selection over it", num(cost.get("speedup"), ".1f")])
     return _section(title, _table(["stage", "seconds"], rows))
 
 

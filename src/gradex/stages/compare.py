@@ -74,7 +74,25 @@ def candidate_mixes(run: Run, body: dict, seeds: int, extra: dict[str, list[str]
     return mixes, similarity
 
 
-COMPARE_FORMAT = 2  # bump when compare.json changes shape, so cached results are recomputed
+COMPARE_FORMAT = 3  # bump when compare.json changes shape, so cached results are recomputed
+
+
+def forward_finetunes(fn, n: int) -> int:
+    """How many fine-tunes forward stepwise selection by real fine-tuning would train here: the subsets
+    a forward search on these estimates evaluates (the target alone, then every candidate of every
+    round until no addition helps). The estimates stand in for the real losses, so the count is
+    what a search of this shape needs, not a replay of one."""
+    from gradex import select as select_mod
+
+    seen = 0
+
+    def counting(subsets):
+        nonlocal seen
+        seen += len(subsets)
+        return fn(subsets)
+
+    select_mod.forward(counting, n)
+    return seen
 
 
 def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] | None = None,
@@ -123,13 +141,15 @@ def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] |
     stage_seconds = {"meta-train": meta.get("seconds"), "gradients": grads.get("seconds"),
                      "select": ledger.read(run.dir / "select").get("seconds")}
     known = [v for v in stage_seconds.values() if v is not None]
+    selection_seconds = sum(known) if len(known) == len(stage_seconds) else None
+    finetune_seconds = round(sum(r["seconds"] for r in rows) / len(rows), 3)  # every mix has the same steps
     result = {"fingerprint": fingerprint, "seeds": k, "recipe": recipe_summary(run), "metric": metric, "test_examples": final["test"]["examples"],
               "selection": {"method": cfg.select.method, "selected": body["selected"], "reason": body["reason"]},
               "similarity": similarity, "mixes": summary, "estimate_check": cmp.estimate_check(rows),
               "verdict": cmp.verdict(summary, metric.replace("_", " ")),
-              "cost": {"stages_seconds": stage_seconds,
-                       "selection_seconds": sum(known) if len(known) == len(stage_seconds) else None,
-                       "finetune_seconds": final["seconds"]},
+              "cost": {"stages_seconds": stage_seconds, "selection_seconds": selection_seconds,
+                       "finetune_seconds": finetune_seconds,
+                       **cmp.price(selection_seconds, finetune_seconds, forward_finetunes(fn, len(run.sources)))},
               "rows": rows}
     write_json(path, result)
     write_parquet(run.dir / "compare.parquet", pd.DataFrame(rows))
