@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from typing import Callable
@@ -163,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"gradex: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`gradex status | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail
+        return 141
     except KeyboardInterrupt:
         print("gradex: interrupted; finished work is kept and the stage resumes on re-run", file=sys.stderr)
         return 130
