@@ -79,3 +79,13 @@ def tiny_run_config(tmp_path: Path, model_dir: Path):
         "finetune": {"epochs": 1, "batch_size": 8, "lr": 0.01},
     }
     return config.from_dict(raw)
+
+
+def write_config(cfg, path: Path) -> Path:
+    """A config as the YAML file a user would pass to `gradex` (the CLI tests read it back)."""
+    import yaml
+
+    from gradex import config
+
+    path.write_text(yaml.safe_dump(config.to_dict(cfg)))
+    return path

@@ -23,9 +23,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
-from conftest import tiny_run_config
+from conftest import tiny_run_config, write_config
 from gradex import config, diagnostics, pipeline
 
 VALIDATE = {"k": 2, "seeds": 1}
@@ -67,9 +66,7 @@ def _copy(reference, tmp_path, drop: list[str]):
     if "estimates.parquet" not in drop and "select" in drop:  # select's rows go with it, estimate's stay
         frame = pd.read_parquet(cfg.run_dir / "estimates.parquet")
         frame[frame["stage"] != "select"].to_parquet(cfg.run_dir / "estimates.parquet")
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(config.to_dict(cfg)))
-    return cfg, path
+    return cfg, write_config(cfg, tmp_path / "cfg.yaml")
 
 
 def _kill_midway(args: list[str], run_dir: Path, trigger: str | None, wait: float, rng: random.Random) -> str:

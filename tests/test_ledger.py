@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import arithmetic_rows, tiny_run_config, write_jsonl
+from conftest import arithmetic_rows, tiny_run_config, write_config, write_jsonl
 from gradex import config, ledger, pipeline
 from gradex.cli import main
 
@@ -127,16 +127,8 @@ def test_a_record_from_an_older_gradex_is_stale_and_says_so(cfg):
     assert states(cfg)["prepare"] == ("stale", "recorded by an older gradex (no input hashes)")
 
 
-def _write(cfg, tmp_path):
-    import yaml
-
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(config.to_dict(cfg)))
-    return path
-
-
 def test_cli_status_config_version_and_debug(cfg, tmp_path, capsys):
-    path = _write(cfg, tmp_path)
+    path = write_config(cfg, tmp_path / "cfg.yaml")
     assert main(["status", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"run directory: {cfg.run_dir}" in out and "prepare     missing  not run yet" in out
@@ -151,7 +143,7 @@ def test_cli_status_config_version_and_debug(cfg, tmp_path, capsys):
 
 
 def test_an_unexpected_error_is_one_line_and_a_traceback_only_with_debug(cfg, tmp_path, capsys, monkeypatch):
-    path = _write(cfg, tmp_path)
+    path = write_config(cfg, tmp_path / "cfg.yaml")
 
     def broken(cfg, force=False):
         raise RuntimeError("disk on fire")

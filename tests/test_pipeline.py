@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import tiny_run_config
+from conftest import tiny_run_config, write_config
 from gradex import config, pipeline
 from gradex.cli import main
 from gradex.compare import format_table
@@ -47,19 +47,11 @@ def test_run_writes_every_artifact_and_skips_unchanged_stages(cfg, capsys):
     assert len(train) < 20 + 3 * 24 and rows[0]["steps"] == -(-len(train) // 8)
 
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "config.yaml"}
-    assert main(["run", str(_write(cfg))]) == 0
+    assert main(["run", str(write_config(cfg, cfg.run_dir.parent / "cfg.yaml"))]) == 0
     assert "source scores" in capsys.readouterr().out
     after = {p: p.stat().st_mtime_ns for p in before}
     changed = [p.name for p in before if before[p] != after[p]]
     assert set(changed) <= {"summary.json", "report.html"}, changed  # every stage was skipped (the report is rebuilt)
-
-
-def _write(cfg):
-    import yaml
-
-    path = cfg.run_dir.parent / "cfg.yaml"
-    path.write_text(yaml.safe_dump(config.to_dict(cfg)))
-    return path
 
 
 def test_changed_stage_reruns_downstream_only(cfg):
@@ -137,7 +129,7 @@ def test_training_resumes_to_the_same_result(cfg, tmp_path, monkeypatch):
 
 def test_estimate_named_subsets_linear_and_reconstruct(cfg, capsys):
     cfg.run_dir.parent.mkdir(parents=True, exist_ok=True)
-    assert main(["estimate", str(_write(cfg)), "--subset", "mul,sub", "--subset", ""]) == 0
+    assert main(["estimate", str(write_config(cfg, cfg.run_dir.parent / "cfg.yaml")), "--subset", "mul,sub", "--subset", ""]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 2 and printed[0].endswith("mul, sub") and printed[1].endswith("(target only)")
     assert all("output change" in line for line in printed)
@@ -213,7 +205,7 @@ def test_gradients_stage_under_a_two_process_launch_equals_one_process(cfg, tmp_
     pipeline.meta_train(cfg)
     single = pipeline.gradients(cfg)
     reference = {name: np.load(single / f"{name}.npy") for name in ("x", "u", "index")}
-    path = _write(cfg)
+    path = write_config(cfg, cfg.run_dir.parent / "cfg.yaml")
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -259,5 +251,5 @@ def test_compare_caches_fine_tunes_labels_unequal_budgets_and_checks_named_mixes
     assert "UNEQUAL" in unequal["recipe"]["description"] and "UNEQUAL" in format_table(unequal)
     with pytest.raises(config.ConfigError, match=r"compare mix 'bad': unknown source\(s\) \['nope'\]"):
         pipeline.compare(cfg, seeds=1, mixes={"bad": ["nope"]})
-    assert main(["compare", str(_write(cfg)), "--seeds", "1", "--mix", "bad"]) == 2
+    assert main(["compare", str(write_config(cfg, cfg.run_dir.parent / "cfg.yaml")), "--seeds", "1", "--mix", "bad"]) == 2
     assert "expected NAME=A,B" in capsys.readouterr().err

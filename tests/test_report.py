@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import arithmetic_rows, write_jsonl
+from conftest import tiny_run_config
 from gradex import config, pipeline, report
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -29,22 +29,7 @@ VOID = {"meta", "link", "img", "br", "hr", "input"}
 def run_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """Every stage of `gradex run` on the tiny model (the config of test_pipeline's `cfg`)."""
     tmp = tmp_path_factory.mktemp("report")
-    write_jsonl(tmp / "add.jsonl", arithmetic_rows(60, "+", 0))
-    write_jsonl(tmp / "add_more.jsonl", arithmetic_rows(24, "+", 1))
-    write_jsonl(tmp / "mul.jsonl", arithmetic_rows(24, "*", 2))
-    write_jsonl(tmp / "sub.jsonl", arithmetic_rows(24, "-", 3))
-    raw = {
-        "name": "tiny", "runs_dir": str(tmp / "runs"),
-        "model": {"name": str(tiny_model_dir), "precision": "fp32", "max_length": 24,
-                  "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
-        "data": {"target": {"name": "add", "path": str(tmp / "add.jsonl"), "train": 20, "validation": 16, "test": 16},
-                 "sources": [{"name": n, "path": str(tmp / f"{n}.jsonl")} for n in ("add_more", "mul", "sub")]},
-        "meta": {"epochs": 2, "batch_size": 8, "lr": 0.01},
-        "gradients": {"dim": 32, "batch_size": 4, "chunk_size": 16},
-        "select": {"subsets": 20},
-        "finetune": {"epochs": 1, "batch_size": 8, "lr": 0.01},
-    }
-    cfg = config.from_dict(raw)
+    cfg = tiny_run_config(tmp, tiny_model_dir)
     pipeline.run_all(cfg)
     # `gradex validate` fine-tunes for real (minutes even here); its artifact is small to write by hand
     estimates = pd.read_parquet(cfg.run_dir / "estimates.parquet").head(4)
