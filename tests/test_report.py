@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import tiny_run_config
-from gradex import config, pipeline, report
+from gradex import pipeline, report
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 HEADINGS = ["Run", "Per-source scores", "Selected mix", "Estimates vs real fine-tunes", "Comparison with baselines",
