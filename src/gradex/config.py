@@ -319,16 +319,7 @@ def validate(cfg: Config) -> None:
     if not cfg.data.target.name:
         raise ConfigError("data.target.name: the target needs a name")
     for i, src in enumerate([cfg.data.target, *cfg.data.sources]):
-        where = "data.target" if i == 0 else f"data.sources[{i - 1}] ({src.name or 'unnamed'})"
-        if not src.name:
-            raise ConfigError(f"{where}: every source needs a name")
-        if (src.bigbench is None) == (src.path is None):
-            given = "sets both `bigbench` and" if src.path is not None else "sets neither `bigbench` nor"
-            raise ConfigError(f"{where}: {given} `path`; give exactly one")
-        if (src.source_column is None) != (src.source_value is None):
-            raise ConfigError(f"{where}: `source_column` and `source_value` go together")
-        if src.corrupt is not None and src.corrupt not in CORRUPTIONS:
-            raise ConfigError(f"{where}: corrupt: {src.corrupt!r} is not one of {list(CORRUPTIONS)}")
+        check_source(src, "data.target" if i == 0 else f"data.sources[{i - 1}] ({src.name or 'unnamed'})")
     names = [s.name for s in cfg.data.sources]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -361,9 +352,6 @@ def validate(cfg: Config) -> None:
     if cfg.data.target.limit is not None:  # it would be silently ignored
         raise ConfigError(f"data.target: limit does not apply to the target (its size is train + validation + "
                           f"test), got {cfg.data.target.limit}")
-    for i, src in enumerate(cfg.data.sources):
-        if src.limit is not None and src.limit < 1:
-            raise ConfigError(f"data.sources[{i}] ({src.name}): limit must be at least 1, got {src.limit}")
     if cfg.data.per_source is not None and cfg.data.per_source < 1:
         raise ConfigError(f"data.per_source: must be at least 1, got {cfg.data.per_source}")
     if not 0 < cfg.select.alpha < 1:
@@ -396,6 +384,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.lora: r must be at least 1 and alpha positive, got r={lora.r}, alpha={lora.alpha}")
     if not lora.target_modules:
         raise ConfigError("model.lora.target_modules: name at least one module (e.g. [q_proj, v_proj])")
+
+
+def check_source(src: SourceConfig, where: str) -> None:
+    """The checks one source needs without its data (`where` names it in the error); also those of
+    the sources `gradex add-sources` reads from its own file."""
+    if not src.name:
+        raise ConfigError(f"{where}: every source needs a name")
+    if (src.bigbench is None) == (src.path is None):
+        given = "sets both `bigbench` and" if src.path is not None else "sets neither `bigbench` nor"
+        raise ConfigError(f"{where}: {given} `path`; give exactly one")
+    if (src.source_column is None) != (src.source_value is None):
+        raise ConfigError(f"{where}: `source_column` and `source_value` go together")
+    if src.corrupt is not None and src.corrupt not in CORRUPTIONS:
+        raise ConfigError(f"{where}: corrupt: {src.corrupt!r} is not one of {list(CORRUPTIONS)}")
+    if not isinstance(src, TargetConfig) and src.limit is not None and src.limit < 1:
+        raise ConfigError(f"{where}: limit must be at least 1, got {src.limit}")
 
 
 def to_dict(cfg: Any) -> dict:
