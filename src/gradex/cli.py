@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Callable
 
 from gradex import pipeline
@@ -27,13 +28,16 @@ STAGES: dict[str, tuple[str, Callable[..., object]]] = {
 EXAMPLES = {path.stem: path for path in sorted(EXAMPLES_DIR.glob("*.yaml"))}
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, force: bool = True) -> None:
     p.add_argument("config", nargs="?", help="experiment YAML (default: the embedded SmolLM2 + BIG-bench default)")
     p.add_argument("--example", choices=sorted(EXAMPLES), help="run a packaged example instead of a YAML file: "
                    + "; ".join(f"{name}" for name in sorted(EXAMPLES)))
+    p.add_argument("--run-dir", metavar="DIR", help="an existing run directory: its config.yaml is the config, "
+                   "and DIR is where the run lives (even when moved or copied)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set meta.epochs=1 (repeatable)")
-    p.add_argument("--force", action="store_true", help="re-run the stage even if its inputs are unchanged")
+    if force:
+        p.add_argument("--force", action="store_true", help="re-run the stage even if its inputs are unchanged")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,6 +72,19 @@ def parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds per mix (default: compare.seeds)")
     cmp.add_argument("--mix", action="append", default=[], metavar="NAME=A,B,...",
                      help="also compare a mix of your own (repeatable)")
+    add = sub.add_parser(
+        "add-sources", help="new candidate sources for a run whose store is complete: gradients at the existing "
+                            "theta* (not retrained), appended to the store",
+        description="Read new sources from SOURCES (a YAML file `sources: [...]`, each entry with the schema of "
+                    "the config's data.sources), check them like prepare does (schema, names, data, lengths, "
+                    "leakage) before any model runs, list them in <run dir>/added_sources.yaml, and append their "
+                    "projected gradients, taken at the run's existing theta* with its projector, to the store. "
+                    "theta* is not trained on them: the config and theta* stay as they are, and select, estimate, "
+                    "compare and the fine-tunes treat the added sources as candidates after the config's. "
+                    "Interrupted, it resumes on re-run. To train theta* with a source, move it from "
+                    "added_sources.yaml into the config's data.sources.")
+    add.add_argument("sources", metavar="SOURCES", help="YAML file with the new sources (`sources: [...]`)")
+    _common(add, force=False)
     lin = sub.add_parser("check-linearity", help="first-order vs zeroth-order error of u_s around theta*")
     _common(lin)
     val = sub.add_parser("validate", help="fine-tune k random subsets for real and compare with the estimates")
@@ -104,6 +121,31 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _config(args: argparse.Namespace) -> Config:
+    """The config the command names: a file, a packaged example, or an existing run directory's own."""
+    given = [name for name, v in (("a config file", args.config), ("--example", args.example),
+                                  ("--run-dir", args.run_dir)) if v]
+    if len(given) > 1:
+        raise ConfigError(f"give one of a config file, --example or --run-dir, not {' and '.join(given)}")
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+        if not (run_dir / "config.yaml").exists():
+            raise ConfigError(f"--run-dir {run_dir}: no config.yaml there (not a gradex run directory)")
+        cfg = load(run_dir / "config.yaml", args.overrides)
+        cfg.runs_dir, cfg.name = str(run_dir.resolve().parent), run_dir.resolve().name  # where it is now
+        return cfg
+    return load(EXAMPLES[args.example] if args.example else args.config, args.overrides)
+
+
+def format_added(result: dict) -> str:
+    lines = [f"run directory: {result['run_dir']}",
+             f"store: {result['rows']} rows at theta* {result['theta*']}; added sources (not trained into theta*):"]
+    for e in result["added"]:
+        lines.append(f"  {e['source']:<24} {e['examples']:>5} examples  rows {e['rows'][0]}-{e['rows'][1] - 1}")
+    lines.append("next: `gradex select` / `gradex estimate` on this run see them as candidates")
+    return "\n".join(lines)
+
+
 def _mixes(items: list[str]) -> dict[str, list[str]]:
     out = {}
     for item in items:
@@ -127,12 +169,14 @@ def version() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.example and args.config:
-            raise ConfigError("give a config file or --example, not both")
-        cfg: Config = load(EXAMPLES[args.example] if args.example else args.config, args.overrides)
+        cfg = _config(args)
         if args.command == "status":
             print(f"run directory: {cfg.run_dir}")
             print(pipeline.format_status(pipeline.status(cfg)))
+        elif args.command == "add-sources":
+            from gradex.stages.add_sources import add_sources
+
+            print(format_added(add_sources(cfg, args.sources)))
         elif args.command == "config":
             print(config_dumps(cfg), end="")
         elif args.command == "run":

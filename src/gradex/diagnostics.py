@@ -185,7 +185,7 @@ def recipe_label(run: Run, recipe: str) -> str:
 def recipe_key(run: Run, recipe: str) -> str:
     """What the real fine-tunes of a recipe depend on (not the estimator: changing it keeps them)."""
     if recipe == "refit":
-        return fingerprint(run.output("data"), run.output("theta*"), run.cfg.refit, MEASURE, ROWS_FORMAT)
+        return fingerprint(run.data_key(), run.output("theta*"), run.cfg.refit, MEASURE, ROWS_FORMAT)
     return fingerprint(finetune_recipe(run)[0], MEASURE, ROWS_FORMAT)
 
 

@@ -66,9 +66,16 @@ def status(cfg: Config) -> list[dict]:
     rows: list[dict] = []
     upstream_ok = True
     for stage in STAGE_DIRS:
+        if stage == "added" and not run.added and not (run.dir / "added").exists():
+            continue  # a run without added sources has no such stage
         state, why = run.state(stage)
         if state == "done" and not upstream_ok:
             state, why = "stale", f"an upstream stage ({rows[-1]['stage']}) is not done"
+        elif stage == "added" and state == "done":
+            why = (f"{', '.join(s.name for s in run.added)}: candidates whose gradients are taken at theta*, "
+                   f"which was not trained on them ({STAGE_DIRS['added']}/, added_sources.yaml)")
+        elif stage == "gradients" and why == "changed: added":
+            why += " (a re-run computes only the added sources' rows; theta*'s own rows are kept)"
         rows.append({"stage": STAGE_NAMES[stage], "state": state, "why": why})
         upstream_ok = upstream_ok and state == "done"
     selection = json.loads((run.dir / "selection.json").read_text()) if (run.dir / "selection.json").exists() else None

@@ -4,6 +4,7 @@ from stale.
 
     <run dir>/data/    prepare       (STAGE_DIRS: where each ledgered stage keeps stage.json)
               meta/    meta-train
+              added/   add-sources   (only once `gradex add-sources` has added sources: gradex.added)
               store/   gradients
               select/  select
 """
@@ -44,8 +45,29 @@ class Run:
         return load_tokenizer(self.cfg.model)
 
     @cached_property
+    def added(self) -> list[Any]:
+        """The sources `gradex add-sources` added to this run, not trained into theta* (gradex.added)."""
+        from gradex.added import read_added
+
+        return read_added(self.dir)
+
+    @cached_property
     def examples(self) -> list[Example]:
-        return read_examples(self.dir / "data")
+        """prepare's examples (the ones theta* was trained on), then the added sources' (added/)."""
+        extra = self.dir / "added" / "examples.jsonl"
+        more = read_examples(extra.parent) if self.added and extra.exists() else []
+        return read_examples(self.dir / "data") + more
+
+    @cached_property
+    def trained_sources(self) -> list[str]:
+        """The sources theta* was trained on: the config's, without the added ones."""
+        added = {s.name for s in self.added}
+        return [s for s in self.sources if s not in added]
+
+    def forget_data(self) -> None:
+        """Drop the cached examples and tokens (after add-sources wrote new ones)."""
+        for name in ("examples", "tokens", "sources", "trained_sources", "added"):
+            self.__dict__.pop(name, None)
 
     @cached_property
     def tokens(self) -> list[Tokenized]:
@@ -62,7 +84,7 @@ class Run:
 
     @cached_property
     def sources(self) -> list[str]:
-        """Auxiliary source names in config order (column j of a subset = source j)."""
+        """Auxiliary source names in config order, the added ones last (column j of a subset = source j)."""
         target = self.cfg.data.target.name
         return list(dict.fromkeys(e.source for e in self.examples if e.source != target))
 
@@ -99,18 +121,29 @@ class Run:
         if stage == "prepare":
             return {"config": config_mod.fingerprint(c.model.name, c.model.gguf_file, c.model.max_length, c.data),
                     **self.data_files}
+        if stage == "added":  # like prepare's, and the prepared data (the target's held-out prompts)
+            files = {f"file {s.path}": ledger.sha256(Path(s.path)) if Path(s.path).exists() else "missing"
+                     for s in self.added if s.path}
+            return {"config": config_mod.fingerprint(c.model.name, c.model.gguf_file, c.model.max_length, c.data,
+                                                     self.added),
+                    **files, "data": self.output("data")}
         if stage == "meta":
             return {"config": config_mod.fingerprint(c.model, self.precision, c.meta), "data": self.output("data")}
         if stage == "gradients":  # Adam's preconditioner is measured on the refit recipe's batches
             batches = (c.refit.batch_size, c.refit.seed) if c.gradients.preconditioner == "adam" else None
-            return {"config": config_mod.fingerprint(c.model, self.precision, c.gradients, batches),
-                    "data": self.output("data"), "theta*": self.output("theta*")}
+            found = {"config": config_mod.fingerprint(c.model, self.precision, c.gradients, batches),
+                     "data": self.output("data"), "theta*": self.output("theta*")}
+            return {**found, "added": self.output("added")} if self.added else found
         if stage == "select":
             from gradex.stages.estimate import weighting
 
             return {"config": config_mod.fingerprint(c.estimate, c.select, weighting(self)),
                     "data": self.output("data"), "store": self.output("store")}
         raise KeyError(stage)
+
+    def data_key(self) -> Any:
+        """The hash of every example a fine-tune of a mix may read: prepare's, and the added sources'."""
+        return [self.output("data"), self.output("added")] if self.added else self.output("data")
 
     def fp(self, stage: str) -> str:
         return config_mod.fingerprint(self.inputs(stage))
@@ -152,6 +185,8 @@ class Run:
         self.mark(stage, status="running")
 
 
-STAGE_DIRS = {"prepare": "data", "meta": "meta", "gradients": "store", "select": "select"}
-STAGE_NAMES = {"prepare": "prepare", "meta": "meta-train", "gradients": "gradients", "select": "select"}
-PRODUCER = {"data": "prepare", "theta*": "meta", "store": "gradients"}  # artifact -> the stage that writes it
+# "added" (add-sources) exists only in a run that has added sources (Run.added)
+STAGE_DIRS = {"prepare": "data", "meta": "meta", "added": "added", "gradients": "store", "select": "select"}
+STAGE_NAMES = {"prepare": "prepare", "meta": "meta-train", "added": "add-sources", "gradients": "gradients",
+               "select": "select"}
+PRODUCER = {"data": "prepare", "theta*": "meta", "added": "added", "store": "gradients"}  # artifact -> its stage

@@ -3,6 +3,7 @@
 Layout of a store directory:
 
     plan.json          what is being computed (projector identity, precision, examples, caller's extra)
+    pending/           an extension's merged files while they are moved in (`extend`)
     shards/chunk-*.npz one file per finished chunk of examples (deleted after the merge)
     x.npy u.npy index.npy
     col_sq_norms.npy   (d,) squared column norms of P, so ||P z|| needs no projector
@@ -19,6 +20,7 @@ the same whatever the world size, so the merged store does not depend on it.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import time
@@ -40,6 +42,9 @@ from gradex.model import CE_FLOOR, at_ce_floor
 
 FORMAT = 1
 ARRAYS = ("x", "u", "index")
+PENDING, READY = "pending", "READY"  # an extension's merged files, complete once READY is written
+# what must agree between a store and the rows appended to it: the same gradients of the same model
+SAME_GRADIENTS = ("dim", "projector", "precision", "output", "ce_floor", "parameters_sha256", "adapter_sha256")
 
 
 @dataclass
@@ -57,6 +62,9 @@ class Store:
         if not (path / "manifest.json").exists():
             raise FileNotFoundError(f"{path}: no complete gradient store here (manifest.json is missing); "
                                     f"run the gradients stage first")
+        if (path / PENDING / READY).exists():
+            raise FileNotFoundError(f"{path}: an extension of this store was interrupted while its files were moved "
+                                    f"in; re-run `gradex gradients` (or `gradex add-sources`) to finish it")
         mode = "r" if mmap else None
         arrays = {name: np.load(path / f"{name}.npy", mmap_mode=mode) for name in ARRAYS}
         col = path / "col_sq_norms.npy"
@@ -65,7 +73,7 @@ class Store:
 
     @staticmethod
     def complete(path: str | Path) -> bool:
-        return (Path(path) / "manifest.json").exists()
+        return (Path(path) / "manifest.json").exists() and not (Path(path) / PENDING / READY).exists()
 
     @property
     def dim(self) -> int:
@@ -271,3 +279,69 @@ def _merge(out_dir: Path, chunks: list[list[int]], plan: dict, extra: dict, worl
 _MANIFEST_KEYS = {"format", "n", "dim", "dtype", "projector", "method", "precision", "output", "ce_floor", "ce_clipped",
                   "chunk_size", "chunks", "world_size", "indices_sha256", "tokens_sha256", "parameters_sha256",
                   "timings", "machine"}
+
+
+# ---------------------------------------------------------------------------- extending a store
+
+def extend(path: str | Path, side: str | Path | None, keep: int, added: list[dict]) -> Store:
+    """Rows [0, keep) of the complete store at `path`, then every row of the complete store `side`,
+    written back to `path`: how rows computed later (gradex add-sources) join a store.
+
+    `side` (None: no new rows, only the cut at `keep`) must hold the same gradients (SAME_GRADIENTS: projector, precision, output, trainable
+    parameters, theta*), else the rows would not be comparable and this is an error. The kept rows'
+    bytes are copied unchanged; rows of earlier extensions past `keep` are dropped (their source
+    changed). `added` replaces the manifest's record of the appended sources. The pass over the
+    plan's own examples (plan.json, base_n rows) is never cut. Crash-safe: the merged files are
+    written whole into pending/, which counts only once READY is in it, and then moved in one by
+    one, the manifest last; `finish_pending` completes a move that was interrupted.
+    """
+    path = Path(path)
+    finish_pending(path)
+    base = Store.open(path)
+    more = Store.open(side) if side is not None else None
+    differ = [k for k in SAME_GRADIENTS if more is not None and base.manifest.get(k) != more.manifest.get(k)]
+    if differ:
+        raise ValueError(f"{side}: its gradients differ from the store's at {path} in {differ}; rows computed "
+                         f"with other settings or at another theta* cannot join the store")
+    base_n = int(base.manifest.get("base_n", len(base)))
+    if not base_n <= keep <= len(base):
+        raise ValueError(f"extend: keep={keep} must lie between the store's own {base_n} rows and its {len(base)}")
+    t0 = time.perf_counter()
+    pending = path / PENDING
+    shutil.rmtree(pending, ignore_errors=True)  # a partial one, from a writer killed before READY
+    pending.mkdir()
+    extra = len(more) if more is not None else 0
+    n, d = keep + extra, base.dim
+    x = np.lib.format.open_memmap(pending / "x.npy", mode="w+", dtype=np.float32, shape=(n, d))
+    block = max(1, (1 << 26) // (4 * d))  # ~64 MB at a time: a big store is never read whole
+    for lo in range(0, keep, block):
+        x[lo:min(keep, lo + block)] = base.x[lo:min(keep, lo + block)]
+    for lo in range(0, extra, block):
+        x[keep + lo:keep + min(extra, lo + block)] = more.x[lo:lo + block]
+    x.flush()
+    del x
+    tail = [more] if more is not None else []
+    np.save(pending / "u.npy", np.concatenate([base.u[:keep], *(m.u for m in tail)]).astype(np.float32))
+    np.save(pending / "index.npy", np.concatenate([base.index[:keep], *(m.index for m in tail)]).astype(np.int64))
+    manifest = {**base.manifest, "n": n, "base_n": base_n, "added": added}
+    manifest["timings"] = {**base.manifest.get("timings", {}), "added_merge_seconds": round(time.perf_counter() - t0, 3)}
+    if more is not None:
+        manifest["timings"]["added_compute_seconds"] = more.manifest["timings"]["compute_seconds"]
+    (pending / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    del base, more  # close the memory maps before their files are replaced
+    (pending / READY).write_text("")
+    finish_pending(path)
+    return Store.open(path)
+
+
+def finish_pending(path: str | Path) -> None:
+    """Move a complete extension (pending/READY) into the store, or delete an incomplete one; the
+    manifest moves last, so a store read between two moves is refused (Store.open), never mixed."""
+    pending = Path(path) / PENDING
+    if not pending.exists():
+        return
+    if (pending / READY).exists():
+        for name in ("x.npy", "u.npy", "index.npy", "manifest.json"):
+            if (pending / name).exists():  # the ones an interrupted move did not get to
+                os.replace(pending / name, Path(path) / name)
+    shutil.rmtree(pending)

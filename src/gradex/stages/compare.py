@@ -21,7 +21,7 @@ def _similarity(run: Run, kind: str) -> dict[str, float]:
     """Per-source similarity for a baseline, cached in compare/<kind>.json by what it was computed from."""
     from gradex.baselines import similarity_scores
 
-    inputs = run.output("store") if kind == "gradient" else (run.output("data"), run.cfg.model)
+    inputs = run.output("store") if kind == "gradient" else (run.data_key(), run.cfg.model)
     key = config_mod.fingerprint(kind, inputs)
     path = run.dir / "compare" / f"{kind}.json"
     if path.exists() and json.loads(path.read_text())["key"] == key:

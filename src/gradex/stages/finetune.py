@@ -49,7 +49,7 @@ def finetune_recipe(run: Run) -> tuple[str, Any]:
     c = run.cfg
     recipe = dataclasses.replace(c.finetune, max_steps=budget_steps(run))
     start = run.output("theta*") if c.finetune.init == "theta_star" else "base"
-    return config_mod.fingerprint(run.output("data"), c.model, run.precision, recipe, start, c.gradients.output), recipe
+    return config_mod.fingerprint(run.data_key(), c.model, run.precision, recipe, start, c.gradients.output), recipe
 
 
 def finetune_key(run: Run, members: list[str], seed: int) -> str:

@@ -4,6 +4,8 @@ preconditioner first, when configured), and the run's projector bound to a model
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -14,49 +16,166 @@ from gradex import ledger
 from gradex.config import Config
 from gradex.model import trainable_vector
 from gradex.launch import barrier, distributed, launch_rank
-from gradex.run import Run
+from gradex.run import Run, log
 from gradex.stages.meta import meta_train
 from gradex.stages.prepare import prepare
 
 
 def gradients(cfg: Config, force: bool = False) -> Path:
-    """Projected per-example gradients and offsets at theta*, for training and target validation examples."""
+    """Projected per-example gradients and offsets at theta*, for training and target validation
+    examples; then the rows of the sources added to the run (gradex add-sources), at the same theta*."""
     from gradex.gradients import compute_store
+    from gradex.gradients.store import finish_pending
 
     run = prepare(cfg)
     if launch_rank() != 0 and run.state("meta")[0] != "done":
         raise config_mod.ConfigError("under a multi-process launch run `gradex meta-train` first")
     meta_train(cfg)
+    if run.added or (run.dir / "added").exists():
+        from gradex.stages.add_sources import prepare_added
+
+        prepare_added(run)
     out = run.dir / "store"
     if run.done("gradients", force):
         return out
     _, world = distributed()
     t0 = time.perf_counter()
-    run.begin("gradients", force)
-    barrier(world)  # no rank writes a shard before rank 0 has cleared a stale store
-    model = run.meta_model()
-    if cfg.gradients.preconditioner == "adam":
-        # Only rank 0 decides whether to compute it; every rank then meets at the same barrier (a rank
-        # that checked the file itself could see it already written and skip the barrier).
-        if launch_rank() == 0 and not (out / PRECONDITIONER_FILE).exists():
-            from gradex.gradients import preconditioner
+    model = None
+    if not force and _base_current(run):
+        # Only the added sources changed: the store's own rows stay, the new ones are computed.
+        run.mark("gradients", status="running", base_inputs=_base_inputs(run))
+    else:
+        run.begin("gradients", force)
+        if launch_rank() == 0:
+            finish_pending(out)  # a store is never computed into while an extension's move is half done
+        barrier(world)  # no rank writes a shard before rank 0 has cleared a stale store
+        model = run.meta_model()
+        if cfg.gradients.preconditioner == "adam":
+            # Only rank 0 decides whether to compute it; every rank then meets at the same barrier (a rank
+            # that checked the file itself could see it already written and skip the barrier).
+            if launch_rank() == 0 and not (out / PRECONDITIONER_FILE).exists():
+                from gradex.gradients import preconditioner
 
-            moments = preconditioner.second_moments(
-                model, run.tokens, run.train_indices(run.sources), run.pad_id, cfg.refit.batch_size,
-                cfg.gradients.preconditioner_batches, run.precision, seed=cfg.refit.seed)
-            preconditioner.save(moments, out / PRECONDITIONER_FILE)
-        barrier(world)  # every rank projects with rank 0's preconditioner
-    projector = make_run_projector(run, model)
-    idx = run.train_indices(run.sources) + run.indices("validation")
-    extra = {"model": cfg.model.name, "finetune": cfg.model.finetune, "adapter_sha256": run.output("theta*"),
-             "theta_norm": trainable_vector(model).norm().item()}
-    compute_store(model, run.tokens, idx, run.pad_id, out, projector, batch_size=cfg.gradients.batch_size,
-                  chunk_size=cfg.gradients.chunk_size, precision=run.precision, manifest_extra=extra,
-                  output=cfg.gradients.output, describe=lambda i: f"{run.examples[i].origin or 'source ' + run.examples[i].source} "
-                                                                 f"({run.examples[i].split} split, example {i})")
-    run.mark("gradients", examples=len(idx), seconds=round(time.perf_counter() - t0, 1),
+                moments = preconditioner.second_moments(
+                    model, run.tokens, run.train_indices(run.trained_sources), run.pad_id, cfg.refit.batch_size,
+                    cfg.gradients.preconditioner_batches, run.precision, seed=cfg.refit.seed)
+                preconditioner.save(moments, out / PRECONDITIONER_FILE)
+            barrier(world)  # every rank projects with rank 0's preconditioner
+        projector = make_run_projector(run, model)
+        # the examples theta* was trained on; the added sources' rows come after them (extend_store)
+        idx = run.train_indices(run.trained_sources) + run.indices("validation")
+        compute_store(model, run.tokens, idx, run.pad_id, out, projector, batch_size=cfg.gradients.batch_size,
+                      chunk_size=cfg.gradients.chunk_size, precision=run.precision, manifest_extra=_extra(run, model),
+                      output=cfg.gradients.output, describe=_describer(run))
+        run.mark("gradients", status="running", base_inputs=_base_inputs(run))
+    added = extend_store(run, model)
+    n = json.loads((out / "manifest.json").read_text())["n"]
+    run.mark("gradients", examples=n, seconds=round(time.perf_counter() - t0, 1), base_inputs=_base_inputs(run),
+             added=[{k: e[k] for k in ("source", "examples", "rows")} for e in added],
              outputs={"store": store_sha256(out)})
     return out
+
+
+def _extra(run: Run, model: torch.nn.Module) -> dict:
+    """The caller's part of a store's identity (compute_store's manifest_extra): the model and theta*."""
+    return {"model": run.cfg.model.name, "finetune": run.cfg.model.finetune, "adapter_sha256": run.output("theta*"),
+            "theta_norm": trainable_vector(model).norm().item()}
+
+
+def _describer(run: Run):
+    return lambda i: (f"{run.examples[i].origin or 'source ' + run.examples[i].source} "
+                      f"({run.examples[i].split} split, example {i})")
+
+
+def _base_inputs(run: Run) -> dict:
+    """The gradients stage's inputs but the added sources: what the store's own rows depend on."""
+    return {k: v for k, v in run.inputs("gradients").items() if k != "added"}
+
+
+def _base_current(run: Run) -> bool:
+    """Whether the store's own rows (the pass over the examples theta* was trained on, with this
+    config, data and theta*) are complete and current, so that only added sources need computing."""
+    from gradex.gradients.store import PENDING, READY, Store
+
+    out = run.dir / "store"
+    record = ledger.read(out)
+    base = record.get("base_inputs")
+    if base is None and record.get("status") == "done":  # a record from before add-sources existed
+        base = {k: v for k, v in record.get("inputs", {}).items() if k != "added"}
+    return base == _base_inputs(run) and (Store.complete(out) or (out / PENDING / READY).exists())
+
+
+def _added_entries(run: Run) -> list[dict]:
+    """One record per added source, in order: its examples and their content hash."""
+    from gradex.stages.prepare import data_sha256
+
+    entries = []
+    for src in run.added:
+        idx = [i for i, e in enumerate(run.examples) if e.source == src.name]
+        entries.append({"source": src.name, "examples": len(idx), "indices": idx,
+                        "data_sha256": data_sha256([run.examples[i] for i in idx], [run.tokens[i] for i in idx])})
+    return entries
+
+
+def extend_store(run: Run, model: torch.nn.Module | None = None) -> list[dict]:
+    """Bring the store's added rows in line with the run's added sources: rows of the added sources
+    that are still added unchanged, at this theta*, are kept; the rest are computed at theta* with
+    the run's projector (the same seed, dim and preconditioner as the store's own rows) into a side
+    store (store/added-<hash>/, resumable like any store) and appended (gradex.gradients.store.extend:
+    the old rows byte for byte). Returns the manifest's record of the added sources."""
+    from gradex.gradients import compute_store
+    from gradex.gradients.store import Store, extend, finish_pending
+
+    out = run.dir / "store"
+    rank, world = distributed()
+    if rank == 0:
+        finish_pending(out)
+    barrier(world)
+    manifest = Store.open(out).manifest
+    have, wanted, theta = manifest.get("added", []), _added_entries(run), run.output("theta*")
+    same = 0
+    while (same < min(len(have), len(wanted)) and have[same]["source"] == wanted[same]["source"]
+           and have[same]["data_sha256"] == wanted[same]["data_sha256"] and have[same]["adapter_sha256"] == theta):
+        same += 1
+    if same == len(have) == len(wanted):
+        if rank == 0:
+            for old in out.glob("added-*"):  # a finished side pass a killed run had not yet removed
+                shutil.rmtree(old)
+        return have
+    keep = int(manifest.get("base_n", manifest["n"])) + sum(e["examples"] for e in have[:same])
+    todo = wanted[same:]
+    side = out / f"added-{config_mod.fingerprint(theta, [e['data_sha256'] for e in todo])}"
+    if rank == 0:
+        for old in out.glob("added-*"):  # a side pass for another set of sources, left by a killed run
+            if old != side:
+                shutil.rmtree(old)
+    new_entries, lo = [], keep
+    for e in todo:
+        new_entries.append({"source": e["source"], "examples": e["examples"], "rows": [lo, lo + e["examples"]],
+                            "data_sha256": e["data_sha256"], "adapter_sha256": theta,
+                            "trained_into_theta_star": False})
+        lo += e["examples"]
+    idx = [i for e in todo for i in e["indices"]]
+    if idx:
+        t0 = time.perf_counter()
+        model = model if model is not None else run.meta_model()
+        projector = make_run_projector(run, model)
+        g = run.cfg.gradients
+        log(f"gradients: {len(idx)} examples of the added source(s) {[e['source'] for e in todo]}, at the existing "
+            f"theta* (not trained on them)")
+        compute_store(model, run.tokens, idx, run.pad_id, side, projector, batch_size=g.batch_size,
+                      chunk_size=g.chunk_size, precision=run.precision, manifest_extra=_extra(run, model),
+                      output=g.output, describe=_describer(run))
+        for e in new_entries:
+            e["seconds"] = round((time.perf_counter() - t0) * e["examples"] / len(idx), 1)
+    if rank == 0:
+        extend(out, side if idx else None, keep, have[:same] + new_entries)
+        shutil.rmtree(side, ignore_errors=True)
+    barrier(world)
+    dropped = [e["source"] for e in have[same:]]
+    log(f"gradients: the store holds {keep - int(manifest.get('base_n', manifest['n'])) + len(idx)} rows of added "
+        f"sources" + (f" (recomputed or dropped: {dropped})" if dropped else ""))
+    return have[:same] + new_entries
 
 
 PRECONDITIONER_FILE = "preconditioner.pt"  # in store/: Adam's second moments at theta*

@@ -23,7 +23,7 @@ def meta_train(cfg: Config, force: bool = False) -> Path:
     run.begin("meta", force)
     checkpoint = out / "checkpoint.pt"
     model = run.fresh_model(seed=cfg.meta.seed)
-    idx = run.train_indices(run.sources)
+    idx = run.train_indices(run.trained_sources)  # never the added sources: theta* is screened, not retrained
     t0 = time.perf_counter()
     history = train(model, run.tokens, idx, cfg.meta, run.pad_id, run.precision, checkpoint, desc="meta-train")
     save_trainable(model, out / "adapter.pt")

@@ -6,6 +6,7 @@ import hashlib
 import json
 
 from gradex import config as config_mod
+from gradex.added import check_disjoint
 from gradex.config import Config
 from gradex.data import Example, Tokenized, check_lengths, load_examples, save_examples, tokenize
 from gradex.model import load_tokenizer
@@ -36,6 +37,7 @@ def prepare(cfg: Config, force: bool = False) -> Run:
                                          "run `gradex meta-train` first, then launch the gradient pass")
         return run
     config_mod.dump(cfg, run.dir / "config.yaml")
+    check_disjoint(cfg, run.added)
     if run.done("prepare", force):
         return run
     examples = load_examples(cfg)

@@ -1,0 +1,107 @@
+"""add-sources: new candidate sources for a run whose store is complete, without training theta*
+again: their examples are read and checked like prepare's (added/), their gradients taken at the
+existing theta* with the run's projector and appended to the store (stages.gradients.extend_store).
+
+The run directory's added_sources.yaml (gradex.added) lists them; the config is left as it is, so
+prepare and meta-train stay done and only the store and what reads it (select, fine-tunes of mixes)
+change. The store's manifest (`added`) and the gradients record say which rows came from sources
+that theta* was not trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import shutil
+from pathlib import Path
+
+from gradex import added as added_mod
+from gradex.config import Config, ConfigError
+from gradex.data import Examples, check_lengths, load_examples, save_examples, tokenize
+from gradex.launch import launch_rank
+from gradex.run import Run, log
+
+
+def added_examples(cfg: Config, sources: list) -> Examples:
+    """The sources' training examples, read exactly as prepare reads a config source: the same
+    seeded order, per-source limit, corruption and leakage rule against the target's validation and
+    test prompts (load_examples on the config with these sources instead of its own)."""
+    data = dataclasses.replace(cfg.data, sources=list(sources), sources_file=None, sources_column=None)
+    with contextlib.redirect_stderr(io.StringIO()):  # its report counts the target's train split again
+        found = load_examples(dataclasses.replace(cfg, data=data))
+    target = cfg.data.target.name
+    leakage = dict(found.leakage)
+    leakage["sources"] = {k: v for k, v in leakage.get("sources", {}).items() if k != target}
+    leakage["found"] = sum(leakage["sources"].values())
+    leakage["dropped"] = leakage["found"] if leakage.get("mode") == "drop" else 0
+    if leakage["found"]:  # what prepare says of a config source, said of the added ones only
+        verb = "dropped them" if leakage["mode"] == "drop" else "kept them (data.leakage: warn); they inflate every score"
+        listed = ", ".join(f"{name} {n}" for name, n in leakage["sources"].items())
+        log(f"data.leakage: {leakage['found']} training example(s) of the added sources repeat a target validation "
+            f"or test prompt: {listed}; {verb}")
+    return Examples([e for e in found if e.source != target], leakage)
+
+
+def checked_examples(run: Run, sources: list) -> tuple[Examples, list]:
+    """The sources' examples and tokens, with every data check prepare makes (lengths too)."""
+    examples = added_examples(run.cfg, sources)
+    tokens = tokenize(run.tokenizer, examples)
+    check_lengths(examples, tokens, run.cfg.model.max_length)
+    return examples, tokens
+
+
+def prepare_added(run: Run) -> None:
+    """Read, check and tokenize the run's added sources into added/ (the add-sources record);
+    with none left (added_sources.yaml emptied or deleted), remove added/."""
+    if launch_rank() != 0:
+        return
+    where = run.dir / "added"
+    if not run.added:
+        if where.exists():
+            log("add-sources: the run has no added sources any more; removing added/")
+            shutil.rmtree(where)
+            run.forget_data()
+        return
+    if run.done("added"):
+        return
+    examples, tokens = checked_examples(run, run.added)
+    from gradex.stages.prepare import data_sha256
+
+    manifest = save_examples(examples, tokens, where)
+    run.mark("added", examples=manifest["examples"], sources=[s.name for s in run.added],
+             outputs={"added": data_sha256(examples, tokens)})
+    run.forget_data()
+    counts = ", ".join(f"{s}={v['count']}" for s, v in manifest["sources"].items())
+    log(f"add-sources: prepared {manifest['examples']} examples of sources not trained into theta* ({counts})")
+
+
+def add_sources(cfg: Config, path: str | Path) -> dict:
+    """Add the sources of the YAML file `path` to the run: check them (names, schema, data, lengths,
+    leakage) before any model runs, record them in added_sources.yaml, and extend the store with
+    their gradients at the existing theta*. Returns what the store now holds of added sources."""
+    from gradex.run import STAGE_NAMES
+    from gradex.stages.gradients import _base_current, gradients
+
+    new = added_mod.read_sources_file(path)
+    run = Run(cfg)
+    for stage in ("prepare", "meta", "gradients"):
+        state, why = run.state(stage)
+        # the store may be stale only for its added rows (an interrupted add-sources): resumable
+        if state != "done" and not (stage == "gradients" and _base_current(run)):
+            raise ConfigError(f"add-sources extends a run whose store is complete; {run.dir}: "
+                              f"{STAGE_NAMES[stage]} is {state} ({why}); run `gradex gradients` on it first "
+                              f"(with the run's config: {run.dir / 'config.yaml'})")
+    merged = added_mod.merge(cfg, run.trained_sources, run.added, new, path)
+    checked_examples(run, [s for s in merged if s.name in {n.name for n in new}])  # data errors before any write
+    if merged != run.added:
+        added_mod.write_added(run.dir, merged)
+        run.forget_data()
+        log(f"add-sources: {run.dir / added_mod.ADDED_FILE} now lists {[s.name for s in merged]}")
+    prepare_added(run)
+    gradients(cfg, force=False)
+    from gradex.gradients import Store
+
+    manifest = Store.open(run.dir / "store").manifest
+    return {"run_dir": str(run.dir), "store": str(run.dir / "store"), "rows": manifest["n"],
+            "added": manifest.get("added", []), "theta*": run.output("theta*")}
