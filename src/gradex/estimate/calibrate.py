@@ -8,47 +8,88 @@ import math
 import torch
 
 from gradex.estimate.linalg import cholesky, one_thread
-from gradex.estimate.problem import Problem, implied_output_change, implied_step, second_moment, stats_at_zero
+from gradex.estimate.problem import (Problem, implied_output_change, implied_step, row_chunks, second_moment,
+                                     stats_at_zero)
+
+
+def _top_curvature(problem: Problem) -> float:
+    """An upper bound on the largest eigenvalue of any subset's Hessian: H(z) <= X^T X / 4 (each
+    weight sigma(m) sigma(-m) is at most 1/4). Cached."""
+    if "top" not in problem._cache:
+        with one_thread():
+            problem._cache["top"] = float(torch.linalg.eigvalsh(second_moment(problem))[-1]) * problem.x.shape[0] / 4
+    return problem._cache["top"]
+
+
+def _hessian_dtype(problem: Problem, l2: float) -> torch.dtype:
+    """float32 for Newton's Hessian when its rounding is far below 2 l2 (then it only perturbs the
+    direction by ~1e-6 relative: the line search and the float64 gradient decide where the iteration
+    stops, and float32 products run twice as fast from the store's float32 rows, with no copy);
+    float64 for an l2 so small that float32 could not resolve H + 2 l2 I."""
+    resolves = 2 * l2 >= 100 * problem.dim * torch.finfo(torch.float32).eps * _top_curvature(problem)
+    return torch.float32 if resolves else torch.float64
+
+
+def _pass(problem: Problem, rows: torch.Tensor | None, z: torch.Tensor, l2: float, derivatives: bool,
+          dtype: torch.dtype = torch.float64) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
+    """One streaming pass over the kept rows at z: the objective, and with `derivatives` its
+    gradient (float64) and Hessian (in `dtype`)."""
+    f = l2 * float(z.dot(z))
+    d = problem.dim
+    g = 2 * l2 * z if derivatives else None
+    H = torch.zeros(d, d, dtype=dtype) if derivatives else None
+    for xc, uc, _ in row_chunks(problem, rows):
+        x64 = xc.double()
+        m = uc.double() + x64 @ z
+        f += float(torch.nn.functional.softplus(-m).sum())
+        if derivatives:
+            g -= torch.sigmoid(-m) @ x64
+            w = (torch.sigmoid(m) * torch.sigmoid(-m)).to(dtype)
+            xd = xc.to(dtype)
+            H.addmm_((xd * w[:, None]).T, xd)
+    return f, g, H
 
 
 def exact_fit(problem: Problem, members: torch.Tensor, l2: float, z0: torch.Tensor | None = None,
-                   tol: float = 1e-12, max_iter: int = 100) -> torch.Tensor:
-    """Exact damped Newton for one subset in float64 (robust at any l2; used by calibrate_l2).
+              tol: float = 1e-12, max_iter: int = 100) -> torch.Tensor:
+    """Exact damped Newton for one subset in float64 (robust at any l2; used by calibrate_l2 and the
+    solver's anchor).
 
     members: (n+1,) bool including the target column. Stops when the Newton decrement g.H^-1.g/2
-    falls below tol * |objective| (beyond that, float64 objective values cannot rank steps).
+    falls below tol * |objective| (beyond that, float64 objective values cannot rank steps). Reads
+    the rows in chunks (`row_chunks`), one pass per Newton step: the objective, gradient and
+    Hessian at a trial point come from the same pass, so an accepted full step costs one pass.
     """
     keep = members[problem.group]
-    X = problem.x[keep].double()
-    U = problem.u[keep].double()
+    rows = None if bool(keep.all()) else keep.nonzero().squeeze(1)
     z = torch.zeros(problem.dim, dtype=torch.float64) if z0 is None else z0.double().clone()
-
-    def objective(zz: torch.Tensor) -> float:
-        return float(torch.nn.functional.softplus(-(U + X @ zz)).sum() + l2 * zz.dot(zz))
-
-    f = objective(z)
+    hd = _hessian_dtype(problem, l2)
+    f, g, Hm = _pass(problem, rows, z, l2, True, hd)
     for _ in range(max_iter):
-        mg = U + X @ z
-        g = -(torch.sigmoid(-mg) @ X) + 2 * l2 * z
-        w = torch.sigmoid(mg) * torch.sigmoid(-mg)
-        Hm = (X.T * w) @ X
-        Hm.diagonal().add_(2 * l2)
+        A = Hm.double()
+        A.diagonal().add_(2 * l2)
         with one_thread():
-            step = torch.cholesky_solve(g[:, None], cholesky(Hm)).squeeze(1)
+            step = torch.cholesky_solve(g[:, None], cholesky(A)).squeeze(1)
         dec = float(g.dot(step))
         if dec <= 2 * tol * max(abs(f), 1e-300):
             z = z - step  # already in the quadratic regime: the full step is the best one
             break
-        t = 1.0
+        t, accepted = 1.0, None
         for _ls in range(60):  # Armijo backtracking keeps the iteration monotone far from the optimum
             zn = z - t * step
-            fn = objective(zn)
+            if t == 1.0:  # the full step is usually taken: get its derivatives in the same pass
+                fn, gn, Hn = _pass(problem, rows, zn, l2, True, hd)
+            else:
+                fn, gn, Hn = _pass(problem, rows, zn, l2, False)
             if fn <= f - 1e-4 * t * dec:
+                accepted = (zn, fn, gn, Hn)
                 break
             t *= 0.5
-        else:
+        if accepted is None:
             break  # no decrease representable in float64: at the optimum to working precision
-        z, f = zn, fn
+        z, f, g, Hm = accepted
+        if g is None:
+            _, g, Hm = _pass(problem, rows, z, l2, True, hd)
     return z
 
 
@@ -56,8 +97,7 @@ def _smallest_l2(problem: Problem) -> float:
     """The smallest l2 at which the all-sources fit's Hessian H(z) + 2 l2 I is nonsingular in float64
     at every z: H(z) <= X^T X / 4 (each weight sigma(m) sigma(-m) is at most 1/4), and a float64
     Cholesky resolves condition numbers up to about 1 / (d eps)."""
-    with one_thread():
-        top = float(torch.linalg.eigvalsh(second_moment(problem))[-1]) * problem.x.shape[0] / 4
+    top = _top_curvature(problem)
     return max(top * problem.dim * torch.finfo(torch.float64).eps / 2, torch.finfo(torch.float64).tiny)
 
 
@@ -120,6 +160,7 @@ def calibrate_l2(problem: Problem, step_size: float | None = None, *, output_cha
         z0 = warm[min(warm, key=lambda k: abs(k - log_l2))] if warm else None
         z = exact_fit(problem, members, math.exp(log_l2), z0)
         warm[log_l2] = z
+        problem._cache["warm"] = warm  # the solver's anchor (this fit at the chosen l2) starts from here
         return math.log(max(size(z), 1e-300) / target)
 
     # Below `floor` the exact fit's Hessian is singular in float64: widening there would solve a

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -24,7 +25,9 @@ class Problem:
     weights, so steps are reported relative to the model they would change.
     """
 
-    x: torch.Tensor  # (N, d) float32 training examples' projected gradients
+    # (N, d) float32 training examples' projected gradients; may wrap a memory map (torch.from_numpy
+    # of np.load(..., mmap_mode="r")): every statistic reads it in chunks (`row_chunks`)
+    x: torch.Tensor
     u: torch.Tensor  # (N,) offsets (mean log-odds of the model's answer)
     group: torch.Tensor  # (N,) long, 0 = target train, 1..n = sources
     x_val: torch.Tensor  # (V, d) target validation examples
@@ -63,25 +66,63 @@ class Problem:
         return self.x.shape[1]
 
 
-def group_sums(problem: Problem, z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+# Rows per pass of the streaming statistics: 65,536 x 256 float64 is 128 MB, so a store of any size
+# costs a few such blocks of memory beyond the store itself (which may be a memory map).
+CHUNK = 65_536
+
+
+def row_chunks(problem: Problem, rows: torch.Tensor | None = None,
+               chunk: int = CHUNK) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The training rows (all, or the sorted positions `rows`) as blocks (x, u, group) of at most
+    `chunk` rows, in order and in the store's dtype (callers convert a block at a time). One pass
+    reads the store once: it may be a memory map, so nothing of size N x d is ever copied, let alone
+    held in float64 (2 GB at N = 10^6, d = 256)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    total = problem.x.shape[0] if rows is None else rows.numel()
+    for lo in range(0, total, chunk):
+        hi = min(total, lo + chunk)
+        if rows is None:
+            sl = slice(lo, hi)
+            yield problem.x[sl], problem.u[sl], problem.group[sl]
+        else:
+            idx = rows[lo:hi]
+            yield problem.x[idx], problem.u[idx], problem.group[idx]
+
+
+def group_sums(problem: Problem, z: torch.Tensor | None = None,
+               chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group sufficient statistics of the objective's quadratic model at z (default 0), float64.
 
     H_i = sum_{s in group i} w_s x_s x_s^T with w_s = sigma(m_s) sigma(-m_s), m_s = u_s + x_s . z -> (n+1, d*d)
     b_i = sum_{s in group i} sigma(-m_s) x_s                                                  -> (n+1, d)
+
+    One streaming pass over the rows, `chunk` at a time (the result does not depend on `chunk`
+    beyond float64 summation order); within a chunk the rows of each group are gathered by one
+    stable sort, so a store written source by source costs one product per group and chunk.
     """
     d, n1 = problem.dim, problem.n_sources + 1
-    x64 = problem.x.double()
-    m = problem.u.double() if z is None else problem.u.double() + x64 @ z.double()
-    w = torch.sigmoid(m) * torch.sigmoid(-m)
-    r = torch.sigmoid(-m)
     H = torch.zeros(n1, d, d, dtype=torch.float64)
     b = torch.zeros(n1, d, dtype=torch.float64)
-    for i in range(n1):
-        idx = (problem.group == i).nonzero().squeeze(1)
-        if idx.numel():
-            xi = x64[idx]
-            H[i] = (xi * w[idx, None]).T @ xi
-            b[i] = r[idx] @ xi
+    z64 = None if z is None else z.double()
+    for xc, uc, gc in row_chunks(problem, chunk=chunk):
+        xc, uc = xc.double(), uc.double()
+        m = uc if z64 is None else uc + xc @ z64
+        w = torch.sigmoid(m) * torch.sigmoid(-m)
+        r = torch.sigmoid(-m)
+        if bool((gc[1:] >= gc[:-1]).all()):
+            order = None  # already grouped: slices, no copy
+            ids, counts = torch.unique_consecutive(gc, return_counts=True)
+        else:
+            order = torch.argsort(gc, stable=True)
+            ids, counts = torch.unique_consecutive(gc[order], return_counts=True)
+        lo = 0
+        for i, c in zip(ids.tolist(), counts.tolist()):
+            sel = slice(lo, lo + c) if order is None else order[lo:lo + c]
+            xi = xc[sel]
+            H[i].addmm_((xi * w[sel, None]).T, xi)
+            b[i].add_(r[sel] @ xi)
+            lo += c
     return H.reshape(n1, d * d), b
 
 
@@ -132,7 +173,11 @@ def subset_l2(problem: Problem, subsets: torch.Tensor, l2: float, weighting: str
     if weighting == "sum":
         return torch.full((members.shape[0],), l2, dtype=torch.float64)
     counts = torch.bincount(problem.group, minlength=problem.n_sources + 1).double()
-    return l2 * (members.double() @ counts) / counts.sum()
+    sizes = members.double() @ counts
+    # A subset with no training examples (the empty one when the target train group 0 is empty, as
+    # under data.clusters.from target_train) has no data term: any positive l2 keeps its fit at z = 0,
+    # theta* itself, as the sum weighting does; l2 * 0 would leave its system singular.
+    return torch.where(sizes > 0, l2 * sizes / counts.sum(), torch.full_like(sizes, l2))
 
 
 def linear_loss(problem: Problem, z: torch.Tensor) -> torch.Tensor:
@@ -163,10 +208,14 @@ def implied_output_change(problem: Problem, z: torch.Tensor) -> torch.Tensor:
 
 
 def second_moment(problem: Problem) -> torch.Tensor:
-    """C = X^T X / N over the training examples (float64, cached): RMS(X z) = sqrt(z^T C z)."""
+    """C = X^T X / N over the training examples (float64, cached, one streaming pass): RMS(X z) = sqrt(z^T C z)."""
     if "C" not in problem._cache:
-        x64 = problem.x.double()
-        problem._cache["C"] = (x64.T @ x64) / max(1, x64.shape[0])
+        d = problem.dim
+        C = torch.zeros(d, d, dtype=torch.float64)
+        for xc, _, _ in row_chunks(problem):
+            xc = xc.double()
+            C.addmm_(xc.T, xc)
+        problem._cache["C"] = C / max(1, problem.x.shape[0])
     return problem._cache["C"]
 
 

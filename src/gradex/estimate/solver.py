@@ -57,7 +57,9 @@ def _anchor(problem: Problem, l2: float) -> dict:
     found = problem._cache.get("anchor")
     if found is None or found["l2"] != l2:
         members = torch.ones(problem.n_sources + 1, dtype=torch.bool)
-        z = exact_fit(problem, members, l2)
+        warm = problem._cache.get("warm") or {}  # calibrate_l2's fits, keyed by log l2
+        z0 = warm[min(warm, key=lambda k: abs(k - math.log(l2)))] if warm else None
+        z = exact_fit(problem, members, l2, z0)
         H, b = group_sums(problem, z)
         found = {"l2": l2, "z": z, "H": H, "H32": H.float(), "b": b}
         problem._cache["anchor"] = found
@@ -71,7 +73,11 @@ def _group_blocks(problem: Problem, dtype: torch.dtype) -> list[tuple[torch.Tens
         blocks = []
         for i in range(problem.n_sources + 1):
             idx = (problem.group == i).nonzero().squeeze(1)
-            blocks.append((problem.x[idx].to(dtype).contiguous(), problem.u[idx].to(dtype).contiguous()))
+            if idx.numel() and int(idx[-1] - idx[0]) + 1 == idx.numel():
+                rows: slice | torch.Tensor = slice(int(idx[0]), int(idx[-1]) + 1)  # a store written source by source:
+            else:                                                                  # a view, no copy of a memory map
+                rows = idx
+            blocks.append((problem.x[rows].to(dtype).contiguous(), problem.u[rows].to(dtype).contiguous()))
         problem._cache[key] = blocks
     return problem._cache[key]
 
@@ -101,6 +107,11 @@ def _gradient(blocks: list[tuple[torch.Tensor, torch.Tensor]], members: torch.Te
     return G
 
 
+# Factor a batch's systems directly once its subsets hold, on average, d / DIRECT_GROUPS_PER_DIM
+# groups beyond the ones they all share (see _Systems).
+DIRECT_GROUPS_PER_DIM = 4
+
+
 class _Systems:
     """The Newton systems (H_S + 2 l2_S I) v = g of a batch of subsets, H_S = sum of its groups' H_i.
 
@@ -115,33 +126,47 @@ class _Systems:
     """
 
     def __init__(self, H: torch.Tensor, members: torch.Tensor, l2: torch.Tensor, dtype: torch.dtype):
+        n1, d = H.shape[0], H.shape[-1]
         self.H, self.dtype = H.to(dtype), dtype
         self.l2 = l2.to(dtype)[:, None]  # (m, 1): each subset's own regularization
         self.m = members.shape[0]
         self.members = members
-        self.groups = [None if bool(members[:, i].all()) else members[:, i].nonzero().squeeze(1)
-                       for i in range(members.shape[1])]
-        share = members.double().mean(0)
-        M = (share[:, None, None] * H.double()).sum(0)
+        # The groups every subset of the batch holds are one matrix (the target, and in a stepwise
+        # round the current mix): a product with it per iteration instead of one per group.
+        every = members.all(0)
+        self.base = self.H[every].double().sum(0).to(dtype)
+        self.groups = [(i, members[:, i].nonzero().squeeze(1)) for i in range(n1)
+                       if not bool(every[i]) and bool(members[:, i].any())]
+        share = members.to(dtype).mean(0)
+        M = (share @ self.H.reshape(n1, -1)).view(d, d).double()
         M.diagonal().add_(2.0 * float(l2.double().mean()))
         with one_thread():
             self.M_inv = torch.cholesky_inverse(cholesky(M)).to(dtype)
         self.direct = torch.zeros(self.m, dtype=torch.bool)  # rows solved by their own Cholesky factor
         self.L: torch.Tensor | None = None  # their factors, row self._slot[i] for subset i
         self._slot = torch.full((self.m,), -1, dtype=torch.long)
+        # Each CG iteration costs (groups a subset holds beyond the shared ones) x d^2 per subset, and
+        # a solve takes ~8 of them over a refined estimate; forming H_S once and factoring it costs
+        # about that many d^2 plus d^3/3 at LAPACK's slower rate. Measured at d = 256: from ~64
+        # distinct groups per subset (half of 100+ sources) the factor is the cheaper, so such
+        # batches are factored from the start (`DIRECT_GROUPS_PER_DIM`).
+        beyond = float((members & ~every).sum(1).double().mean())
+        if beyond * DIRECT_GROUPS_PER_DIM >= d:
+            self._factor(torch.arange(self.m))
 
     def matvec(self, P: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(H_S + 2 l2_S I) p for every row of P (rows: which subsets P holds, default all)."""
         Q = P * (2.0 * (self.l2 if rows is None else self.l2[rows]))
-        for i, c in enumerate(self.groups):
+        Q.addmm_(P, self.base)
+        for i, c in self.groups:
             if rows is not None:
                 hold = self.members[rows, i]
                 if not bool(hold.any()):
                     continue
-                c = None if bool(hold.all()) else hold.nonzero().squeeze(1)
-            if c is None:
+                c = hold.nonzero().squeeze(1)
+            if c.numel() == Q.shape[0]:
                 Q.addmm_(P, self.H[i])
-            elif c.numel():
+            else:
                 Q.index_add_(0, c, P[c] @ self.H[i])
         return Q
 
@@ -195,7 +220,9 @@ class _Systems:
         preconditions the refinement steps, so its precision (float32, or a shift `cholesky` had to
         add) bounds the speed of convergence, not the answer."""
         members = self.members[rows].to(self.dtype)
+        members[:, self.members.all(0)] = 0  # held by every subset: in self.base
         A = (members @ self.H.reshape(self.H.shape[0], -1)).view(-1, *self.H.shape[1:])
+        A += self.base
         A.diagonal(dim1=1, dim2=2).add_(2.0 * self.l2[rows])
         L = cholesky(A)
         self.L = L if self.L is None else torch.cat([self.L, L])
@@ -316,7 +343,8 @@ def _working_dtype(problem: Problem, members: torch.Tensor, l2: float, weighting
 
 
 def estimate(problem: Problem, subsets: torch.Tensor, l2: float, refinements: int = REFINEMENTS,
-             batch: int = 256, *, tol: float = TOL, workers: int | None = None, weighting: str = "sum") -> Estimates:
+             batch: int = 256, *, tol: float = TOL, workers: int | None = None, weighting: str = "sum",
+             progress: bool = False) -> Estimates:
     """Linear-estimate target loss and implied step for every subset, `batch` subsets at a time.
 
     Batches run on `workers` Python threads (default: torch.get_num_threads()), each with torch
@@ -325,7 +353,7 @@ def estimate(problem: Problem, subsets: torch.Tensor, l2: float, refinements: in
     one thread), while independent batches on separate threads share the cores gracefully and still
     use both when the machine is idle. torch's global thread count is 1 during the call and restored
     after. Memory per worker is about batch * (N + 2 d^2) floats (margins, Hessians and factors).
-    `weighting`: "sum" or "mean" (see `subset_l2`).
+    `weighting`: "sum" or "mean" (see `subset_l2`). `progress`: a bar over the batches (on stderr).
     """
     members = full_membership(problem, subsets)[:, 1:]
     if batch < 1:
@@ -342,12 +370,23 @@ def estimate(problem: Problem, subsets: torch.Tensor, l2: float, refinements: in
     def run(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return solve_flagged(problem, chunk, l2, refinements, dtype=dtype, tol=tol, weighting=weighting)
 
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=m, desc="estimates", unit="subset", leave=False, dynamic_ncols=True,
+               disable=not progress or len(chunks) < 2)
+
+    def counted(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = run(chunk)
+        bar.update(chunk.shape[0])
+        return out
+
     with one_thread():
         if workers == 1 or len(chunks) == 1:
-            parts = [run(c) for c in chunks]
+            parts = [counted(c) for c in chunks]
         else:
             with ThreadPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
-                parts = list(pool.map(run, chunks))
+                parts = list(pool.map(counted, chunks))
+        bar.close()
         z = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, problem.dim)
         converged = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.bool)
         return Estimates(subsets=members, loss=linear_loss(problem, z), z=z.float(), step=implied_step(problem, z),
