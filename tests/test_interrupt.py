@@ -52,7 +52,7 @@ CASES = {
     "estimate": (["estimate", "--subset", "mul", "--subset", "add_more,sub"], ["estimates.parquet"], None, 8.0),
     "select": (["select"], ["select", "selection.json"], None, 8.0),
     "finetune": (["finetune"], ["finetunes", "final"], None, 10.0),
-    "evaluate": (["evaluate"], ["finetunes", "final"], "finetunes/*/adapter.pt", 1.0),
+    "evaluate": (["evaluate"], ["finetunes", "final"], "finetunes/*/model", 1.0),
     "validate": (["validate", "--subsets", "2", "--seeds", "1"], ["validate", "finetunes"], "validate", 6.0),
 }
 
@@ -84,11 +84,9 @@ def _kill_midway(args: list[str], run_dir: Path, trigger: str | None, wait: floa
 
 
 def _vector(run: pipeline.Run, path: Path) -> torch.Tensor:
-    from gradex.model import load_trainable, trainable_vector
+    from gradex.model import trainable_vector
 
-    model = run.fresh_model()
-    load_trainable(model, path)
-    return trainable_vector(model)
+    return trainable_vector(run.saved_model(path))
 
 
 def _without(body: dict, *keys: str) -> dict:
@@ -113,7 +111,7 @@ def _same_artifacts(stage: str, cfg, reference) -> None:
             assert (a / "data" / name).read_bytes() == (b / "data" / name).read_bytes(), name
     elif stage == "meta-train":
         run = pipeline.Run(cfg)
-        torch.testing.assert_close(_vector(run, a / "meta" / "adapter.pt"), _vector(run, b / "meta" / "adapter.pt"),
+        torch.testing.assert_close(_vector(run, a / "meta" / "theta_star"), _vector(run, b / "meta" / "theta_star"),
                                    rtol=1e-5, atol=1e-6)
     elif stage in ("preconditioner", "gradients"):
         for name in ("x.npy", "u.npy", "index.npy", pipeline.PRECONDITIONER_FILE):
@@ -129,7 +127,7 @@ def _same_artifacts(stage: str, cfg, reference) -> None:
             assert _without(sel[0], "seconds") == _without(sel[1], "seconds")
     elif stage in ("finetune", "evaluate"):
         run = pipeline.Run(cfg)
-        torch.testing.assert_close(_vector(run, a / "final" / "adapter.pt"), _vector(run, b / "final" / "adapter.pt"),
+        torch.testing.assert_close(_vector(run, a / "final" / "selected"), _vector(run, b / "final" / "selected"),
                                    rtol=1e-5, atol=1e-6)
         found = [json.loads((d / "final" / "metrics.json").read_text()) for d in (a, b)]
         for split in ("validation", "test"):

@@ -21,7 +21,7 @@ def states(cfg) -> dict[str, tuple[str, str]]:
 
 
 def mtimes(cfg) -> dict[str, int]:
-    files = {"data": "data/examples.jsonl", "meta": "meta/adapter.pt", "store": "store/x.npy", "select": "selection.json"}
+    files = {"data": "data/examples.jsonl", "meta": "meta/theta_star/adapter_model.safetensors", "store": "store/x.npy", "select": "selection.json"}
     return {k: (cfg.run_dir / f).stat().st_mtime_ns for k, f in files.items()}
 
 

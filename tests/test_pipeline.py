@@ -23,8 +23,8 @@ def cfg(tmp_path, tiny_model_dir):
 def test_run_writes_every_artifact_and_skips_unchanged_stages(cfg, capsys):
     summary = pipeline.run_all(cfg)
     run_dir = cfg.run_dir
-    for path in ("config.yaml", "data/manifest.json", "meta/adapter.pt", "meta/log.jsonl", "store/manifest.json",
-                 "estimates.parquet", "selection.json", "final/adapter.pt", "final/metrics.json", "compare.json",
+    for path in ("config.yaml", "data/manifest.json", "meta/theta_star/adapter_model.safetensors", "meta/log.jsonl", "store/manifest.json",
+                 "estimates.parquet", "selection.json", "final/selected/adapter_config.json", "final/metrics.json", "compare.json",
                  "compare.parquet", "summary.json"):
         assert (run_dir / path).exists(), path
     selection = summary["selection"]
@@ -56,17 +56,17 @@ def test_run_writes_every_artifact_and_skips_unchanged_stages(cfg, capsys):
 
 def test_changed_stage_reruns_downstream_only(cfg):
     pipeline.select(cfg)
-    meta_mtime = (cfg.run_dir / "meta" / "adapter.pt").stat().st_mtime_ns
+    meta_mtime = (cfg.run_dir / "meta" / "theta_star" / "adapter_model.safetensors").stat().st_mtime_ns
     store_mtime = (cfg.run_dir / "store" / "manifest.json").stat().st_mtime_ns
     cfg.select.method, cfg.select.subsets = "ensemble", 30  # a select setting: select re-runs, nothing upstream
     body = pipeline.select(cfg)
     assert body["estimated_subsets"] >= 30
-    assert (cfg.run_dir / "meta" / "adapter.pt").stat().st_mtime_ns == meta_mtime
+    assert (cfg.run_dir / "meta" / "theta_star" / "adapter_model.safetensors").stat().st_mtime_ns == meta_mtime
     assert (cfg.run_dir / "store" / "manifest.json").stat().st_mtime_ns == store_mtime
     cfg.gradients.dim = 16
     pipeline.gradients(cfg)
     assert json.loads((cfg.run_dir / "store" / "manifest.json").read_text())["dim"] == 16
-    assert (cfg.run_dir / "meta" / "adapter.pt").stat().st_mtime_ns == meta_mtime
+    assert (cfg.run_dir / "meta" / "theta_star" / "adapter_model.safetensors").stat().st_mtime_ns == meta_mtime
 
 
 def test_gradients_stage_projects_adam_preconditioned_gradients(cfg):

@@ -42,15 +42,16 @@ def test_default_pipeline_small(tmp_path):
 
 
 def _metrics_describe_the_saved_adapter(run, final) -> None:
-    """An independent oracle for final/metrics.json: final/adapter.pt reloaded, each test example run
-    alone through transformers' forward and generate, its answer-token cross-entropy and greedy answer."""
+    """An independent oracle for final/metrics.json: final/selected loaded as a user would (peft's
+    PeftModel.from_pretrained on the base model), each test example run alone through transformers'
+    forward and generate, its answer-token cross-entropy and greedy answer."""
     import torch
+    from peft import PeftModel
 
     from gradex.data import END
-    from gradex.model import language_model, load_trainable
+    from gradex.model import language_model, load_base
 
-    model = run.fresh_model()
-    load_trainable(model, run.dir / "final" / "adapter.pt")
+    model = PeftModel.from_pretrained(load_base(run.cfg.model), str(run.dir / "final" / "selected"))
     model.eval()
     ces, correct = [], 0
     with torch.no_grad():

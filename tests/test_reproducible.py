@@ -53,7 +53,9 @@ def test_two_processes_give_a_byte_identical_store_and_the_same_selection(tmp_pa
     stored = sorted(p.relative_to(a) for p in (a / "store").iterdir() if p.name not in records)
     assert {p.name for p in stored} >= {"x.npy", "u.npy", "index.npy", "col_sq_norms.npy", "preconditioner.pt",
                                         "plan.json"}
-    for rel in [Path("meta/adapter.pt"), *stored]:
+    theta = sorted(p.relative_to(a) for p in (a / "meta" / "theta_star").iterdir())  # the peft adapter folder
+    assert {p.name for p in theta} >= {"adapter_config.json", "adapter_model.safetensors"}
+    for rel in [*theta, *stored]:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     for name in records:
         assert untimed(a / "store" / name) == untimed(b / "store" / name), name

@@ -1,5 +1,6 @@
 """A run directory from someone else cannot run code when gradex reads it: tensor files only (loaded
-with weights_only=True), and a model's own Python code only with model.trust_remote_code."""
+with weights_only=True), models from safetensors only, and a model's own Python code only with
+model.trust_remote_code."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from gradex.config import ConfigError, LoraConfig, ModelConfig, TrainConfig
 from gradex.gradients import preconditioner
-from gradex.model import load_base, load_trainable, make_trainable, save_trainable, trainable
+from gradex.model import load_base, load_model, make_trainable, save_model, trainable
 from gradex.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -81,7 +82,7 @@ def pickled_payload(path: Path, marker: Path) -> None:
     torch.save({"params": Payload(), "step": 1}, path)
 
 
-@pytest.mark.parametrize("artifact", ["checkpoint", "adapter", "preconditioner"])
+@pytest.mark.parametrize("artifact", ["checkpoint", "preconditioner"])
 def test_a_pickled_object_in_an_artifact_is_refused(tmp_path: Path, artifact: str) -> None:
     marker = tmp_path / "code-ran"
     path = tmp_path / f"{artifact}.pt"
@@ -90,22 +91,27 @@ def test_a_pickled_object_in_an_artifact_is_refused(tmp_path: Path, artifact: st
     with pytest.raises(ValueError, match="refused to load: it holds Python objects other than tensors"):
         if artifact == "checkpoint":
             train(model, TOKENS, range(24), RECIPE, pad_id=0, precision="fp32", checkpoint=path, progress=False)
-        elif artifact == "adapter":
-            load_trainable(model, path)
         else:
             preconditioner.load(path)
     assert not marker.exists()
 
 
-def test_adapter_and_preconditioner_round_trip(tmp_path: Path) -> None:
+def test_a_pickled_adapter_is_refused_and_never_unpickled(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """peft itself would fall back to adapter_model.bin (a pickle) without a safetensors file; gradex
+    reads adapters from safetensors only."""
+    cfg = ModelConfig(name=str(tiny_model_dir), lora=LoraConfig(r=4))
+    saved = tmp_path / "adapter"
+    save_model(make_trainable(load_base(cfg), cfg), saved)
+    (saved / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "code-ran"
+    pickled_payload(saved / "adapter_model.bin", marker)
+    with pytest.raises(ConfigError, match="safetensors only"):
+        load_model(cfg, saved)
+    assert not marker.exists()
+
+
+def test_preconditioner_round_trip(tmp_path: Path) -> None:
     model = dropout_model()
-    save_trainable(model, tmp_path / "adapter.pt")
-    other = dropout_model()
-    with torch.no_grad():
-        for _, p in trainable(other):
-            p.zero_()
-    load_trainable(other, tmp_path / "adapter.pt")
-    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(trainable(model), trainable(other)))
     moments = {name: p.detach().square() for name, p in trainable(model)}
     preconditioner.save(moments, tmp_path / "preconditioner.pt")
     loaded = preconditioner.load(tmp_path / "preconditioner.pt")

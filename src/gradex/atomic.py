@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -33,6 +34,27 @@ def replacing(path: Path) -> Iterator[BinaryIO]:
     (streamed: a checkpoint is never held in memory twice)."""
     with replacing_path(path) as tmp, open(tmp, "wb") as fh:
         yield fh
+
+
+@contextmanager
+def replacing_dir(path: Path) -> Iterator[Path]:
+    """A temporary folder beside `path` that replaces the folder `path` when the block ends without an
+    error, for writers that fill a folder (peft's and transformers' save_pretrained). A kill leaves
+    the old folder, the new one, or none (between the two renames), never a half-written one; the
+    leftover `.partial` of a killed write is cleared by the next."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = path.with_name(f"{path.name}.partial"), path.with_name(f"{path.name}.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only left when the block failed
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -94,6 +94,18 @@ def parser() -> argparse.ArgumentParser:
     val.add_argument("--recipe", choices=("finetune", "refit"), default="finetune",
                      help="the truth: `finetune`, the fine-tune gradex run deploys (default), or `refit`, "
                           "theta* fine-tuned with the refit recipe")
+    exp = sub.add_parser("export", help="merge a run's final LoRA adapter (or theta*) into a standalone "
+                                        "transformers model folder (model + tokenizer)",
+                         description="Write a run's final model (final/selected) or theta* (meta/theta_star) as a "
+                                     "standalone model folder that AutoModelForCausalLM.from_pretrained and "
+                                     "AutoTokenizer.from_pretrained load: a LoRA adapter is merged into its base "
+                                     "model (peft's merge_and_unload); a full fine-tune is saved with its tokenizer. "
+                                     "The adapter itself needs no export: PeftModel.from_pretrained(base, "
+                                     "'runs/<name>/final/selected') loads it.")
+    exp.add_argument("run", metavar="RUN", help="the run directory, e.g. runs/default")
+    exp.add_argument("--which", choices=("final", "meta"), default="final",
+                     help="final: the fine-tuned selection (default); meta: theta*")
+    exp.add_argument("--out", default=None, metavar="DIR", help="where to write it (default RUN/export/WHICH)")
     return p
 
 
@@ -169,6 +181,13 @@ def version() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if args.command == "export":  # reads the run directory's own config.yaml, not an experiment file
+            from pathlib import Path
+
+            from gradex.export import export
+
+            print(export(Path(args.run), args.which, Path(args.out) if args.out else None))
+            return 0
         cfg = _config(args)
         if args.command == "status":
             print(f"run directory: {cfg.run_dir}")

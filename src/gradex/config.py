@@ -48,15 +48,37 @@ class ModelConfig:
     # Run Python code that a model directory or hub repository ships (its own architecture): only
     # for a model you trust, since that code runs with your permissions when gradex loads it.
     trust_remote_code: bool = False
+    # auto: when the tokenizer has a chat template (an instruction model), each example is a user turn
+    # (the prompt) and an assistant turn (the answer) in that template, the loss on the assistant turn
+    # only | none: the prompt text, then the answer (a BOS token first where the tokenizer adds one
+    # itself). The shipped examples set none: their measured results are on plain prompts.
+    chat_template: str = "auto"
+
+
+@dataclass
+class HFSourceConfig:
+    """A source read with `datasets.load_dataset(path, name, split=, revision=, data_files=)`."""
+
+    # a hub id (org/dataset), a local dataset folder (one saved with save_to_disk too), or a builder
+    # (json, csv, parquet, text) reading `data_files`
+    path: str = ""
+    name: str | None = None  # the dataset's configuration (subset), if it has several
+    split: str | None = None  # e.g. train, or train[:2000]; needed when the dataset has several splits
+    revision: str | None = None  # hub: a commit, tag or branch; pin it, or a changed hub dataset goes unseen
+    data_files: Any = None  # a file, a list of files, or {split: files}, as load_dataset takes them
+    # A hub id is read from the local Hugging Face cache only (offline) unless this is true; local
+    # folders and files never touch the network.
+    download: bool = False
 
 
 @dataclass
 class SourceConfig:
-    """One data source: exactly one of `bigbench`, `path` says where its examples come from."""
+    """One data source: exactly one of `bigbench`, `path`, `hf` says where its examples come from."""
 
     name: str = ""
     bigbench: str | None = None  # task path inside bigbench/benchmark_tasks, e.g. arithmetic/2_digit_addition
     path: str | None = None  # JSONL / CSV / Parquet file, or a `datasets` folder saved with save_to_disk
+    hf: HFSourceConfig | None = None  # a `datasets` dataset: hub id, local folder or files
     source_column: str | None = None  # with `path`: keep only rows whose column equals `source_value`
     source_value: str | None = None
     prompt_field: str = "input"
@@ -78,12 +100,26 @@ class TargetConfig(SourceConfig):
 
 
 @dataclass
+class SourceFormat:
+    """The columns and template of every source that `sources_file` expands into (as in a source)."""
+
+    prompt_field: str = "input"
+    answer_field: str = "target"
+    choices_field: str | None = None
+    template: str = "{prompt}"
+    answer_prefix: str = " "
+
+
+@dataclass
 class DataConfig:
     target: TargetConfig = field(default_factory=TargetConfig)
     sources: list[SourceConfig] = field(default_factory=list)
     # one file whose column names each row's source: expands into one source per distinct value
     sources_file: str | None = None
     sources_column: str | None = None
+    # how the rows of sources_file become examples (its sources' prompt_field, answer_field,
+    # choices_field, template, answer_prefix)
+    sources_format: SourceFormat = field(default_factory=lambda: SourceFormat())
     per_source: int | None = 40  # default `limit` for sources that set none
     seed: int = 0
     # A training example (of a source, or of the target's train split) whose prompt, casefolded and
@@ -211,6 +247,7 @@ SELECT_METHODS = ("best", "ensemble", "effects", "forward", "backward", "exhaust
 CHOICES = {
     "model.finetune": ("lora", "full"),
     "model.precision": ("auto", "bf16", "fp32"),
+    "model.chat_template": ("auto", "none"),
     "data.leakage": ("drop", "refuse", "warn"),
     "gradients.output": ("ce", "mean-logodds"),
     "gradients.projection": ("sparse", "dense", "none"),
@@ -391,15 +428,29 @@ def check_source(src: SourceConfig, where: str) -> None:
     the sources `gradex add-sources` reads from its own file."""
     if not src.name:
         raise ConfigError(f"{where}: every source needs a name")
-    if (src.bigbench is None) == (src.path is None):
-        given = "sets both `bigbench` and" if src.path is not None else "sets neither `bigbench` nor"
-        raise ConfigError(f"{where}: {given} `path`; give exactly one")
+    given = [f"`{k}`" for k in ("bigbench", "path", "hf") if getattr(src, k) is not None]
+    if len(given) != 1:
+        said = f"sets both {' and '.join(given)}" if given else "sets none of `bigbench`, `path`, `hf`"
+        raise ConfigError(f"{where}: {said}; give exactly one")
+    if src.hf is not None:
+        _check_hf(src.hf, f"{where}.hf")
     if (src.source_column is None) != (src.source_value is None):
         raise ConfigError(f"{where}: `source_column` and `source_value` go together")
     if src.corrupt is not None and src.corrupt not in CORRUPTIONS:
         raise ConfigError(f"{where}: corrupt: {src.corrupt!r} is not one of {list(CORRUPTIONS)}")
     if not isinstance(src, TargetConfig) and src.limit is not None and src.limit < 1:
         raise ConfigError(f"{where}: limit must be at least 1, got {src.limit}")
+
+
+def _check_hf(hf: HFSourceConfig, where: str) -> None:
+    if not hf.path:
+        raise ConfigError(f"{where}.path: name the dataset (a hub id, a local folder, or json/csv/parquet with "
+                          f"data_files)")
+    files = hf.data_files
+    items = files if isinstance(files, list) else list(files.values()) if isinstance(files, dict) else [files]
+    flat = [f for item in items for f in (item if isinstance(item, list) else [item])]
+    if files is not None and not all(isinstance(f, str) for f in flat):
+        raise ConfigError(f"{where}.data_files: expected a file, a list of files or {{split: files}}, got {files!r}")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -9,6 +9,7 @@ every score; `data.leakage` says whether such examples are dropped, refused or o
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -18,13 +19,13 @@ import string
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
 from gradex import ledger
 from gradex.atomic import write_bytes, write_json
-from gradex.config import Config, ConfigError, DataConfig, SourceConfig, TargetConfig
+from gradex.config import Config, ConfigError, DataConfig, HFSourceConfig, SourceConfig, TargetConfig
 
 SPLITS = ("train", "validation", "test")
 END = "\n"  # every answer ends with a newline, so a generated answer has a place to stop
@@ -169,23 +170,93 @@ def _dataset_rows(path: Path, where: str) -> list[Row]:
 READERS = {".jsonl": _jsonl_rows, ".json": _jsonl_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
 
 
+def hf_label(hf: HFSourceConfig) -> str:
+    """How messages name a `datasets` source, e.g. "hf json ['a.jsonl'] split train"."""
+    parts = [f"hf {hf.path}", f"({hf.name})" if hf.name else "", f"{hf.data_files}" if hf.data_files else "",
+             f"split {hf.split}" if hf.split else "", f"revision {hf.revision}" if hf.revision else ""]
+    return " ".join(p for p in parts if p)
+
+
+def hf_local_files(hf: HFSourceConfig) -> list[str]:
+    """The local files and folders a `datasets` source reads (for the ledger's hashes): its path when
+    it is on disk, and its data_files (globs expanded)."""
+    import glob
+
+    files = hf.data_files
+    items = files if isinstance(files, list) else list(files.values()) if isinstance(files, dict) else [files]
+    named = [f for item in items if item is not None for f in (item if isinstance(item, list) else [item])]
+    found = [hf.path] if Path(hf.path).exists() else []
+    for name in named:
+        found += sorted(glob.glob(name)) or [name]  # a missing file is hashed as "missing"
+    return found
+
+
+@contextlib.contextmanager
+def _hub_access(allowed: bool) -> Iterator[None]:
+    """datasets without the network unless `allowed`: a hub id then comes from the local cache only.
+    datasets has no per-call switch; its module-level offline flag is read at call time."""
+    import datasets
+
+    if allowed:
+        yield
+        return
+    saved = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = saved
+
+
+def _hf_rows(hf: HFSourceConfig, where: str) -> list[Row]:
+    """The rows of a `datasets` source, numbered 1-based within its split."""
+    import datasets
+
+    label = hf_label(hf)
+    local = Path(hf.path)
+    try:
+        if local.is_dir() and any((local / f).exists() for f in ("state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(str(local))  # a save_to_disk folder, which load_dataset does not read
+            if hf.split is not None and isinstance(ds, datasets.DatasetDict):
+                ds = ds[hf.split]
+        else:
+            with _hub_access(hf.download):
+                ds = datasets.load_dataset(hf.path, hf.name, split=hf.split, revision=hf.revision,
+                                           data_files=hf.data_files)
+    except Exception as err:  # noqa: BLE001 - datasets raises many kinds; each becomes one line naming the source
+        hub = not local.exists() and hf.path not in ("json", "csv", "parquet", "text", "arrow")
+        hint = ("; gradex reads a hub dataset from the local Hugging Face cache only: set hf.download: true to "
+                "download it" if hub and not hf.download else "")
+        raise ConfigError(f"{where}: {label}: datasets cannot load it: {_one_line(err)}{hint}") from err
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1:
+            raise ConfigError(f"{where}: {label} has the splits {list(ds)}; set hf.split to one of them")
+        ds = next(iter(ds.values()))
+    return [Row(values, number, f"{label} row {number}") for number, values in enumerate(ds.to_list(), start=1)]
+
+
 def _read_rows(src: SourceConfig, where: str) -> list[Row]:
     if src.bigbench is not None:
         return _bigbench_rows(src.bigbench, where)
-    path = Path(src.path)
-    if not path.exists():
-        raise ConfigError(f"{where}: file not found: {path}")
-    if path.is_dir():
-        rows = _dataset_rows(path, where)
-    elif path.suffix in READERS:
-        rows = READERS[path.suffix](path, where)
+    if src.hf is not None:
+        rows, path = _hf_rows(src.hf, where), hf_label(src.hf)
     else:
-        raise ConfigError(f"{where}: {path}: unknown file type {path.suffix!r} (use .jsonl, .csv, .parquet or a datasets folder)")
+        rows, path = _file_rows(Path(src.path), where), src.path
     if src.source_column is not None:
         if rows and src.source_column not in rows[0].values:
             raise ConfigError(f"{where}: {path} has no column {src.source_column!r}; columns: {sorted(rows[0].values)}")
         rows = [r for r in rows if str(r.values.get(src.source_column)) == src.source_value]
     return rows
+
+
+def _file_rows(path: Path, where: str) -> list[Row]:
+    if not path.exists():
+        raise ConfigError(f"{where}: file not found: {path}")
+    if path.is_dir():
+        return _dataset_rows(path, where)
+    if path.suffix in READERS:
+        return READERS[path.suffix](path, where)
+    raise ConfigError(f"{where}: {path}: unknown file type {path.suffix!r} (use .jsonl, .csv, .parquet or a datasets folder)")
 
 
 def _bigbench_rows(task: str, where: str) -> list[Row]:
@@ -266,7 +337,7 @@ def _shuffled_rows(src: SourceConfig, where: str, seed: int) -> list[Row]:
     for role in ("prompt_field", "answer_field", "choices_field"):  # a misspelt column, said once
         column = getattr(src, role)
         if column is not None and not any(column in r.values for r in rows):
-            raise ConfigError(f"{where}: {src.path or src.bigbench}: no row has the column {column!r} ({role}); "
+            raise ConfigError(f"{where}: {src.path or src.bigbench or hf_label(src.hf)}: no row has the column {column!r} ({role}); "
                               f"columns: {sorted(rows[0].values)}")
     order = list(range(len(rows)))
     random.Random(f"{seed}:{src.name}").shuffle(order)
@@ -335,7 +406,7 @@ def expand_sources(data: DataConfig) -> list[SourceConfig]:
     """The configured sources, plus one per distinct value of `sources_column` in `sources_file`."""
     sources = list(data.sources)
     if data.sources_file is not None:
-        base = SourceConfig(path=data.sources_file)
+        base = SourceConfig(path=data.sources_file, **dataclasses.asdict(data.sources_format))
         rows = _read_rows(base, f"data.sources_file ({data.sources_file})")
         if rows and data.sources_column not in rows[0].values:
             raise ConfigError(f"data.sources_file: {data.sources_file} has no column {data.sources_column!r}; "
@@ -403,10 +474,72 @@ def _report_leakage(mode: str, leaks: dict[str, list[Example]], target: str) -> 
 
 # ---------------------------------------------------------------------------- tokens
 
+# gradex.model.load_tokenizer marks a tokenizer whose chat template the examples go through
+# (model.chat_template: auto, and the tokenizer has one), so every caller that tokenizes with it (the
+# data, multiple-choice scoring, generation) formats examples alike.
+CHAT = "gradex_chat_template"
+
+
+def uses_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, CHAT, False))
+
+
+def leading_special_ids(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer itself puts before a text (a Llama tokenizer's BOS; none for
+    SmolLM2's GGUF tokenizer, whose bos_token <|im_start|> it never adds): its own add_special_tokens
+    behaviour, without what it may append (an EOS)."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    start = next((k for k in range(len(full) - len(bare) + 1) if full[k:k + len(bare)] == bare), 0)
+    return list(full[:start])
+
+
+def chat_parts(tokenizer: Any, prompt: str, answer: str) -> tuple[str, str]:
+    """(prompt as a user turn up to the assistant's opening, the answer and the end of its turn), as
+    the tokenizer's chat template renders them: the first is what generation starts from, the
+    second what the loss is on."""
+    user = [{"role": "user", "content": prompt}]
+    head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
+    if not whole.startswith(head) or answer not in whole[len(head):]:
+        raise ConfigError("model.chat_template: auto: the tokenizer's chat template does not render the prompt "
+                          "as a prefix of the conversation and the answer after it; set model.chat_template: none")
+    return head, whole[len(head):]
+
+
+def prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """The token ids generation starts from, formatted as `tokenize` formats the prompts."""
+    if uses_chat_template(tokenizer):  # the template writes its own BOS, so no special tokens are added
+        heads = [chat_parts(tokenizer, p, "")[0] for p in prompts]
+        return tokenizer(heads, add_special_tokens=False)["input_ids"]
+    bos = leading_special_ids(tokenizer)
+    return [bos + ids for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+
+
+def generated_answer(tokenizer: Any, ids: Sequence[int]) -> str:
+    """The answer in generated token ids: the text up to END, or up to the end of the assistant turn."""
+    if not uses_chat_template(tokenizer):
+        return tokenizer.decode(list(ids), skip_special_tokens=True).split(END)[0].strip()
+    end = chat_parts(tokenizer, "", "\x00")[1].split("\x00", 1)[1].strip()  # e.g. <|im_end|>
+    end_ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
+    ids = list(ids)
+    cut = next((k for k in range(len(ids)) if end_ids and ids[k:k + len(end_ids)] == end_ids), len(ids))
+    return tokenizer.decode(ids[:cut], skip_special_tokens=True).split(END)[0].strip()
+
+
 def tokenize(tokenizer: Any, examples: Sequence[Example]) -> list[Tokenized]:
-    """Prompt and answer tokenized apart (no special tokens), so the answer boundary is exact."""
-    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
-    answers = tokenizer([e.answer + END for e in examples], add_special_tokens=False)["input_ids"]
+    """Prompt and answer tokenized apart, so the answer boundary is exact; the answer tokens are what
+    the loss is on. Plain: the tokenizer's own leading special tokens (BOS where it adds one), the
+    prompt, then the answer and END. Chat template: the prompt as a user turn through the opening of
+    the assistant turn, then the answer (without its answer_prefix: the turn separates them) and the
+    end of the turn, which is then the end marker."""
+    if uses_chat_template(tokenizer):
+        parts = [chat_parts(tokenizer, e.prompt, e.answer.strip()) for e in examples]
+        prompts = tokenizer([head for head, _ in parts], add_special_tokens=False)["input_ids"]
+        answers = tokenizer([tail for _, tail in parts], add_special_tokens=False)["input_ids"]
+    else:
+        prompts = prompt_ids(tokenizer, [e.prompt for e in examples])
+        answers = tokenizer([e.answer + END for e in examples], add_special_tokens=False)["input_ids"]
     return [Tokenized(p + a, len(p)) for p, a in zip(prompts, answers)]
 
 

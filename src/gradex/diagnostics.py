@@ -27,7 +27,7 @@ from gradex.atomic import replacing, write_bytes, write_json
 from gradex.config import Config, TrainConfig, fingerprint
 from gradex.data import batches
 from gradex.evaluate import loss_from_outputs, outputs
-from gradex.model import (autocast, ce_logodds, example_outputs, load_trainable, save_trainable, set_trainable_vector,
+from gradex.model import (autocast, ce_logodds, example_outputs, save_model, set_trainable_vector,
                           trainable, trainable_vector)
 from gradex.run import Run, log
 from gradex.stages.estimate import estimator, problem, weighting
@@ -193,17 +193,15 @@ def _real_finetune(run: Run, recipe: str, names: list[str], seed: int, out: Path
     """One real fine-tune of target + `names`: the model and what to record about it."""
     if recipe == "finetune":  # the deployed recipe, shared with final/ and compare through finetunes/
         res = finetune_mix(run, names, seed, desc=f"validate {'+'.join(names) or 'target'} seed {seed}")
-        model = run.fresh_model()
-        load_trainable(model, run.dir / res["adapter"])
-        model.eval()
+        model = run.saved_model(run.dir / res["adapter"])
         return model, {"steps": res["steps"], "seconds": res["seconds"], "adapter": res["adapter"]}
     model = run.meta_model()
     cfg = TrainConfig(**{**run.cfg.refit.__dict__, "seed": run.cfg.refit.seed + seed})
     t0 = time.perf_counter()
     history = train(model, run.tokens, run.train_indices(names), cfg, run.pad_id, run.precision,
                     desc=f"subset {'+'.join(names)} seed {seed}", progress=False)
-    adapter = out / "refits" / key / f"{fingerprint(sorted(names), seed)}.pt"
-    save_trainable(model, adapter)
+    adapter = out / "refits" / key / fingerprint(sorted(names), seed)  # a peft adapter / model folder
+    save_model(model, adapter)
     return model, {"steps": len(history), "seconds": round(time.perf_counter() - t0, 1),
                    "adapter": str(adapter.relative_to(run.dir))}
 

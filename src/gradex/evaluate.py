@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gradex.data import END, Example, Tokenized, batches, tokenize
+from gradex.data import Example, Tokenized, batches, generated_answer, prompt_ids, tokenize
 from gradex.model import autocast, example_outputs_and_nll, language_model
 
 
@@ -42,20 +42,18 @@ def generate_answers(model: nn.Module, tokenizer: Any, examples: Sequence[Exampl
                      precision: str = "bf16", batch_size: int = 32) -> list[str]:
     """Greedy answers, cut at the end marker."""
     lm = language_model(model)
-    prompt_ids = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
+    prompts = prompt_ids(tokenizer, [e.prompt for e in examples])  # formatted as the data was (gradex.data)
     pad = tokenizer.pad_token_id
     answers: list[str] = []
     for start in range(0, len(examples), batch_size):
-        chunk = prompt_ids[start:start + batch_size]
+        chunk = prompts[start:start + batch_size]
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left-pad for generation
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
         with autocast(precision):
             out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                               use_cache=True, pad_token_id=pad)
-        for row in out[:, width:]:
-            text = tokenizer.decode(row.tolist(), skip_special_tokens=True)
-            answers.append(text.split(END)[0].strip())
+        answers += [generated_answer(tokenizer, row.tolist()) for row in out[:, width:]]
     return answers
 
 

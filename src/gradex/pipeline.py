@@ -62,8 +62,13 @@ def run_all(cfg: Config, force: bool = False) -> dict:
 
 def status(cfg: Config) -> list[dict]:
     """Each stage's state without running anything: done, stale (and why), running (interrupted), missing."""
+    from gradex.model import legacy_message, legacy_models
+
     run = Run(cfg)
     rows: list[dict] = []
+    legacy = legacy_models(run.dir)
+    if legacy:  # every stage refuses such a directory (stages.prepare); say so first
+        rows.append({"stage": "run", "state": "old", "why": legacy_message(legacy[0])})
     upstream_ok = True
     for stage in STAGE_DIRS:
         if stage == "added" and not run.added and not (run.dir / "added").exists():

@@ -24,7 +24,7 @@ from gradex import ledger
 from gradex.config import Config
 from gradex.data import Example, Tokenized, read_examples, tokenize
 from gradex.launch import launch_rank
-from gradex.model import load_base, load_tokenizer, load_trainable, make_trainable, resolve_precision
+from gradex.model import load_base, load_model, load_tokenizer, make_trainable, resolve_precision
 
 
 def log(msg: str) -> None:
@@ -102,24 +102,33 @@ class Run:
         return make_trainable(load_base(self.cfg.model), self.cfg.model, seed=seed)
 
     def meta_model(self) -> torch.nn.Module:
-        model = self.fresh_model()
-        load_trainable(model, self.dir / "meta" / "adapter.pt")
+        return self.saved_model(self.dir / THETA_STAR)
+
+    def saved_model(self, path: Path) -> torch.nn.Module:
+        """A model gradex.model.save_model saved (a peft adapter or a transformers model folder)."""
+        model = load_model(self.cfg.model, path)
         model.eval()
         return model
+
 
     # ------------------------------------------------------------------ the ledger
     @cached_property
     def data_files(self) -> dict[str, str]:
-        """The hash of every data file the config names (bigbench tasks come from the pinned package)."""
+        """The hash of every data file the config names (bigbench tasks come from the pinned package; a hub
+        dataset is named by its id and revision in the config, which is why pinning one matters)."""
+        from gradex.data import hf_local_files
+
         d = self.cfg.data
         paths = [s.path for s in (d.target, *d.sources) if s.path] + ([d.sources_file] if d.sources_file else [])
+        paths += [p for s in (d.target, *d.sources) if s.hf is not None for p in hf_local_files(s.hf)]
         return {f"file {p}": ledger.sha256(Path(p)) if Path(p).exists() else "missing" for p in dict.fromkeys(paths)}
 
     def inputs(self, stage: str) -> dict[str, str | None]:
         """What a stage's output depends on, hashed: the config parts it uses and the artifacts it reads."""
         c = self.cfg
         if stage == "prepare":
-            return {"config": config_mod.fingerprint(c.model.name, c.model.gguf_file, c.model.max_length, c.data),
+            return {"config": config_mod.fingerprint(c.model.name, c.model.gguf_file, c.model.max_length,
+                                                     c.model.chat_template, c.data),
                     **self.data_files}
         if stage == "added":  # like prepare's, and the prepared data (the target's held-out prompts)
             files = {f"file {s.path}": ledger.sha256(Path(s.path)) if Path(s.path).exists() else "missing"
@@ -186,6 +195,8 @@ class Run:
 
 
 # "added" (add-sources) exists only in a run that has added sources (Run.added)
+THETA_STAR = Path("meta") / "theta_star"  # the meta-initialization: a peft adapter (LoRA) or a model folder (full)
+FINAL = Path("final") / "selected"  # the final model, fine-tuned on target + the selected sources
 STAGE_DIRS = {"prepare": "data", "meta": "meta", "added": "added", "gradients": "store", "select": "select"}
 STAGE_NAMES = {"prepare": "prepare", "meta": "meta-train", "added": "add-sources", "gradients": "gradients",
                "select": "select"}

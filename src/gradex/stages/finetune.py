@@ -10,10 +10,10 @@ import time
 from typing import Any
 
 from gradex import config as config_mod
-from gradex.atomic import replacing, write_json
+from gradex.atomic import replacing_dir, write_json
 from gradex.config import Config
-from gradex.model import save_trainable
-from gradex.run import Run, log
+from gradex.model import save_model
+from gradex.run import FINAL, Run, log
 from gradex.stages.prepare import prepare
 from gradex.stages.select import select
 
@@ -60,7 +60,7 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
     """Fine-tune on target train + `members` with the finetune recipe at seed offset `seed`, then
     evaluate on the target validation and test splits.
 
-    Kept in finetunes/<key>/ (adapter, log, result.json), so any stage that needs the same
+    Kept in finetunes/<key>/ (model/: a peft adapter or a model folder; log, result.json), so any stage that needs the same
     fine-tune (the final model, compare, validate) reuses it; an interrupted one resumes from its
     checkpoint."""
     from gradex.evaluate import evaluate as evaluate_model
@@ -77,7 +77,7 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
     t0 = time.perf_counter()
     history = train(model, run.tokens, idx, recipe, run.pad_id, run.precision, where / "checkpoint.pt", desc=desc)
     seconds = time.perf_counter() - t0
-    save_trainable(model, where / "adapter.pt")
+    save_model(model, where / "model")
     write_log(history, where / "log.jsonl")
     t0 = time.perf_counter()
     metrics = {split: evaluate_model(model, run.tokenizer, run.examples, run.tokens, run.indices(split),
@@ -86,15 +86,16 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
     result = {"key": key, "members": [s for s in run.sources if s in set(members)], "seed": seed,
               "init": run.cfg.finetune.init, "steps": len(history), "examples": len(idx),
               "seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
-              "adapter": str((where / "adapter.pt").relative_to(run.dir)), **metrics}
+              "adapter": str((where / "model").relative_to(run.dir)), **metrics}
     write_json(done, result)
     (where / "checkpoint.pt").unlink(missing_ok=True)
     return result
 
 
 def finetune(cfg: Config, force: bool = False) -> dict:
-    """The deliverable: the finetune recipe on target + selected sources, copied to final/ with its
-    validation and test metrics (final/metrics.json)."""
+    """The deliverable: the finetune recipe on target + selected sources, copied to final/selected/
+    (a peft adapter: `PeftModel.from_pretrained(base, "runs/<name>/final/selected")`; a transformers
+    model folder under full fine-tuning) with its validation and test metrics (final/metrics.json)."""
     run = prepare(cfg)
     members = select(cfg)["selected"]
     key = finetune_key(run, members, 0)
@@ -103,10 +104,10 @@ def finetune(cfg: Config, force: bool = False) -> dict:
     result = finetune_mix(run, members, 0, desc="finetune[selected]")
     out = run.dir / "final"
     previous = out / "metrics.json"
-    if force or not previous.exists() or json.loads(previous.read_text()).get("key") != key:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(run.dir / result["adapter"], "rb") as src, replacing(out / "adapter.pt") as dst:
-            shutil.copyfileobj(src, dst)
+    stale = not previous.exists() or json.loads(previous.read_text()).get("key") != key
+    if force or stale or not (run.dir / FINAL).exists():
+        with replacing_dir(run.dir / FINAL) as tmp:
+            shutil.copytree(run.dir / result["adapter"], tmp, dirs_exist_ok=True)
         write_json(previous, {**result, "recipe": recipe_summary(run)})
         log(f"fine-tuned the selection ({len(members)} sources, {result['examples']} examples) in "
             f"{result['steps']} steps: test {result['test']['metric']} {result['test']['score']:.3f}, "

@@ -7,29 +7,30 @@ from pathlib import Path
 
 from gradex import ledger
 from gradex.config import Config
-from gradex.model import save_trainable
-from gradex.run import log
+from gradex.model import save_model
+from gradex.run import THETA_STAR, log
 from gradex.stages.prepare import prepare
 
 
 def meta_train(cfg: Config, force: bool = False) -> Path:
-    """Multitask-train on target + all sources: the meta-initialization theta* (meta/adapter.pt)."""
+    """Multitask-train on target + all sources: the meta-initialization theta* (meta/theta_star/: a peft adapter,
+    or a transformers model folder under full fine-tuning)."""
     from gradex.train import train, write_log
 
     run = prepare(cfg)
     out = run.dir / "meta"
     if run.done("meta", force):
-        return out / "adapter.pt"
+        return run.dir / THETA_STAR
     run.begin("meta", force)
     checkpoint = out / "checkpoint.pt"
     model = run.fresh_model(seed=cfg.meta.seed)
     idx = run.train_indices(run.trained_sources)  # never the added sources: theta* is screened, not retrained
     t0 = time.perf_counter()
     history = train(model, run.tokens, idx, cfg.meta, run.pad_id, run.precision, checkpoint, desc="meta-train")
-    save_trainable(model, out / "adapter.pt")
+    save_model(model, run.dir / THETA_STAR)
     write_log(history, out / "log.jsonl")
     checkpoint.unlink(missing_ok=True)
     run.mark("meta", steps=len(history), seconds=round(time.perf_counter() - t0, 1),
-             final_loss=history[-1]["loss"], outputs={"theta*": ledger.sha256(out / "adapter.pt")})
+             final_loss=history[-1]["loss"], outputs={"theta*": ledger.sha256(run.dir / THETA_STAR)})
     log(f"meta-trained theta* in {len(history)} steps (train loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f})")
-    return out / "adapter.pt"
+    return run.dir / THETA_STAR

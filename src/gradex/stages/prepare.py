@@ -9,7 +9,7 @@ from gradex import config as config_mod
 from gradex.added import check_disjoint
 from gradex.config import Config
 from gradex.data import Example, Tokenized, check_lengths, load_examples, save_examples, tokenize
-from gradex.model import load_tokenizer
+from gradex.model import legacy_message, legacy_models, load_tokenizer
 from gradex.launch import launch_rank
 from gradex.run import Run, log
 
@@ -30,6 +30,9 @@ def prepare(cfg: Config, force: bool = False) -> Run:
     is raised here, before anything expensive runs.
     """
     run = Run(cfg)
+    legacy = legacy_models(run.dir)
+    if legacy:  # before anything is written: an old run directory stays as it was
+        raise config_mod.ConfigError(legacy_message(legacy[0]))
     out = run.dir / "data"
     if launch_rank() != 0:
         if run.state("prepare")[0] != "done":

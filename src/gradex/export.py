@@ -1,0 +1,49 @@
+"""`gradex export`: a run's final model (or theta*) as a standalone transformers model folder.
+
+A LoRA adapter is merged into its base model with peft's `merge_and_unload`, so the result needs
+neither peft nor the base model: `AutoModelForCausalLM.from_pretrained(folder)` and
+`AutoTokenizer.from_pretrained(folder)` load it. A full fine-tune is already a model folder; it
+gets the tokenizer beside it. The run directory is read through its own resolved config
+(`<run>/config.yaml`), so the base model, LoRA settings and tokenizer are the ones it was trained with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gradex import config as config_mod
+from gradex.atomic import replacing_dir
+from gradex.config import ConfigError
+from gradex.model import legacy_message, legacy_models, load_model, load_tokenizer
+from gradex.run import FINAL, THETA_STAR
+
+WHICH = {"final": FINAL, "meta": THETA_STAR}  # what can be exported -> where the run keeps it
+PRODUCED_BY = {"final": "gradex finetune", "meta": "gradex meta-train"}
+
+
+def export(run_dir: Path, which: str = "final", out: Path | None = None) -> Path:
+    """Write `which` model of the run in `run_dir` as a standalone model folder (default
+    <run_dir>/export/<which>); return where it went."""
+    if which not in WHICH:
+        raise ConfigError(f"export: --which {which!r} is not one of {list(WHICH)}")
+    legacy = legacy_models(run_dir)
+    if legacy:
+        raise ConfigError(legacy_message(legacy[0]))
+    resolved = run_dir / "config.yaml"
+    if not resolved.is_file():
+        raise ConfigError(f"export: {run_dir} is not a gradex run directory (no config.yaml); give runs/<name>")
+    cfg = config_mod.load(resolved)
+    saved = run_dir / WHICH[which]
+    if not saved.exists():
+        raise ConfigError(f"export: {saved} does not exist yet; run `{PRODUCED_BY[which]}` for this config first")
+    model = load_model(cfg.model, saved)
+    if cfg.model.finetune == "lora":
+        model = model.merge_and_unload()  # W + (alpha / r) B A in every adapted layer; the peft wrapper is gone
+    model.config.use_cache = True  # gradex trains without a KV cache; generation wants one
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out = out if out is not None else run_dir / "export" / which
+    with replacing_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(cfg.model).save_pretrained(tmp)
+    return out
