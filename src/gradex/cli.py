@@ -18,6 +18,8 @@ STAGES: dict[str, tuple[str, Callable[..., object]]] = {
     "prepare": ("read, check and tokenize every source (all data errors surface here)", pipeline.prepare),
     "meta-train": ("multitask-train on target + all sources: theta*", pipeline.meta_train),
     "gradients": ("projected per-example gradients at theta* into the store", pipeline.gradients),
+    "clusters": ("with data.clusters: cluster the unlabelled examples into sources (clusters/clusters.json)",
+                 pipeline.clusters),
     "select": ("estimate subsets and select sources (selection.json)", pipeline.select),
     "finetune": ("fine-tune on target + selected sources: the final model (final/), with the finetune recipe "
                  "(finetune.init; finetune.budget equal by default: the steps all sources need for "
@@ -125,7 +127,12 @@ def format_summary(summary: dict) -> str:
               f"   (target alone: {sel['baseline']:.4f}; estimates model fine-tuning theta*)",
               f"final model (final/): {final['recipe']['description']}",
               f"  validation loss {final['validation']['loss']:.4f}, test loss {final['test']['loss']:.4f}, "
-              f"test {final['test']['metric']} {final['test']['score']:.3f}", ""]
+              f"test {final['test']['metric']} {final['test']['score']:.3f}"
+              + (f" ({final['test']['no_match']} of {final['test']['examples']} generations without a match of "
+                 f"the answer pattern {final['test']['answer_pattern']!r})" if "no_match" in final["test"] else ""), ""]
+    at = next(i for i, line in enumerate(lines) if line.startswith("selected (")) + 1
+    lines[at:at] = [f"  {name} ({found['size']} examples), e.g. " + "; ".join(repr(p) for p in found["examples"][:3])
+                    for name, found in (sel.get("clusters") or {}).items()]  # what a selected cluster holds
     lines.append(format_table(summary["compare"]))
     if summary.get("report"):
         lines.append(f"\nreport: {summary['report']}")

@@ -84,6 +84,9 @@ def summarize(mixes: Sequence[Mix], rows: Sequence[dict]) -> list[dict]:
                                  "test_loss": spread([r["test_loss"] for r in mine]),
                                  "test_score": spread([r["test_score"] for r in mine]),
                                  "validation_loss": spread([r["validation_loss"] for r in mine])}
+        no_match = [r["test_no_match"] for r in mine if r.get("test_no_match") is not None]
+        if no_match:  # generations the answer pattern found no answer in (scored wrong)
+            entry["test_no_match"] = spread(no_match)
         estimates = [r["estimate"] for r in mine if r.get("estimate") is not None]
         entry["estimate"] = float(np.mean(estimates)) if estimates else None  # of the validation loss
         if mix.name != SELECTED:
@@ -165,21 +168,30 @@ def format_table(result: dict) -> str:
     """The comparison as text: one line per mix, then the verdict."""
     r = result["recipe"]
     metric = result["metric"]
+    # with an answer pattern: how many test generations it found no answer in (mean over seeds)
+    unmatched = any("test_no_match" in m for m in result["mixes"])
     lines = [f"compare: {result['seeds']} seed(s) per mix, {r['description']}; target test split "
              f"({result['test_examples']} examples)",
              f"{'mix':<22} {'sources':>7} {'test loss (sd)':>16} {metric + ' (sd)':>18} "
-             f"{'loss: gain [95% CI]':>28} {metric + ': gain [95% CI]':>30}"]
+             + (f"{'no match':>8} " if unmatched else "")
+             + f"{'loss: gain [95% CI]':>28} {metric + ': gain [95% CI]':>30}"]
     for m in result["mixes"]:
         size = m["sizes"][0] if len(set(m["sizes"])) == 1 else f"{min(m['sizes'])}-{max(m['sizes'])}"
         loss, score = m["test_loss"], m["test_score"]
         lines.append(f"{m['name']:<22} {size!s:>7} {fmt_number(loss['mean']):>8} ({fmt_number(loss['sd']):>5})"
                      f" {fmt_number(score['mean']):>10} ({fmt_number(score['sd']):>5})"
-                     f" {fmt_interval(m.get('diff_loss')):>28} {fmt_interval(m.get('diff_score')):>30}")
+                     + (f" {fmt_number(m['test_no_match']['mean'], '.1f') if 'test_no_match' in m else '-':>8}"
+                        if unmatched else "")
+                     + f" {fmt_interval(m.get('diff_loss')):>28} {fmt_interval(m.get('diff_score')):>30}")
     lines.append("gain: the baseline's loss minus the selection's (or the selection's score minus the "
                  "baseline's), paired by seed; positive = gradex's selection better")
+    if unmatched:
+        lines.append("no match: test generations in which the answer pattern found no answer (scored wrong), "
+                     "mean over seeds")
     cost = result.get("cost") or {}
     if cost.get("selection_seconds") is not None:
-        lines.append(f"cost of the selection (meta-train + gradients + select): {cost['selection_seconds']:.0f} s; "
+        stages = " + ".join(cost.get("stages_seconds") or ["meta-train", "gradients", "select"])
+        lines.append(f"cost of the selection ({stages}): {cost['selection_seconds']:.0f} s; "
                      f"one fine-tune: {fmt_number(cost.get('finetune_seconds'), '.0f')} s")
         if cost.get("speedup") is not None:
             lines.append(f"by real fine-tuning, a forward stepwise search would train {cost['forward_finetunes']} "

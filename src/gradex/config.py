@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -90,6 +91,12 @@ class SourceConfig:
     # A negative control: "shuffle" permutes the answers across this source's rows (seeded), so its
     # prompts and answer format stay realistic while every answer is wrong for its prompt.
     corrupt: str | None = None
+    # A regular expression that finds the final answer in a generation for exact match (e.g. after a
+    # chain of thought): its first match, group 1 when it has a group, else the whole match; a
+    # generation without a match is wrong and counted (`no_match` in the metrics). Only the
+    # generation is searched, never the reference answer (as BIG-bench does with `output_regex`,
+    # which a BIG-bench task's pattern defaults to). `.*` keeps strict exact match on such a task.
+    answer_pattern: str | None = None
 
 
 @dataclass
@@ -111,6 +118,21 @@ class SourceFormat:
 
 
 @dataclass
+class ClustersConfig:
+    """Sources made by clustering examples that carry no source labels (docs/method.md, section 7)."""
+
+    # pool: every example of the configured sources, their own names ignored | target_train: the
+    # target's train split (the paper's chain-of-thought setting); its clusters become the sources and
+    # the target alone then has no training data of its own (the empty mix is theta* itself)
+    from_: str = "pool"  # the YAML key is `from` (ALIASES)
+    k: int = 100  # clusters; each becomes a source named cluster-000, cluster-001, ...
+    # gradients: the projected gradients at theta* (the store), each scaled to unit length |
+    # embeddings: theta*'s last hidden state, mean-pooled over each example's tokens
+    features: str = "gradients"
+    method: str = "kmeans"  # kmeans | agglomerative (Ward; memory grows with the square of the examples)
+
+
+@dataclass
 class DataConfig:
     target: TargetConfig = field(default_factory=TargetConfig)
     sources: list[SourceConfig] = field(default_factory=list)
@@ -127,6 +149,9 @@ class DataConfig:
     # drop: leave it out (the next rows of its source fill in) | refuse: an error | warn: keep it.
     # Either way the data manifest records how many each source had.
     leakage: str = "drop"
+    # Make the sources by clustering unlabelled examples ({from, k, features, method}); null: the
+    # sources are the configured ones
+    clusters: ClustersConfig | None = None
 
 
 @dataclass
@@ -260,6 +285,12 @@ CHOICES = {
 }
 BASELINES = ("all", "target", "random", "gradient", "representation")
 CORRUPTIONS = ("shuffle",)
+CLUSTER_CHOICES = {"from": ("pool", "target_train"), "features": ("gradients", "embeddings"),
+                   "method": ("kmeans", "agglomerative")}
+CLUSTER_NAME = re.compile(r"cluster-\d+")  # the names clusters take; a configured source may not
+
+# Config keys that are Python keywords, by field name: the YAML and the resolved config say `from`.
+ALIASES = {"from_": "from"}
 
 
 # Keys an earlier gradex accepted, under their new names: an old config says what to write instead.
@@ -274,7 +305,8 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {ALIASES.get(f.name, f.name) for f in dataclasses.fields(cls)}
+    fields = {ALIASES.get(f.name, f.name): f.name for f in dataclasses.fields(cls)}
     for key in raw:
         path = f"{where}.{key}".lstrip(".")
         if path in RENAMED:
@@ -283,7 +315,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known: {sorted(names)}")
-    kwargs = {key: _coerce(hints[key], value, f"{where}.{key}".lstrip(".")) for key, value in raw.items()}
+    kwargs = {fields[key]: _coerce(hints[fields[key]], value, f"{where}.{key}".lstrip(".")) for key, value in raw.items()}
     return cls(**kwargs)
 
 
@@ -365,8 +397,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.sources: the target {cfg.data.target.name!r} is also listed as a source")
     if (cfg.data.sources_file is None) != (cfg.data.sources_column is None):
         raise ConfigError("data: `sources_file` and `sources_column` go together")
-    if not cfg.data.sources and cfg.data.sources_file is None:
-        raise ConfigError("data.sources: give at least one source (or sources_file + sources_column)")
+    clusters = cfg.data.clusters
+    if not cfg.data.sources and cfg.data.sources_file is None and not (clusters and clusters.from_ == "target_train"):
+        raise ConfigError("data.sources: give at least one source (or sources_file + sources_column, or "
+                          "data.clusters.from: target_train)")
+    if clusters is not None:
+        _validate_clusters(cfg)
+    for i, src in enumerate([cfg.data.target, *cfg.data.sources]):
+        if src.answer_pattern is not None:
+            where = "data.target" if i == 0 else f"data.sources[{i - 1}] ({src.name})"
+            check_pattern(src.answer_pattern, f"{where}.answer_pattern")
     t = cfg.data.target
     for split in ("train", "validation", "test"):
         if getattr(t, split) < 1:
@@ -453,8 +493,45 @@ def _check_hf(hf: HFSourceConfig, where: str) -> None:
         raise ConfigError(f"{where}.data_files: expected a file, a list of files or {{split: files}}, got {files!r}")
 
 
+def check_pattern(pattern: str, where: str) -> re.Pattern:
+    """The compiled answer pattern, or an error naming where it was given."""
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(f"{where}: {pattern!r} is not a valid regular expression: {err}") from err
+
+
+def _validate_clusters(cfg: Config) -> None:
+    """data.clusters: its choices, k, and cluster names that no configured source already has."""
+    c = cfg.data.clusters
+    for key, allowed in CLUSTER_CHOICES.items():
+        value = getattr(c, ALIASES_BY_KEY.get(key, key))
+        if value not in allowed:
+            raise ConfigError(f"data.clusters.{key}: {value!r} is not one of {list(allowed)}")
+    if c.k < 2:
+        raise ConfigError(f"data.clusters.k: must be at least 2 (one cluster is the whole pool), got {c.k}")
+    taken = [s.name for s in cfg.data.sources if CLUSTER_NAME.fullmatch(s.name)]
+    if c.from_ == "target_train" and taken:
+        raise ConfigError(f"data.sources: {taken} would collide with the clusters' names (cluster-NNN); rename them")
+
+
+ALIASES_BY_KEY = {key: name for name, key in ALIASES.items()}
+
+
+def prepare_part(data: DataConfig) -> dict:
+    """What of `data` shapes the prepared examples: all but the clusters (made later, at theta*) and
+    the answer patterns (read when evaluating), so changing those re-runs neither prepare nor the
+    training after it. Left out unset too, so the configs of earlier runs keep their hash."""
+    raw = to_dict(data)
+    raw.pop("clusters")
+    for src in [raw["target"], *raw["sources"]]:
+        src.pop("answer_pattern")
+    return raw
+
+
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, under its YAML keys (`from`, not `from_`)."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {ALIASES.get(k, k): v for k, v in items})
 
 
 def fingerprint(*parts: Any) -> str:

@@ -598,3 +598,19 @@ def read_examples(out: Path) -> list[Example]:
     rows = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines() if line]
     return [Example(r["source"], r["split"], r["prompt"], r["answer"], tuple(r["choices"]), r["row"], r.get("origin", ""))
             for r in rows]
+
+
+def answer_pattern(src: SourceConfig) -> str | None:
+    """The regular expression exact match extracts this source's answers with (gradex.evaluate): its
+    `answer_pattern`, else a BIG-bench task's own `output_regex`, else None (the whole generation).
+    A BIG-bench pattern that is not a valid Python regular expression is an error naming the task."""
+    from gradex.config import check_pattern
+
+    if src.answer_pattern is not None or src.bigbench is None:
+        return src.answer_pattern
+    from gradex.assets import bigbench_task
+
+    pattern = bigbench_task(src.bigbench).get("output_regex")
+    if pattern is not None:
+        check_pattern(pattern, f"source {src.name!r}: BIG-bench task {src.bigbench} output_regex")
+    return pattern

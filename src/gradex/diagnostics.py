@@ -30,6 +30,7 @@ from gradex.evaluate import loss_from_outputs, outputs
 from gradex.model import (autocast, ce_logodds, example_outputs, save_model, set_trainable_vector,
                           trainable, trainable_vector)
 from gradex.run import Run, log
+from gradex.stages.clusters import clusters
 from gradex.stages.estimate import estimator, problem, weighting
 from gradex.stages.finetune import finetune_mix, finetune_recipe, recipe_summary
 from gradex.stages.gradients import gradients, make_run_projector
@@ -72,6 +73,7 @@ def check_linearity(cfg: Config, examples: int = 48, subsets: int = 2) -> dict:
 
     run = prepare(cfg)
     gradients(cfg)
+    clusters(cfg)  # with data.clusters the random subsets are of clusters: made before run.sources is read
     model = run.meta_model()
     theta = trainable_vector(model)
     rng = random.Random(0)
@@ -223,6 +225,7 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2, recipe: str = "finetune")
         raise ValueError(f"validate: recipe must be one of {RECIPES}, got {recipe!r}")
     run = prepare(cfg)
     gradients(cfg)
+    clusters(cfg)  # with data.clusters the subsets are of clusters: made before run.sources is read
     out = run.dir / "validate"
     out.mkdir(parents=True, exist_ok=True)
     done_path = out / "runs.jsonl"

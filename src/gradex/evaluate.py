@@ -5,11 +5,14 @@ loss of the per-example output u_s (gradex.model; with the default output "ce" i
 over examples of their mean answer-token cross-entropy). `token_nll` is that cross-entropy, whatever
 the output. The task metric is exact match of a greedy generation for
 free-form answers, and length-normalized log-likelihood for multiple choice (summed likelihood
-favours short wrong options).
+favours short wrong options). With an answer pattern (a source's `answer_pattern`, or a BIG-bench
+task's `output_regex`) exact match compares the pattern's first match in the generation with the
+reference answer, and the metrics count the generations it found nothing in (`no_match`).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 import torch
@@ -76,9 +79,29 @@ def _prefix(example: Example) -> str:
     return example.answer[:len(example.answer) - len(example.answer.lstrip())]
 
 
+def extract_answer(generation: str, pattern: re.Pattern | None) -> str | None:
+    """The answer a generation gives for exact match: all of it without `pattern`; else the pattern's
+    first match, its group 1 when it has a group (as BIG-bench's output_regex: the first of
+    re.findall), stripped; None when it finds nothing. Only generations go through here: BIG-bench
+    compares the extracted text with the targets as they are."""
+    if pattern is None:
+        return generation.strip()
+    found = pattern.search(generation)
+    if found is None:
+        return None
+    if pattern.groups:
+        return (found.group(1) or "").strip()  # a group that took no part is empty, as in re.findall
+    return found.group(0).strip()
+
+
 def evaluate(model: nn.Module, tokenizer: Any, examples: Sequence[Example], tokens: Sequence[Tokenized],
-             indices: Sequence[int], precision: str = "bf16", desc: str = "evaluate", output: str = "ce") -> dict:
-    """Loss, token NLL and the task metric (exact match or multiple-choice accuracy) on `indices`."""
+             indices: Sequence[int], precision: str = "bf16", desc: str = "evaluate", output: str = "ce",
+             answer_pattern: str | None = None) -> dict:
+    """Loss, token NLL and the task metric (exact match or multiple-choice accuracy) on `indices`;
+    with `answer_pattern`, exact match on what it extracts, and `no_match`, the generations it found
+    nothing in (scored wrong)."""
+    pattern = re.compile(answer_pattern) if answer_pattern is not None else None
+    no_match = 0
     model.eval()
     with tqdm(total=2, desc=desc, leave=False) as bar:
         u, nll = outputs(model, tokens, indices, tokenizer.pad_token_id, precision, output)
@@ -89,12 +112,16 @@ def evaluate(model: nn.Module, tokenizer: Any, examples: Sequence[Example], toke
         correct = 0
         if free:
             longest = max(len(tokens[i].ids) - tokens[i].n_prompt for i in indices)
-            got = generate_answers(model, tokenizer, free, longest + 1, precision)
+            got = [extract_answer(g, pattern) for g in generate_answers(model, tokenizer, free, longest + 1, precision)]
+            no_match = sum(g is None for g in got)
             correct += sum(g == e.answer.strip() for g, e in zip(got, free))
         if mc:
             got = choose(model, tokenizer, mc, precision)
             correct += sum(g == e.answer.strip() for g, e in zip(got, mc))
         bar.update()
     metric = "exact_match" if not mc else "accuracy" if not free else "exact_match_or_choice"
-    return {"loss": loss_from_outputs(u), "token_nll": nll.mean().item(), "metric": metric,
-            "score": correct / len(exs), "examples": len(exs)}
+    result = {"loss": loss_from_outputs(u), "token_nll": nll.mean().item(), "metric": metric,
+              "score": correct / len(exs), "examples": len(exs)}
+    if pattern is not None and free:
+        result.update(answer_pattern=answer_pattern, no_match=no_match)
+    return result

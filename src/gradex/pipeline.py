@@ -1,6 +1,6 @@
 """The stages of a run in order, and what a run directory holds.
 
-    prepare -> meta-train -> gradients -> estimate -> select -> finetune -> compare -> report
+    prepare -> meta-train -> gradients -> [clusters] -> estimate -> select -> finetune -> compare -> report
 
 Each stage is a function of the config in its own module under gradex.stages, reading and writing
 the run directory through gradex.run.Run. Each records in the ledger (`<dir>/stage.json`,
@@ -32,6 +32,7 @@ from gradex.stages.finetune import (budget_steps, evaluate, finetune, finetune_k
 from gradex.stages.gradients import PRECONDITIONER_FILE, STORE_FILES, gradients, make_run_projector, store_sha256
 from gradex.stages.meta import meta_train
 from gradex.stages.prepare import data_sha256, prepare
+from gradex.stages.clusters import clusters
 from gradex.stages.select import select, selection
 
 __all__ = [
@@ -40,7 +41,7 @@ __all__ = [
     "make_run_projector", "problem", "regularization", "weighting", "estimator", "Reconstructor", "member_mask",
     "save_estimates", "estimate", "selection", "select", "budget_steps", "recipe_summary", "finetune_recipe",
     "finetune_key", "finetune_mix", "finetune", "evaluate", "candidate_mixes", "COMPARE_FORMAT", "compare",
-    "run_all", "status", "format_status", "report",
+    "clusters", "run_all", "status", "format_status", "report",
 ]
 
 
@@ -51,6 +52,7 @@ def run_all(cfg: Config, force: bool = False) -> dict:
     prepare(cfg, force)
     meta_train(cfg, force)
     gradients(cfg, force)
+    clusters(cfg, force)  # with data.clusters: the sources the rest of the run selects among
     body = select(cfg, force)
     final = finetune(cfg, force)
     result = compare(cfg, seeds=cfg.compare.run_seeds)
@@ -71,6 +73,8 @@ def status(cfg: Config) -> list[dict]:
         rows.append({"stage": "run", "state": "old", "why": legacy_message(legacy[0])})
     upstream_ok = True
     for stage in STAGE_DIRS:
+        if stage == "clusters" and cfg.data.clusters is None:
+            continue  # a run with configured sources has no such stage
         if stage == "added" and not run.added and not (run.dir / "added").exists():
             continue  # a run without added sources has no such stage
         state, why = run.state(stage)

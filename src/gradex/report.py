@@ -180,6 +180,12 @@ def _selected(selection: dict | None, final: dict | None) -> str:
     mix = ", ".join(selection["selected"]) or "none: the target alone"
     parts.append(f"<p>Fine-tune on the target plus: <b>{_e(mix)}</b>.</p>")
     parts.append(f"<p>Why: {_e(selection['reason'])}</p>")
+    if selection.get("clusters"):  # the sources are clusters: what each selected one holds
+        items = "".join(f"<li><b>{_e(name)}</b> ({found['size']} examples), e.g. "
+                        + "; ".join(f"<code>{_e(p)}</code>" for p in found["examples"]) + "</li>"
+                        for name, found in selection["clusters"].items())
+        parts.append(f"<p>The sources are clusters of unlabelled examples (every cluster's members: "
+                     f"clusters/clusters.json). The selected ones:</p><ul>{items}</ul>")
     est, base = selection["estimate"], selection["baseline"]
     change = f" ({num(est - base, '+.4f')})" if _finite(est) and _finite(base) else ""
     parts.append(f"<p>Estimated target validation loss of the selection: {num(est, '.4f')}; of the target alone: "
@@ -191,7 +197,10 @@ def _selected(selection: dict | None, final: dict | None) -> str:
         val, test = final["validation"], final["test"]
         parts.append(f"<p>Final model (final/metrics.json, {_e(final['recipe']['description'])}): validation loss "
                      f"{num(val['loss'], '.4f')}, test loss {num(test['loss'], '.4f')}, test "
-                     f"{_e(test['metric'])} {num(test['score'])} on {test['examples']} examples.</p>")
+                     f"{_e(test['metric'])} {num(test['score'])} on {test['examples']} examples"
+                     + (f"; {test['no_match']} generations without a match of the answer pattern "
+                        f"<code>{_e(test['answer_pattern'])}</code> (scored wrong)" if "no_match" in test else "")
+                     + ".</p>")
     return _section(title, "\n".join(parts))
 
 
@@ -236,9 +245,13 @@ def _compare(compare: dict | None) -> str:
              f"{num(m['test_score']['mean'])} ({num(m['test_score']['sd'])})",
              interval_text(m.get("diff_loss")), m.get("verdict_loss", ""),
              interval_text(m.get("diff_score")), m.get("verdict_score", "")] for m in mixes]
-    table = _table(["mix", "kind", "sources", "seeds", "test loss (sd)", f"test {metric} (sd)",
-                    "loss gain [95% CI]", "loss verdict", f"{metric} gain [95% CI]", f"{metric} verdict"], rows,
-                   marked={i for i, m in enumerate(mixes) if m["name"] == SELECTED})
+    header = ["mix", "kind", "sources", "seeds", "test loss (sd)", f"test {metric} (sd)",
+              "loss gain [95% CI]", "loss verdict", f"{metric} gain [95% CI]", f"{metric} verdict"]
+    if any("test_no_match" in m for m in mixes):  # an answer pattern: generations it found no answer in
+        header.insert(6, "no match (mean)")
+        for row, m in zip(rows, mixes):
+            row.insert(6, num(m["test_no_match"]["mean"], ".1f") if "test_no_match" in m else "-")
+    table = _table(header, rows, marked={i for i, m in enumerate(mixes) if m["name"] == SELECTED})
     fig = Figure(figsize=(9, 3.8), layout="constrained")
     for ax, key, label in zip(fig.subplots(1, 2), ("test_score", "test_loss"), (f"test {metric}", "test loss")):
         _spread_plot(ax, mixes, key, label)
@@ -270,7 +283,7 @@ def _costs(compare: dict | None) -> str:
         return _missing(title, "compare.json", "gradex compare CONFIG")
     cost = compare["cost"]
     rows = [[stage, num(seconds, ".1f")] for stage, seconds in cost["stages_seconds"].items()]
-    rows.append(["selection in all (meta-train + gradients + select)", num(cost.get("selection_seconds"), ".1f")])
+    rows.append([f"selection in all ({' + '.join(cost['stages_seconds'])})", num(cost.get("selection_seconds"), ".1f")])
     rows.append(["one fine-tune", num(cost.get("finetune_seconds"), ".1f")])
     if cost.get("forward_finetunes") is not None:
         rows.append([f"the same search by real fine-tuning ({cost['forward_finetunes']} fine-tunes, extrapolated)",

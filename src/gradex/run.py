@@ -6,6 +6,7 @@ from stale.
               meta/    meta-train
               added/   add-sources   (only once `gradex add-sources` has added sources: gradex.added)
               store/   gradients
+              clusters/ clusters     (only with data.clusters: gradex.stages.clusters)
               select/  select
 """
 
@@ -56,7 +57,9 @@ class Run:
         """prepare's examples (the ones theta* was trained on), then the added sources' (added/)."""
         extra = self.dir / "added" / "examples.jsonl"
         more = read_examples(extra.parent) if self.added and extra.exists() else []
-        return read_examples(self.dir / "data") + more
+        from gradex.stages.clusters import relabel  # with data.clusters: each example's cluster is its source
+
+        return relabel(self, read_examples(self.dir / "data") + more)
 
     @cached_property
     def trained_sources(self) -> list[str]:
@@ -128,7 +131,7 @@ class Run:
         c = self.cfg
         if stage == "prepare":
             return {"config": config_mod.fingerprint(c.model.name, c.model.gguf_file, c.model.max_length,
-                                                     c.model.chat_template, c.data),
+                                                     c.model.chat_template, config_mod.prepare_part(c.data)),
                     **self.data_files}
         if stage == "added":  # like prepare's, and the prepared data (the target's held-out prompts)
             files = {f"file {s.path}": ledger.sha256(Path(s.path)) if Path(s.path).exists() else "missing"
@@ -146,8 +149,13 @@ class Run:
         if stage == "select":
             from gradex.stages.estimate import weighting
 
-            return {"config": config_mod.fingerprint(c.estimate, c.select, weighting(self)),
-                    "data": self.output("data"), "store": self.output("store")}
+            found = {"config": config_mod.fingerprint(c.estimate, c.select, weighting(self)),
+                     "data": self.output("data"), "store": self.output("store")}
+            return {**found, "clusters": self.output("clusters")} if c.data.clusters else found
+        if stage == "clusters":
+            from gradex.stages.clusters import inputs
+
+            return inputs(self)
         raise KeyError(stage)
 
     def data_key(self) -> Any:
@@ -197,7 +205,7 @@ class Run:
 # "added" (add-sources) exists only in a run that has added sources (Run.added)
 THETA_STAR = Path("meta") / "theta_star"  # the meta-initialization: a peft adapter (LoRA) or a model folder (full)
 FINAL = Path("final") / "selected"  # the final model, fine-tuned on target + the selected sources
-STAGE_DIRS = {"prepare": "data", "meta": "meta", "added": "added", "gradients": "store", "select": "select"}
+STAGE_DIRS = {"prepare": "data", "meta": "meta", "added": "added", "gradients": "store", "clusters": "clusters", "select": "select"}
 STAGE_NAMES = {"prepare": "prepare", "meta": "meta-train", "added": "add-sources", "gradients": "gradients",
-               "select": "select"}
-PRODUCER = {"data": "prepare", "theta*": "meta", "added": "added", "store": "gradients"}  # artifact -> its stage
+               "clusters": "clusters", "select": "select"}
+PRODUCER = {"data": "prepare", "theta*": "meta", "clusters": "clusters", "added": "added", "store": "gradients"}  # artifact -> its stage

@@ -55,7 +55,9 @@ def candidate_mixes(run: Run, body: dict, seeds: int, extra: dict[str, list[str]
         if b == "all":
             mixes.append(Mix("all", "baseline", [list(run.sources)] * seeds, "every source"))
         elif b == "target":
-            mixes.append(Mix("target", "baseline", [[]] * seeds, "the target alone"))
+            own = c.data.clusters is not None and c.data.clusters.from_ == "target_train"
+            mixes.append(Mix("target", "baseline", [[]] * seeds, "theta* itself, no fine-tune: every target train "
+                             "example is in a cluster (data.clusters.from target_train)" if own else "the target alone"))
         elif b == "random":
             draws = [random_mix(run.sources, k, f"{c.select.seed}:random:{s}") for s in range(seeds)]
             mixes.append(Mix("random", "baseline", draws, f"{k} random sources, drawn afresh per seed"))
@@ -130,7 +132,8 @@ def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] |
         rows.append({"mix": m.name, "kind": m.kind, "seed": s, "members": res["members"], "size": len(res["members"]),
                      "steps": res["steps"], "examples": res["examples"], "seconds": res["seconds"],
                      "validation_loss": res["validation"]["loss"], "test_loss": res["test"]["loss"],
-                     "test_score": res["test"]["score"], "key": res["key"]})
+                     "test_score": res["test"]["score"], "test_no_match": res["test"].get("no_match"),
+                     "key": res["key"]})
     fn, _, _ = estimator(run, stage="compare")
     for r, value in zip(rows, fn(member_mask(run.sources, [r["members"] for r in rows])).tolist()):
         r["estimate"] = value
@@ -140,6 +143,8 @@ def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] |
     grads = ledger.read(run.dir / "store")
     stage_seconds = {"meta-train": meta.get("seconds"), "gradients": grads.get("seconds"),
                      "select": ledger.read(run.dir / "select").get("seconds")}
+    if cfg.data.clusters is not None:  # making the sources is part of the selection's cost
+        stage_seconds["clusters"] = ledger.read(run.dir / "clusters").get("seconds")
     known = [v for v in stage_seconds.values() if v is not None]
     selection_seconds = sum(known) if len(known) == len(stage_seconds) else None
     finetune_seconds = round(sum(r["seconds"] for r in rows) / len(rows), 3)  # every mix has the same steps

@@ -154,6 +154,9 @@ def estimate(cfg: Config, subsets: list[list[str]] | None = None) -> list[dict]:
     and all but each source) and append them to estimates.parquet."""
     run = prepare(cfg)
     gradients(cfg)
+    from gradex.stages.clusters import clusters
+
+    clusters(cfg)  # with data.clusters the sources are the clusters: made before run.sources is read
     names = run.sources
     if subsets is None:
         n = len(names)

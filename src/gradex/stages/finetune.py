@@ -53,7 +53,22 @@ def finetune_recipe(run: Run) -> tuple[str, Any]:
 
 
 def finetune_key(run: Run, members: list[str], seed: int) -> str:
-    return config_mod.fingerprint(finetune_recipe(run)[0], sorted(members), seed)
+    return config_mod.fingerprint(finetune_recipe(run)[0], sorted(members), seed, *_key_extras(run))
+
+
+def _key_extras(run: Run) -> list:
+    """What else shapes a fine-tune's result, listed only when in use (so the keys of other runs stay
+    as they were): the clusters (which examples a cluster's name stands for) and the answer pattern
+    that exact match extracts with."""
+    from gradex.data import answer_pattern
+
+    extras: list = []
+    if run.cfg.data.clusters is not None:
+        extras.append(("clusters", run.output("clusters")))
+    pattern = answer_pattern(run.cfg.data.target)
+    if pattern is not None:
+        extras.append(("answer_pattern", pattern))
+    return extras
 
 
 def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finetune") -> dict:
@@ -63,6 +78,7 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
     Kept in finetunes/<key>/ (model/: a peft adapter or a model folder; log, result.json), so any stage that needs the same
     fine-tune (the final model, compare, validate) reuses it; an interrupted one resumes from its
     checkpoint."""
+    from gradex.data import answer_pattern
     from gradex.evaluate import evaluate as evaluate_model
     from gradex.train import train, write_log
 
@@ -75,13 +91,17 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
     model = run.meta_model() if run.cfg.finetune.init == "theta_star" else run.fresh_model(seed=recipe.seed)
     idx = run.train_indices(members)
     t0 = time.perf_counter()
-    history = train(model, run.tokens, idx, recipe, run.pad_id, run.precision, where / "checkpoint.pt", desc=desc)
+    # An empty mix (the target alone when data.clusters.from is target_train: every target train
+    # example is in a cluster) trains nothing: it is its starting point, theta* or the base model.
+    history = train(model, run.tokens, idx, recipe, run.pad_id, run.precision, where / "checkpoint.pt",
+                    desc=desc) if idx else []
     seconds = time.perf_counter() - t0
     save_model(model, where / "model")
     write_log(history, where / "log.jsonl")
     t0 = time.perf_counter()
     metrics = {split: evaluate_model(model, run.tokenizer, run.examples, run.tokens, run.indices(split),
-                                     run.precision, desc=f"{desc} {split}", output=run.cfg.gradients.output)
+                                     run.precision, desc=f"{desc} {split}", output=run.cfg.gradients.output,
+                                     answer_pattern=answer_pattern(run.cfg.data.target))
                for split in ("validation", "test")}
     result = {"key": key, "members": [s for s in run.sources if s in set(members)], "seed": seed,
               "init": run.cfg.finetune.init, "steps": len(history), "examples": len(idx),

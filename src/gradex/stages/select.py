@@ -14,6 +14,7 @@ from gradex import ledger
 from gradex.atomic import write_json
 from gradex.config import Config
 from gradex.run import Run, log
+from gradex.stages.clusters import clusters, selected_clusters
 from gradex.stages.estimate import estimator, save_estimates
 from gradex.stages.gradients import gradients
 from gradex.stages.prepare import prepare
@@ -59,11 +60,15 @@ def select(cfg: Config, force: bool = False) -> dict:
     """Select sources by their estimates; writes selection.json and appends to estimates.parquet."""
     run = prepare(cfg)
     gradients(cfg)
+    clusters(cfg)  # before anything reads run.examples: the clusters are the sources from here on
     if run.done("select", force) and (run.dir / "selection.json").exists():
         return json.loads((run.dir / "selection.json").read_text())
     fn, rows, l2 = estimator(run)
     body = selection(run, cfg.select.method, fn)
     body.update({"l2": l2, "estimated_subsets": len(rows)})
+    chosen = selected_clusters(run, body["selected"])
+    if chosen is not None:  # what the selected clusters hold, for a person to read (all: clusters/clusters.json)
+        body["clusters"] = chosen
     write_json(run.dir / "selection.json", body)
     save_estimates(run, rows)
     run.mark("select", subsets=len(rows), seconds=body["seconds"],

@@ -1,0 +1,152 @@
+"""clusters: with `data.clusters`, the unlabelled examples (every configured source's, or the target's
+train split) clustered at theta* into k sources named cluster-000, ...; clusters/clusters.json.
+
+The clusters replace the examples' source labels everywhere after this stage (`Run.examples`
+relabels them once the stage is done), so estimate, select, finetune and compare see the clusters as
+ordinary sources. meta-train and the gradient pass run before it: both use every training example
+whatever its source, so they are the same with or without the clusters.
+
+With `from: target_train` every target train example belongs to a cluster, so the target has no
+training data of its own: the empty mix ("the target alone") is theta* itself, estimated at z = 0
+and fine-tuned for zero steps, and the whole target train split is the all-sources mix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Sequence
+
+import numpy as np
+
+from gradex import config as config_mod
+from gradex import ledger
+from gradex.atomic import write_json
+from gradex.config import Config, ConfigError
+from gradex.data import Example, read_examples
+from gradex.run import Run, log
+
+CLUSTERS_FILE = "clusters.json"  # in clusters/
+
+
+def candidates(cfg: Config, examples: Sequence[Example]) -> list[int]:
+    """The positions (in data/examples.jsonl) of the examples to cluster: the target's train split
+    (`from: target_train`) or every training example of the configured sources (`from: pool`)."""
+    target = cfg.data.target.name
+    own = cfg.data.clusters.from_ == "target_train"
+    return [i for i, e in enumerate(examples) if e.split == "train" and (e.source == target) == own]
+
+
+def check_clusterable(cfg: Config, examples: Sequence[Example]) -> None:
+    """At prepare, before anything is trained: k clusters need at least k examples to cluster."""
+    c = cfg.data.clusters
+    if c is None:
+        return
+    n = len(candidates(cfg, examples))
+    what = "target train examples" if c.from_ == "target_train" else "source examples"
+    if c.k > n:
+        raise ConfigError(f"data.clusters.k: {c.k} clusters, but there are only {n} {what} to cluster "
+                          f"(data.clusters.from: {c.from_}); lower k or add examples")
+
+
+def inputs(run: Run) -> dict[str, str | None]:
+    """The clusters' ledger inputs: their config, the data, theta*, and the store for gradient features."""
+    c = run.cfg
+    found = {"config": config_mod.fingerprint(c.data.clusters, c.data.seed, c.data.target.name),
+             "data": run.output("data"), "theta*": run.output("theta*")}
+    if c.data.clusters.features == "gradients":
+        found["store"] = run.output("store")
+    else:  # hidden states of theta* under this model and precision
+        found["config"] = config_mod.fingerprint(found["config"], c.model, run.precision)
+    return found
+
+
+def gradient_features(run: Run, positions: Sequence[int]) -> np.ndarray:
+    """The store's rows of the given examples (exact-inner-product coordinates under projection none)."""
+    from gradex.gradients import Store
+
+    store = Store.open(run.dir / "store")
+    row_of = {int(i): r for r, i in enumerate(np.asarray(store.index).tolist())}
+    missing = [p for p in positions if p not in row_of]
+    if missing:
+        raise ConfigError(f"data.clusters: {len(missing)} examples to cluster have no row in the store "
+                          f"(e.g. example {missing[0]}); run `gradex gradients --force`")
+    rows = np.array([row_of[p] for p in positions])
+    if store.manifest["projector"]["kind"] == "none":
+        from gradex.estimate import exact_coordinates
+
+        return exact_coordinates(store.x).numpy()[rows]  # same inner products, rank(G) <= N columns
+    return np.asarray(store.x[rows])
+
+
+def embedding_features(run: Run, positions: Sequence[int]) -> np.ndarray:
+    """theta*'s last hidden state, mean-pooled over each example's tokens (progress bar per batch)."""
+    from gradex.baselines import mean_hidden_states
+
+    model = run.meta_model()
+    return mean_hidden_states(model, run.tokens, list(positions), run.pad_id, desc="clusters: embeddings")
+
+
+def clusters(cfg: Config, force: bool = False) -> dict | None:
+    """Cluster the unlabelled examples into data.clusters.k sources (clusters/clusters.json); None
+    without data.clusters. Runs the gradient pass (or meta-train, for embeddings) first if needed."""
+    from gradex.clusters import cluster, describe, normalize
+    from gradex.stages.gradients import gradients
+    from gradex.stages.meta import meta_train
+    from gradex.stages.prepare import prepare
+
+    c = cfg.data.clusters
+    if c is None:
+        return None
+    run = prepare(cfg)
+    if c.features == "gradients":
+        gradients(cfg)
+    else:
+        meta_train(cfg)
+    path = run.dir / "clusters" / CLUSTERS_FILE
+    if run.done("clusters", force) and path.exists():
+        return json.loads(path.read_text())
+    run.begin("clusters", force)
+    t0 = time.perf_counter()
+    examples = read_examples(run.dir / "data")  # prepare's labels: which examples are unlabelled
+    positions = candidates(cfg, examples)
+    raw = gradient_features(run, positions) if c.features == "gradients" else embedding_features(run, positions)
+    labels = cluster(normalize(raw, center=c.features == "embeddings"), c.k, c.method, seed=cfg.data.seed)
+    found = describe(labels, positions, [examples[i].prompt for i in positions],
+                     [examples[i].origin for i in positions])
+    body = {"from": c.from_, "features": c.features, "method": c.method, "k": c.k, "clusters_found": len(found),
+            "examples": len(positions), "sizes": {f["name"]: f["size"] for f in found}, "clusters": found}
+    write_json(path, body)
+    seconds = round(time.perf_counter() - t0, 1)
+    run.mark("clusters", clusters=len(found), examples=len(positions), seconds=seconds,
+             outputs={"clusters": ledger.sha256(path)})
+    sizes = [f["size"] for f in found]
+    log(f"clustered {len(positions)} examples ({c.from_}, {c.features}, {c.method}) into {len(found)} sources "
+        f"of {min(sizes)}-{max(sizes)} examples in {seconds:.1f} s ({path})")
+    if len(found) < c.k:
+        log(f"warning: {c.k} clusters asked for, {len(found)} found (fewer distinct examples than k)")
+    return body
+
+
+def relabel(run: Run, examples: list[Example]) -> list[Example]:
+    """The examples with each clustered one's source replaced by its cluster's name, once the clusters
+    stage is done and current; otherwise (no data.clusters, or before the stage) as they are."""
+    if run.cfg.data.clusters is None or run.state("clusters")[0] != "done":
+        return examples
+    body = json.loads((run.dir / "clusters" / CLUSTERS_FILE).read_text())
+    out = list(examples)
+    for found in body["clusters"]:
+        for i in found["members"]:
+            out[i] = dataclasses.replace(out[i], source=found["name"])
+    return out
+
+
+def selected_clusters(run: Run, selected: Sequence[str]) -> dict[str, dict] | None:
+    """For selection.json and the report: each selected cluster's size and example prompts."""
+    path = run.dir / "clusters" / CLUSTERS_FILE
+    if run.cfg.data.clusters is None or not path.exists():
+        return None
+    by_name = {f["name"]: f for f in json.loads(path.read_text())["clusters"]}
+    return {name: {"size": by_name[name]["size"], "examples": by_name[name]["examples"]}
+            for name in selected if name in by_name}
