@@ -258,3 +258,19 @@ def test_an_interrupted_move_is_finished_and_refused_until_then(extended, tmp_pa
     done = Store.open(store)
     assert len(done) == len(x) == len(done.u) == len(done.index) and done.manifest["n"] == len(x)
     assert not pending.exists()
+
+
+def test_run_dir_names_a_moved_run_and_its_own_config(extended, tmp_path, capsys):
+    cfg2, path, more = extended
+    moved = tmp_path / "elsewhere" / "screen"
+    shutil.copytree(cfg2.run_dir, moved)  # its config.yaml still names the original place
+    capsys.readouterr()
+    assert main(["status", "--run-dir", str(moved)]) == 0
+    out = capsys.readouterr().out
+    assert f"run directory: {moved.resolve()}" in out and "add-sources done" in out and "stale" not in \
+        out.split("select")[0]
+    assert main(["add-sources", str(more), "--run-dir", str(moved)]) == 0  # nothing to add: same store
+    assert (moved / "store" / "x.npy").read_bytes() == (cfg2.run_dir / "store" / "x.npy").read_bytes()
+    assert main(["status", str(path), "--run-dir", str(moved)]) == 2
+    assert "not a config file and --run-dir" in capsys.readouterr().err.replace("give one of a config file, "
+                                                                                "--example or --run-dir, ", "")
