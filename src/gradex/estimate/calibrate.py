@@ -102,7 +102,7 @@ def _smallest_l2(problem: Problem) -> float:
 
 
 def calibrate_l2(problem: Problem, step_size: float | None = None, *, output_change: float | None = None,
-                 rtol: float = 1e-4) -> float:
+                 rtol: float = 1e-4, progress: bool = False) -> float:
     """The l2 at which the all-sources fit moves by the requested amount, given as exactly one of:
 
     - `output_change`: the root-mean-square change x_s . z of the training examples' outputs u_s
@@ -118,7 +118,16 @@ def calibrate_l2(problem: Problem, step_size: float | None = None, *, output_cha
     eigenbasis of H_all, which gives a starting guess for free; the exact all-sources optimum (damped
     Newton, float64) is then matched by Brent's method on log l2 to relative accuracy `rtol`, so
     well-converged estimates of the all-sources subset move by exactly the requested amount.
+    `progress`: a bar counting the exact fits (each a few passes over the rows), on stderr.
     """
+    from tqdm.auto import tqdm
+
+    with tqdm(desc="calibrating l2 (exact fits)", unit="fit", leave=False, disable=not progress) as bar:
+        return _calibrate(problem, step_size, output_change, rtol, bar)
+
+
+def _calibrate(problem: Problem, step_size: float | None, output_change: float | None, rtol: float, bar) -> float:
+    """calibrate_l2's search; `bar` counts its exact fits."""
     from scipy.optimize import brentq
 
     if (step_size is None) == (output_change is None):
@@ -131,8 +140,8 @@ def calibrate_l2(problem: Problem, step_size: float | None = None, *, output_cha
     d = problem.dim
     members = torch.ones(problem.n_sources + 1, dtype=torch.bool)
     with one_thread():
-        evals, vecs = torch.linalg.eigh(st["H"].sum(0).view(d, d))
-    coef = vecs.T @ st["b"].sum(0)
+        evals, vecs = torch.linalg.eigh(st["H"])
+    coef = vecs.T @ st["b"]
     # b lies in the span of the training gradients, i.e. in the range of H_all; its components along
     # (numerically) null eigenvectors are rounding noise, which a tiny l2 would amplify into a huge z
     # whose size is then lost to cancellation. Dropping them is exact in exact arithmetic.
@@ -159,6 +168,7 @@ def calibrate_l2(problem: Problem, step_size: float | None = None, *, output_cha
     def log_ratio(log_l2: float) -> float:
         z0 = warm[min(warm, key=lambda k: abs(k - log_l2))] if warm else None
         z = exact_fit(problem, members, math.exp(log_l2), z0)
+        bar.update(1)
         warm[log_l2] = z
         problem._cache["warm"] = warm  # the solver's anchor (this fit at the chosen l2) starts from here
         return math.log(max(size(z), 1e-300) / target)
