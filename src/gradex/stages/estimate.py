@@ -5,6 +5,7 @@ config, and a function subsets -> estimated target loss that records every estim
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -29,7 +30,9 @@ def problem(run: Run):
         x = exact_coordinates(store.x)  # exact inner products in rank(G) <= N dimensions
         col = torch.ones(x.shape[1])
     else:
-        x = torch.tensor(np.asarray(store.x), dtype=torch.float32)
+        with warnings.catch_warnings():  # the store's memory map is read-only, and stays unwritten
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(store.x)  # a view: only the rows taken below are read into memory
         col = torch.as_tensor(store.col_sq_norms, dtype=torch.float32) if store.col_sq_norms is not None else None
     u = torch.tensor(np.asarray(store.u), dtype=torch.float32)
     index = store.index.tolist()
@@ -37,7 +40,12 @@ def problem(run: Run):
     group_of = {name: j + 1 for j, name in enumerate(run.sources)}
     train_rows = [r for r, i in enumerate(index) if examples[i].split == "train"]
     val_rows = [r for r, i in enumerate(index) if examples[i].split == "validation"]
-    group = torch.tensor([group_of.get(examples[index[r]].source, 0) for r in train_rows])
+    # Rows ordered by group, so that each group's rows are one contiguous block (a view for the solver)
+    group_ids = [group_of.get(examples[index[r]].source, 0) for r in train_rows]
+    order = sorted(range(len(train_rows)), key=group_ids.__getitem__)
+    train_rows = torch.tensor([train_rows[k] for k in order], dtype=torch.long)
+    group = torch.tensor([group_ids[k] for k in order], dtype=torch.long)
+    val_rows = torch.tensor(val_rows, dtype=torch.long)
     return Problem(x=x[train_rows], u=u[train_rows], group=group, x_val=x[val_rows], u_val=u[val_rows],
                    n_sources=len(run.sources), col_sq_norms=col, theta_norm=float(store.manifest["theta_norm"]))
 
@@ -49,9 +57,10 @@ def regularization(run: Run, prob) -> float:
     est = run.cfg.estimate
     if est.l2 is not None:
         return est.l2
+    big = prob.x.shape[0] >= 100_000  # each exact fit then takes seconds: show them
     if est.step_size is not None:
-        return calibrate_l2(prob, est.step_size)
-    return calibrate_l2(prob, output_change=est.output_change)
+        return calibrate_l2(prob, est.step_size, progress=big)
+    return calibrate_l2(prob, output_change=est.output_change, progress=big)
 
 
 def weighting(run: Run, equal_steps: bool | None = None) -> str:
@@ -86,7 +95,7 @@ def estimator(run: Run, equal_steps: bool | None = None,
     def fn(subsets: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         est = estimate(prob, subsets, l2, refinements=run.cfg.estimate.refinements, tol=run.cfg.estimate.tol,
-                       weighting=weights)
+                       weighting=weights, progress=len(subsets) >= 1024)
         loss = reconstruct(est.z) if reconstruct else est.loss
         seconds = (time.perf_counter() - t0) / max(1, len(subsets))
         for member, value, step, change, converged in zip(subsets.tolist(), loss.tolist(), est.step.tolist(),

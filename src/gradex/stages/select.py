@@ -29,13 +29,14 @@ def selection(run: Run, method: str, fn: Callable[[torch.Tensor], torch.Tensor] 
     if fn is None:
         fn, _, _ = estimator(run)
     n, sc = len(run.sources), run.cfg.select
+    m = sc.subsets if sc.subsets is not None else select_mod.default_subsets(n)
     t0 = time.perf_counter()
     if method == "ensemble":
-        sel = select_mod.ensemble(fn, n, sc.subsets, sc.alpha, sc.seed, top_k=sc.top_k)
+        sel = select_mod.ensemble(fn, n, m, sc.alpha, sc.seed, top_k=sc.top_k)
     elif method == "best":
         sel = select_mod.best(fn, n)
     elif method == "effects":
-        sel = select_mod.effects(fn, n, sc.subsets, sc.seed)
+        sel = select_mod.effects(fn, n, m, sc.seed)
     elif method == "exhaustive":
         if n > select_mod.EXHAUSTIVE_LIMIT:
             raise config_mod.ConfigError(f"select.method: exhaustive search needs at most "
