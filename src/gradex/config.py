@@ -49,11 +49,12 @@ class ModelConfig:
     # Run Python code that a model directory or hub repository ships (its own architecture): only
     # for a model you trust, since that code runs with your permissions when gradex loads it.
     trust_remote_code: bool = False
+    # none: the prompt text, then the answer (a BOS token first where the tokenizer adds one itself) |
     # auto: when the tokenizer has a chat template (an instruction model), each example is a user turn
     # (the prompt) and an assistant turn (the answer) in that template, the loss on the assistant turn
-    # only | none: the prompt text, then the answer (a BOS token first where the tokenizer adds one
-    # itself). The shipped examples set none: their measured results are on plain prompts.
-    chat_template: str = "auto"
+    # only. none by default: every measured result (the shipped examples, SmolLM2-135M-Instruct, which
+    # has a template) is on plain prompts, and auto doubles their length (docs: README).
+    chat_template: str = "none"
 
 
 @dataclass
