@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import arithmetic_rows, tiny_run_config, write_jsonl
+from conftest import arithmetic_rows, tiny_run_config, write_config, write_jsonl
 from gradex import config, pipeline
 from gradex.clusters import cluster, first_seen_order, names, normalize
 from gradex.compare import format_table
@@ -145,7 +145,7 @@ def pool_config(tmp_path, model_dir, **clusters):
     return cfg
 
 
-def test_pool_clustered_on_gradients_then_selected(tmp_path, tiny_model_dir):
+def test_pool_clustered_on_gradients_then_selected(tmp_path, tiny_model_dir, capsys):
     cfg = pool_config(tmp_path, tiny_model_dir, k=3)
     body = pipeline.select(cfg)
     run = pipeline.Run(cfg)
@@ -177,6 +177,16 @@ def test_pool_clustered_on_gradients_then_selected(tmp_path, tiny_model_dir):
     assert rows["clusters"]["state"] == "stale" and rows["gradients"]["state"] == "done"
     assert rows["select"]["state"] == "stale"
     assert len(pipeline.select(cfg)["sources"]) == 2
+    # the CLI: `gradex clusters` says where they are and their sizes, `gradex status` lists the stage
+    from gradex.cli import main
+
+    capsys.readouterr()
+    assert main(["clusters", str(write_config(cfg, tmp_path / "pool.yaml"))]) == 0
+    said = json.loads(capsys.readouterr().out)
+    assert said["sizes"] == json.loads((cfg.run_dir / "clusters" / "clusters.json").read_text())["sizes"]
+    assert len(said["sizes"]) == 2
+    assert main(["status", str(tmp_path / "pool.yaml")]) == 0
+    assert any(line.split()[:2] == ["clusters", "done"] for line in capsys.readouterr().out.splitlines())
 
 
 def test_target_train_clusters_empty_target_mix_is_theta_star(tmp_path, tiny_model_dir):

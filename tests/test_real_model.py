@@ -48,8 +48,12 @@ def _metrics_describe_the_saved_adapter(run, final) -> None:
     import torch
     from peft import PeftModel
 
-    from gradex.data import END
+    import re
+
+    from gradex.data import END, answer_pattern
     from gradex.model import language_model, load_base
+
+    pattern = answer_pattern(run.cfg.data.target)  # a BIG-bench target's output_regex applies to generations
 
     model = PeftModel.from_pretrained(load_base(run.cfg.model), str(run.dir / "final" / "selected"))
     model.eval()
@@ -64,7 +68,11 @@ def _metrics_describe_the_saved_adapter(run, final) -> None:
                                  max_new_tokens=len(t.ids) - t.n_prompt + 1, do_sample=False,
                                  pad_token_id=run.tokenizer.pad_token_id)
             text = run.tokenizer.decode(out[0, t.n_prompt:].tolist(), skip_special_tokens=True)
-            correct += text.split(END)[0].strip() == run.examples[i].answer.strip()
+            text = text.split(END)[0].strip()
+            if pattern is not None:  # its first match, group 1 when it has a group (BIG-bench's rule)
+                found = re.search(pattern, text)
+                text = None if found is None else (found.group(1) or "") if found.re.groups else found.group(0)
+            correct += text is not None and text.strip() == run.examples[i].answer.strip()
     test = final["test"]
     assert test["token_nll"] == pytest.approx(sum(ces) / len(ces), rel=1e-4)
     assert test["loss"] == pytest.approx(test["token_nll"], rel=1e-3)  # the ce output's loss is the mean CE

@@ -19,7 +19,7 @@ STAGES: dict[str, tuple[str, Callable[..., object]]] = {
     "meta-train": ("multitask-train on target + all sources: theta*", pipeline.meta_train),
     "gradients": ("projected per-example gradients at theta* into the store", pipeline.gradients),
     "clusters": ("with data.clusters: cluster the unlabelled examples into sources (clusters/clusters.json)",
-                 pipeline.clusters),
+                 lambda cfg, force=False: _clusters_summary(cfg, pipeline.clusters(cfg, force))),
     "select": ("estimate subsets and select sources (selection.json)", pipeline.select),
     "finetune": ("fine-tune on target + selected sources: the final model (final/), with the finetune recipe "
                  "(finetune.init; finetune.budget equal by default: the steps all sources need for "
@@ -109,6 +109,15 @@ def parser() -> argparse.ArgumentParser:
                      help="final: the fine-tuned selection (default); meta: theta*")
     exp.add_argument("--out", default=None, metavar="DIR", help="where to write it (default RUN/export/WHICH)")
     return p
+
+
+def _clusters_summary(cfg: Config, body: dict | None) -> dict:
+    """What `gradex clusters` prints: where the clusters are and their sizes (clusters.json also lists
+    every member, too many to print)."""
+    if body is None:
+        raise ConfigError("gradex clusters: this config has no data.clusters (its sources are the configured ones)")
+    return {"clusters": str(cfg.run_dir / "clusters" / "clusters.json"), "from": body["from"],
+            "features": body["features"], "method": body["method"], "sizes": body["sizes"]}
 
 
 def format_summary(summary: dict) -> str:

@@ -212,7 +212,8 @@ def price(selection_seconds: float | None, finetune_seconds: float, forward_fine
     by_finetuning = forward_finetunes * finetune_seconds
     return {"forward_finetunes": forward_finetunes, "by_finetuning_seconds": round(by_finetuning, 3),
             "speedup": round(by_finetuning / selection_seconds, 2) if selection_seconds else None,
-            "overhead_vs_finetune": round(selection_seconds / finetune_seconds, 2) if selection_seconds else None}
+            "overhead_vs_finetune": round(selection_seconds / finetune_seconds, 2)
+            if selection_seconds and finetune_seconds else None}
 
 
 def to_dict(mixes: Sequence[Mix]) -> list[dict]:

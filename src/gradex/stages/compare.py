@@ -147,7 +147,10 @@ def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] |
         stage_seconds["clusters"] = ledger.read(run.dir / "clusters").get("seconds")
     known = [v for v in stage_seconds.values() if v is not None]
     selection_seconds = sum(known) if len(known) == len(stage_seconds) else None
-    finetune_seconds = round(sum(r["seconds"] for r in rows) / len(rows), 3)  # every mix has the same steps
+    # every mix that trains has the same steps; an empty mix (theta* itself, under data.clusters.from
+    # target_train) trains none and says nothing of a fine-tune's cost
+    trained = [r["seconds"] for r in rows if r["steps"]] or [0.0]
+    finetune_seconds = round(sum(trained) / len(trained), 3)
     result = {"fingerprint": fingerprint, "seeds": k, "recipe": recipe_summary(run), "metric": metric, "test_examples": final["test"]["examples"],
               "selection": {"method": cfg.select.method, "selected": body["selected"], "reason": body["reason"]},
               "similarity": similarity, "mixes": summary, "estimate_check": cmp.estimate_check(rows),
