@@ -104,3 +104,31 @@ def test_factored_and_conjugate_gradient_batches_agree(prob, monkeypatch):
         out[mode] = estimate(prob, subsets, l2, weighting="mean", tol=1e-7)
     torch.testing.assert_close(out["direct"].loss, out["cg"].loss, rtol=1e-5, atol=0)
     assert bool(out["direct"].converged.all()) and bool(out["cg"].converged.all())
+
+
+
+def test_exact_fit_carrying_a_hessian_reaches_the_same_fit_with_fewer_hessians(prob, monkeypatch):
+    """calibrate_l2's fits hand their Hessian to the next (a chord method): the fit is the oracle's,
+    and a warm fit at a nearby l2 computes no Hessian of its own."""
+    from gradex.estimate import calibrate as calibrate_mod
+
+    hessians: list[bool] = []
+    real = calibrate_mod._pass
+
+    def counting(problem, rows, z, l2, gradient, hessian=False, dtype=torch.float64):
+        hessians.append(hessian)
+        return real(problem, rows, z, l2, gradient, hessian, dtype)
+
+    monkeypatch.setattr(calibrate_mod, "_pass", counting)
+    members = torch.ones(prob.n_sources + 1, dtype=torch.bool)
+    l2 = calibrate_l2(prob, output_change=0.3)
+    carry: dict = {}
+    z1 = exact_fit(prob, members, l2, carry=carry)
+    hessians.clear()
+    z2 = exact_fit(prob, members, 1.5 * l2, z0=z1, carry=carry)
+    carried = sum(hessians)
+    torch.testing.assert_close(z2, exact_solve(prob, members[1:], 1.5 * l2).double(), rtol=1e-6, atol=1e-8)
+    hessians.clear()
+    z3 = exact_fit(prob, members, 1.5 * l2, z0=z1)  # no carry: its own first Hessian, the same answer
+    assert carried == 0 < sum(hessians)
+    torch.testing.assert_close(z2, z3, rtol=1e-6, atol=1e-9)  # both stop at the same decrement tolerance

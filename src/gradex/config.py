@@ -227,7 +227,8 @@ class SelectConfig:
     # random subsets of every size, keep each source whose fitted effect lowers the estimate |
     # ensemble: the paper's rule, keep sources better than the average source
     method: str = "best"
-    subsets: int = 400  # ensemble and effects: sampled subsets
+    # ensemble and effects: sampled subsets; default max(400, 4 n) for n sources (gradex.select.default_subsets)
+    subsets: int | None = None
     alpha: float = 0.5  # ensemble: subset size as a share of the sources
     top_k: int | None = None  # ensemble: keep the top_k scores instead
     seed: int = 0
@@ -414,7 +415,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.target.{split}: needs at least 1 example")
     for key, value in [("model.max_length", cfg.model.max_length), ("gradients.dim", cfg.gradients.dim),
                        ("gradients.batch_size", cfg.gradients.batch_size), ("select.subsets", cfg.select.subsets)]:
-        if value < 1:
+        if value is not None and value < 1:
             raise ConfigError(f"{key}: must be positive, got {value}")
     for section in ("meta", "finetune", "refit"):
         recipe: TrainConfig = getattr(cfg, section)

@@ -30,43 +30,61 @@ def _hessian_dtype(problem: Problem, l2: float) -> torch.dtype:
     return torch.float32 if resolves else torch.float64
 
 
-def _pass(problem: Problem, rows: torch.Tensor | None, z: torch.Tensor, l2: float, derivatives: bool,
-          dtype: torch.dtype = torch.float64) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
-    """One streaming pass over the kept rows at z: the objective, and with `derivatives` its
-    gradient (float64) and Hessian (in `dtype`)."""
+def _pass(problem: Problem, rows: torch.Tensor | None, z: torch.Tensor, l2: float, gradient: bool,
+          hessian: bool = False, dtype: torch.dtype = torch.float64
+          ) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
+    """One streaming pass over the kept rows at z: the objective, its gradient (float64) if asked,
+    and its Hessian (in `dtype`, without the 2 l2 I) if asked. Without the Hessian a pass costs
+    ~4 N d operations instead of ~2 N d^2: d / 2 times less."""
     f = l2 * float(z.dot(z))
     d = problem.dim
-    g = 2 * l2 * z if derivatives else None
-    H = torch.zeros(d, d, dtype=dtype) if derivatives else None
+    g = 2 * l2 * z if gradient else None
+    H = torch.zeros(d, d, dtype=dtype) if hessian else None
     for xc, uc, _ in row_chunks(problem, rows):
         x64 = xc.double()
         m = uc.double() + x64 @ z
         f += float(torch.nn.functional.softplus(-m).sum())
-        if derivatives:
+        if gradient:
             g -= torch.sigmoid(-m) @ x64
+        if hessian:
             w = (torch.sigmoid(m) * torch.sigmoid(-m)).to(dtype)
             xd = xc.to(dtype)
             H.addmm_((xd * w[:, None]).T, xd)
     return f, g, H
 
 
+# A step that shrinks the Newton decrement by less than this factor says the Hessian in use has gone
+# stale: it is recomputed at the current point (a contraction of ~0.3 or worse per step).
+STALE = 0.1
+
+
 def exact_fit(problem: Problem, members: torch.Tensor, l2: float, z0: torch.Tensor | None = None,
-              tol: float = 1e-12, max_iter: int = 100) -> torch.Tensor:
+              tol: float = 1e-12, max_iter: int = 100, carry: dict | None = None) -> torch.Tensor:
     """Exact damped Newton for one subset in float64 (robust at any l2; used by calibrate_l2 and the
     solver's anchor).
 
     members: (n+1,) bool including the target column. Stops when the Newton decrement g.H^-1.g/2
     falls below tol * |objective| (beyond that, float64 objective values cannot rank steps). Reads
-    the rows in chunks (`row_chunks`), one pass per Newton step: the objective, gradient and
-    Hessian at a trial point come from the same pass, so an accepted full step costs one pass.
+    the rows in chunks (`row_chunks`), one pass per step.
+
+    The Hessian is the expensive part of a pass (d / 2 times the rest), and a nearby one steers
+    almost as well: steps reuse it while each shrinks the decrement at least `STALE`-fold, and it is
+    recomputed at the current point otherwise (a chord method whose stopping rule is Newton's, so
+    the answer is the same). `carry` (a dict) hands the last Hessian of one fit to the next fit of the
+    same subset: calibrate_l2's fits at nearby l2 and the anchor then mostly take cheap passes.
     """
     keep = members[problem.group]
     rows = None if bool(keep.all()) else keep.nonzero().squeeze(1)
+    key = tuple(bool(v) for v in members.tolist())
     z = torch.zeros(problem.dim, dtype=torch.float64) if z0 is None else z0.double().clone()
     hd = _hessian_dtype(problem, l2)
-    f, g, Hm = _pass(problem, rows, z, l2, True, hd)
+    H = carry.get("H") if carry is not None and carry.get("members") == key else None
+    fresh = H is None
+    f, g, Hn = _pass(problem, rows, z, l2, True, fresh, hd)
+    H = Hn if fresh else H.to(hd)
+    last_dec = math.inf
     for _ in range(max_iter):
-        A = Hm.double()
+        A = H.double()
         A.diagonal().add_(2 * l2)
         with one_thread():
             step = torch.cholesky_solve(g[:, None], cholesky(A)).squeeze(1)
@@ -74,22 +92,30 @@ def exact_fit(problem: Problem, members: torch.Tensor, l2: float, z0: torch.Tens
         if dec <= 2 * tol * max(abs(f), 1e-300):
             z = z - step  # already in the quadratic regime: the full step is the best one
             break
+        if not fresh and dec > STALE * last_dec:  # the carried or reused Hessian steers poorly: renew it
+            f, g, H = _pass(problem, rows, z, l2, True, True, hd)
+            fresh, last_dec = True, math.inf
+            continue
         t, accepted = 1.0, None
         for _ls in range(60):  # Armijo backtracking keeps the iteration monotone far from the optimum
             zn = z - t * step
-            if t == 1.0:  # the full step is usually taken: get its derivatives in the same pass
-                fn, gn, Hn = _pass(problem, rows, zn, l2, True, hd)
-            else:
-                fn, gn, Hn = _pass(problem, rows, zn, l2, False)
+            fn, gn, _ = _pass(problem, rows, zn, l2, t == 1.0)  # the full step is usually taken
             if fn <= f - 1e-4 * t * dec:
-                accepted = (zn, fn, gn, Hn)
+                accepted = (zn, fn, gn)
                 break
             t *= 0.5
         if accepted is None:
+            if not fresh:  # a stale Hessian's step: renew it before concluding anything
+                f, g, H = _pass(problem, rows, z, l2, True, True, hd)
+                fresh, last_dec = True, math.inf
+                continue
             break  # no decrease representable in float64: at the optimum to working precision
-        z, f, g, Hm = accepted
+        z, f, g = accepted
         if g is None:
-            _, g, Hm = _pass(problem, rows, z, l2, True, hd)
+            _, g, _ = _pass(problem, rows, z, l2, True)
+        fresh, last_dec = False, dec
+    if carry is not None:
+        carry.update(members=key, H=H)
     return z
 
 
@@ -164,10 +190,11 @@ def _calibrate(problem: Problem, step_size: float | None, output_change: float |
     guess = brentq(one_step_log_ratio, lo, hi, xtol=1e-3)
 
     warm: dict[float, torch.Tensor] = {}
+    carry = problem._cache.setdefault("carry", {})  # the last exact fit's Hessian, for the next fit
 
     def log_ratio(log_l2: float) -> float:
         z0 = warm[min(warm, key=lambda k: abs(k - log_l2))] if warm else None
-        z = exact_fit(problem, members, math.exp(log_l2), z0)
+        z = exact_fit(problem, members, math.exp(log_l2), z0, carry=carry)
         bar.update(1)
         warm[log_l2] = z
         problem._cache["warm"] = warm  # the solver's anchor (this fit at the chosen l2) starts from here

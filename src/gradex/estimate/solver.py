@@ -59,7 +59,7 @@ def _anchor(problem: Problem, l2: float) -> dict:
         members = torch.ones(problem.n_sources + 1, dtype=torch.bool)
         warm = problem._cache.get("warm") or {}  # calibrate_l2's fits, keyed by log l2
         z0 = warm[min(warm, key=lambda k: abs(k - math.log(l2)))] if warm else None
-        z = exact_fit(problem, members, l2, z0)
+        z = exact_fit(problem, members, l2, z0, carry=problem._cache.setdefault("carry", {}))
         H, b = group_sums(problem, z)
         found = {"l2": l2, "z": z, "H": H, "H32": H.float(), "b": b}
         problem._cache["anchor"] = found
