@@ -8,9 +8,12 @@ u.npy, group.npy on disk, N rows spread evenly over n sources plus a target grou
 examples, and 512 target validation rows) is written, then memory-mapped and timed through
     build     the estimation problem (gradex.estimate.Problem and the all-sources l2 calibration),
     estimate  1,000 random subsets of half the sources in one batch (subsets per second),
-    ensemble  the paper's ensemble selection with select.subsets = 400 (the default),
+    one-step  the same subsets by the first Newton step alone (estimate.refinements = 0), with its
+              relative difference from the refined estimates,
+    ensemble  the paper's ensemble selection with the default number of subsets (max(400, 4 n)),
     forward   forward stepwise over all n sources (each round's candidates in one batch).
-The gradients are low-rank plus noise with a few planted helpful sources, so the fit is not trivial
+The timings of the 1,000 subsets are medians of 3 repeats; build, ensemble and forward run once. The
+gradients are low-rank plus noise with a few planted helpful sources, so the fit is not trivial
 and forward stepwise stops after some rounds rather than at once. Writes benchmarks/results/scale[-tag].json
 and prints one JSON line last with `n<n>_N<N>_<figure>` for every cell, and the growth exponents
 (least-squares slope of log time against log N at the largest n, and against log n at the largest N).
@@ -23,10 +26,12 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 N_VAL = 512
 SUBSETS = 1000
+REPEATS = 3  # the 1,000-subset timings are the median of this many; build, ensemble and forward run once
 
 
 def synthetic_store(out: Path, n: int, big_n: int, d: int, seed: int = 0) -> None:
@@ -84,22 +90,38 @@ def cell(n: int, big_n: int, d: int) -> dict:
         write_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        x = torch.from_numpy(np.load(out / "x.npy", mmap_mode="r"))  # the store as gradex opens it
+        with warnings.catch_warnings():  # a read-only memory map: gradex never writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(np.load(out / "x.npy", mmap_mode="r"))  # the store as gradex opens it
         prob = Problem(x=x, u=torch.from_numpy(np.load(out / "u.npy")), group=torch.from_numpy(np.load(out / "group.npy")),
                        x_val=torch.from_numpy(np.load(out / "x_val.npy")), u_val=torch.from_numpy(np.load(out / "u_val.npy")),
                        n_sources=n)
         l2 = calibrate_l2(prob, output_change=0.3)
+        calibrate_s = time.perf_counter() - t0
         fn = lambda subsets: estimate(prob, subsets, l2, weighting="mean").loss  # noqa: E731
-        fn(torch.zeros(1, n, dtype=torch.bool))  # the per-group sums are built on first use
+        fn(torch.zeros(1, n, dtype=torch.bool))  # the anchor and the per-group sums are built on first use
         build_s = time.perf_counter() - t0
 
         subsets = select.sample_subsets(n, SUBSETS, 0.5, seed=1)
-        t0 = time.perf_counter()
-        fn(subsets)
-        estimate_s = time.perf_counter() - t0
+        times = []
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            refined = fn(subsets)
+            times.append(time.perf_counter() - t0)
+        estimate_s = statistics.median(times)
+        # The same subsets by the one Newton step from the all-sources fit (estimate.refinements = 0):
+        # what the refinement's full-data gradients cost, and what they buy.
+        times = []
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            one_step = estimate(prob, subsets, l2, refinements=0, weighting="mean").loss
+            times.append(time.perf_counter() - t0)
+        one_step_s = statistics.median(times)
+        one_step_err = ((one_step - refined).abs() / refined.abs()).double()
 
+        m = select.default_subsets(n)
         t0 = time.perf_counter()
-        ens = select.ensemble(fn, n, 400, 0.5, seed=0)
+        ens = select.ensemble(fn, n, m, 0.5, seed=0)
         ensemble_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -107,11 +129,30 @@ def cell(n: int, big_n: int, d: int) -> dict:
         forward_s = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
     return {"n": n, "N": big_n, "d": d, "rows": (big_n // (n + 1)) * (n + 1), "write_s": round(write_s, 2),
-            "build_s": round(build_s, 3), "estimate_s": round(estimate_s, 3),
-            "subsets_per_s": round(SUBSETS / estimate_s, 1), "ensemble_s": round(ensemble_s, 3),
+            "calibrate_s": round(calibrate_s, 3), "build_s": round(build_s, 3), "estimate_s": round(estimate_s, 3),
+            "subsets_per_s": round(SUBSETS / estimate_s, 1),
+            "one_step_subsets_per_s": round(SUBSETS / one_step_s, 1),
+            "one_step_rel_error_mean": float(one_step_err.mean()), "one_step_rel_error_max": float(one_step_err.max()),
+            "ensemble_subsets": m, "ensemble_s": round(ensemble_s, 3),
             "forward_s": round(forward_s, 3), "forward_rounds": len(fwd.history),
             "forward_selected": len(fwd.selected), "ensemble_selected": len(ens.selected),
             "peak_rss_gb": round(peak, 3)}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def slope(xs: list[float], ys: list[float]) -> float | None:
@@ -147,14 +188,16 @@ def main(argv: list[str] | None = None) -> dict:
                 sys.exit(f"n={n} N={big_n}: failed\n{proc.stderr[-3000:]}")
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             cells.append(row)
-            print(f"n={n:>5} N={big_n:>8}: build {row['build_s']:8.2f} s  {row['subsets_per_s']:9.1f} subsets/s  "
+            print(f"n={n:>5} N={big_n:>8}: build {row['build_s']:8.2f} s  {row['subsets_per_s']:9.1f} subsets/s "
+                  f"(one step {row['one_step_subsets_per_s']:.1f}/s, error {row['one_step_rel_error_mean']:.1e})  "
                   f"ensemble {row['ensemble_s']:7.2f} s  forward {row['forward_s']:8.2f} s ({row['forward_rounds']} "
                   f"rounds)  peak {row['peak_rss_gb']:.2f} GB", flush=True)
     line: dict = {}
     for r in cells:
         key = f"n{r['n']}_N{label(r['N'])}"
-        for fig in ("build_s", "subsets_per_s", "ensemble_s", "forward_s", "peak_rss_gb"):
-            line[f"{key}_{fig}"] = r[fig]
+        for fig in ("build_s", "subsets_per_s", "one_step_subsets_per_s", "ensemble_s", "forward_s", "peak_rss_gb"):
+            if fig in r:
+                line[f"{key}_{fig}"] = r[fig]
     growth = {}
     for fig in ("build_s", "estimate_s", "ensemble_s", "forward_s", "peak_rss_gb"):
         top_n = [r for r in cells if r["n"] == max(args.sources)]
@@ -163,7 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
         growth[f"{fig}_vs_n"] = slope([r["n"] for r in top_big], [r[fig] for r in top_big])
     line.update({f"exponent_{k}": v for k, v in growth.items()})
     body = {"command": " ".join(["python", "benchmarks/scale.py", *(sys.argv[1:] if argv is None else argv)]),
-            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version()},
+            "machine": {"platform": platform.platform(), "processor": cpu_model(), "cpu_count": os.cpu_count(),
+                        "python": platform.python_version(), "torch": torch_version()},
             "cells": cells, "growth_exponents": growth}
     out = ROOT / "benchmarks" / "results" / (f"scale-{args.tag}.json" if args.tag else "scale.json")
     out.parent.mkdir(parents=True, exist_ok=True)

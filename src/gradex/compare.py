@@ -211,9 +211,15 @@ def price(selection_seconds: float | None, finetune_seconds: float, forward_fine
     out, so the real figure is higher), against the selection's own stages."""
     by_finetuning = forward_finetunes * finetune_seconds
     return {"forward_finetunes": forward_finetunes, "by_finetuning_seconds": round(by_finetuning, 3),
-            "speedup": round(by_finetuning / selection_seconds, 2) if selection_seconds else None,
-            "overhead_vs_finetune": round(selection_seconds / finetune_seconds, 2)
+            "speedup": _significant(by_finetuning / selection_seconds) if selection_seconds else None,
+            "overhead_vs_finetune": _significant(selection_seconds / finetune_seconds)
             if selection_seconds and finetune_seconds else None}
+
+
+def _significant(ratio: float, digits: int = 3) -> float:
+    """A ratio to `digits` significant figures: 0.3035 stays 0.304 (two decimals would make it 0.3,
+    1.2% off), 31.46 becomes 31.5."""
+    return float(f"{ratio:.{digits}g}")
 
 
 def to_dict(mixes: Sequence[Mix]) -> list[dict]:

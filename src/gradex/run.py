@@ -113,7 +113,6 @@ class Run:
         model.eval()
         return model
 
-
     # ------------------------------------------------------------------ the ledger
     @cached_property
     def data_files(self) -> dict[str, str]:

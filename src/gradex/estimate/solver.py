@@ -123,6 +123,8 @@ class _Systems:
     as much as ~30 such iterations on this CPU (LAPACK potrf on 256 x 256 runs at ~14 GFLOP/s,
     matrix products at ~150). Subsets that do not converge within `max_iter` are factored by
     Cholesky once and solved directly from then on, so the answer never depends on the spectrum.
+    A batch whose subsets each hold many groups (big pools) is factored from the start, where one
+    CG iteration would cost more than forming H_S.
     """
 
     def __init__(self, H: torch.Tensor, members: torch.Tensor, l2: torch.Tensor, dtype: torch.dtype):
@@ -146,10 +148,10 @@ class _Systems:
         self.L: torch.Tensor | None = None  # their factors, row self._slot[i] for subset i
         self._slot = torch.full((self.m,), -1, dtype=torch.long)
         # Each CG iteration costs (groups a subset holds beyond the shared ones) x d^2 per subset, and
-        # a solve takes ~8 of them over a refined estimate; forming H_S once and factoring it costs
-        # about that many d^2 plus d^3/3 at LAPACK's slower rate. Measured at d = 256: from ~64
-        # distinct groups per subset (half of 100+ sources) the factor is the cheaper, so such
-        # batches are factored from the start (`DIRECT_GROUPS_PER_DIM`).
+        # a refined estimate takes ~8 of them; forming H_S once and factoring it costs (all groups) x
+        # d^2 plus d^3/3 at LAPACK's slower rate. Measured at d = 256, N = 10^5, subsets of half the
+        # sources: equal at 50 such groups, the factor 1.2x faster at 150 and 2.4x at 500; so batches
+        # whose subsets hold d / DIRECT_GROUPS_PER_DIM = 64 or more are factored from the start.
         beyond = float((members & ~every).sum(1).double().mean())
         if beyond * DIRECT_GROUPS_PER_DIM >= d:
             self._factor(torch.arange(self.m))
