@@ -274,3 +274,20 @@ def test_run_dir_names_a_moved_run_and_its_own_config(extended, tmp_path, capsys
     assert main(["status", str(path), "--run-dir", str(moved)]) == 2
     assert "not a config file and --run-dir" in capsys.readouterr().err.replace("give one of a config file, "
                                                                                 "--example or --run-dir, ", "")
+
+
+def test_editing_an_added_hf_sources_file_makes_add_sources_stale(base, tmp_path):
+    """An added `hf:` source's local files are part of add-sources' inputs, like a `path:` file."""
+    cfg, sub = base
+    cfg2, path = _copy(cfg, tmp_path)
+    rows = tmp_path / "sub-hf.jsonl"
+    shutil.copy(sub.path, rows)
+    more = _sources_file(tmp_path / "more.yaml",
+                         [{"name": "sub", "hf": {"path": "json", "data_files": [str(rows)], "split": "train"}}])
+    assert main(["add-sources", str(more), str(path)]) == 0
+    found = {r["stage"]: r for r in pipeline.status(cfg2)}
+    assert found["add-sources"]["state"] == "done"
+    with rows.open("a") as fh:  # one more row: the source's data changed
+        fh.write(json.dumps({"input": "1-1=", "target": "0"}) + "\n")
+    found = {r["stage"]: r for r in pipeline.status(cfg2)}
+    assert found["add-sources"]["state"] == "stale" and str(rows) in found["add-sources"]["why"]

@@ -118,12 +118,8 @@ class Run:
     def data_files(self) -> dict[str, str]:
         """The hash of every data file the config names (bigbench tasks come from the pinned package; a hub
         dataset is named by its id and revision in the config, which is why pinning one matters)."""
-        from gradex.data import hf_local_files
-
         d = self.cfg.data
-        paths = [s.path for s in (d.target, *d.sources) if s.path] + ([d.sources_file] if d.sources_file else [])
-        paths += [p for s in (d.target, *d.sources) if s.hf is not None for p in hf_local_files(s.hf)]
-        return {f"file {p}": ledger.sha256(Path(p)) if Path(p).exists() else "missing" for p in dict.fromkeys(paths)}
+        return source_files([d.target, *d.sources], [d.sources_file] if d.sources_file else [])
 
     def inputs(self, stage: str) -> dict[str, str | None]:
         """What a stage's output depends on, hashed: the config parts it uses and the artifacts it reads."""
@@ -133,8 +129,7 @@ class Run:
                                                      c.model.chat_template, config_mod.prepare_part(c.data)),
                     **self.data_files}
         if stage == "added":  # like prepare's, and the prepared data (the target's held-out prompts)
-            files = {f"file {s.path}": ledger.sha256(Path(s.path)) if Path(s.path).exists() else "missing"
-                     for s in self.added if s.path}
+            files = source_files(self.added)
             return {"config": config_mod.fingerprint(c.model.name, c.model.gguf_file, c.model.max_length, c.data,
                                                      self.added),
                     **files, "data": self.output("data")}
@@ -199,6 +194,16 @@ class Run:
         if force or ledger.state(where, self.inputs(stage))[0] not in ("missing", "running"):
             shutil.rmtree(where, ignore_errors=True)
         self.mark(stage, status="running")
+
+
+def source_files(sources: list, extra: list[str] | None = None) -> dict[str, str]:
+    """The hash of every local file the sources read (`path`, and an `hf` source's local files), and
+    of `extra` files, keyed "file <path>": what makes prepare's (or add-sources') output stale."""
+    from gradex.data import hf_local_files
+
+    paths = [s.path for s in sources if s.path] + list(extra or [])
+    paths += [p for s in sources if s.hf is not None for p in hf_local_files(s.hf)]
+    return {f"file {p}": ledger.sha256(Path(p)) if Path(p).exists() else "missing" for p in dict.fromkeys(paths)}
 
 
 # "added" (add-sources) exists only in a run that has added sources (Run.added)
