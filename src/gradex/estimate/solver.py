@@ -135,7 +135,7 @@ class _Systems:
         self.members = members
         # The groups every subset of the batch holds are one matrix (the target, and in a stepwise
         # round the current mix): a product with it per iteration instead of one per group.
-        every = members.all(0)
+        self.every = every = members.all(0)
         self.base = self.H[every].double().sum(0).to(dtype)
         self.groups = [(i, members[:, i].nonzero().squeeze(1)) for i in range(n1)
                        if not bool(every[i]) and bool(members[:, i].any())]
@@ -222,7 +222,7 @@ class _Systems:
         preconditions the refinement steps, so its precision (float32, or a shift `cholesky` had to
         add) bounds the speed of convergence, not the answer."""
         members = self.members[rows].to(self.dtype)
-        members[:, self.members.all(0)] = 0  # held by every subset: in self.base
+        members[:, self.every] = 0  # held by every subset: in self.base
         A = (members @ self.H.reshape(self.H.shape[0], -1)).view(-1, *self.H.shape[1:])
         A += self.base
         A.diagonal(dim1=1, dim2=2).add_(2.0 * self.l2[rows])
