@@ -1,6 +1,6 @@
 """Throughput of gradex's per-example gradient pass against a training step and the authors' approach.
 
-    python benchmarks/gradients.py [--quick] [--repeats R]
+    python benchmarks/gradients.py [--quick] [--repeats R] [--device auto|cpu|cuda|cuda:N|mps] [--precision P]
 
 SmolLM2-135M-Instruct + LoRA r=8 on q,k,v,o (921,600 trainable parameters), batches of 8 random
 examples whose last 4 tokens are the answer, d=256, all in one process:
@@ -16,8 +16,13 @@ Then full fine-tuning (every linear layer of the blocks, ~106M parameters) proje
 the sparse projector. Numbers are medians over repeats; train and gradex alternate within a repeat,
 so both see the same machine load. Peak RSS values are the process's maximum so far (ru_maxrss
 only grows): `peak_rss_gb` after the LoRA train and gradex runs, `peak_rss_gb_with_reference` after
-the reference, `full.peak_rss_gb` at the end. The last printed line is one JSON object; it is also written to
-benchmarks/results/gradients.json.
+the reference, `full.peak_rss_gb` at the end. On an accelerator (`--device`, default
+auto: the GPU when there is one) every run above is on it, and `accelerator` reports the device and
+the peak accelerator memory of each part (torch.cuda.max_memory_allocated, reset before each):
+the LoRA train step, the LoRA gradient pass, and full fine-tuning's gradient pass, beside what one
+batch of per-example gradients of the largest layer takes (the pass holds one layer's at a time).
+The last printed line is one JSON object; it is also written to benchmarks/results/gradients.json
+(benchmarks/results/gradients-<device type>.json on a GPU).
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ import torch
 from gradex.config import ModelConfig
 from gradex.data import Tokenized, collate
 from gradex.gradients import compute_store, make_projector
-from gradex.model import autocast, example_outputs, load_base, make_trainable, trainable, training_loss
+from gradex.device import autocast, peak_memory_gb, resolve_device, resolve_precision
+from gradex.model import example_outputs, load_base, make_trainable, trainable, training_loss
 
 BATCH = 8
 ANSWER = 4
@@ -50,30 +56,52 @@ def peak_rss_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # ru_maxrss is in KiB on Linux
 
 
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    peak = peak_memory_gb(device)
+    return None if peak is None else round(peak, 3)
+
+
 def random_tokens(n: int, length: int, vocab: int, seed: int) -> list[Tokenized]:
     gen = torch.Generator().manual_seed(seed)
     return [Tokenized(torch.randint(10, vocab, (length,), generator=gen).tolist(), length - ANSWER) for _ in range(n)]
 
 
-def lora_model() -> torch.nn.Module:
-    model = make_trainable(load_base(ModelConfig()), ModelConfig(), seed=0)
+def lora_model(device: torch.device) -> torch.nn.Module:
+    model = make_trainable(load_base(ModelConfig()), ModelConfig(), seed=0).to(device)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a trained-looking adapter (peft starts lora_B at 0)
         for name, p in trainable(model):
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+                p.copy_(torch.randn(p.shape, generator=gen).to(p.device) * 0.01)
     return model
 
 
+def layer_batch_gb(model: torch.nn.Module) -> float:
+    """One batch of per-example fp32 gradients of the largest trainable parameter: what the pass holds
+    at a time beside the model and its activations."""
+    return round(BATCH * max(p.numel() for _, p in trainable(model)) * 4 / 2**30, 4)
+
+
 def train_seconds(model: torch.nn.Module, batches: list, opt: torch.optim.Optimizer, precision: str) -> float:
+    device = next(model.parameters()).device
     model.train()
     t0 = time.perf_counter()
     for batch in batches:
-        with autocast(precision):
-            loss = training_loss(model, batch)
+        with autocast(precision, device):
+            loss = training_loss(model, batch.to(device))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -97,28 +125,34 @@ def dense_rademacher(p: int, d: int, seed: int = 0) -> torch.Tensor:
 def reference_seconds(model: torch.nn.Module, tokens: list[Tokenized], matrix: torch.Tensor) -> float:
     model.eval()
     params = [p for _, p in trainable(model)]
+    device = params[0].device
     t0 = time.perf_counter()
     for i, tok in enumerate(tokens):
-        batch = collate([tok], [i], pad_id=0)
+        batch = collate([tok], [i], pad_id=0).to(device)
         u = example_outputs(model, batch)[0]
         grads = torch.autograd.grad(u, params)
         flat = torch.cat([g.reshape(-1) for g in grads])
-        (flat @ matrix).numpy()
+        (flat @ matrix).cpu().numpy()
     return time.perf_counter() - t0
 
 
-def lora_numbers(model: torch.nn.Module, length: int, repeats: int, n_examples: int, dim: int) -> dict:
+def lora_numbers(model: torch.nn.Module, length: int, repeats: int, n_examples: int, dim: int, precision: str) -> dict:
     vocab = model.config.vocab_size
     tokens = random_tokens(n_examples, length, vocab, seed=length)
     batches = [collate(tokens[i:i + BATCH], range(i, i + BATCH), 0) for i in range(0, n_examples, BATCH)]
     opt = torch.optim.AdamW([p for _, p in trainable(model)], lr=0.0)  # lr 0: the adapter stays put
     projector = make_projector("sparse", dim=dim, seed=0)
-    train_seconds(model, batches[:1], opt, "bf16")  # warm-up
-    gradex_seconds(model, tokens[:BATCH], projector, "bf16")
-    train, grad, method = [], [], ""
+    device = next(model.parameters()).device
+    train_seconds(model, batches[:1], opt, precision)  # warm-up
+    gradex_seconds(model, tokens[:BATCH], projector, precision)
+    train, grad, method, train_peak, grad_peak = [], [], "", None, None
     for _ in range(repeats):
-        train.append(n_examples / train_seconds(model, batches, opt, "bf16"))
-        seconds, method = gradex_seconds(model, tokens, projector, "bf16")
+        reset_peak(device)
+        train.append(n_examples / train_seconds(model, batches, opt, precision))
+        train_peak = peak_gb(device)
+        reset_peak(device)
+        seconds, method = gradex_seconds(model, tokens, projector, precision)
+        grad_peak = peak_gb(device)
         grad.append(n_examples / seconds)
     opt.zero_grad(set_to_none=True)
     del opt
@@ -126,6 +160,8 @@ def lora_numbers(model: torch.nn.Module, length: int, repeats: int, n_examples: 
            "train_samples_per_s": round(statistics.median(train), 3),
            "grad_samples_per_s": round(statistics.median(grad), 3), "grad_method": method,
            "trainable_params": projector.input_dim}
+    if grad_peak is not None:
+        out.update(train_peak_accelerator_gb=train_peak, grad_peak_accelerator_gb=grad_peak)
     out["ratio_vs_train"] = round(out["grad_samples_per_s"] / out["train_samples_per_s"], 3)
     print(f"[{length} tokens] train {out['train_samples_per_s']:.2f} ex/s   gradex {out['grad_samples_per_s']:.2f} ex/s "
           f"({method})   ratio {out['ratio_vs_train']:.2f}", flush=True)
@@ -142,8 +178,9 @@ def add_reference(model: torch.nn.Module, out: dict, matrix: torch.Tensor, repea
           f"gradex / reference {out['ratio_vs_reference']:.2f}", flush=True)
 
 
-def full_numbers(lengths: list[int], repeats: int, n_examples: int, dim: int) -> dict:
-    model = make_trainable(load_base(ModelConfig()), ModelConfig(finetune="full"))
+def full_numbers(lengths: list[int], repeats: int, n_examples: int, dim: int, device: torch.device,
+                 precision: str) -> dict:
+    model = make_trainable(load_base(ModelConfig()), ModelConfig(finetune="full")).to(device)
     params = sum(p.numel() for _, p in trainable(model))
     t0 = time.perf_counter()
     projector = make_projector("sparse", model, dim, seed=0)
@@ -151,12 +188,16 @@ def full_numbers(lengths: list[int], repeats: int, n_examples: int, dim: int) ->
     out: dict = {"trainable_params": params, "d": dim, "projector": "sparse", "bind_seconds": round(bind_seconds, 2)}
     for length in lengths:
         tokens = random_tokens(n_examples, length, model.config.vocab_size, seed=length)
-        gradex_seconds(model, tokens[:BATCH], projector, "bf16")  # warm-up
-        rates = [n_examples / gradex_seconds(model, tokens, projector, "bf16")[0] for _ in range(repeats)]
+        gradex_seconds(model, tokens[:BATCH], projector, precision)  # warm-up
+        reset_peak(device)
+        rates = [n_examples / gradex_seconds(model, tokens, projector, precision)[0] for _ in range(repeats)]
         out[f"grad_samples_per_s_{length}"] = round(statistics.median(rates), 3)
+        if peak_gb(device) is not None:
+            out[f"grad_peak_accelerator_gb_{length}"] = peak_gb(device)
         print(f"[full fine-tuning, {params / 1e6:.1f}M params, {length} tokens, d={dim}] gradex "
               f"{out[f'grad_samples_per_s_{length}']:.2f} ex/s", flush=True)
     out["peak_rss_gb"] = peak_rss_gb()
+    out["layer_batch_gradients_gb"] = layer_batch_gb(model)
     return out
 
 
@@ -164,21 +205,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: one repeat, few examples")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--device", default="auto", help="auto (default: the GPU if any), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--precision", default="bf16",
+                        help="bf16 (default, the figures in BENCHMARKS.md), fp16, fp32 or auto")
     args = parser.parse_args()
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
     repeats = args.repeats or (1 if args.quick else 3)
     n_lora, n_ref, n_full = (8, 2, 8) if args.quick else (32, 8, 16)
     torch.manual_seed(0)
 
-    model = lora_model()
-    results = {length: lora_numbers(model, length, repeats, n_lora, 256) for length in (32, 64)}
+    model = lora_model(device)
+    results = {length: lora_numbers(model, length, repeats, n_lora, 256, precision) for length in (32, 64)}
+    lora_layer_gb = layer_batch_gb(model)
     rss_gradex = peak_rss_gb()
-    matrix = dense_rademacher(sum(p.numel() for _, p in trainable(model)), 256)
+    matrix = dense_rademacher(sum(p.numel() for _, p in trainable(model)), 256).to(device)
     for length in (32, 64):
         add_reference(model, results[length], matrix, repeats, n_ref)
     del matrix
     rss_reference = peak_rss_gb()
     del model
-    full = full_numbers([32, 64], repeats, n_full, 512)
+    full = full_numbers([32, 64], repeats, n_full, 512, device, precision)
 
     summary = {
         **results[32],
@@ -186,6 +233,9 @@ def main() -> None:
         "peak_rss_gb_with_reference": rss_reference,  # plus the reference's dense 921,600 x 256 matrix
         "seq64": results[64],
         "full": full,
+        "accelerator": {"device": str(device), "precision": precision,
+                        "name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                        "lora_layer_batch_gradients_gb": lora_layer_gb},
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version()},
@@ -193,8 +243,9 @@ def main() -> None:
         "quick": args.quick,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    target = RESULTS if device.type == "cpu" else RESULTS.with_name(f"gradients-{device.type}.json")
     if not args.quick:
-        RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
+        target.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
 
 

@@ -143,7 +143,8 @@ def test_bf16_pass_returns_the_fp32_outputs(method: str) -> None:
 def test_lm_head_runs_in_fp32_under_bf16_autocast() -> None:
     """The logits u_s is computed from are the fp32 product of the hidden states with the head, not a
     bf16 product cast up afterwards (which rounded these logits by up to 4e-3 relative)."""
-    from gradex.model import answer_logits, autocast
+    from gradex.device import autocast
+    from gradex.model import answer_logits
 
     model = build("llama", "lora")
     with torch.no_grad():

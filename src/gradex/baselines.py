@@ -67,12 +67,15 @@ def mean_hidden_states(model: torch.nn.Module, tokens: Sequence[Tokenized], indi
     """(len(indices), hidden) mean over each example's tokens (prompt and answer) of the last hidden layer."""
     from gradex.model import language_model
 
-    lm = language_model(model)
+    from gradex.device import device_of
+
+    lm, device = language_model(model), device_of(model)
     rows = []
     for batch in tqdm(list(batches(tokens, list(indices), batch_size, pad_id)), desc=desc, leave=False):
+        batch = batch.to(device)
         hidden = lm.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         mask = batch.attention_mask[..., None].to(hidden.dtype)
-        rows.append(((hidden * mask).sum(1) / mask.sum(1)).float())
+        rows.append(((hidden * mask).sum(1) / mask.sum(1)).float().cpu())
     return torch.cat(rows).numpy()
 
 
@@ -95,7 +98,7 @@ def similarity_scores(kind: str, run: Any) -> dict[str, float]:
         from gradex.model import load_base
 
         idx = run.train_indices(run.sources) + run.indices("validation")
-        model = load_base(run.cfg.model)
+        model = load_base(run.cfg.model).to(run.device)
         model.eval()
         features = mean_hidden_states(model, run.tokens, idx, run.pad_id)
         return mean_cosines(features, [group(i) for i in idx], run.sources, reference)

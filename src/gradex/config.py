@@ -43,8 +43,11 @@ class ModelConfig:
     finetune: str = "lora"  # lora | full
     lora: LoraConfig = field(default_factory=LoraConfig)
     # auto: bf16 autocast where the hardware computes bf16 natively (CUDA, AVX-512 BF16 / AMX CPUs),
-    # else fp32 | bf16 | fp32
+    # else fp32 | bf16 | fp16 (a GPU only; training scales the loss) | fp32
     precision: str = "auto"
+    # auto: this process's GPU under a launch, else a CUDA GPU, else MPS, else the CPU | cpu | cuda |
+    # cuda:N | mps. Not part of any stage's identity: a run started on one device resumes on another.
+    device: str = field(default="auto", metadata={"identity": False})
     max_length: int = 128  # examples with more tokens than this are an error
     # Run Python code that a model directory or hub repository ships (its own architecture): only
     # for a model you trust, since that code runs with your permissions when gradex loads it.
@@ -166,6 +169,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup: float = 0.05  # fraction of steps
     seed: int = 0
+    # Examples per forward pass, when a batch does not fit in memory: each batch is then computed in
+    # pieces of at most this many examples whose gradients add up to the batch's (gradient
+    # accumulation; the same steps, within float rounding). None: the whole batch at once.
+    micro_batch_size: int | None = field(default=None, metadata={"identity": False})
 
 
 @dataclass
@@ -273,7 +280,7 @@ class Config:
 SELECT_METHODS = ("best", "ensemble", "effects", "forward", "backward", "exhaustive")
 CHOICES = {
     "model.finetune": ("lora", "full"),
-    "model.precision": ("auto", "bf16", "fp32"),
+    "model.precision": ("auto", "bf16", "fp16", "fp32"),
     "model.chat_template": ("auto", "none"),
     "data.leakage": ("drop", "refuse", "warn"),
     "gradients.output": ("ce", "mean-logodds"),
@@ -425,6 +432,8 @@ def validate(cfg: Config) -> None:
         if recipe.batch_size < 1 or (recipe.max_steps is not None and recipe.max_steps < 1):
             raise ConfigError(f"{section}: batch_size and max_steps must be at least 1, got "
                               f"{recipe.batch_size} and {recipe.max_steps}")
+        if recipe.micro_batch_size is not None and recipe.micro_batch_size < 1:
+            raise ConfigError(f"{section}.micro_batch_size: must be at least 1 (or null), got {recipe.micro_batch_size}")
         if recipe.weight_decay < 0 or not 0 <= recipe.warmup < 1:
             raise ConfigError(f"{section}: weight_decay must be >= 0 and warmup in [0, 1), got "
                               f"{recipe.weight_decay} and {recipe.warmup}")
@@ -537,10 +546,21 @@ def to_dict(cfg: Any) -> dict:
 
 
 def fingerprint(*parts: Any) -> str:
-    """A short stable hash of config sections (dataclasses or plain values)."""
-    blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
-                      sort_keys=True, default=str)
+    """A short stable hash of config sections (dataclasses or plain values), without the settings that
+    change where or in how many pieces a result is computed but not the result (metadata identity=False)."""
+    blob = json.dumps([_identity(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _identity(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _identity(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.metadata.get("identity", True)}
+    if isinstance(value, (list, tuple)):
+        return [_identity(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _identity(v) for k, v in value.items()}
+    return value
 
 
 def dumps(cfg: Config) -> str:

@@ -63,6 +63,11 @@ class Batch:
     answer_mask: torch.Tensor  # (B, T) bool: True where the token is an answer token
     index: torch.Tensor  # (B,) position of each example in the dataset
 
+    def to(self, device: torch.device) -> "Batch":
+        """The batch on `device` (the model's: gradex.device.device_of); `index` stays on the CPU, since it
+        only names rows of the dataset."""
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.answer_mask.to(device), self.index)
+
 
 # ---------------------------------------------------------------------------- reading sources
 

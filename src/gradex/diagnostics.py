@@ -27,7 +27,8 @@ from gradex.atomic import replacing, write_bytes, write_json
 from gradex.config import Config, TrainConfig, fingerprint
 from gradex.data import batches
 from gradex.evaluate import loss_from_outputs, outputs
-from gradex.model import (autocast, ce_logodds, example_outputs, save_model, set_trainable_vector,
+from gradex.device import autocast, device_of
+from gradex.model import (ce_logodds, example_outputs, save_model, set_trainable_vector,
                           trainable, trainable_vector)
 from gradex.run import Run, log
 from gradex.stages.clusters import clusters
@@ -50,8 +51,8 @@ def full_gradients(model: torch.nn.Module, run: Run, indices: Sequence[int]) -> 
     params = [p for _, p in trainable(model)]
     rows = []
     for batch in tqdm(list(batches(run.tokens, list(indices), 1, run.pad_id)), desc="exact gradients", leave=False):
-        with autocast(MEASURE):
-            u = example_outputs(model, batch, run.cfg.gradients.output)[0]
+        with autocast(MEASURE, device_of(model)):
+            u = example_outputs(model, batch.to(device_of(model)), run.cfg.gradients.output)[0]
         grads = torch.autograd.grad(u, params)
         rows.append(torch.cat([g.reshape(-1).float() for g in grads]))
     return torch.stack(rows)

@@ -20,19 +20,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gradex.data import Example, Tokenized, batches, generated_answer, prompt_ids, tokenize
-from gradex.model import autocast, example_outputs_and_nll, language_model
+from gradex.device import autocast, device_of, step_done
+from gradex.model import example_outputs_and_nll, language_model
 
 
 @torch.no_grad()
 def outputs(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int], pad_id: int,
             precision: str = "bf16", output: str = "ce", batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """(u_s, mean answer-token NLL) for the given examples, in the given order."""
+    device = device_of(model)
     us, nlls = [], []
     for batch in batches(tokens, list(indices), batch_size, pad_id):
-        with autocast(precision):
-            u, nll = example_outputs_and_nll(model, batch, output)
-        us.append(u.float())
-        nlls.append(nll.float())
+        with autocast(precision, device):
+            u, nll = example_outputs_and_nll(model, batch.to(device), output)
+        us.append(u.float().cpu())
+        nlls.append(nll.float().cpu())
+        step_done(device)
     return torch.cat(us), torch.cat(nlls)
 
 
@@ -44,19 +47,20 @@ def loss_from_outputs(u: torch.Tensor) -> float:
 def generate_answers(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_new_tokens: int,
                      precision: str = "bf16", batch_size: int = 32) -> list[str]:
     """Greedy answers, cut at the end marker."""
-    lm = language_model(model)
+    lm, device = language_model(model), device_of(model)
     prompts = prompt_ids(tokenizer, [e.prompt for e in examples])  # formatted as the data was (gradex.data)
     pad = tokenizer.pad_token_id
     answers: list[str] = []
     for start in range(0, len(examples), batch_size):
         chunk = prompts[start:start + batch_size]
         width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left-pad for generation
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        with autocast(precision):
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)  # left-pad for generation
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        with autocast(precision, device):
             out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                               use_cache=True, pad_token_id=pad)
-        answers += [generated_answer(tokenizer, row.tolist()) for row in out[:, width:]]
+        answers += [generated_answer(tokenizer, row.tolist()) for row in out[:, width:].cpu()]
+        step_done(device)
     return answers
 
 

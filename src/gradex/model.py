@@ -21,7 +21,7 @@ import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -151,29 +151,6 @@ def language_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def resolve_precision(precision: str) -> str:
-    """`auto` becomes bf16 where the hardware computes bf16 natively (a CUDA GPU that supports it, a
-    CPU with AVX-512 BF16 or AMX), else fp32; `bf16` and `fp32` stay as they are.
-
-    Why not bf16 everywhere: on a CPU without native bf16, autocast falls back to a generic matrix
-    product; a SmolLM2 training step ran 40x slower in bf16 than in fp32 (AMD EPYC, AVX2, torch 2.13).
-    """
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-@contextlib.contextmanager
-def autocast(precision: str) -> Iterator[None]:
-    if resolve_precision(precision) == "bf16":
-        with torch.autocast(device_type="cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16):
-            yield
-    else:
-        yield
-
-
 def answer_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits (fp32) at the positions that predict answer tokens, their targets, and their rows.
 
@@ -184,9 +161,14 @@ def answer_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.T
     lm = language_model(model)
     hidden = lm.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     predicts = batch.answer_mask[:, 1:]
-    rows, cols = predicts.nonzero(as_tuple=True)
+    # found on the host: nonzero's size depends on the data, so CUDA waits for it anyway, and the
+    # lazy device's nonzero gives indices its other ops refuse
+    rows, cols = (t.to(hidden.device) for t in predicts.cpu().nonzero(as_tuple=True))
     h = hidden[rows, cols]
-    with torch.autocast(device_type=h.device.type, enabled=False):
+    # (a device without autocast, such as the tests' lazy device, computes in fp32 anyway)
+    fp32 = (torch.autocast(device_type=h.device.type, enabled=False) if torch.amp.is_autocast_available(h.device.type)
+            else contextlib.nullcontext())
+    with fp32:
         logits = lm.get_output_embeddings()(h.float()).float()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     if softcap:
@@ -202,9 +184,11 @@ def token_logodds(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def per_example_mean(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
-    total = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, rows, values)
-    count = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, rows, torch.ones_like(values))
-    return total / count.clamp_min(1)
+    """The mean of `values` per example (rows[i]: the example of values[i]), as a product with the
+    (n, tokens) membership matrix rather than an index_add: the same sums in a fixed order on every
+    device (CUDA's index_add adds atomically, in no fixed order), and a backward every device has."""
+    member = (rows[None, :] == torch.arange(n, device=rows.device)[:, None]).to(values.dtype)
+    return (member @ values) / member.sum(1).clamp_min(1)
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -262,15 +246,21 @@ LEGACY_PATTERNS = ("meta/adapter.pt", "final/adapter.pt", "finetunes/*/adapter.p
 
 
 def save_model(model: nn.Module, path: Path) -> None:
-    """Save a trained model as a folder (see above), replacing `path` whole (gradex.atomic)."""
+    """Save a trained model as a folder (see above), replacing `path` whole (gradex.atomic). The tensors
+    are written from CPU copies, wherever the model is: the same weights are the same bytes on every
+    device (and a device whose tensors have no host storage, like the tests' lazy one, saves too)."""
     with replacing_dir(path) as tmp:
         if hasattr(model, "peft_config"):
-            model.save_pretrained(tmp, safe_serialization=True)
+            from peft import get_peft_model_state_dict
+
+            state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
             _sorted_adapter_config(model, tmp / "adapter_config.json")
         else:  # full fine-tuning: a standalone model folder, which generates with a KV cache
             model.config.use_cache = True
             try:
-                model.save_pretrained(tmp, safe_serialization=True)
+                model.save_pretrained(tmp, safe_serialization=True,
+                                      state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
             finally:
                 model.config.use_cache = False
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from gradex.atomic import write_json
 from gradex.config import Config
-from gradex.launch import launch_rank
+from gradex.launch import launch_rank, on_main
 from gradex.run import PRODUCER, STAGE_DIRS, STAGE_NAMES, Run, log
 from gradex.stages.compare import COMPARE_FORMAT, candidate_mixes, compare
 from gradex.stages.estimate import (Reconstructor, estimate, estimator, member_mask, problem, regularization,
@@ -58,7 +58,7 @@ def run_all(cfg: Config, force: bool = False) -> dict:
     result = compare(cfg, seeds=cfg.compare.run_seeds)
     summary = {"run_dir": str(cfg.run_dir), "selection": body, "final": final, "compare": result,
                "report": str(report(cfg)), "seconds": round(time.perf_counter() - t0, 1)}
-    write_json(cfg.run_dir / "summary.json", summary)
+    on_main(lambda: write_json(cfg.run_dir / "summary.json", summary))
     return summary
 
 
@@ -122,4 +122,4 @@ def report(cfg: Config, force: bool = False) -> Path:
     """report.html from whatever the run directory holds (cheap: always rebuilt)."""
     from gradex import report as report_mod
 
-    return report_mod.write(cfg.run_dir)
+    return on_main(lambda: report_mod.write(cfg.run_dir))

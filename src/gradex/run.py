@@ -25,7 +25,8 @@ from gradex import ledger
 from gradex.config import Config
 from gradex.data import Example, Tokenized, read_examples, tokenize
 from gradex.launch import launch_rank
-from gradex.model import load_base, load_model, load_tokenizer, make_trainable, resolve_precision
+from gradex.device import check_precision, resolve_device, resolve_precision
+from gradex.model import load_base, load_model, load_tokenizer, make_trainable
 
 
 def log(msg: str) -> None:
@@ -81,9 +82,17 @@ class Run:
         return self.tokenizer.pad_token_id
 
     @cached_property
+    def device(self) -> torch.device:
+        """Where this process computes (`model.device` resolved: gradex.device); every model a stage
+        loads is placed there, and everything else follows the model."""
+        return resolve_device(self.cfg.model.device)
+
+    @cached_property
     def precision(self) -> str:
-        """The precision this machine runs (`model.precision` with `auto` resolved)."""
-        return resolve_precision(self.cfg.model.precision)
+        """The precision this process runs (`model.precision` with `auto` resolved for `device`)."""
+        precision = resolve_precision(self.cfg.model.precision, self.device)
+        check_precision(precision, self.device)
+        return precision
 
     @cached_property
     def sources(self) -> list[str]:
@@ -102,14 +111,15 @@ class Run:
 
     # ------------------------------------------------------------------ models
     def fresh_model(self, seed: int = 0) -> torch.nn.Module:
-        return make_trainable(load_base(self.cfg.model), self.cfg.model, seed=seed)
+        """The base model made trainable (LoRA drawn from `seed`), on `device`."""
+        return make_trainable(load_base(self.cfg.model), self.cfg.model, seed=seed).to(self.device)
 
     def meta_model(self) -> torch.nn.Module:
         return self.saved_model(self.dir / THETA_STAR)
 
     def saved_model(self, path: Path) -> torch.nn.Module:
-        """A model gradex.model.save_model saved (a peft adapter or a transformers model folder)."""
-        model = load_model(self.cfg.model, path)
+        """A model gradex.model.save_model saved (a peft adapter or a transformers model folder), on `device`."""
+        model = load_model(self.cfg.model, path).to(self.device)
         model.eval()
         return model
 

@@ -3,10 +3,18 @@
 The loop is deliberately small: AdamW on the trainable parameters, linear warm-up then linear
 decay, token-level cross-entropy on answer tokens. The data order depends only on the seed and
 the epoch, so a run resumed from its checkpoint takes exactly the steps it would have taken.
+
+The model trains where it is (gradex.device). Under a launch of N processes each process computes its
+share of every batch (rows rank, rank + N, ...) and DistributedDataParallel (through accelerate) sums
+the gradients; with `micro_batch_size` a share is computed in pieces whose gradients accumulate.
+Every piece's loss is its answer tokens' summed cross-entropy over the whole batch's answer-token
+count, so pieces and processes add up to the one-process batch's mean loss and gradient exactly
+(up to float summation order): the steps do not depend on how the batch was split.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -20,8 +28,10 @@ from tqdm.auto import tqdm
 
 from gradex.atomic import write_bytes
 from gradex.config import TrainConfig
-from gradex.data import Tokenized, collate
-from gradex.model import autocast, trainable, training_loss
+from gradex.data import Batch, Tokenized, collate
+from gradex.device import accelerator, autocast, device_of, step_done
+from gradex.launch import barrier, distributed
+from gradex.model import answer_logits, trainable
 from gradex.tensorfile import json_tensor, load_tensors, save_tensors, tensor_json
 
 CHECKPOINT_FORMAT = 2  # a tensor file (gradex.tensorfile); 1 was a pickled dict, no longer read
@@ -50,12 +60,44 @@ def epoch_batches(tokens: Sequence[Tokenized], indices: Sequence[int], batch_siz
     return out
 
 
+class AnswerLoss(nn.Module):
+    """The summed cross-entropy of a batch's answer tokens: the module DistributedDataParallel wraps,
+    since DDP synchronizes gradients around its own forward (the LM head runs at answer positions
+    only, outside the transformers model's forward)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+        logits, targets, _ = answer_logits(self.model, Batch(input_ids, attention_mask, answer_mask, torch.empty(0)))
+        return nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
+def answer_tokens(tokens: Sequence[Tokenized], rows: Sequence[int]) -> int:
+    """How many answer tokens the loss of these examples averages over (every prompt is non-empty)."""
+    return sum(len(tokens[i].ids) - tokens[i].n_prompt for i in rows)
+
+
+def shares(chunk: list[int], rank: int, world: int, micro: int | None) -> list[tuple[list[int], float]]:
+    """This process's pieces of one batch: (rows, weight). A process whose share is empty (a batch
+    smaller than the launch) still takes part in the gradient sum, with one row at weight 0."""
+    mine = chunk[rank::world]
+    if not mine:
+        return [(chunk[:1], 0.0)]
+    size = micro or len(mine)
+    return [(mine[k:k + size], 1.0) for k in range(0, len(mine), size)]
+
+
 def train(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int], recipe: TrainConfig,
           pad_id: int, precision: str = "bf16", checkpoint: Path | None = None, desc: str = "train",
           save_every: int = 20, progress: bool = True,
           on_step: Callable[[int], None] | None = None) -> list[dict]:
-    """Train in place; return the per-step log. With `checkpoint`, resume from and save to it.
-    `on_step(k)` is called after the k-th optimizer step (diagnostics take snapshots there)."""
+    """Train in place; return the per-step log. With `checkpoint`, resume from and save to it (rank 0
+    writes it). `on_step(k)` is called after the k-th optimizer step (diagnostics take snapshots there)."""
+    device = device_of(model)
+    rank, world = distributed()
+    accelerate = accelerator(precision, device)
     params = [p for _, p in trainable(model)]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps = total_steps(recipe, len(indices))
@@ -66,8 +108,13 @@ def train(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int],
     start = 0
     if checkpoint is not None and checkpoint.exists():
         start, log = _resume(checkpoint, params, opt, sched)
+    loss_of = AnswerLoss(model)
+    # DDP only when this stage runs on every process (gradex.launch.distributed), through accelerate
+    ddp = accelerate.prepare_model(loss_of, device_placement=False) if world > 1 else loss_of
+    stepper = accelerate.prepare_optimizer(opt, device_placement=False)  # fp16: loss scaling, skipped steps
     model.train()
-    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not progress, leave=False)
+    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not progress or rank != 0,
+               leave=False)
     t0 = time.perf_counter()
     per_epoch = math.ceil(len(indices) / recipe.batch_size)
     epoch, plan = -1, []
@@ -76,19 +123,37 @@ def train(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int],
             epoch = step // per_epoch
             plan = epoch_batches(tokens, indices, recipe.batch_size, recipe.seed, epoch)
         chunk = plan[step % per_epoch]
-        batch = collate([tokens[i] for i in chunk], chunk, pad_id)
-        with autocast(precision):
-            loss = training_loss(model, batch)
-        loss.backward()
-        opt.step()
+        count = answer_tokens(tokens, chunk)
+        pieces = shares(chunk, rank, world, recipe.micro_batch_size)
+        total = torch.zeros((), device=device)
+        for k, (rows, weight) in enumerate(pieces):
+            batch = collate([tokens[i] for i in rows], rows, pad_id).to(device)
+            sync = contextlib.nullcontext() if k == len(pieces) - 1 or world == 1 else accelerate.no_sync(ddp)
+            # x world: DDP averages the processes' gradients, and the batch's loss is their sum. (A
+            # tensor, not a Python float: the lazy device's backward fails on a float64 scalar.)
+            scale = torch.tensor(weight * world / count, device=device)
+            with sync:
+                with autocast(precision, device):
+                    piece = ddp(batch.input_ids, batch.attention_mask, batch.answer_mask)
+                accelerate.backward(piece * scale)
+            total = total + piece.detach() * weight
+        stepper.step()
         sched.step()
-        opt.zero_grad(set_to_none=True)
-        log.append({"step": step + 1, "loss": round(loss.item(), 5), "seconds": round(time.perf_counter() - t0, 2)})
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        stepper.zero_grad(set_to_none=True)
+        step_done(device)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(total)  # the whole batch's loss, for the log every process keeps alike
+        loss = total.item() / count
+        log.append({"step": step + 1, "loss": round(loss, 5), "seconds": round(time.perf_counter() - t0, 2)})
+        bar.set_postfix(loss=f"{loss:.3f}")
         if on_step is not None:
             on_step(step + 1)
         if checkpoint is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
-            _save(checkpoint, params, opt, sched, step + 1, log)
+            if rank == 0:
+                _save(checkpoint, params, opt, sched, step + 1, log)
+            barrier(world)  # no process runs ahead of a checkpoint it might resume from
     model.eval()
     return log
 

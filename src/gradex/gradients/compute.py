@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from gradex.data import Batch
-from gradex.model import autocast, example_outputs, is_conv1d, resolve_precision, trainable
+from gradex.device import autocast, device_of, resolve_precision
+from gradex.model import example_outputs, is_conv1d, trainable
 from gradex.gradients.projectors import Projector
 
 Sink = Callable[[str, torch.Tensor], None]  # (parameter name, per-example gradients (B, n_param) fp32)
@@ -72,11 +73,12 @@ class GradientComputer:
     # ------------------------------------------------------------------ public entry points
     def run(self, batch: Batch, sink: Sink, precision: str = "bf16") -> torch.Tensor:
         """Feed every trainable parameter's per-example gradients (B, n_param) to `sink`; return u (B,) fp32."""
+        batch = batch.to(device_of(self.model))  # computed where the model is
         was_training = self.model.training
         self.model.eval()
         try:
             u = self._loop(batch, sink, precision) if self.method == "loop" else self._hooks(batch, sink, precision)
-            if resolve_precision(precision) != "fp32":
+            if resolve_precision(precision, device_of(self.model)) != "fp32":
                 u = self._fp32_outputs(batch)
             return u
         finally:
@@ -108,7 +110,7 @@ class GradientComputer:
         shaped = {}
         for name, p in self.params:
             g = out.get(name)
-            shaped[name] = torch.zeros(bsz, *p.shape) if g is None else g.reshape(bsz, *p.shape)
+            shaped[name] = torch.zeros(bsz, *p.shape, device=p.device) if g is None else g.reshape(bsz, *p.shape)
         return shaped, u
 
     # ------------------------------------------------------------------ hooks
@@ -120,7 +122,7 @@ class GradientComputer:
 
         handles = [m.register_forward_hook(save) for m in self.hooked]
         try:
-            with torch.enable_grad(), autocast(precision):
+            with torch.enable_grad(), autocast(precision, device_of(self.model)):
                 u = example_outputs(self.model, batch, self.output)
         finally:
             for h in handles:
@@ -161,7 +163,7 @@ class GradientComputer:
         for b in range(u.shape[0]):
             gs = torch.autograd.grad(u[b], params, allow_unused=True, retain_graph=b < u.shape[0] - 1)
             for i, (g, p) in enumerate(zip(gs, params)):
-                rows[i].append(torch.zeros(p.numel()) if g is None else g.reshape(-1).float())
+                rows[i].append(torch.zeros(p.numel(), device=p.device) if g is None else g.reshape(-1).float())
         for (name, _), r in zip(self.uncovered, rows):
             sink(name, torch.stack(r))
 
@@ -172,11 +174,11 @@ class GradientComputer:
         us = []
         for b in range(batch.input_ids.shape[0]):
             single = single_example(batch, b)
-            with torch.enable_grad(), autocast(precision):
+            with torch.enable_grad(), autocast(precision, device_of(self.model)):
                 u = example_outputs(self.model, single, self.output)[0]
             gs = torch.autograd.grad(u, params, allow_unused=True)
             for i, (g, p) in enumerate(zip(gs, params)):
-                rows[i].append(torch.zeros(p.numel()) if g is None else g.reshape(-1).float())
+                rows[i].append(torch.zeros(p.numel(), device=p.device) if g is None else g.reshape(-1).float())
             us.append(u.detach().float())
         for (name, _), r in zip(self.params, rows):
             sink(name, torch.stack(r))

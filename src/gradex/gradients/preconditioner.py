@@ -18,7 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gradex.data import Tokenized, collate
-from gradex.model import autocast, trainable, training_loss
+from gradex.device import autocast, device_of, step_done
+from gradex.model import trainable, training_loss
 from gradex.tensorfile import load_tensors, save_tensors
 from gradex.train import epoch_batches
 
@@ -40,16 +41,18 @@ def second_moments(model: nn.Module, tokens: Sequence[Tokenized], indices: Seque
     if not plan:
         raise ValueError("second_moments: no training examples")
     sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params}
+    device = device_of(model)
     was_training = model.training
     model.eval()  # no dropout: the moments of the model the fine-tune starts from
     try:
         for chunk in tqdm(plan, desc="preconditioner", disable=not progress, leave=False):
-            batch = collate([tokens[i] for i in chunk], chunk, pad_id)
-            with torch.enable_grad(), autocast(precision):
+            batch = collate([tokens[i] for i in chunk], chunk, pad_id).to(device)
+            with torch.enable_grad(), autocast(precision, device):
                 loss = training_loss(model, batch)
             grads = torch.autograd.grad(loss, [p for _, p in params])
             for (name, _), g in zip(params, grads):
                 sums[name] += g.float().square()
+            step_done(device)
     finally:
         model.train(was_training)
     return {name: s / len(plan) for name, s in sums.items()}

@@ -13,6 +13,7 @@ which layers are visited, on the rank that visits them, or on which other parame
 
 All three satisfy E[<P^T g, P^T h>] = <g, h>. `lift(z)` = P z maps a solution z back to a change of
 the trainable parameters (flat, trainable() order); `col_sq_norms()` gives ||P z|| cheaply.
+P is drawn on the CPU (the same P on every device) and `to(device)` moves it where the gradients are.
 `Preconditioned` wraps any of them to project Adam-preconditioned gradients (see its docstring).
 """
 
@@ -52,6 +53,19 @@ class Projector(ABC):
         self.seed = seed
         self.layout: list[tuple[str, tuple[int, ...]]] = []
         self.input_dim = 0
+        self.device = torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> "Projector":
+        """Apply P on `device` (the model's, in the gradient pass): its state moves there, and what it
+        makes (accumulators, lifts) is made there."""
+        device = torch.device(device)
+        if device != self.device:
+            self.device = device
+            self._moved()
+        return self
+
+    def _moved(self) -> None:
+        """Hook for subclasses: move per-parameter state to self.device."""
 
     def bind(self, layout: Layout) -> "Projector":
         """Fix the parameters (name, shape) in trainable() order; the input dimension p is their total size."""
@@ -74,7 +88,7 @@ class Projector(ABC):
     # ------------------------------------------------------------------ projecting
     def start(self, batch_size: int) -> torch.Tensor:
         """An empty fp32 accumulator for a batch."""
-        return torch.zeros(batch_size, self.dim)
+        return torch.zeros(batch_size, self.dim, device=self.device)
 
     @abstractmethod
     def add(self, acc: torch.Tensor, name: str, grads: torch.Tensor) -> None:
@@ -111,7 +125,7 @@ class Projector(ABC):
 
     def lift_params(self, z: torch.Tensor) -> list[torch.Tensor]:
         """P z as per-parameter tensors shaped like the parameters, in the bound (trainable()) order."""
-        z = torch.as_tensor(z, dtype=torch.float32).reshape(self.dim)
+        z = torch.as_tensor(z, dtype=torch.float32, device=self.device).reshape(self.dim)
         return [self.lift_param(name, z).reshape(shape) for name, shape in self.layout]
 
     def lift(self, z: torch.Tensor) -> torch.Tensor:
@@ -163,10 +177,13 @@ class SparseProjector(Projector):
             bucket = torch.randint(0, self.dim, (n,), generator=gen)
             negative = torch.randint(0, 2, (n,), generator=gen)
             index = bucket + self.dim * negative
-            self._index[name] = index if self.input_dim <= WIDE_INDEX_LIMIT else index.int()
+            self._index[name] = (index if self.input_dim <= WIDE_INDEX_LIMIT else index.int()).to(self.device)
+
+    def _moved(self) -> None:
+        self._index = {name: index.to(self.device) for name, index in self._index.items()}
 
     def start(self, batch_size: int) -> torch.Tensor:
-        return torch.zeros(batch_size, 2 * self.dim)
+        return torch.zeros(batch_size, 2 * self.dim, device=self.device)
 
     def add(self, acc: torch.Tensor, name: str, grads: torch.Tensor) -> None:
         self._check(name, grads)
@@ -179,9 +196,9 @@ class SparseProjector(Projector):
         return torch.cat([z, -z])[self._index[name].long()]
 
     def col_sq_norms(self, weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        counts = torch.zeros(2 * self.dim, dtype=torch.float64)
+        counts = torch.zeros(2 * self.dim, dtype=torch.float64, device=self.device)
         for name, index in self._index.items():
-            w = None if weights is None else weights[name].reshape(-1).double()
+            w = None if weights is None else weights[name].reshape(-1).double().to(self.device)
             counts += torch.bincount(index.long(), weights=w, minlength=2 * self.dim)
         return (counts[:self.dim] + counts[self.dim:]).float()
 
@@ -204,10 +221,14 @@ class DenseProjector(Projector):
         if self.holds:
             self._held = {name: list(self._blocks(name)) for name, _ in self.layout}
 
+    def _moved(self) -> None:
+        self._held = {name: [block.to(self.device) for block in blocks] for name, blocks in self._held.items()}
+        self.__dict__.pop("_gram", None)
+
     def _block(self, name: str, b: int, rows: int) -> torch.Tensor:
         gen = _generator(self.seed, self.kind, name, b)
-        signs = torch.empty(rows, self.dim).bernoulli_(0.5, generator=gen)
-        return signs.mul_(2 * self.scale).sub_(self.scale)
+        signs = torch.empty(rows, self.dim).bernoulli_(0.5, generator=gen)  # drawn on the CPU: one P everywhere
+        return signs.mul_(2 * self.scale).sub_(self.scale).to(self.device)
 
     def _blocks(self, name: str):
         n = self._sizes[name]
@@ -231,15 +252,15 @@ class DenseProjector(Projector):
     def col_sq_norms(self, weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         # every entry squared is exactly 1/d
         total = self.input_dim if weights is None else sum(float(weights[n].double().sum()) for n, _ in self.layout)
-        return torch.full((self.dim,), total * self.scale**2)
+        return torch.full((self.dim,), total * self.scale**2, device=self.device)
 
     def gram(self, weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """P^T W P, accumulated block by block (columns of a dense P are only nearly orthogonal)."""
         if weights is None and hasattr(self, "_gram"):
             return self._gram
-        gram = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        gram = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
         for name, _ in self.layout:
-            w = None if weights is None else weights[name].reshape(-1)
+            w = None if weights is None else weights[name].reshape(-1).to(self.device)
             for b, block in enumerate(self._blocks(name)):
                 rows = block if w is None else block * w[b * self._rows:b * self._rows + block.shape[0], None]
                 gram += (rows.T @ block).double()
@@ -272,8 +293,8 @@ class IdentityProjector(Projector):
 
     def col_sq_norms(self, weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         if weights is None:
-            return torch.ones(self.dim)
-        return torch.cat([weights[name].reshape(-1).float() for name, _ in self.layout])
+            return torch.ones(self.dim, device=self.device)
+        return torch.cat([weights[name].reshape(-1).float().to(self.device) for name, _ in self.layout])
 
     def project_delta(self, delta: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(delta, dtype=torch.float32).reshape(-1).clone()  # range(P) is everything
@@ -306,11 +327,16 @@ class Preconditioned(Projector):
         self.dim = self.inner.dim
         self._squares = {n: t.square() for n, t in self.scales.items()}
 
+    def _moved(self) -> None:
+        self.inner.to(self.device)
+        self.scales = {n: t.to(self.device) for n, t in self.scales.items()}
+        self._squares = {n: t.to(self.device) for n, t in self._squares.items()}
+
     def identity(self) -> dict:
         digest = hashlib.sha256()
         for name, _ in self.layout:
             digest.update(name.encode())
-            digest.update(self.scales[name].numpy().tobytes())
+            digest.update(self.scales[name].cpu().numpy().tobytes())
         return {**self.inner.identity(), "preconditioner": self.name, "preconditioner_sha256": digest.hexdigest()[:16]}
 
     def start(self, batch_size: int) -> torch.Tensor:

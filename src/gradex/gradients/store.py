@@ -37,6 +37,7 @@ from gradex.config import fingerprint
 from gradex.data import Tokenized, collate
 from gradex.gradients.compute import GradientComputer
 from gradex.gradients.projectors import Projector
+from gradex.device import device_of, step_done
 from gradex.launch import barrier, distributed
 from gradex.model import CE_FLOOR, at_ce_floor
 
@@ -123,6 +124,7 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
         raise ValueError(f"compute_store: batch_size and chunk_size must be positive, got {batch_size}, {chunk_size}")
     rank, world = distributed()
     computer = GradientComputer(model, method, output)
+    projector.to(device_of(model))  # P is applied where the per-example gradients are formed
     if not projector.layout:
         projector.bind(computer.layout)
     elif projector.layout != computer.layout:
@@ -178,7 +180,7 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
     bar.close()
     barrier(world)
     if rank == 0:
-        _merge(out_dir, chunks, plan, extra, world, started, projector.col_sq_norms().numpy().astype(np.float32))
+        _merge(out_dir, chunks, plan, extra, world, started, projector.col_sq_norms().cpu().numpy().astype(np.float32))
     barrier(world)
     return Store.open(out_dir)
 
@@ -194,6 +196,8 @@ def _compute_chunk(computer: GradientComputer, projector: Projector, tokens: Seq
         rows = order[start:start + batch_size]
         batch = collate([tokens[chunk[i]] for i in rows], [chunk[i] for i in rows], pad_id)
         xb, ub = computer.projected(batch, projector, precision)
+        xb, ub = xb.cpu(), ub.cpu()
+        step_done(device_of(computer.model))
         _check_finite(xb, ub, [chunk[i] for i in rows], describe)
         x[rows] = xb.numpy()
         u[rows] = ub.numpy()

@@ -25,6 +25,7 @@ from gradex import ledger
 from gradex.atomic import write_json
 from gradex.config import Config, ConfigError
 from gradex.data import Example, read_examples
+from gradex.launch import main_first
 from gradex.run import Run, log
 
 CLUSTERS_FILE = "clusters.json"  # in clusters/
@@ -88,6 +89,7 @@ def embedding_features(run: Run, positions: Sequence[int]) -> np.ndarray:
     return mean_hidden_states(model, run.tokens, list(positions), run.pad_id, desc="clusters: embeddings")
 
 
+@main_first
 def clusters(cfg: Config, force: bool = False) -> dict | None:
     """Cluster the unlabelled examples into data.clusters.k sources (clusters/clusters.json); None
     without data.clusters. Runs the gradient pass (or meta-train, for embeddings) first if needed."""

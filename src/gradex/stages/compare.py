@@ -10,6 +10,7 @@ from gradex import config as config_mod
 from gradex import ledger
 from gradex.atomic import write_json, write_parquet
 from gradex.config import Config
+from gradex.launch import on_main
 from gradex.run import Run, log
 from gradex.stages.estimate import estimator, member_mask
 from gradex.stages.finetune import finetune, finetune_key, finetune_mix, recipe_summary
@@ -26,9 +27,13 @@ def _similarity(run: Run, kind: str) -> dict[str, float]:
     path = run.dir / "compare" / f"{kind}.json"
     if path.exists() and json.loads(path.read_text())["key"] == key:
         return json.loads(path.read_text())["scores"]
-    scores = similarity_scores(kind, run)
-    write_json(path, {"key": key, "scores": scores})
-    return scores
+
+    def compute() -> dict[str, float]:
+        scores = similarity_scores(kind, run)
+        write_json(path, {"key": key, "scores": scores})
+        return scores
+
+    return on_main(compute)
 
 
 def candidate_mixes(run: Run, body: dict, seeds: int, extra: dict[str, list[str]] | None = None) -> tuple[list, dict]:
@@ -104,11 +109,8 @@ def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] |
 
     Writes compare.json (the table, the verdict, every fine-tune) and compare.parquet (one row per
     mix and seed). Fine-tunes are cached by what shapes them, so more seeds or another mix later
-    costs only the new fine-tunes; `force` re-runs them all."""
-    import pandas as pd
-
-    from gradex import compare as cmp
-
+    costs only the new fine-tunes; `force` re-runs them all. Under a launch every fine-tune is
+    spread over the processes (DDP) and rank 0 writes the tables."""
     run = prepare(cfg)
     body = select(cfg)
     final = finetune(cfg)
@@ -117,8 +119,8 @@ def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] |
     jobs = [(m, s) for m in candidates for s in range(k)]
     keys = {(m.name, s): finetune_key(run, m.members[s], s) for m, s in jobs}
     if force:
-        for key in set(keys.values()) - {final["key"]}:
-            shutil.rmtree(run.dir / "finetunes" / key, ignore_errors=True)
+        on_main(lambda: [shutil.rmtree(run.dir / "finetunes" / key, ignore_errors=True)
+                         for key in set(keys.values()) - {final["key"]}])
     fingerprint = config_mod.fingerprint(sorted(keys.items()), [m.__dict__ for m in candidates], COMPARE_FORMAT)
     path = run.dir / "compare.json"
     if not force and path.exists() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
@@ -134,6 +136,17 @@ def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] |
                      "validation_loss": res["validation"]["loss"], "test_loss": res["test"]["loss"],
                      "test_score": res["test"]["score"], "test_no_match": res["test"].get("no_match"),
                      "key": res["key"]})
+    return on_main(lambda: _tables(run, cfg, body, final, candidates, similarity, rows, k, fingerprint))
+
+
+def _tables(run: Run, cfg: Config, body: dict, final: dict, candidates: list, similarity: dict, rows: list[dict],
+            k: int, fingerprint: str) -> dict:
+    """compare.json and compare.parquet from the fine-tunes' results (rank 0, under a launch)."""
+    import pandas as pd
+
+    from gradex import compare as cmp
+
+    path = run.dir / "compare.json"
     fn, _, _ = estimator(run, stage="compare")
     for r, value in zip(rows, fn(member_mask(run.sources, [r["members"] for r in rows])).tolist()):
         r["estimate"] = value

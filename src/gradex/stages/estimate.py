@@ -14,6 +14,7 @@ import torch
 from gradex import config as config_mod
 from gradex.atomic import write_parquet
 from gradex.config import Config
+from gradex.launch import main_first
 from gradex.model import trainable_vector
 from gradex.run import Run, log
 from gradex.stages.gradients import gradients, make_run_projector
@@ -158,6 +159,7 @@ def member_mask(names: list[str], subsets: list[list[str]]) -> torch.Tensor:
     return torch.tensor([[name in subset for name in names] for subset in subsets], dtype=torch.bool)
 
 
+@main_first
 def estimate(cfg: Config, subsets: list[list[str]] | None = None) -> list[dict]:
     """Estimate the target validation loss of named subsets (default: none, all, each source alone,
     and all but each source) and append them to estimates.parquet."""

@@ -12,6 +12,7 @@ from typing import Any
 from gradex import config as config_mod
 from gradex.atomic import replacing_dir, write_json
 from gradex.config import Config
+from gradex.launch import barrier, distributed, on_main
 from gradex.model import save_model
 from gradex.run import FINAL, Run, log
 from gradex.stages.prepare import prepare
@@ -77,7 +78,7 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
 
     Kept in finetunes/<key>/ (model/: a peft adapter or a model folder; log, result.json), so any stage that needs the same
     fine-tune (the final model, compare, validate) reuses it; an interrupted one resumes from its
-    checkpoint."""
+    checkpoint. Under a launch every process trains (DDP); rank 0 saves and evaluates."""
     from gradex.data import answer_pattern
     from gradex.evaluate import evaluate as evaluate_model
     from gradex.train import train, write_log
@@ -86,6 +87,8 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
     recipe = dataclasses.replace(finetune_recipe(run)[1], seed=run.cfg.finetune.seed + seed)
     where = run.dir / "finetunes" / key
     done = where / "result.json"
+    _, world = distributed()
+    barrier(world)  # every process sees the same files: none is still writing this fine-tune's
     if done.exists():
         return json.loads(done.read_text())
     model = run.meta_model() if run.cfg.finetune.init == "theta_star" else run.fresh_model(seed=recipe.seed)
@@ -96,20 +99,24 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
     history = train(model, run.tokens, idx, recipe, run.pad_id, run.precision, where / "checkpoint.pt",
                     desc=desc) if idx else []
     seconds = time.perf_counter() - t0
-    save_model(model, where / "model")
-    write_log(history, where / "log.jsonl")
-    t0 = time.perf_counter()
-    metrics = {split: evaluate_model(model, run.tokenizer, run.examples, run.tokens, run.indices(split),
-                                     run.precision, desc=f"{desc} {split}", output=run.cfg.gradients.output,
-                                     answer_pattern=answer_pattern(run.cfg.data.target))
-               for split in ("validation", "test")}
-    result = {"key": key, "members": [s for s in run.sources if s in set(members)], "seed": seed,
-              "init": run.cfg.finetune.init, "steps": len(history), "examples": len(idx),
-              "seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
-              "adapter": str((where / "model").relative_to(run.dir)), **metrics}
-    write_json(done, result)
-    (where / "checkpoint.pt").unlink(missing_ok=True)
-    return result
+
+    def finish() -> dict:
+        save_model(model, where / "model")
+        write_log(history, where / "log.jsonl")
+        t0 = time.perf_counter()
+        metrics = {split: evaluate_model(model, run.tokenizer, run.examples, run.tokens, run.indices(split),
+                                         run.precision, desc=f"{desc} {split}", output=run.cfg.gradients.output,
+                                         answer_pattern=answer_pattern(run.cfg.data.target))
+                   for split in ("validation", "test")}
+        result = {"key": key, "members": [s for s in run.sources if s in set(members)], "seed": seed,
+                  "init": run.cfg.finetune.init, "steps": len(history), "examples": len(idx),
+                  "seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
+                  "adapter": str((where / "model").relative_to(run.dir)), **metrics}
+        write_json(done, result)
+        (where / "checkpoint.pt").unlink(missing_ok=True)
+        return result
+
+    return on_main(finish)
 
 
 def finetune(cfg: Config, force: bool = False) -> dict:
@@ -120,19 +127,23 @@ def finetune(cfg: Config, force: bool = False) -> dict:
     members = select(cfg)["selected"]
     key = finetune_key(run, members, 0)
     if force:
-        shutil.rmtree(run.dir / "finetunes" / key, ignore_errors=True)
+        on_main(lambda: shutil.rmtree(run.dir / "finetunes" / key, ignore_errors=True))
     result = finetune_mix(run, members, 0, desc="finetune[selected]")
     out = run.dir / "final"
     previous = out / "metrics.json"
-    stale = not previous.exists() or json.loads(previous.read_text()).get("key") != key
-    if force or stale or not (run.dir / FINAL).exists():
-        with replacing_dir(run.dir / FINAL) as tmp:
-            shutil.copytree(run.dir / result["adapter"], tmp, dirs_exist_ok=True)
-        write_json(previous, {**result, "recipe": recipe_summary(run)})
-        log(f"fine-tuned the selection ({len(members)} sources, {result['examples']} examples) in "
-            f"{result['steps']} steps: test {result['test']['metric']} {result['test']['score']:.3f}, "
-            f"test loss {result['test']['loss']:.4f}")
-    return json.loads(previous.read_text())
+
+    def copy_final() -> dict:
+        stale = not previous.exists() or json.loads(previous.read_text()).get("key") != key
+        if force or stale or not (run.dir / FINAL).exists():
+            with replacing_dir(run.dir / FINAL) as tmp:
+                shutil.copytree(run.dir / result["adapter"], tmp, dirs_exist_ok=True)
+            write_json(previous, {**result, "recipe": recipe_summary(run)})
+            log(f"fine-tuned the selection ({len(members)} sources, {result['examples']} examples) in "
+                f"{result['steps']} steps: test {result['test']['metric']} {result['test']['score']:.3f}, "
+                f"test loss {result['test']['loss']:.4f}")
+        return json.loads(previous.read_text())
+
+    return on_main(copy_final)
 
 
 def evaluate(cfg: Config, force: bool = False) -> dict:

@@ -28,8 +28,6 @@ def gradients(cfg: Config, force: bool = False) -> Path:
     from gradex.gradients.store import finish_pending
 
     run = prepare(cfg)
-    if launch_rank() != 0 and run.state("meta")[0] != "done":
-        raise config_mod.ConfigError("under a multi-process launch run `gradex meta-train` first")
     meta_train(cfg)
     if run.added or (run.dir / "added").exists():
         from gradex.stages.add_sources import prepare_added
@@ -192,9 +190,11 @@ def make_run_projector(run: Run, model: torch.nn.Module):
     (its second moments are read from the store, so the gradients stage must have run)."""
     from gradex.gradients import Preconditioned, make_projector, preconditioner
 
+    from gradex.device import device_of
+
     g = run.cfg.gradients
     projector = make_projector(g.projection, model, g.dim, g.seed)
-    if g.preconditioner == "none":
-        return projector
-    moments = preconditioner.load(run.dir / "store" / PRECONDITIONER_FILE)
-    return Preconditioned(projector, preconditioner.adam_scales(moments)).bind(projector.layout)
+    if g.preconditioner != "none":
+        moments = preconditioner.load(run.dir / "store" / PRECONDITIONER_FILE)
+        projector = Preconditioned(projector, preconditioner.adam_scales(moments)).bind(projector.layout)
+    return projector.to(device_of(model))

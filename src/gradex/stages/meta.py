@@ -7,6 +7,7 @@ from pathlib import Path
 
 from gradex import ledger
 from gradex.config import Config
+from gradex.launch import barrier, distributed
 from gradex.model import save_model
 from gradex.run import THETA_STAR, log
 from gradex.stages.prepare import prepare
@@ -14,7 +15,8 @@ from gradex.stages.prepare import prepare
 
 def meta_train(cfg: Config, force: bool = False) -> Path:
     """Multitask-train on target + all sources: the meta-initialization theta* (meta/theta_star/: a peft adapter,
-    or a transformers model folder under full fine-tuning)."""
+    or a transformers model folder under full fine-tuning). Under a launch every process trains (DDP)
+    and rank 0 writes theta*."""
     from gradex.train import train, write_log
 
     run = prepare(cfg)
@@ -27,10 +29,13 @@ def meta_train(cfg: Config, force: bool = False) -> Path:
     idx = run.train_indices(run.trained_sources)  # never the added sources: theta* is screened, not retrained
     t0 = time.perf_counter()
     history = train(model, run.tokens, idx, cfg.meta, run.pad_id, run.precision, checkpoint, desc="meta-train")
-    save_model(model, run.dir / THETA_STAR)
-    write_log(history, out / "log.jsonl")
-    checkpoint.unlink(missing_ok=True)
-    run.mark("meta", steps=len(history), seconds=round(time.perf_counter() - t0, 1),
-             final_loss=history[-1]["loss"], outputs={"theta*": ledger.sha256(run.dir / THETA_STAR)})
+    rank, world = distributed()
+    if rank == 0:
+        save_model(model, run.dir / THETA_STAR)
+        write_log(history, out / "log.jsonl")
+        checkpoint.unlink(missing_ok=True)
+        run.mark("meta", steps=len(history), seconds=round(time.perf_counter() - t0, 1),
+                 final_loss=history[-1]["loss"], outputs={"theta*": ledger.sha256(run.dir / THETA_STAR)})
+    barrier(world)  # theta* and the ledger are written before any process reads them
     log(f"meta-trained theta* in {len(history)} steps (train loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f})")
     return run.dir / THETA_STAR

@@ -10,7 +10,8 @@ from gradex.added import check_disjoint
 from gradex.config import Config
 from gradex.data import Example, Tokenized, check_lengths, load_examples, save_examples, tokenize
 from gradex.model import legacy_message, legacy_models, load_tokenizer
-from gradex.launch import launch_rank
+from gradex.device import resolve_device
+from gradex.launch import launch_rank, main_first
 from gradex.run import Run, log
 
 
@@ -26,18 +27,25 @@ def data_sha256(examples: list[Example], tokens: list[Tokenized]) -> str:
 def prepare(cfg: Config, force: bool = False) -> Run:
     """Read, check and tokenize every source; write the resolved config and the data manifest.
 
-    Every data error (missing file or column, empty source, over-long example, unknown model)
-    is raised here, before anything expensive runs.
+    Every data error (missing file or column, empty source, over-long example, unknown model) and
+    every device error (a GPU asked for and missing, fp16 on the CPU) is raised here, before anything
+    expensive runs. Under a launch, rank 0 prepares while the others wait (gradex.launch).
     """
+    resolve_device(cfg.model.device)  # first: it starts accelerate's process state for this device
+    return _prepare(cfg, force)
+
+
+@main_first
+def _prepare(cfg: Config, force: bool = False) -> Run:
     run = Run(cfg)
+    run.precision  # the precision this device can run, or the error now
     legacy = legacy_models(run.dir)
     if legacy:  # before anything is written: an old run directory stays as it was
         raise config_mod.ConfigError(legacy_message(legacy[0]))
     out = run.dir / "data"
     if launch_rank() != 0:
-        if run.state("prepare")[0] != "done":
-            raise config_mod.ConfigError("under a multi-process launch only `gradex gradients` runs in parallel: "
-                                         "run `gradex meta-train` first, then launch the gradient pass")
+        if run.state("prepare")[0] != "done":  # rank 0 has prepared (main_first) before this runs
+            raise config_mod.ConfigError(f"{run.dir}: rank 0 did not prepare the run")
         return run
     config_mod.dump(cfg, run.dir / "config.yaml")
     check_disjoint(cfg, run.added)

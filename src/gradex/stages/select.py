@@ -13,6 +13,7 @@ from gradex import config as config_mod
 from gradex import ledger
 from gradex.atomic import write_json
 from gradex.config import Config
+from gradex.launch import main_first
 from gradex.run import Run, log
 from gradex.stages.clusters import clusters, selected_clusters
 from gradex.stages.estimate import estimator, save_estimates
@@ -57,6 +58,7 @@ def selection(run: Run, method: str, fn: Callable[[torch.Tensor], torch.Tensor] 
     return body
 
 
+@main_first
 def select(cfg: Config, force: bool = False) -> dict:
     """Select sources by their estimates; writes selection.json and appends to estimates.parquet."""
     run = prepare(cfg)

@@ -1,0 +1,218 @@
+"""Devices, precision and multi-process training, checked without a GPU.
+
+- Placement: the stages run on torch's lazy device (TorchScript backend, present in CPU builds of
+  torch), on which an op that mixes a lazy tensor with a CPU tensor raises. A model, batch,
+  accumulator or optimizer state left on the CPU by a forgotten `.to()` therefore fails here as it
+  would on a GPU; the lazy run's results must also equal the CPU run's.
+- DDP: `accelerate launch` with 2 CPU processes (gloo) trains meta-train and the final fine-tune;
+  the weights equal a one-process run's within float rounding.
+- Gradient accumulation: micro-batches take the same steps as whole batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama, tiny_run_config, write_config
+from gradex import config as config_mod
+from gradex import pipeline
+from gradex.config import ConfigError, TrainConfig
+from gradex.data import Tokenized
+from gradex.device import check_precision, resolve_device, resolve_precision
+
+# Max |difference| of trained weights between one process and two (DDP sums the two halves' gradients
+# in another order than one process sums the batch's; measured 5.8e-7 for the fine-tune, 2.8e-7 for
+# meta-train). Weighting each process's tokens by its own count rather than the batch's moved them by
+# 4.1e-2 (measured). (A constant factor on the loss would not show: Adam does not see it.)
+DDP_ATOL = 2e-5
+
+
+_lazy_ready = False
+
+
+def lazy_device() -> torch.device:
+    """torch's lazy device, its TorchScript backend started once per process."""
+    global _lazy_ready
+    if not _lazy_ready:
+        from torch._lazy import ts_backend
+
+        ts_backend.init()
+        _lazy_ready = True
+    return torch.device("lazy")
+
+
+def test_lazy_device_rejects_a_cpu_tensor():
+    """The premise of the placement tests: the lazy device refuses a CPU operand, as CUDA does."""
+    x = torch.ones(2, 2, device=lazy_device())
+    with pytest.raises(RuntimeError, match="lazy"):
+        (x @ torch.ones(2, 2)).sum().item()
+
+
+def test_device_and_precision_errors_name_the_setting():
+    with pytest.raises(ConfigError, match="model.device: 'cuda'.*no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="model.device: 'gpu0' is not a device"):
+        resolve_device("gpu0")
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        check_precision("fp16", torch.device("cpu"))
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_precision("fp32", "cuda") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("auto", "mps") == "fp32"
+
+
+def test_device_is_not_part_of_any_stage_identity():
+    """A run started on a GPU resumes on the CPU and the other way round: nothing goes stale."""
+    a, b = config_mod.ModelConfig(), config_mod.ModelConfig(device="cuda:1")
+    assert config_mod.fingerprint(a) == config_mod.fingerprint(b)
+    assert config_mod.fingerprint(TrainConfig()) == config_mod.fingerprint(TrainConfig(micro_batch_size=2))
+    assert config_mod.fingerprint(TrainConfig()) != config_mod.fingerprint(TrainConfig(batch_size=3))
+
+
+def test_every_stage_runs_on_the_configured_device(tmp_path, tiny_model_dir):
+    """meta-train, preconditioner, gradients, estimate, select, finetune and evaluate on the lazy device
+    give the CPU run's theta*, store and metrics (a forgotten .to() raises on this device)."""
+    import numpy as np
+
+    lazy_device()
+    results = {}
+    for device in ("cpu", "lazy"):
+        (tmp_path / device).mkdir()
+        cfg = tiny_run_config(tmp_path / device, tiny_model_dir)
+        cfg.model.device = device
+        cfg.meta.max_steps, cfg.finetune.max_steps = 4, 3
+        final = pipeline.finetune(cfg)
+        store = cfg.run_dir / "store"
+        results[device] = (pipeline.Run(cfg).meta_model().to("cpu"), np.load(store / "x.npy"), np.load(store / "u.npy"),
+                           final)
+    (cpu_model, cpu_x, cpu_u, cpu_final), (lazy_model, lazy_x, lazy_u, lazy_final) = results["cpu"], results["lazy"]
+    for (name, p), (_, q) in zip(cpu_model.named_parameters(), lazy_model.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+    np.testing.assert_allclose(lazy_x, cpu_x, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(lazy_u, cpu_u, rtol=1e-4, atol=1e-5)
+    assert lazy_final["members"] == cpu_final["members"]
+    for split in ("validation", "test"):
+        assert lazy_final[split]["loss"] == pytest.approx(cpu_final[split]["loss"], rel=1e-4)
+        assert lazy_final[split]["score"] == cpu_final[split]["score"]
+
+
+def test_training_resumes_on_the_configured_device(tmp_path):
+    """A checkpoint (written from the device) resumes onto it: parameters and Adam's moments go back
+    to the model's device, and the steps equal an uninterrupted run's."""
+    from gradex.model import trainable
+    from gradex.train import train
+    from peft import LoraConfig, get_peft_model
+
+    device = lazy_device()
+    tokens = [Tokenized([1 + (i * 7 + k) % 200 for k in range(6 + i % 3)], 4) for i in range(12)]
+
+    def fresh():
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+        return model.to(device)
+
+    recipe = TrainConfig(max_steps=4, batch_size=4, lr=1e-2)
+    whole = fresh()
+    train(whole, tokens, range(12), recipe, 0, "fp32", progress=False)
+    ckpt = tmp_path / "ckpt.pt"
+
+    def stop_after_two(step: int) -> None:
+        if step == 2:
+            raise KeyboardInterrupt  # killed after the second step's checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh(), tokens, range(12), recipe, 0, "fp32", ckpt, save_every=1, progress=False,
+              on_step=stop_after_two)
+    resumed = fresh()
+    log = train(resumed, tokens, range(12), recipe, 0, "fp32", ckpt, save_every=1, progress=False)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    for (name, p), (_, q) in zip(trainable(whole), trainable(resumed)):
+        assert q.device.type == "lazy"
+        torch.testing.assert_close(q.cpu(), p.cpu(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_micro_batches_take_the_steps_whole_batches_take():
+    from gradex.model import trainable
+    from gradex.train import train
+    from peft import LoraConfig, get_peft_model
+
+    tokens = [Tokenized([1 + (i * 5 + k) % 200 for k in range(5 + i % 4)], 3) for i in range(20)]
+    trained = []
+    for micro in (None, 3):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+        log = train(model, tokens, range(20), TrainConfig(max_steps=5, batch_size=8, lr=1e-2, micro_batch_size=micro),
+                    0, "fp32", progress=False)
+        trained.append(([p.detach().clone() for _, p in trainable(model)], [r["loss"] for r in log]))
+    (whole, whole_log), (micro, micro_log) = trained
+    assert micro_log == pytest.approx(whole_log, rel=1e-5)
+    for p, q in zip(whole, micro):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+def test_shares_split_every_batch_over_processes_and_pieces():
+    from gradex.train import shares
+
+    chunk = list(range(7))
+    assert shares(chunk, 0, 2, None) == [([0, 2, 4, 6], 1.0)]
+    assert shares(chunk, 1, 2, 2) == [([1, 3], 1.0), ([5], 1.0)]
+    # a process with no rows of a small batch still joins the gradient sum, with nothing in it
+    assert shares([3], 1, 2, None) == [([3], 0.0)]
+
+
+def _launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    bin_dir = Path(sys.executable).parent
+    cmd = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gradex.cli", *args]
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def test_two_process_meta_train_and_finetune_equal_one_process(tmp_path, tiny_model_dir):
+    """accelerate launch --num_processes 2 (gloo): the final fine-tune (from the same theta*), then
+    meta-train itself, spread over two processes by DDP, give one process's weights within DDP_ATOL,
+    and rank 0 alone writes the run's files."""
+    cfg = tiny_run_config(tmp_path, tiny_model_dir)
+    cfg.finetune.batch_size = 7  # odd: the processes' shares differ in size, and so do their token counts
+    single = pipeline.finetune(cfg)
+    run_dir = cfg.run_dir
+    one = {"theta": _weights(run_dir / "meta" / "theta_star"), "final": _weights(run_dir / "final" / "selected"),
+           "meta_log": (run_dir / "meta" / "log.jsonl").read_text()}
+    path = write_config(cfg, tmp_path / "cfg.yaml")
+
+    done = _launch(["finetune", str(path), "--force"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((run_dir / "final" / "metrics.json").read_text())
+    assert two["key"] == single["key"] and two["steps"] == single["steps"]
+    assert _weights(run_dir / "meta" / "theta_star").keys() == one["theta"].keys()
+    assert _max_difference(_weights(run_dir / "meta" / "theta_star"), one["theta"]) == 0  # not retrained
+    final_diff = _max_difference(_weights(run_dir / "final" / "selected"), one["final"])
+    assert final_diff < DDP_ATOL
+    assert two["test"]["loss"] == pytest.approx(single["test"]["loss"], rel=1e-4)
+
+    done = _launch(["meta-train", str(path), "--force"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta_diff = _max_difference(_weights(run_dir / "meta" / "theta_star"), one["theta"])
+    assert meta_diff < DDP_ATOL
+    losses = [json.loads(line)["loss"] for line in (run_dir / "meta" / "log.jsonl").read_text().splitlines()]
+    want = [json.loads(line)["loss"] for line in one["meta_log"].splitlines()]
+    assert losses == pytest.approx(want, rel=1e-4)  # the log holds the whole batch's loss, not rank 0's half
+    assert not list(run_dir.rglob("*.tmp*"))
+    print(f"DDP vs one process: final fine-tune max |diff| {final_diff:.2e}, meta-train {meta_diff:.2e}")
