@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -77,8 +78,11 @@ def test_device_is_not_part_of_any_stage_identity():
 
 def test_every_stage_runs_on_the_configured_device(tmp_path, tiny_model_dir):
     """meta-train, preconditioner, gradients, estimate, select, finetune and evaluate on the lazy device
-    give the CPU run's theta*, store and metrics (a forgotten .to() raises on this device)."""
+    give the CPU run's theta*, store and metrics (a forgotten .to() raises on this device); then
+    check-linearity's exact gradients and random directions run there too."""
     import numpy as np
+
+    from gradex import diagnostics
 
     lazy_device()
     results = {}
@@ -100,6 +104,8 @@ def test_every_stage_runs_on_the_configured_device(tmp_path, tiny_model_dir):
     for split in ("validation", "test"):
         assert lazy_final[split]["loss"] == pytest.approx(cpu_final[split]["loss"], rel=1e-4)
         assert lazy_final[split]["score"] == cpu_final[split]["score"]
+    linearity = diagnostics.check_linearity(cfg, examples=4, subsets=0)  # cfg: the lazy run's
+    assert linearity["examples"] == 4 and all(math.isfinite(r["explained"]) for r in linearity["rows"])
 
 
 def test_training_resumes_on_the_configured_device(tmp_path):

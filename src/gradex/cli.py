@@ -196,6 +196,8 @@ def version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if pipeline.launch_rank() != 0:  # under a launch the result is printed once, by rank 0 (errors: by each)
+        sys.stdout = open(os.devnull, "w")
     try:
         if args.command == "export":  # reads the run directory's own config.yaml, not an experiment file
             from pathlib import Path

@@ -27,6 +27,7 @@ from gradex.atomic import replacing, write_bytes, write_json
 from gradex.config import Config, TrainConfig, fingerprint
 from gradex.data import batches
 from gradex.evaluate import loss_from_outputs, outputs
+from gradex.launch import on_main
 from gradex.device import autocast, device_of
 from gradex.model import (ce_logodds, example_outputs, save_model, set_trainable_vector,
                           trainable, trainable_vector)
@@ -69,7 +70,14 @@ def _errors(u0: torch.Tensor, first: torch.Tensor, true: torch.Tensor) -> dict:
 
 
 def check_linearity(cfg: Config, examples: int = 48, subsets: int = 2) -> dict:
-    """Tables of first- vs zeroth-order error, written to linearity.json and linearity.png."""
+    """Tables of first- vs zeroth-order error, written to linearity.json and linearity.png (under a
+    launch, by rank 0 alone: gradex.launch)."""
+    prepare(cfg)
+    gradients(cfg)
+    return on_main(lambda: _check_linearity(cfg, examples, subsets))
+
+
+def _check_linearity(cfg: Config, examples: int, subsets: int) -> dict:
     from gradex.select import sample_subsets
 
     run = prepare(cfg)
@@ -86,6 +94,10 @@ def check_linearity(cfg: Config, examples: int = 48, subsets: int = 2) -> dict:
     projector = make_run_projector(run, model)
     precision = run.precision
 
+    def first_order(delta: torch.Tensor) -> torch.Tensor:
+        """u0 + G delta, on the host beside the measured outputs (G and delta are on the model's device)."""
+        return u0 + (grads @ delta).cpu()
+
     def measure(delta: torch.Tensor) -> torch.Tensor:
         set_trainable_vector(model, theta + delta)
         u, _ = outputs(model, run.tokens, idx, run.pad_id, MEASURE, output)
@@ -98,8 +110,8 @@ def check_linearity(cfg: Config, examples: int = 48, subsets: int = 2) -> dict:
         delta = projector.lift(torch.randn(cfg.gradients.dim, generator=gen))
         delta = delta * (r * theta.norm() / delta.norm())
         true = measure(delta)
-        rows.append({"kind": "random", "radius": r, "steps": None, **_errors(u0, u0 + grads @ delta, true)})
-    picks = sample_subsets(len(run.sources), subsets, 0.5, cfg.select.seed + 7)
+        rows.append({"kind": "random", "radius": r, "steps": None, **_errors(u0, first_order(delta), true)})
+    picks = sample_subsets(len(run.sources), subsets, 0.5, cfg.select.seed + 7) if subsets else torch.zeros(0, 0)
     for s, member in enumerate(picks.tolist()):
         names = [n for n, m in zip(run.sources, member) if m]
         trained = run.meta_model()
@@ -117,8 +129,8 @@ def check_linearity(cfg: Config, examples: int = 48, subsets: int = 2) -> dict:
             proj = projector.project_delta(delta)  # the part of Delta the projected model can express
             rows.append({"kind": "trajectory", "subset": names, "steps": steps,
                          "radius": (delta.norm() / theta.norm()).item(),
-                         **_errors(u0, u0 + grads @ delta, true),
-                         "projected_explained": _errors(u0, u0 + grads @ proj, true)["explained"]})
+                         **_errors(u0, first_order(delta), true),
+                         "projected_explained": _errors(u0, first_order(proj), true)["explained"]})
     result = {"examples": len(idx), "theta_norm": theta.norm().item(), "rows": rows}
     write_json(run.dir / "linearity.json", result)
     _plot_linearity(rows, run.dir / "linearity.png")
@@ -221,9 +233,16 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2, recipe: str = "finetune")
     training examples' outputs (from theta*) under every output definition, so a changed estimator
     never needs a fine-tune re-run. The result also re-estimates at a sweep of
     `estimate.output_change` values: the one with the lowest error is the value to configure.
+    Under a launch rank 0 runs it alone (its fine-tunes single-process), the others wait.
     """
     if recipe not in RECIPES:
         raise ValueError(f"validate: recipe must be one of {RECIPES}, got {recipe!r}")
+    prepare(cfg)
+    gradients(cfg)
+    return on_main(lambda: _validate(cfg, k, seeds, recipe))
+
+
+def _validate(cfg: Config, k: int, seeds: int, recipe: str) -> dict:
     run = prepare(cfg)
     gradients(cfg)
     clusters(cfg)  # with data.clusters the subsets are of clusters: made before run.sources is read
