@@ -161,7 +161,7 @@ def test_lm_head_runs_in_fp32_under_bf16_autocast() -> None:
     torch.testing.assert_close(logits, want, rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["sparse", "dense", "none"])
+@pytest.mark.parametrize("kind", ["sparse", "hashed", "dense", "none"])
 def test_projected_equals_projecting_the_loop_gradients(kind: str) -> None:
     model = build("gpt2", "lora", ["c_attn"])
     batch = collate(tokens(LENGTHS), range(len(LENGTHS)), pad_id=0)
@@ -195,7 +195,7 @@ def split(g: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("kind", ["sparse", "dense"])
+@pytest.mark.parametrize("kind", ["sparse", "hashed", "dense"])
 def test_inner_products_preserved_within_jl_tolerance(kind: str) -> None:
     """JL: |<Px,Py> - <x,y>| <= 4 ||x|| ||y|| / sqrt(d) for at least 98% of pairs.
 
@@ -218,7 +218,7 @@ def test_inner_products_preserved_within_jl_tolerance(kind: str) -> None:
     assert abs(ratio.mean().item() - 1) < 0.1
 
 
-@pytest.mark.parametrize("kind", ["sparse", "dense", "none"])
+@pytest.mark.parametrize("kind", ["sparse", "hashed", "dense", "none"])
 def test_projection_deterministic_and_independent_of_layer_order(kind: str) -> None:
     g = split(torch.randn(3, P))
     a = make_projector(kind, LAYOUT, 64, seed=7).project(g)
@@ -261,7 +261,7 @@ def projector_for(kind: str, d: int, seed: int, pre: bool):
     return preconditioned(kind, d, seed) if pre else make_projector(kind, LAYOUT, d, seed=seed)
 
 
-KINDS_AND_PRECONDITIONING = [(k, pre) for k in ("sparse", "dense", "none") for pre in (False, True)]
+KINDS_AND_PRECONDITIONING = [(k, pre) for k in ("sparse", "hashed", "dense", "none") for pre in (False, True)]
 
 
 @pytest.mark.parametrize("kind,pre", KINDS_AND_PRECONDITIONING)
@@ -277,7 +277,7 @@ def test_lift_is_the_adjoint_and_col_norms_match(kind: str, pre: bool) -> None:
     assert torch.allclose(x @ z, g @ delta, rtol=1e-4, atol=1e-3)  # <P^T g, z> == <g, P z>
     full = torch.stack([projector.lift(e) for e in torch.eye(d)], dim=1)  # P, (p, d)
     assert torch.allclose(projector.col_sq_norms(), full.pow(2).sum(0), rtol=1e-5)
-    if kind == "sparse":  # disjoint column supports: ||P z||^2 is exact from the column norms
+    if kind in ("sparse", "hashed"):  # disjoint column supports: ||P z||^2 is exact from the column norms
         assert torch.allclose(delta.pow(2).sum(), (projector.col_sq_norms() * z.pow(2)).sum(), rtol=1e-5)
         if not pre:
             assert projector.col_sq_norms().sum().item() == P
@@ -353,6 +353,25 @@ def test_projector_identity_and_errors() -> None:
         make_projector("gaussian", LAYOUT, 16)
     with pytest.raises(KeyError, match="not bound"):
         sparse.add(sparse.start(1), "zzz", torch.zeros(1, 3))
+
+
+def test_hashed_holds_nothing_per_coordinate_and_spreads_buckets_evenly() -> None:
+    """hashed computes its buckets: no tensor held per parameter, the same P on every call and after a
+    move, and buckets and signs as even as random ones (counts within 5 standard deviations)."""
+    n, d = 400_000, 64
+    projector = make_projector("hashed", [("w", (n,))], d, seed=1)
+    held = [v for v in vars(projector).values() if isinstance(v, torch.Tensor)]
+    assert not held and not any(isinstance(v, torch.Tensor) for v in projector._keys["w"])
+    index = projector.indices("w")
+    assert torch.equal(index, projector.to("cpu").indices("w"))
+    counts = torch.bincount(index % d, minlength=d).double()
+    assert (counts - n / d).abs().max() < 5 * math.sqrt(n / d)
+    assert abs((index >= d).double().mean().item() - 0.5) < 5 * 0.5 / math.sqrt(n)
+    # consecutive coordinates, and coordinates a row apart, land in unrelated buckets
+    for stride in (1, 576, 4096):
+        same = ((index[stride:] % d) == (index[:-stride] % d)).double().mean().item()
+        assert abs(same - 1 / d) < 0.005, stride
+    assert not torch.equal(index, make_projector("hashed", [("w", (n,))], d, seed=2).indices("w"))
 
 
 def test_sparse_narrow_index_gives_the_same_projection(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -195,7 +195,10 @@ class GradientConfig:
     # u_s, the per-example output: "ce" = log-odds of the answer's geometric-mean token probability
     # (softplus(-u_s) is its mean token cross-entropy) | "mean-logodds" = mean token log-odds (the paper)
     output: str = "ce"
-    projection: str = "sparse"  # sparse (hashed JL) | dense (Rademacher +-1/sqrt(d)) | none
+    # sparse (CountSketch, its buckets held: 4-8 bytes per trainable parameter) | hashed (the same
+    # sketch, buckets computed on the fly: for full fine-tuning of big models) | dense (Rademacher
+    # +-1/sqrt(d)) | none
+    projection: str = "sparse"
     # adam: project D^(1/2) g, D = Adam's preconditioner 1/(sqrt(v)+eps) at theta*, v measured on
     # `preconditioner_batches` minibatches of the refit recipe | none: project g itself
     preconditioner: str = "adam"
@@ -284,7 +287,7 @@ CHOICES = {
     "model.chat_template": ("auto", "none"),
     "data.leakage": ("drop", "refuse", "warn"),
     "gradients.output": ("ce", "mean-logodds"),
-    "gradients.projection": ("sparse", "dense", "none"),
+    "gradients.projection": ("sparse", "hashed", "dense", "none"),
     "gradients.preconditioner": ("adam", "none"),
     "estimate.mode": ("linear", "reconstruct"),
     "estimate.weighting": ("auto", "sum", "mean"),

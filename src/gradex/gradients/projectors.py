@@ -7,11 +7,13 @@ which layers are visited, on the rank that visits them, or on which other parame
 - `sparse` (default): a CountSketch / hashed sparse JL. Coordinate j of a parameter goes to bucket
   h(j) in [0, d) with sign s(j) = +-1; P has one nonzero per row. Columns have disjoint supports,
   so ||P z||^2 = sum_k col_sq_norms()[k] * z_k^2 exactly. Applying it is one index_add_.
+- `hashed`: the same CountSketch with its buckets computed from (seed, name, coordinate) on the
+  device whenever applied, so it holds nothing per coordinate (for full fine-tuning of big models).
 - `dense`: Rademacher entries +-1/sqrt(d) (the paper's P). Held in memory when p * d * 4 bytes
   <= 256 MB, otherwise regenerated block by block from the seed on every call (slow, exact).
 - `none`: identity, d = p, exact inner products for small p.
 
-All three satisfy E[<P^T g, P^T h>] = <g, h>. `lift(z)` = P z maps a solution z back to a change of
+All of them satisfy E[<P^T g, P^T h>] = <g, h>. `lift(z)` = P z maps a solution z back to a change of
 the trainable parameters (flat, trainable() order); `col_sq_norms()` gives ||P z|| cheaply.
 P is drawn on the CPU (the same P on every device) and `to(device)` moves it where the gradients are.
 `Preconditioned` wraps any of them to project Adam-preconditioned gradients (see its docstring).
@@ -185,22 +187,68 @@ class SparseProjector(Projector):
     def start(self, batch_size: int) -> torch.Tensor:
         return torch.zeros(batch_size, 2 * self.dim, device=self.device)
 
+    def indices(self, name: str) -> torch.Tensor:
+        """Parameter `name`'s signed buckets (int64, on the projector's device): coordinate j goes to
+        column index[j] % d, with sign - where index[j] >= d."""
+        return self._index[name].long()
+
     def add(self, acc: torch.Tensor, name: str, grads: torch.Tensor) -> None:
         self._check(name, grads)
-        acc.index_add_(1, self._index[name].long(), grads.float())
+        acc.index_add_(1, self.indices(name), grads.float())
 
     def result(self, acc: torch.Tensor) -> torch.Tensor:
         return acc[:, :self.dim] - acc[:, self.dim:]
 
     def lift_param(self, name: str, z: torch.Tensor) -> torch.Tensor:
-        return torch.cat([z, -z])[self._index[name].long()]
+        return torch.cat([z, -z])[self.indices(name)]
 
     def col_sq_norms(self, weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         counts = torch.zeros(2 * self.dim, dtype=torch.float64, device=self.device)
-        for name, index in self._index.items():
+        for name, _ in self.layout:
             w = None if weights is None else weights[name].reshape(-1).double().to(self.device)
-            counts += torch.bincount(index.long(), weights=w, minlength=2 * self.dim)
+            counts += torch.bincount(self.indices(name), weights=w, minlength=2 * self.dim)
         return (counts[:self.dim] + counts[self.dim:]).float()
+
+
+PRIME = 2**31 - 1  # the hashed projector's modulus: products of two residues fit in int64
+
+
+class HashedProjector(SparseProjector):
+    """The sparse projector's CountSketch with buckets and signs computed, not drawn and held: for
+    coordinate j of parameter `name`, a hash of (j mod PRIME, j div PRIME) with keys from (seed,
+    name), evaluated with exact int64 arithmetic on whatever device the gradients are on. It holds
+    nothing per coordinate, where `sparse` holds an index per trainable parameter (4 to 8 bytes each:
+    26 GB for a 7B model's full fine-tuning), at the price of computing a parameter's buckets again
+    each time it is applied (a few integer operations per coordinate). Same guarantees as sparse:
+    columns with disjoint supports, E[<P^T g, P^T h>] = <g, h>; another P than sparse's."""
+
+    kind = "hashed"
+
+    def _bound(self) -> None:
+        self._keys: dict[str, list[int]] = {}
+        for name, _ in self.layout:
+            digest = hashlib.sha256(f"{self.seed}:{self.kind}:{name}".encode()).digest()
+            # 6 keys in [1, PRIME): two linear ones and a mixing one, for the bucket and the sign each
+            self._keys[name] = [1 + int.from_bytes(digest[4 * k:4 * k + 4], "little") % (PRIME - 1) for k in range(6)]
+
+    def _moved(self) -> None:
+        """Nothing is held on a device."""
+
+    @staticmethod
+    def _hash(lo: torch.Tensor, hi: torch.Tensor, a: int, b: int, c: int) -> torch.Tensor:
+        """((a lo + b hi + c) mod P)^2 mod P: every product is of two numbers below 2^31, so int64
+        holds it exactly on every device. The square breaks the arithmetic progression that a linear
+        hash gives consecutive coordinates."""
+        h = ((lo * a) % PRIME + (hi * b) % PRIME + c) % PRIME
+        return (h * h) % PRIME
+
+    def indices(self, name: str) -> torch.Tensor:
+        j = torch.arange(self._sizes[name], device=self.device, dtype=torch.int64)
+        lo, hi = j % PRIME, j // PRIME
+        k = self._keys[name]
+        bucket = self._hash(lo, hi, k[0], k[1], k[2]) % self.dim
+        negative = self._hash(lo, hi, k[3], k[4], k[5]) % 2
+        return bucket + self.dim * negative
 
 
 class DenseProjector(Projector):
@@ -371,7 +419,7 @@ class Preconditioned(Projector):
         return super().project_delta(delta)
 
 
-KINDS = {"sparse": SparseProjector, "dense": DenseProjector, "none": IdentityProjector}
+KINDS = {"sparse": SparseProjector, "hashed": HashedProjector, "dense": DenseProjector, "none": IdentityProjector}
 
 
 def make_projector(kind: str, params: nn.Module | Layout | None = None, dim: int = 256, seed: int = 0) -> Projector:

@@ -124,7 +124,7 @@ class Reconstructor:
         self.theta = trainable_vector(self.model)
         if run.cfg.gradients.projection == "none":
             raise config_mod.ConfigError("estimate.mode=reconstruct needs a projection (gradients.projection "
-                                         "sparse or dense); with `none` use the linear mode")
+                                         "sparse, hashed or dense); with `none` use the linear mode")
         self.projector = make_run_projector(run, self.model)
         self.val = run.indices("validation")
 
