@@ -210,45 +210,55 @@ class SparseProjector(Projector):
         return (counts[:self.dim] + counts[self.dim:]).float()
 
 
-PRIME = 2**31 - 1  # the hashed projector's modulus: products of two residues fit in int64
+PRIME = 2**31 - 1  # the hashed projector's modulus (prime): a product of two residues fits in int64
 
 
 class HashedProjector(SparseProjector):
     """The sparse projector's CountSketch with buckets and signs computed, not drawn and held: for
-    coordinate j of parameter `name`, a hash of (j mod PRIME, j div PRIME) with keys from (seed,
-    name), evaluated with exact int64 arithmetic on whatever device the gradients are on. It holds
-    nothing per coordinate, where `sparse` holds an index per trainable parameter (4 to 8 bytes each:
-    26 GB for a 7B model's full fine-tuning), at the price of computing a parameter's buckets again
-    each time it is applied (a few integer operations per coordinate). Same guarantees as sparse:
-    columns with disjoint supports, E[<P^T g, P^T h>] = <g, h>; another P than sparse's."""
+    coordinate j of parameter `name`, h = (a j + c mod PRIME)^5 mod PRIME with keys a, c from (seed,
+    name), and signed bucket h mod 2d (bucket h mod d, negative when floor(h / d) is odd), in exact
+    int64 arithmetic on whatever device the gradients are on. The fifth power is a bijection mod PRIME
+    (5 does not divide PRIME - 1), so h stays uniform, and it breaks the arithmetic progression a
+    linear hash gives coordinates a fixed stride apart (a weight matrix's rows). It holds nothing
+    per coordinate, where `sparse` holds an index per trainable parameter (4 to 8 bytes each: 26 GB
+    for a 7B model's full fine-tuning), at the price of computing a parameter's buckets each time it
+    is applied (about ten integer operations per coordinate). Same guarantees as sparse: columns with
+    disjoint supports, E[<P^T g, P^T h>] = <g, h>; another P than sparse's."""
 
     kind = "hashed"
 
     def _bound(self) -> None:
-        self._keys: dict[str, list[int]] = {}
+        self._keys: dict[str, tuple[int, int, int]] = {}
         for name, _ in self.layout:
             digest = hashlib.sha256(f"{self.seed}:{self.kind}:{name}".encode()).digest()
-            # 6 keys in [1, PRIME): two linear ones and a mixing one, for the bucket and the sign each
-            self._keys[name] = [1 + int.from_bytes(digest[4 * k:4 * k + 4], "little") % (PRIME - 1) for k in range(6)]
+            a, b, c = (int.from_bytes(digest[4 * k:4 * k + 4], "little") % (PRIME - 1) for k in range(3))
+            self._keys[name] = (1 + a, 1 + b, c)  # a, b nonzero: every coordinate moves the hash
 
     def _moved(self) -> None:
         """Nothing is held on a device."""
 
-    @staticmethod
-    def _hash(lo: torch.Tensor, hi: torch.Tensor, a: int, b: int, c: int) -> torch.Tensor:
-        """((a lo + b hi + c) mod P)^2 mod P: every product is of two numbers below 2^31, so int64
-        holds it exactly on every device. The square breaks the arithmetic progression that a linear
-        hash gives consecutive coordinates."""
-        h = ((lo * a) % PRIME + (hi * b) % PRIME + c) % PRIME
-        return (h * h) % PRIME
-
     def indices(self, name: str) -> torch.Tensor:
-        j = torch.arange(self._sizes[name], device=self.device, dtype=torch.int64)
-        lo, hi = j % PRIME, j // PRIME
-        k = self._keys[name]
-        bucket = self._hash(lo, hi, k[0], k[1], k[2]) % self.dim
-        negative = self._hash(lo, hi, k[3], k[4], k[5]) % 2
-        return bucket + self.dim * negative
+        n = self._sizes[name]
+        a, b, c = self._keys[name]
+        j = torch.arange(n, device=self.device, dtype=torch.int64)
+        if n <= PRIME:  # every product below is of two numbers under 2^31: exact in int64
+            h = _mod_prime(j.mul_(a).add_(c))
+        else:  # a parameter of more than 2^31 coordinates: j in base PRIME
+            h = _mod_prime(_mod_prime((j % PRIME) * a) + _mod_prime((j // PRIME) * b) + c)
+        h4 = _mod_prime(h * h)
+        h4 = _mod_prime(h4.mul_(h4))
+        h = _mod_prime(h4.mul_(h))
+        two_d = 2 * self.dim
+        return h.bitwise_and_(two_d - 1) if two_d & (two_d - 1) == 0 else h.remainder_(two_d)
+
+
+def _mod_prime(x: torch.Tensor) -> torch.Tensor:
+    """x mod PRIME for 0 <= x < 2^63, in place, by folding: 2^31 = 1 mod PRIME, so x = hi 2^31 + lo is
+    hi + lo mod PRIME. Shifts, masks and adds only: an int64 division is slow on a CPU and slower
+    still on a GPU, which has no instruction for it."""
+    x = (x >> 31).add_(x.bitwise_and_(PRIME))  # < 2^32 + 2^31 (x's own storage is reused for the mask)
+    x = (x >> 31).add_(x.bitwise_and_(PRIME))  # <= PRIME + 2
+    return x.sub_(PRIME * (x >= PRIME))
 
 
 class DenseProjector(Projector):
