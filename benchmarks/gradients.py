@@ -13,7 +13,8 @@ examples whose last 4 tokens are the answer, d=256, all in one process:
              example, the gradient flattened and multiplied by a dense fp32 Rademacher matrix (p x d).
              It uses gradex's answer-only output u_s, which flatters it.
 Then full fine-tuning (every linear layer of the blocks, ~106M parameters) projected to d=512 by
-the sparse projector. Numbers are medians over repeats; train and gradex alternate within a repeat,
+the sparse projector and by the hashed one (the same sketch, buckets computed when applied:
+`projector_state_gb` says what each holds). Numbers are medians over repeats; train and gradex alternate within a repeat,
 so both see the same machine load. Peak RSS values are the process's maximum so far (ru_maxrss
 only grows): `peak_rss_gb` after the LoRA train and gradex runs, `peak_rss_gb_with_reference` after
 the reference, `full.peak_rss_gb` at the end. On an accelerator (`--device`, default
@@ -22,7 +23,8 @@ the peak accelerator memory of each part (torch.cuda.max_memory_allocated, reset
 the LoRA train step, the LoRA gradient pass, and full fine-tuning's gradient pass, beside what one
 batch of per-example gradients of the largest layer takes (the pass holds one layer's at a time).
 The last printed line is one JSON object; it is also written to benchmarks/results/gradients.json
-(benchmarks/results/gradients-<device type>.json on a GPU).
+(gradients-<device type>-<precision>.json for another device or precision, e.g. gradients-cuda.json,
+gradients-fp32.json).
 """
 
 from __future__ import annotations
@@ -178,24 +180,43 @@ def add_reference(model: torch.nn.Module, out: dict, matrix: torch.Tensor, repea
           f"gradex / reference {out['ratio_vs_reference']:.2f}", flush=True)
 
 
+def projector_state_gb(projector) -> float:
+    """What a projector holds in tensors (the sparse one's bucket index; nothing for hashed)."""
+    held = [t for t in vars(projector).values() if isinstance(t, torch.Tensor)]
+    held += [t for v in vars(projector).values() if isinstance(v, dict) for t in v.values() if isinstance(t, torch.Tensor)]
+    return round(sum(t.numel() * t.element_size() for t in held) / 2**30, 4)
+
+
 def full_numbers(lengths: list[int], repeats: int, n_examples: int, dim: int, device: torch.device,
                  precision: str) -> dict:
+    """Full fine-tuning's gradient pass with the sparse projector (its buckets held) and the hashed
+    one (computed when applied), one after the other within each repeat."""
     model = make_trainable(load_base(ModelConfig()), ModelConfig(finetune="full")).to(device)
     params = sum(p.numel() for _, p in trainable(model))
-    t0 = time.perf_counter()
-    projector = make_projector("sparse", model, dim, seed=0)
-    bind_seconds = time.perf_counter() - t0
-    out: dict = {"trainable_params": params, "d": dim, "projector": "sparse", "bind_seconds": round(bind_seconds, 2)}
+    out: dict = {"trainable_params": params, "d": dim, "projector": "sparse"}
+    projectors = {}
+    for kind in ("sparse", "hashed"):
+        t0 = time.perf_counter()
+        projectors[kind] = make_projector(kind, model, dim, seed=0).to(device)
+        prefix = "" if kind == "sparse" else "hashed_"
+        out[f"{prefix}bind_seconds"] = round(time.perf_counter() - t0, 2)
+        out[f"{prefix}projector_state_gb"] = projector_state_gb(projectors[kind])
     for length in lengths:
         tokens = random_tokens(n_examples, length, model.config.vocab_size, seed=length)
-        gradex_seconds(model, tokens[:BATCH], projector, precision)  # warm-up
+        rates: dict[str, list[float]] = {"sparse": [], "hashed": []}
+        for kind, projector in projectors.items():
+            gradex_seconds(model, tokens[:BATCH], projector, precision)  # warm-up
         reset_peak(device)
-        rates = [n_examples / gradex_seconds(model, tokens, projector, precision)[0] for _ in range(repeats)]
-        out[f"grad_samples_per_s_{length}"] = round(statistics.median(rates), 3)
+        for _ in range(repeats):
+            for kind, projector in projectors.items():
+                rates[kind].append(n_examples / gradex_seconds(model, tokens, projector, precision)[0])
+        out[f"grad_samples_per_s_{length}"] = round(statistics.median(rates["sparse"]), 3)
+        out[f"hashed_grad_samples_per_s_{length}"] = round(statistics.median(rates["hashed"]), 3)
         if peak_gb(device) is not None:
             out[f"grad_peak_accelerator_gb_{length}"] = peak_gb(device)
         print(f"[full fine-tuning, {params / 1e6:.1f}M params, {length} tokens, d={dim}] gradex "
-              f"{out[f'grad_samples_per_s_{length}']:.2f} ex/s", flush=True)
+              f"{out[f'grad_samples_per_s_{length}']:.2f} ex/s (sparse), "
+              f"{out[f'hashed_grad_samples_per_s_{length}']:.2f} ex/s (hashed)", flush=True)
     out["peak_rss_gb"] = peak_rss_gb()
     out["layer_batch_gradients_gb"] = layer_batch_gb(model)
     return out
@@ -243,7 +264,9 @@ def main() -> None:
         "quick": args.quick,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    target = RESULTS if device.type == "cpu" else RESULTS.with_name(f"gradients-{device.type}.json")
+    # the default (bf16 on the CPU) in gradients.json; another device or precision beside it
+    suffix = "".join(f"-{part}" for part in (device.type, precision) if part not in ("cpu", "bf16"))
+    target = RESULTS.with_name(f"gradients{suffix}.json")
     if not args.quick:
         target.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
