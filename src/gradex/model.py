@@ -184,11 +184,13 @@ def token_logodds(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def per_example_mean(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
-    """The mean of `values` per example (rows[i]: the example of values[i]), as a product with the
-    (n, tokens) membership matrix rather than an index_add: the same sums in a fixed order on every
-    device (CUDA's index_add adds atomically, in no fixed order), and a backward every device has."""
-    member = (rows[None, :] == torch.arange(n, device=rows.device)[:, None]).to(values.dtype)
-    return (member @ values) / member.sum(1).clamp_min(1)
+    """The mean of `values` per example (rows[i]: the example of values[i]), as a sum over the
+    (n, tokens) membership mask rather than an index_add: the same sums in a fixed order on every
+    device (CUDA's index_add adds atomically, in no fixed order), and a backward every device has.
+    Selected, not multiplied: a product with a 0/1 matrix would spread one example's NaN to all
+    (0 * NaN = NaN), and the gradient pass names the example that has one."""
+    member = rows[None, :] == torch.arange(n, device=rows.device)[:, None]
+    return torch.where(member, values[None, :], 0.0).sum(1) / member.sum(1).clamp_min(1).to(values.dtype)
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
