@@ -5,7 +5,7 @@
 - gradient similarity (as in LESS): the cosine between a source's mean projected gradient and the
   target's, read from the store, so it sees the same gradients the estimates do;
 - representation similarity: the cosine between the mean last-layer hidden state of a source's
-  examples and the target's, under the base model.
+  examples and the target's, under the base model (an encoder-decoder's: its encoder's, over the prompts).
 
 Both similarity baselines score the target's validation examples, which is what the selection is
 judged on, and keep the top k sources, k = the size of gradex's selection.
@@ -64,17 +64,23 @@ def mean_cosines(features: np.ndarray, groups: Sequence[str], sources: Sequence[
 @torch.no_grad()
 def mean_hidden_states(model: torch.nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int], pad_id: int,
                        batch_size: int = 32, desc: str = "representations") -> np.ndarray:
-    """(len(indices), hidden) mean over each example's tokens (prompt and answer) of the last hidden layer."""
-    from gradex.model import language_model
-
+    """(len(indices), hidden) mean over each example's tokens (prompt and answer) of the last hidden layer;
+    for an encoder-decoder (T5), over its prompt tokens of the encoder's last hidden layer."""
     from gradex.device import device_of
+    from gradex.model import encoder_decoder_batch, is_encoder_decoder, language_model
 
     lm, device = language_model(model), device_of(model)
     rows = []
     for batch in tqdm(list(batches(tokens, list(indices), batch_size, pad_id)), desc=desc, leave=False):
         batch = batch.to(device)
-        hidden = lm.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        mask = batch.attention_mask[..., None].to(hidden.dtype)
+        if is_encoder_decoder(lm):
+            prompts = encoder_decoder_batch(lm, batch)
+            ids, attention = prompts.input_ids, prompts.attention_mask
+            hidden = lm.get_encoder()(input_ids=ids, attention_mask=attention).last_hidden_state
+        else:
+            attention = batch.attention_mask
+            hidden = lm.base_model(input_ids=batch.input_ids, attention_mask=attention).last_hidden_state
+        mask = attention[..., None].to(hidden.dtype)
         rows.append(((hidden * mask).sum(1) / mask.sum(1)).float().cpu())
     return torch.cat(rows).numpy()
 

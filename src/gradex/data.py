@@ -483,10 +483,25 @@ def _report_leakage(mode: str, leaks: dict[str, list[Example]], target: str) -> 
 # (model.chat_template: auto, and the tokenizer has one), so every caller that tokenizes with it (the
 # data, multiple-choice scoring, generation) formats examples alike.
 CHAT = "gradex_chat_template"
+# ... and a tokenizer of an encoder-decoder model (T5), whose examples are formatted for it (`tokenize`)
+ENCODER_DECODER = "gradex_encoder_decoder"
 
 
 def uses_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, CHAT, False))
+
+
+def for_encoder_decoder(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, ENCODER_DECODER, False))
+
+
+def _ending_with_eos(tokenizer: Any, rows: list[list[int]]) -> list[list[int]]:
+    """Each row as the tokenizer encoded it, with its EOS appended where the tokenizer did not end it so."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError("model.name: the tokenizer of this encoder-decoder has no EOS token to end prompts and "
+                          "answers with")
+    return [list(r) if r and r[-1] == eos else [*r, eos] for r in rows]
 
 
 def leading_special_ids(tokenizer: Any) -> list[int]:
@@ -513,7 +528,10 @@ def chat_parts(tokenizer: Any, prompt: str, answer: str) -> tuple[str, str]:
 
 
 def prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """The token ids generation starts from, formatted as `tokenize` formats the prompts."""
+    """The token ids generation starts from (an encoder-decoder's encoder input), formatted as `tokenize`
+    formats the prompts."""
+    if for_encoder_decoder(tokenizer):  # as the tokenizer encodes a text (T5: the text, then </s>)
+        return _ending_with_eos(tokenizer, tokenizer(list(prompts), add_special_tokens=True)["input_ids"])
     if uses_chat_template(tokenizer):  # the template writes its own BOS, so no special tokens are added
         heads = [chat_parts(tokenizer, p, "")[0] for p in prompts]
         return tokenizer(heads, add_special_tokens=False)["input_ids"]
@@ -522,7 +540,13 @@ def prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
 
 
 def generated_answer(tokenizer: Any, ids: Sequence[int]) -> str:
-    """The answer in generated token ids: the text up to END, or up to the end of the assistant turn."""
+    """The answer in generated token ids: the text up to END, or up to the end of the assistant turn (an
+    encoder-decoder's decoder tokens: up to its EOS)."""
+    if for_encoder_decoder(tokenizer):
+        ids = list(ids)
+        eos = tokenizer.eos_token_id
+        ids = ids[:ids.index(eos)] if eos in ids else ids
+        return tokenizer.decode(ids, skip_special_tokens=True).split(END)[0].strip()
     if not uses_chat_template(tokenizer):
         return tokenizer.decode(list(ids), skip_special_tokens=True).split(END)[0].strip()
     end = chat_parts(tokenizer, "", "\x00")[1].split("\x00", 1)[1].strip()  # e.g. <|im_end|>
@@ -537,8 +561,16 @@ def tokenize(tokenizer: Any, examples: Sequence[Example]) -> list[Tokenized]:
     the loss is on. Plain: the tokenizer's own leading special tokens (BOS where it adds one), the
     prompt, then the answer and END. Chat template: the prompt as a user turn through the opening of
     the assistant turn, then the answer (without its answer_prefix: the turn separates them) and the
-    end of the turn, which is then the end marker."""
-    if uses_chat_template(tokenizer):
+    end of the turn, which is then the end marker. Encoder-decoder (T5): the prompt, then the answer,
+    each as the tokenizer encodes a text with its special tokens and ending with EOS (T5's tokenizer
+    appends </s>; EOS is appended where a tokenizer does not); the prompt is the encoder's input and
+    the answer the decoder's labels (gradex.model.encoder_decoder_batch), and the EOS is the end marker
+    (T5's tokenizer cannot write END, a newline, which it reads as a space)."""
+    if for_encoder_decoder(tokenizer):
+        prompts = prompt_ids(tokenizer, [e.prompt for e in examples])
+        answers = tokenizer([e.answer for e in examples], add_special_tokens=True)["input_ids"]
+        answers = _ending_with_eos(tokenizer, answers)
+    elif uses_chat_template(tokenizer):
         parts = [chat_parts(tokenizer, e.prompt, e.answer.strip()) for e in examples]
         prompts = tokenizer([head for head, _ in parts], add_special_tokens=False)["input_ids"]
         answers = tokenizer([tail for _, tail in parts], add_special_tokens=False)["input_ids"]

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from gradex.data import Example, Tokenized, batches, generated_answer, prompt_ids, tokenize
 from gradex.device import autocast, device_of, step_done
-from gradex.model import example_outputs_and_nll, language_model
+from gradex.model import example_outputs_and_nll, is_encoder_decoder, language_model
 
 
 @torch.no_grad()
@@ -46,20 +46,28 @@ def loss_from_outputs(u: torch.Tensor) -> float:
 @torch.no_grad()
 def generate_answers(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_new_tokens: int,
                      precision: str = "bf16", batch_size: int = 32) -> list[str]:
-    """Greedy answers, cut at the end marker."""
+    """Greedy answers, cut at the end marker. A causal LM continues its left-padded prompts, and its new
+    tokens follow them; an encoder-decoder (T5) reads the prompts as its encoder input (right-padded)
+    and generates decoder tokens only, after its decoder start token."""
     lm, device = language_model(model), device_of(model)
+    seq2seq = is_encoder_decoder(lm)
     prompts = prompt_ids(tokenizer, [e.prompt for e in examples])  # formatted as the data was (gradex.data)
     pad = tokenizer.pad_token_id
     answers: list[str] = []
     for start in range(0, len(examples), batch_size):
         chunk = prompts[start:start + batch_size]
         width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)  # left-pad for generation
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        if seq2seq:
+            ids = torch.tensor([p + [pad] * (width - len(p)) for p in chunk], device=device)
+            mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in chunk], device=device)
+        else:  # left-padded, so every prompt ends where generation starts
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         with autocast(precision, device):
             out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                               use_cache=True, pad_token_id=pad)
-        answers += [generated_answer(tokenizer, row.tolist()) for row in out[:, width:].cpu()]
+        new = out[:, 1:] if seq2seq else out[:, width:]
+        answers += [generated_answer(tokenizer, row.tolist()) for row in new.cpu()]
         step_done(device)
     return answers
 

@@ -1,8 +1,8 @@
 """`gradex export`: a run's final model (or theta*) as a standalone transformers model folder.
 
 A LoRA adapter is merged into its base model with peft's `merge_and_unload`, so the result needs
-neither peft nor the base model: `AutoModelForCausalLM.from_pretrained(folder)` and
-`AutoTokenizer.from_pretrained(folder)` load it. A full fine-tune is already a model folder; it
+neither peft nor the base model: `AutoModelForCausalLM.from_pretrained(folder)` (an encoder-decoder's,
+T5's: `AutoModelForSeq2SeqLM`) and `AutoTokenizer.from_pretrained(folder)` load it. A full fine-tune is already a model folder; it
 gets the tokenizer beside it. The run directory is read through its own resolved config
 (`<run>/config.yaml`), so the base model, LoRA settings and tokenizer are the ones it was trained with.
 """

@@ -13,6 +13,12 @@ Token probabilities are clipped to [eps, 1 - eps]; "ce" floors CE_s at CE_FLOOR 
 head is applied at answer positions only (the rest of the sequence needs no vocabulary projection),
 which saves most of the head's cost, and in fp32 whatever the model's precision, so u_s and its
 gradient with respect to the logits are fp32 numbers in every pass (gradients, validate, evaluate).
+
+Two families of model: a causal LM (AutoModelForCausalLM), and an encoder-decoder of the T5 family
+(T5, FLAN-T5, mT5, umT5: AutoModelForSeq2SeqLM), recognized by its config's `is_encoder_decoder`.
+Batches keep one layout for both (gradex.data: prompt then answer tokens, right-padded);
+`answer_logits` gives an encoder-decoder the prompt as encoder input and the answer as decoder
+labels (`encoder_decoder_batch`), so training, gradients and evaluation do not tell them apart.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +34,7 @@ import torch
 from torch import nn
 
 from gradex.config import ConfigError, ModelConfig
-from gradex.data import CHAT, Batch
+from gradex.data import CHAT, ENCODER_DECODER, Batch
 from gradex.atomic import replacing_dir
 
 EPS = 1e-6
@@ -68,28 +75,57 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
         raise _load_error(cfg, "a tokenizer for", err) from err
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token or tok.unk_token
-    # whether examples go through the tokenizer's chat template (gradex.data.tokenize reads this mark)
-    setattr(tok, CHAT, cfg.chat_template == "auto" and bool(getattr(tok, "chat_template", None)))
+    try:
+        seq2seq = _is_encoder_decoder(_hf_config(cfg, name, gguf))
+    except (OSError, ValueError):  # a tokenizer without its model (the model's own load says what is wrong)
+        seq2seq = False
+    # how gradex.data.tokenize formats examples with this tokenizer: for an encoder-decoder (prompt and
+    # answer each ending with EOS), and through the tokenizer's chat template (a decoder-only model's)
+    setattr(tok, ENCODER_DECODER, seq2seq)
+    setattr(tok, CHAT, cfg.chat_template == "auto" and bool(getattr(tok, "chat_template", None)) and not seq2seq)
     return tok
 
 
 def load_base(cfg: ModelConfig) -> nn.Module:
     name, gguf = resolve_name(cfg)
-    return _causal_lm(cfg, name, gguf)
+    return _pretrained(cfg, name, gguf)
 
 
-def _causal_lm(cfg: ModelConfig, name: str, gguf: str | None) -> nn.Module:
-    """A transformers causal LM in fp32 (autocast gives the compute precision), without a KV cache."""
-    from transformers import AutoModelForCausalLM
+# the encoder-decoders whose decoder-to-logits step answer_logits reproduces (see _decoder_scale)
+ENCODER_DECODER_TYPES = ("t5", "mt5", "umt5")
+
+
+def _hf_config(cfg: ModelConfig, name: str, gguf: str | None) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
+
+
+def _is_encoder_decoder(config: Any) -> bool:
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def _pretrained(cfg: ModelConfig, name: str, gguf: str | None) -> nn.Module:
+    """A transformers model in fp32 (autocast gives the compute precision), without a KV cache: a causal
+    LM, or an encoder-decoder (AutoModelForSeq2SeqLM) when its config says it is one."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per load drowns gradex's own stage bars
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf, dtype=torch.float32,
-                                                     trust_remote_code=cfg.trust_remote_code)
+        config = _hf_config(cfg, name, gguf)
     except (OSError, ValueError) as err:
-        raise _load_error(cfg, "a causal LM from", err) from err
+        raise _load_error(cfg, "a model from", err) from err
+    seq2seq = _is_encoder_decoder(config)
+    if seq2seq and config.model_type not in ENCODER_DECODER_TYPES:
+        raise ConfigError(f"model.name: {cfg.name!r} is an encoder-decoder of type {config.model_type!r}; gradex "
+                          f"reads encoder-decoders of the T5 family only ({', '.join(ENCODER_DECODER_TYPES)})")
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(name, gguf_file=gguf, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _load_error(cfg, "an encoder-decoder from" if seq2seq else "a causal LM from", err) from err
     model.config.use_cache = False
     return model
 
@@ -101,7 +137,9 @@ def is_conv1d(module: nn.Module) -> bool:
 def make_trainable(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Module:
     """Wrap with LoRA, or unfreeze the linear layers of the transformer blocks (full fine-tuning).
 
-    Full fine-tuning leaves embeddings, LM head and norms frozen (docs/method.md, section 1).
+    Full fine-tuning leaves embeddings, LM head and norms frozen (docs/method.md, section 1). LoRA's
+    target_modules name linear layers by their last name: q_proj, k_proj, v_proj, o_proj in a Llama;
+    q, k, v, o (attention, cross-attention too) and wi, wo (wi_0, wi_1 gated) in encoder and decoder of a T5.
     """
     if cfg.finetune == "lora":
         from peft import LoraConfig, get_peft_model
@@ -151,16 +189,90 @@ def language_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether the model (under a peft wrapper or not) is an encoder-decoder (T5)."""
+    return _is_encoder_decoder(getattr(language_model(model), "config", None))
+
+
+@dataclass
+class EncoderDecoderBatch:
+    """A batch of gradex's causal layout (gradex.data.Batch) as an encoder-decoder reads it, on the
+    batch's device: the prompt of each row as encoder input and its answer as decoder labels, each
+    right-padded (pad id where the masks are 0)."""
+
+    input_ids: torch.Tensor  # (B, P) the prompt tokens
+    attention_mask: torch.Tensor  # (B, P)
+    decoder_input_ids: torch.Tensor  # (B, A) decoder_start_token_id, then the labels shifted right
+    decoder_attention_mask: torch.Tensor  # (B, A)
+    labels: torch.Tensor  # (B, A) the answer tokens
+    label_mask: torch.Tensor  # (B, A) bool, on the host: where labels are answer tokens
+
+
+def encoder_decoder_batch(lm: nn.Module, batch: Batch) -> EncoderDecoderBatch:
+    """The encoder and decoder inputs of a causal-layout batch (every row: prompt, then answer, then
+    padding). Decoder position j is fed the start token (j = 0) or answer token j-1 and predicts
+    answer token j, as the model's own forward does with `labels` (T5's _shift_right). The lengths
+    and indices are found on the host (the masks are small); the token ids are gathered on the device."""
+    config = lm.config
+    start = config.decoder_start_token_id
+    if start is None:
+        start = getattr(getattr(lm, "generation_config", None), "decoder_start_token_id", None)
+    if start is None:
+        raise ValueError(f"{type(lm).__name__}: no decoder_start_token_id in its config")
+    pad = config.pad_token_id if config.pad_token_id is not None else start
+    answer = batch.answer_mask.cpu()
+    n_prompt = (batch.attention_mask.cpu().bool() & ~answer).sum(1)  # the prompt is each row's first tokens
+    n_answer = answer.sum(1)
+    width = batch.input_ids.shape[1]
+    p_len, a_len = int(n_prompt.max()), int(n_answer.max())
+    prompt_mask = torch.arange(p_len)[None, :] < n_prompt[:, None]
+    label_mask = torch.arange(a_len)[None, :] < n_answer[:, None]
+    at = (n_prompt[:, None] + torch.arange(a_len)[None, :]).clamp(max=width - 1)  # answer token j of each row
+    device = batch.input_ids.device
+    ids = batch.input_ids[:, :p_len].masked_fill(~prompt_mask.to(device), pad)
+    labels = batch.input_ids.gather(1, at.to(device)).masked_fill(~label_mask.to(device), pad)
+    first = torch.full_like(labels[:, :1], start)
+    return EncoderDecoderBatch(ids, prompt_mask.to(device=device, dtype=batch.attention_mask.dtype),
+                               torch.cat([first, labels[:, :-1]], 1),
+                               label_mask.to(device=device, dtype=batch.attention_mask.dtype), labels, label_mask)
+
+
+def _decoder_scale(lm: nn.Module) -> float | None:
+    """The factor T5's forward multiplies its decoder's output by before the LM head: d_model**-0.5 when
+    config.scale_decoder_outputs (transformers 5 sets it unless the saved config says
+    tie_word_embeddings: false, as T5 v1.1's and FLAN-T5's do; its mT5 never rescales). transformers 4
+    had no such setting: its T5, mT5 and umT5 rescaled when tie_word_embeddings (not tested here)."""
+    config = lm.config
+    scaled = getattr(config, "scale_decoder_outputs", None)
+    if scaled is None:
+        import transformers
+
+        scaled = int(transformers.__version__.split(".")[0]) < 5 and bool(config.tie_word_embeddings)
+    return config.d_model ** -0.5 if scaled else None
+
+
 def answer_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits (fp32) at the positions that predict answer tokens, their targets, and their rows.
 
-    Position t-1 predicts token t, so an answer token at t is scored by the hidden state at t-1.
+    Causal LM: position t-1 predicts token t, so an answer token at t is scored by the hidden state at
+    t-1. Encoder-decoder: the encoder reads the prompt, and decoder position j (fed the start token and
+    answer tokens < j) predicts answer token j (`encoder_decoder_batch`); the logits are the model's own
+    forward's at those positions, in the same order (row by row, answer token by answer token).
     The head runs outside autocast: a bf16 logit of size 20 is rounded by up to 0.06, which moves a
     near-solved example's CE by ~6% and its u_s with it; casting bf16 logits up afterwards cannot undo that.
     """
     lm = language_model(model)
-    hidden = lm.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    predicts = batch.answer_mask[:, 1:]
+    scale = None
+    if is_encoder_decoder(lm):
+        s = encoder_decoder_batch(lm, batch)
+        encoded = lm.get_encoder()(input_ids=s.input_ids, attention_mask=s.attention_mask).last_hidden_state
+        hidden = lm.get_decoder()(input_ids=s.decoder_input_ids, attention_mask=s.decoder_attention_mask,
+                                  encoder_hidden_states=encoded, encoder_attention_mask=s.attention_mask,
+                                  use_cache=False).last_hidden_state
+        predicts, tokens, shift, scale = s.label_mask, s.labels, 0, _decoder_scale(lm)
+    else:
+        hidden = lm.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        predicts, tokens, shift = batch.answer_mask[:, 1:], batch.input_ids, 1
     # found on the host: nonzero's size depends on the data, so CUDA waits for it anyway, and the
     # lazy device's nonzero gives indices its other ops refuse
     rows, cols = (t.to(hidden.device) for t in predicts.cpu().nonzero(as_tuple=True))
@@ -169,11 +281,14 @@ def answer_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.T
     fp32 = (torch.autocast(device_type=h.device.type, enabled=False) if torch.amp.is_autocast_available(h.device.type)
             else contextlib.nullcontext())
     with fp32:
-        logits = lm.get_output_embeddings()(h.float()).float()
+        h = h.float()
+        if scale is not None:
+            h = h * scale
+        logits = lm.get_output_embeddings()(h).float()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    return logits, batch.input_ids[rows, cols + 1], rows
+    return logits, tokens[rows, cols + shift], rows
 
 
 def token_logodds(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -237,8 +352,9 @@ def training_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 # A trained model is a folder the ecosystem loads: for LoRA, peft's adapter folder
 # (adapter_config.json + adapter_model.safetensors: `PeftModel.from_pretrained(base, folder)`); for
 # full fine-tuning, a transformers model folder (config.json + model.safetensors:
-# `AutoModelForCausalLM.from_pretrained(folder)`). gradex reads them back the same way, from
-# safetensors only, so reading a run directory received from someone else cannot run code.
+# `AutoModelForCausalLM.from_pretrained(folder)`, AutoModelForSeq2SeqLM for a T5). gradex reads them
+# back the same way, from safetensors only, so reading a run directory received from someone else
+# cannot run code.
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # one file, or the index of shards
 # Older gradex saved the trainable tensors as a raw torch file (meta/adapter.pt, final/adapter.pt,
@@ -314,7 +430,7 @@ def load_model(cfg: ModelConfig, path: Path) -> nn.Module:
         model = PeftModel.from_pretrained(load_base(cfg), str(path), is_trainable=True)
         _check_lora(model.peft_config["default"], cfg, path)
         return model
-    model = _causal_lm(cfg, str(path), None)
+    model = _pretrained(cfg, str(path), None)
     return make_trainable(model, cfg)
 
 

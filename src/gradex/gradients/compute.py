@@ -4,7 +4,10 @@ Fast path ("hooks"): forward hooks on every nn.Linear / transformers Conv1D whos
 is trainable save the module's input and output; one batched backward of sum_b u_b gives each
 output's gradient, and since examples are independent, example b's weight gradient is
 sum_t dy[b, t] x[b, t]^T (one bmm per module). Padded positions have zero output gradient, because
-u_s reads only answer positions and attention is causal with right padding, so they do not leak.
+u_s reads only answer positions and no answer position reads a padded one, so they do not leak: a
+causal LM's attention is causal with right padding; an encoder-decoder's (T5: hooks on the linears of
+encoder and decoder alike) encoder masks its padded prompt positions as keys, in its own attention
+and in the decoder's cross-attention, and its decoder is causal with right-padded answers.
 Each module's per-example gradients are handed to a sink (e.g. a projector) at once; the full
 per-example gradient of the model is never formed.
 
