@@ -143,6 +143,23 @@ def test_training_resumes_on_the_configured_device(tmp_path):
         torch.testing.assert_close(q.cpu(), p.cpu(), rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_checkpoint_keeps_fp16s_loss_scale(tmp_path):
+    """fp16 training (a GPU's) resumes at the loss scale it had reached, not at the initial one: the
+    checkpoint round trip with a CPU GradScaler, the same object accelerate makes on a GPU."""
+    from gradex.train import _resume, _save
+
+    param = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([param])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.scale(torch.ones(()))  # the first scaled loss
+    scaler.update(new_scale=1024.0)  # where some overflowing steps would have taken it
+    _save(tmp_path / "ckpt.pt", [param], opt, sched, 3, [], scaler)
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    step, _ = _resume(tmp_path / "ckpt.pt", [param], opt, sched, fresh)
+    assert step == 3 and fresh.get_scale() == 1024.0
+
+
 def test_micro_batches_take_the_steps_whole_batches_take():
     from gradex.model import trainable
     from gradex.train import train

@@ -107,7 +107,7 @@ def train(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int],
     log: list[dict] = []
     start = 0
     if checkpoint is not None and checkpoint.exists():
-        start, log = _resume(checkpoint, params, opt, sched)
+        start, log = _resume(checkpoint, params, opt, sched, accelerate.scaler)
     loss_of = AnswerLoss(model)
     # DDP only when this stage runs on every process (gradex.launch.distributed), through accelerate
     ddp = accelerate.prepare_model(loss_of, device_placement=False) if world > 1 else loss_of
@@ -152,17 +152,18 @@ def train(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int],
             on_step(step + 1)
         if checkpoint is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
             if rank == 0:
-                _save(checkpoint, params, opt, sched, step + 1, log)
+                _save(checkpoint, params, opt, sched, step + 1, log, accelerate.scaler)
             barrier(world)  # no process runs ahead of a checkpoint it might resume from
     model.eval()
     return log
 
 
 def _save(path: Path, params: list[torch.Tensor], opt: torch.optim.Optimizer,
-          sched: torch.optim.lr_scheduler.LRScheduler, step: int, log: list[dict]) -> None:
+          sched: torch.optim.lr_scheduler.LRScheduler, step: int, log: list[dict],
+          scaler: torch.amp.GradScaler | None = None) -> None:
     """Everything a resumed run needs to take the same steps, as tensors plus JSON (no pickled
     objects): the parameters, the optimizer's per-parameter tensors, torch's RNG state (dropout), and
-    the optimizer's settings, the scheduler, the step and the log."""
+    the optimizer's settings, the scheduler, fp16's loss scale (`scaler`), the step and the log."""
     tensors = {f"param.{i}": p for i, p in enumerate(params)}
     opt_state = opt.state_dict()
     scalars: dict[str, dict] = {}
@@ -176,13 +177,15 @@ def _save(path: Path, params: list[torch.Tensor], opt: torch.optim.Optimizer,
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     tensors["state"] = json_tensor({"format": CHECKPOINT_FORMAT, "step": step, "log": log, "opt_scalars": scalars,
-                                    "param_groups": opt_state["param_groups"], "sched": sched.state_dict()})
+                                    "param_groups": opt_state["param_groups"], "sched": sched.state_dict(),
+                                    "scaler": scaler.state_dict() if scaler is not None else None})
     save_tensors(tensors, path)
 
 
 def _resume(path: Path, params: list[torch.Tensor], opt: torch.optim.Optimizer,
-            sched: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, list[dict]]:
-    """Load what `_save` wrote into the parameters, optimizer, scheduler and RNG; (step, log)."""
+            sched: torch.optim.lr_scheduler.LRScheduler,
+            scaler: torch.amp.GradScaler | None = None) -> tuple[int, list[dict]]:
+    """Load what `_save` wrote into the parameters, optimizer, scheduler, loss scale and RNG; (step, log)."""
     tensors = load_tensors(path)
     state = tensor_json(tensors["state"]) if "state" in tensors else {}
     if state.get("format") != CHECKPOINT_FORMAT or sum(k.startswith("param.") for k in tensors) != len(params):
@@ -204,6 +207,8 @@ def _resume(path: Path, params: list[torch.Tensor], opt: torch.optim.Optimizer,
             group["betas"] = tuple(group["betas"])  # JSON made the tuple a list
     opt.load_state_dict({"state": slots, "param_groups": groups})
     sched.load_state_dict(state["sched"])
+    if scaler is not None and state.get("scaler"):  # fp16: resume at the scale the run had reached
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
