@@ -209,12 +209,15 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 
 
 def test_two_process_meta_train_and_finetune_equal_one_process(tmp_path, tiny_model_dir):
-    """accelerate launch --num_processes 2 (gloo): the final fine-tune (from the same theta*), then
-    meta-train itself, spread over two processes by DDP, give one process's weights within DDP_ATOL,
-    and rank 0 alone writes the run's files."""
+    """accelerate launch --num_processes 2 (gloo): the final fine-tune (from the same theta*), then a
+    whole `gradex run --force` (meta-train and every fine-tune by DDP, the gradient pass sharded, the
+    rest on rank 0), give one process's weights within DDP_ATOL and its comparison within float
+    rounding, and leave no partial file (only rank 0 writes the run's files)."""
     cfg = tiny_run_config(tmp_path, tiny_model_dir)
     cfg.finetune.batch_size = 7  # odd: the processes' shares differ in size, and so do their token counts
-    single = pipeline.finetune(cfg)
+    cfg.compare.baselines = ["all", "random"]
+    single_run = pipeline.run_all(cfg)
+    single = single_run["final"]
     run_dir = cfg.run_dir
     one = {"theta": _weights(run_dir / "meta" / "theta_star"), "final": _weights(run_dir / "final" / "selected"),
            "meta_log": (run_dir / "meta" / "log.jsonl").read_text()}
@@ -224,18 +227,25 @@ def test_two_process_meta_train_and_finetune_equal_one_process(tmp_path, tiny_mo
     assert done.returncode == 0, done.stderr[-3000:]
     two = json.loads((run_dir / "final" / "metrics.json").read_text())
     assert two["key"] == single["key"] and two["steps"] == single["steps"]
-    assert _weights(run_dir / "meta" / "theta_star").keys() == one["theta"].keys()
     assert _max_difference(_weights(run_dir / "meta" / "theta_star"), one["theta"]) == 0  # not retrained
     final_diff = _max_difference(_weights(run_dir / "final" / "selected"), one["final"])
     assert final_diff < DDP_ATOL
     assert two["test"]["loss"] == pytest.approx(single["test"]["loss"], rel=1e-4)
 
-    done = _launch(["meta-train", str(path), "--force"], tmp_path)
+    done = _launch(["run", str(path), "--force"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("selected (") == 1  # the summary, printed by rank 0 only
     meta_diff = _max_difference(_weights(run_dir / "meta" / "theta_star"), one["theta"])
     assert meta_diff < DDP_ATOL
     losses = [json.loads(line)["loss"] for line in (run_dir / "meta" / "log.jsonl").read_text().splitlines()]
     want = [json.loads(line)["loss"] for line in one["meta_log"].splitlines()]
     assert losses == pytest.approx(want, rel=1e-4)  # the log holds the whole batch's loss, not rank 0's half
+    compared = json.loads((run_dir / "compare.json").read_text())
+    assert json.loads((run_dir / "selection.json").read_text())["selected"] == single_run["selection"]["selected"]
+    pairs = [(a["mix"], a["test_loss"], b["test_loss"]) for a, b in zip(single_run["compare"]["rows"], compared["rows"])]
+    assert [m for m, _, _ in pairs] == [r["mix"] for r in single_run["compare"]["rows"]]
+    compare_diff = max(abs(a - b) / a for _, a, b in pairs)
+    assert compare_diff < 1e-4
     assert not list(run_dir.rglob("*.tmp*"))
-    print(f"DDP vs one process: final fine-tune max |diff| {final_diff:.2e}, meta-train {meta_diff:.2e}")
+    print(f"DDP vs one process: final fine-tune max |diff| {final_diff:.2e}, meta-train {meta_diff:.2e}, "
+          f"compare's test losses {compare_diff:.1e} relative")
