@@ -50,6 +50,7 @@ def distributed() -> tuple[int, int]:
 def barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
+
         dist.barrier()
 
 
