@@ -45,7 +45,9 @@ def resolve_device(spec: str) -> torch.device:
                               f"GPU(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"model.device: {spec!r}, but torch sees no MPS device (Apple GPU) here; set model.device: auto")
-    state = process_state(cpu=device.type == "cpu")  # the process group's backend follows the device
+    # the process group's backend follows the device: gloo for the CPU (or a device without a GPU
+    # behind it, like the tests' lazy one), NCCL for CUDA
+    state = process_state(cpu=device.type == "cpu" or not has_accelerator())
     if device.type == "cuda" and device.index is None:
         return _plain(state.device) if state.device.type == "cuda" else torch.device("cuda", 0)
     return _plain(device)
