@@ -34,6 +34,18 @@ def tiny_llama(vocab_size: int = 257, seed: int = 0):
     return LlamaForCausalLM(cfg)
 
 
+def trained_like(model: torch.nn.Module) -> torch.nn.Module:
+    """peft starts lora_B at 0 (every lora_A gradient would be 0): give it random values instead."""
+    from gradex.model import trainable
+
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in trainable(model):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama + byte tokenizer saved like any Hugging Face model directory."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from conftest import trained_like
 from gradex.config import LoraConfig, ModelConfig
 from gradex.data import Tokenized, collate
 from gradex.gradients import GradientComputer, make_projector, single_example
@@ -28,16 +29,6 @@ def tiny_gpt2() -> torch.nn.Module:
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                       bos_token_id=0, eos_token_id=0))
-
-
-def trained_like(model: torch.nn.Module) -> torch.nn.Module:
-    """peft starts lora_B at 0 (every lora_A gradient would be 0): give it random values instead."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in trainable(model):
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model
 
 
 def build(arch: str, finetune: str, targets: list[str] | None = None) -> torch.nn.Module:

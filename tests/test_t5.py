@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import byte_tokenizer, tiny_run_config
+from conftest import byte_tokenizer, tiny_run_config, trained_like
 from gradex import config, pipeline
 from gradex.config import ConfigError, LoraConfig, ModelConfig, TrainConfig
 from gradex.data import ENCODER_DECODER, Example, collate, generated_answer, prompt_ids, tokenize
@@ -64,16 +64,6 @@ def tiny_t5_dir(tmp_path_factory) -> Path:
 
 def t5_cfg(tiny_t5_dir: Path, finetune: str = "lora") -> ModelConfig:
     return ModelConfig(name=str(tiny_t5_dir), finetune=finetune, lora=LoraConfig(r=4, alpha=8, target_modules=T5_LORA))
-
-
-def trained_like(model: torch.nn.Module) -> torch.nn.Module:
-    """peft starts lora_B at 0 (every lora_A gradient would be 0): give it random values instead."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in trainable(model):
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model
 
 
 EXAMPLES = [Example("t", "train", "Q: 3+4=", " 7"), Example("t", "train", "12*3=", " 36"),

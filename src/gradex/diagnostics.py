@@ -71,18 +71,17 @@ def _errors(u0: torch.Tensor, first: torch.Tensor, true: torch.Tensor) -> dict:
 
 def check_linearity(cfg: Config, examples: int = 48, subsets: int = 2) -> dict:
     """Tables of first- vs zeroth-order error, written to linearity.json and linearity.png (under a
-    launch, by rank 0 alone: gradex.launch)."""
-    prepare(cfg)
-    gradients(cfg)
-    return on_main(lambda: _check_linearity(cfg, examples, subsets))
-
-
-def _check_linearity(cfg: Config, examples: int, subsets: int) -> dict:
-    from gradex.select import sample_subsets
-
+    launch, by rank 0 alone: gradex.launch). The stages it reads run first, on every process."""
     run = prepare(cfg)
     gradients(cfg)
     clusters(cfg)  # with data.clusters the random subsets are of clusters: made before run.sources is read
+    return on_main(lambda: _check_linearity(run, examples, subsets))
+
+
+def _check_linearity(run: Run, examples: int, subsets: int) -> dict:
+    from gradex.select import sample_subsets
+
+    cfg = run.cfg
     model = run.meta_model()
     theta = trainable_vector(model)
     rng = random.Random(0)
@@ -237,15 +236,14 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2, recipe: str = "finetune")
     """
     if recipe not in RECIPES:
         raise ValueError(f"validate: recipe must be one of {RECIPES}, got {recipe!r}")
-    prepare(cfg)
-    gradients(cfg)
-    return on_main(lambda: _validate(cfg, k, seeds, recipe))
-
-
-def _validate(cfg: Config, k: int, seeds: int, recipe: str) -> dict:
-    run = prepare(cfg)
+    run = prepare(cfg)  # the stages it reads run first, on every process
     gradients(cfg)
     clusters(cfg)  # with data.clusters the subsets are of clusters: made before run.sources is read
+    return on_main(lambda: _validate(run, k, seeds, recipe))
+
+
+def _validate(run: Run, k: int, seeds: int, recipe: str) -> dict:
+    cfg = run.cfg
     out = run.dir / "validate"
     out.mkdir(parents=True, exist_ok=True)
     done_path = out / "runs.jsonl"

@@ -142,9 +142,7 @@ def train(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int],
         stepper.zero_grad(set_to_none=True)
         step_done(device)
         if world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(total)  # the whole batch's loss, for the log every process keeps alike
+            torch.distributed.all_reduce(total)  # the whole batch's loss, for the log every process keeps alike
         loss = total.item() / count
         log.append({"step": step + 1, "loss": round(loss, 5), "seconds": round(time.perf_counter() - t0, 2)})
         bar.set_postfix(loss=f"{loss:.3f}")
