@@ -1,8 +1,9 @@
 """kill -9 at a random point of each stage, then a re-run: the same artifacts as a run never interrupted.
 
 Each case copies a finished reference run on the tiny model, deletes one stage's artifacts, starts that
-stage's command in a child process, waits until the stage has begun (a file it writes appears), waits a
-random moment more and sends SIGKILL; then it re-runs the stage and compares what it wrote with the
+stage's command in a child process, waits until the stage has begun (a file it writes appears, or a line
+it logs), waits a random moment more and sends SIGKILL, trying again with a shorter wait when the command
+had already ended (a kill that interrupts nothing fails the test); then it re-runs the stage and compares what it wrote with the
 reference: byte for byte where the stage is deterministic on CPU (data, store, selection, validate's
 measurements), within float rounding for resumed training (the adapter).
 """
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,19 +43,21 @@ def reference(tmp_path_factory, tiny_model_dir):
     return cfg
 
 
-# stage -> (command, artifacts it writes (deleted before the kill), the file whose appearance means it
-# began (None: a random time after start-up), the longest wait after that in seconds)
+# stage -> (command, artifacts it writes (deleted before the kill), what says the stage began: "file:<glob>"
+# appearing in the run directory or "log:<text>" on stderr, the longest wait after that in seconds)
 CASES = {
-    "prepare": (["prepare"], ["data"], "config.yaml", 1.0),
-    "meta-train": (["meta-train"], ["meta"], "meta/stage.json", 4.0),
-    "preconditioner": (["gradients"], ["store"], "store/stage.json", 0.5),
-    "gradients": (["gradients"], ["store"], "store/plan.json", 4.0),
-    "estimate": (["estimate", "--subset", "mul", "--subset", "add_more,sub"], ["estimates.parquet"], None, 8.0),
-    "select": (["select"], ["select", "selection.json"], None, 8.0),
-    "finetune": (["finetune"], ["finetunes", "final"], None, 10.0),
-    "evaluate": (["evaluate"], ["finetunes", "final"], "finetunes/*/model", 1.0),
-    "validate": (["validate", "--subsets", "2", "--seeds", "1"], ["validate", "finetunes"], "validate", 6.0),
+    "prepare": (["prepare"], ["data"], "file:config.yaml", 1.0),
+    "meta-train": (["meta-train"], ["meta"], "file:meta/stage.json", 4.0),
+    "preconditioner": (["gradients"], ["store"], "file:store/stage.json", 0.5),
+    "gradients": (["gradients"], ["store"], "file:store/plan.json", 4.0),
+    "estimate": (["estimate", "--subset", "mul", "--subset", "add_more,sub"], ["estimates.parquet"],
+                 "log:estimate: 2 subset(s)", 0.5),
+    "select": (["select"], ["select", "selection.json"], "log:select: running", 1.0),
+    "finetune": (["finetune"], ["finetunes", "final"], "file:finetunes/*", 4.0),
+    "evaluate": (["evaluate"], ["finetunes", "final"], "file:finetunes/*/model", 1.0),
+    "validate": (["validate", "--subsets", "2", "--seeds", "1"], ["validate", "finetunes"], "file:validate", 6.0),
 }
+TRIES = 8  # a kill that lands after the command ended is tried again, with half the wait
 
 
 def _copy(reference, tmp_path, drop: list[str]):
@@ -68,18 +72,40 @@ def _copy(reference, tmp_path, drop: list[str]):
     return cfg, write_config(cfg, tmp_path / "cfg.yaml")
 
 
-def _kill_midway(args: list[str], run_dir: Path, trigger: str | None, wait: float, rng: random.Random) -> str:
-    """Start `gradex <args>`, SIGKILL it a random moment after `trigger` appears; say where it landed."""
+def _kill_midway(args: list[str], run_dir: Path, trigger: str, wait: float, rng: random.Random) -> bool:
+    """Start `gradex <args>`, wait until `trigger` says the stage began, SIGKILL it a random moment
+    (up to `wait` s) later; whether it was still running then (False: it had ended, nothing was tested)."""
     child = subprocess.Popen([sys.executable, "-m", "gradex.cli", *args], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, cwd=run_dir.parent.parent)
+                             stderr=subprocess.PIPE, text=True, cwd=run_dir.parent.parent)
+    seen: list[str] = []
+    began = threading.Event()
+    kind, what = trigger.split(":", 1)
+
+    def read_stderr() -> None:  # drained all along, so the child never blocks on a full pipe
+        for line in child.stderr:
+            seen.append(line)
+            if kind == "log" and what in line:
+                began.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     deadline = time.monotonic() + 120
-    while trigger and not list(run_dir.glob(trigger)) and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(rng.uniform(2.0 if trigger is None else 0.0, wait))  # None: start-up (imports) takes ~2 s
-    finished = child.poll() is not None
+    while not began.is_set() and child.poll() is None and time.monotonic() < deadline:
+        if kind == "file" and list(run_dir.glob(what)):
+            began.set()
+        time.sleep(0.01)
+    if not began.is_set():
+        child.kill()
+        child.wait()
+        reader.join()
+        raise AssertionError(f"{args[0]}: {trigger!r} never showed; exit {child.returncode}\n{''.join(seen)}")
+    time.sleep(rng.uniform(0.0, wait))
+    running = child.poll() is None
     child.send_signal(signal.SIGKILL)
     child.wait()
-    return "after it finished" if finished else "midway"
+    reader.join()
+    assert running or child.returncode == 0, f"{args[0]} failed before the kill:\n{''.join(seen)}"
+    return running
 
 
 def _vector(run: pipeline.Run, path: Path) -> torch.Tensor:
@@ -145,9 +171,13 @@ def _same_artifacts(stage: str, cfg, reference) -> None:
 @pytest.mark.parametrize("stage", list(CASES))
 def test_kill_9_then_rerun_gives_the_uninterrupted_artifacts(stage, reference, tmp_path):
     args, drop, trigger, wait = CASES[stage]
-    cfg, path = _copy(reference, tmp_path, drop)
     rng = random.Random(f"{stage}:{os.environ.get('GRADEX_KILL_SEED', 0)}")
-    landed = _kill_midway([*args, str(path)], cfg.run_dir, trigger, wait, rng)
-    print(f"{stage}: killed {landed}")
+    for attempt in range(TRIES):
+        cfg, path = _copy(reference, tmp_path / str(attempt), drop)
+        if _kill_midway([*args, str(path)], cfg.run_dir, trigger, wait / 2 ** attempt, rng):
+            break
+    else:
+        pytest.fail(f"{stage}: {TRIES} kills all landed after the command ended; nothing was interrupted")
+    print(f"{stage}: killed while running, at attempt {attempt + 1}")
     _rerun(stage, cfg)
     _same_artifacts(stage, cfg, reference)

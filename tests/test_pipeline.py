@@ -54,6 +54,29 @@ def test_run_writes_every_artifact_and_skips_unchanged_stages(cfg, capsys):
     assert set(changed) <= {"summary.json", "report.html"}, changed  # every stage was skipped (the report is rebuilt)
 
 
+def test_estimate_and_select_again_leave_the_rows_of_one_call(cfg):
+    """estimates.parquet is keyed by (stage, fingerprint, members): a repeated (or killed and rerun)
+    call replaces its own rows instead of adding them twice; other calls' rows stay."""
+    subsets = [["mul"], ["add_more", "sub"]]
+    pipeline.select(cfg)
+    pipeline.estimate(cfg, subsets)
+    path = cfg.run_dir / "estimates.parquet"
+
+    def by_stage() -> dict[str, list[tuple]]:
+        frame = pd.read_parquet(path)
+        return {stage: sorted((tuple(r.members), r.estimate) for r in rows.itertuples())
+                for stage, rows in frame.groupby("stage")}
+
+    once = by_stage()
+    assert len(once["estimate"]) == 2 and len(once["select"]) == 2 ** 3
+    pipeline.estimate(cfg, subsets)
+    pipeline.select(cfg, force=True)
+    assert by_stage() == once
+    pipeline.estimate(cfg, [["mul", "sub"]])  # another subset: a row more
+    after = by_stage()["estimate"]
+    assert len(after) == 3 and set(once["estimate"]) < set(after)
+
+
 def test_changed_stage_reruns_downstream_only(cfg):
     pipeline.select(cfg)
     meta_mtime = (cfg.run_dir / "meta" / "theta_star" / "adapter_model.safetensors").stat().st_mtime_ns

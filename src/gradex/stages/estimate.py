@@ -1,6 +1,6 @@
 """The run's estimator: the estimation problem read from the store, its l2 and weighting from the
 config, and a function subsets -> estimated target loss that records every estimate; the
-`gradex estimate` stage, which appends named subsets' estimates to estimates.parquet."""
+`gradex estimate` stage, which adds named subsets' estimates to estimates.parquet."""
 
 from __future__ import annotations
 
@@ -144,14 +144,28 @@ class Reconstructor:
 
 
 def save_estimates(run: Run, rows: list[dict]) -> None:
-    """Append estimate rows to estimates.parquet (one row per evaluated subset)."""
+    """Add estimate rows to estimates.parquet (one row per evaluated subset), keyed by (stage,
+    fingerprint, members): a call's rows replace the rows an earlier call wrote under the same keys,
+    so an interrupted, resumed or repeated estimate or select leaves exactly the rows of one call."""
     import pandas as pd
 
+    if not rows:
+        return
     path = run.dir / "estimates.parquet"
     frame = pd.DataFrame(rows)
     if path.exists():
-        frame = pd.concat([pd.read_parquet(path), frame], ignore_index=True)
+        old = pd.read_parquet(path)
+        written = set(_keys(frame))
+        frame = pd.concat([old[[k not in written for k in _keys(old)]], frame], ignore_index=True)
     write_parquet(path, frame)
+
+
+def _keys(frame) -> list[tuple]:
+    """Each row's (stage, fingerprint, members): what says two rows estimate the same thing."""
+    n = len(frame)
+    stage = frame["stage"] if "stage" in frame else [None] * n  # rows of gradex before stages were named
+    fingerprint = frame["fingerprint"] if "fingerprint" in frame else [None] * n
+    return list(zip(stage, fingerprint, (tuple(m) for m in frame["members"])))
 
 
 def member_mask(names: list[str], subsets: list[list[str]]) -> torch.Tensor:
@@ -162,7 +176,7 @@ def member_mask(names: list[str], subsets: list[list[str]]) -> torch.Tensor:
 @main_first
 def estimate(cfg: Config, subsets: list[list[str]] | None = None) -> list[dict]:
     """Estimate the target validation loss of named subsets (default: none, all, each source alone,
-    and all but each source) and append them to estimates.parquet."""
+    and all but each source) and add them to estimates.parquet (save_estimates)."""
     run = prepare(cfg)
     gradients(cfg)
     from gradex.stages.clusters import clusters
@@ -179,6 +193,7 @@ def estimate(cfg: Config, subsets: list[list[str]] | None = None) -> list[dict]:
             raise config_mod.ConfigError(f"estimate: unknown source(s) {unknown}; sources: {names}")
         members = member_mask(names, subsets)
     fn, rows, l2 = estimator(run, stage="estimate")
+    log(f"estimate: {len(members)} subset(s)")
     fn(members)
     save_estimates(run, rows)
     return rows

@@ -1,5 +1,5 @@
 """select: choose sources by their estimates (gradex.select's methods on the run's estimator);
-writes selection.json and appends the estimates to estimates.parquet."""
+writes selection.json and adds the estimates to estimates.parquet (keyed: stages.estimate.save_estimates)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def selection(run: Run, method: str, fn: Callable[[torch.Tensor], torch.Tensor] 
 
 @main_first
 def select(cfg: Config, force: bool = False) -> dict:
-    """Select sources by their estimates; writes selection.json and appends to estimates.parquet."""
+    """Select sources by their estimates; writes selection.json and adds its rows to estimates.parquet."""
     run = prepare(cfg)
     gradients(cfg)
     clusters(cfg)  # before anything reads run.examples: the clusters are the sources from here on
