@@ -29,6 +29,16 @@ def test_run_writes_every_artifact_and_skips_unchanged_stages(cfg, capsys):
         assert (run_dir / path).exists(), path
     selection = summary["selection"]
     assert set(selection["source_scores"]) == {"add_more", "mul", "sub"}
+    # where and in what precision each model stage ran: in the summary, the status and the report
+    assert summary["ran_on"] == {"meta-train": "cpu fp32", "gradients": "cpu fp32", "finetune": "cpu fp32"}
+    assert summary["compare"]["cost"]["ran_on"]["finetune"] == "cpu fp32"
+    from gradex.cli import format_summary
+
+    assert "ran on: meta-train cpu fp32, gradients cpu fp32, finetune cpu fp32 (model.precision: fp32)" in \
+        format_summary(summary)
+    assert [r["why"] for r in pipeline.status(cfg) if r["stage"] in ("meta-train", "gradients", "finetune")] == \
+        ["cpu fp32"] * 3
+    assert "<td>cpu fp32</td>" in (run_dir / "report.html").read_text()
     assert set(selection["selected"]) <= {"add_more", "mul", "sub"}
     estimates = pd.read_parquet(run_dir / "estimates.parquet")
     assert len(estimates) >= 2 ** 3 and estimates["estimate"].notna().all()  # best: all 8 subsets estimated

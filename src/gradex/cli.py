@@ -144,6 +144,9 @@ def format_summary(summary: dict) -> str:
     lines[at:at] = [f"  {name} ({found['size']} examples), e.g. " + "; ".join(repr(p) for p in found["examples"][:3])
                     for name, found in (sel.get("clusters") or {}).items()]  # what a selected cluster holds
     lines.append(format_table(summary["compare"]))
+    ran = [f"{stage} {where}" for stage, where in (summary.get("ran_on") or {}).items() if where]
+    if ran:
+        lines.append(f"\nran on: {', '.join(ran)} (model.precision: {summary['precision_setting']})")
     if summary.get("report"):
         lines.append(f"\nreport: {summary['report']}")
     lines.append(f"\nfinished in {summary['seconds']:.0f} s")

@@ -20,10 +20,11 @@ import json
 import time
 from pathlib import Path
 
+from gradex import ledger
 from gradex.atomic import write_json
 from gradex.config import Config
 from gradex.launch import launch_rank, on_main
-from gradex.run import PRODUCER, STAGE_DIRS, STAGE_NAMES, Run, log
+from gradex.run import PRODUCER, STAGE_DIRS, STAGE_NAMES, Run, log, model_stages_ran_on, ran_on
 from gradex.stages.compare import COMPARE_FORMAT, candidate_mixes, compare
 from gradex.stages.estimate import (Reconstructor, estimate, estimator, member_mask, problem, regularization,
                                     save_estimates, weighting)
@@ -57,6 +58,7 @@ def run_all(cfg: Config, force: bool = False) -> dict:
     final = finetune(cfg, force)
     result = compare(cfg, seeds=cfg.compare.run_seeds)
     summary = {"run_dir": str(cfg.run_dir), "selection": body, "final": final, "compare": result,
+               "ran_on": model_stages_ran_on(cfg.run_dir, final), "precision_setting": cfg.model.precision,
                "report": str(report(cfg)), "seconds": round(time.perf_counter() - t0, 1)}
     on_main(lambda: write_json(cfg.run_dir / "summary.json", summary))
     return summary
@@ -85,6 +87,8 @@ def status(cfg: Config) -> list[dict]:
                    f"which was not trained on them ({STAGE_DIRS['added']}/, added_sources.yaml)")
         elif stage == "gradients" and why == "changed: added":
             why += " (a re-run computes only the added sources' rows; theta*'s own rows are kept)"
+        elif stage in ("meta", "gradients") and state == "done":
+            why = ran_on(ledger.read(run.dir / STAGE_DIRS[stage])) or ""
         rows.append({"stage": STAGE_NAMES[stage], "state": state, "why": why})
         upstream_ok = upstream_ok and state == "done"
     selection = json.loads((run.dir / "selection.json").read_text()) if (run.dir / "selection.json").exists() else None
@@ -97,7 +101,7 @@ def status(cfg: Config) -> list[dict]:
         rows.append({"stage": "finetune", "state": "stale", "why": "changed: the selection, the data, theta* or the "
                                                                    "finetune recipe"})
     else:
-        rows.append({"stage": "finetune", "state": "done", "why": ""})
+        rows.append({"stage": "finetune", "state": "done", "why": ran_on(json.loads(final.read_text())) or ""})
     path = run.dir / "compare.json"
     if not path.exists():
         rows.append({"stage": "compare", "state": "missing", "why": "not run yet"})

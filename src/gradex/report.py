@@ -282,14 +282,15 @@ def _costs(compare: dict | None) -> str:
     if compare is None:
         return _missing(title, "compare.json", "gradex compare CONFIG")
     cost = compare["cost"]
-    rows = [[stage, num(seconds, ".1f")] for stage, seconds in cost["stages_seconds"].items()]
-    rows.append([f"selection in all ({' + '.join(cost['stages_seconds'])})", num(cost.get("selection_seconds"), ".1f")])
-    rows.append(["one fine-tune", num(cost.get("finetune_seconds"), ".1f")])
+    ran = cost.get("ran_on") or {}  # compare.json before gradex recorded devices has none
+    rows = [[stage, num(seconds, ".1f"), ran.get(stage) or ""] for stage, seconds in cost["stages_seconds"].items()]
+    rows.append([f"selection in all ({' + '.join(cost['stages_seconds'])})", num(cost.get("selection_seconds"), ".1f"), ""])
+    rows.append(["one fine-tune", num(cost.get("finetune_seconds"), ".1f"), ran.get("finetune") or ""])
     if cost.get("forward_finetunes") is not None:
         rows.append([f"the same search by real fine-tuning ({cost['forward_finetunes']} fine-tunes, extrapolated)",
-                     num(cost.get("by_finetuning_seconds"), ".1f")])
-        rows.append(["speedup of the selection over it", num(cost.get("speedup"), ".1f")])
-    return _section(title, _table(["stage", "seconds"], rows))
+                     num(cost.get("by_finetuning_seconds"), ".1f"), ""])
+        rows.append(["speedup of the selection over it", num(cost.get("speedup"), ".1f"), ""])
+    return _section(title, _table(["stage", "seconds", "ran on (device, precision)"], rows))
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -94,6 +94,12 @@ class Run:
         check_precision(precision, self.device)
         return precision
 
+    @property
+    def compute(self) -> dict[str, str]:
+        """Where and in what precision this process's model stages run, as their records keep it:
+        the same config runs fp32 on one host and bf16 on another (`precision: auto`)."""
+        return {"device": str(self.device), "precision": self.precision}
+
     @cached_property
     def sources(self) -> list[str]:
         """Auxiliary source names in config order, the added ones last (column j of a subset = source j)."""
@@ -204,6 +210,20 @@ class Run:
         if force or ledger.state(where, self.inputs(stage))[0] not in ("missing", "running"):
             shutil.rmtree(where, ignore_errors=True)
         self.mark(stage, status="running")
+
+
+def ran_on(record: dict) -> str | None:
+    """"cpu fp32", "cuda:0 bf16": where a stage record or a fine-tune's result says its model ran (None
+    for a record written before gradex kept it)."""
+    return f"{record['device']} {record['precision']}" if "precision" in record else None
+
+
+def model_stages_ran_on(run_dir: Path, final: dict | None = None) -> dict[str, str | None]:
+    """Where and in what precision each model stage of a run ran, from its records."""
+    found = {"meta-train": ran_on(ledger.read(run_dir / "meta")), "gradients": ran_on(ledger.read(run_dir / "store"))}
+    if final is not None:
+        found["finetune"] = ran_on(final)
+    return found
 
 
 def source_files(sources: list, extra: list[str] | None = None) -> dict[str, str]:

@@ -11,7 +11,7 @@ from gradex import ledger
 from gradex.atomic import write_json, write_parquet
 from gradex.config import Config
 from gradex.launch import on_main
-from gradex.run import Run, log
+from gradex.run import Run, log, model_stages_ran_on
 from gradex.stages.estimate import estimator, member_mask
 from gradex.stages.finetune import finetune, finetune_key, finetune_mix, recipe_summary
 from gradex.stages.prepare import prepare
@@ -169,6 +169,7 @@ def _tables(run: Run, cfg: Config, body: dict, final: dict, candidates: list, si
               "similarity": similarity, "mixes": summary, "estimate_check": cmp.estimate_check(rows),
               "verdict": cmp.verdict(summary, metric.replace("_", " ")),
               "cost": {"stages_seconds": stage_seconds, "selection_seconds": selection_seconds,
+                       "ran_on": model_stages_ran_on(run.dir, final),
                        "finetune_seconds": finetune_seconds,
                        **cmp.price(selection_seconds, finetune_seconds, forward_finetunes(fn, len(run.sources)))},
               "rows": rows}

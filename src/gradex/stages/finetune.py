@@ -110,7 +110,7 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
                    for split in ("validation", "test")}
         result = {"key": key, "members": [s for s in run.sources if s in set(members)], "seed": seed,
                   "init": run.cfg.finetune.init, "steps": len(history), "examples": len(idx),
-                  "seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
+                  "seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1), **run.compute,
                   "adapter": str((where / "model").relative_to(run.dir)), **metrics}
         write_json(done, result)
         (where / "checkpoint.pt").unlink(missing_ok=True)

@@ -69,6 +69,7 @@ def gradients(cfg: Config, force: bool = False) -> Path:
     added = extend_store(run, model)
     n = json.loads((out / "manifest.json").read_text())["n"]
     run.mark("gradients", examples=n, seconds=round(time.perf_counter() - t0, 1), base_inputs=_base_inputs(run),
+             **run.compute,
              added=[{k: e[k] for k in ("source", "examples", "rows")} for e in added],
              outputs={"store": store_sha256(out)})
     return out

@@ -35,7 +35,7 @@ def meta_train(cfg: Config, force: bool = False) -> Path:
         write_log(history, out / "log.jsonl")
         checkpoint.unlink(missing_ok=True)
         run.mark("meta", steps=len(history), seconds=round(time.perf_counter() - t0, 1),
-                 final_loss=history[-1]["loss"], outputs={"theta*": ledger.sha256(run.dir / THETA_STAR)})
+                 final_loss=history[-1]["loss"], **run.compute, outputs={"theta*": ledger.sha256(run.dir / THETA_STAR)})
     barrier(world)  # theta* and the ledger are written before any process reads them
     log(f"meta-trained theta* in {len(history)} steps (train loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f})")
     return run.dir / THETA_STAR
