@@ -249,3 +249,26 @@ def test_two_process_meta_train_and_finetune_equal_one_process(tmp_path, tiny_mo
     assert not list(run_dir.rglob("*.tmp*"))
     print(f"DDP vs one process: final fine-tune max |diff| {final_diff:.2e}, meta-train {meta_diff:.2e}, "
           f"compare's test losses {compare_diff:.1e} relative")
+
+
+def test_a_non_finite_training_loss_stops_with_the_step_and_the_batch():
+    from gradex.model import trainable
+    from gradex.train import train
+    from peft import LoraConfig, get_peft_model
+
+    tokens = [Tokenized([1 + (i * 5 + k) % 200 for k in range(6)], 3) for i in range(8)]
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        next(p for name, p in trainable(model) if "lora_B" in name).fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match=r"train: the training loss is (nan|inf) at step \d; its batch holds "
+                                                 r"the examples \[\d+, \d+, \d+, \d+\]"):
+        train(model, tokens, range(8), TrainConfig(max_steps=2, batch_size=4, lr=1e-2), 0, "fp32", progress=False)
+
+
+def test_fp16_gradient_passes_run_in_fp32(tmp_path, tiny_model_dir):
+    """The per-example gradient passes have no loss scaler: under fp16 (GPU) they take fp32, and the
+    store's record says so; other precisions are kept."""
+    run = pipeline.Run(tiny_run_config(tmp_path, tiny_model_dir))
+    for precision, used in (("fp16", "fp32"), ("bf16", "bf16"), ("fp32", "fp32")):
+        run.__dict__["precision"] = precision  # as resolve_precision would give it on a GPU
+        assert run.gradient_precision == used

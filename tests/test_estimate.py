@@ -358,3 +358,24 @@ def test_calibrate_l2_refuses_a_size_beyond_reach_instead_of_a_singular_fit():
     l2 = calibrate_l2(p, output_change=2.0)  # within reach: found as before
     z = exact_solve(p, torch.ones(1, dtype=torch.bool), l2)
     assert float(implied_output_change(p, z)[0]) == pytest.approx(2.0, rel=1e-3)
+
+
+def test_a_non_finite_store_is_an_error_not_a_converged_estimate():
+    bad = random_problem(n_sources=3, per_source=40, n_target=40, n_val=20)
+    bad.u[5] = float("nan")  # one training example's output (gradex.stages.estimate checks the store's rows)
+    with pytest.raises(FloatingPointError, match="objective is nan"):
+        estimate(bad, torch.ones(2, 3, dtype=torch.bool), L2)
+
+
+def test_an_exact_fit_stopped_by_its_cap_warns():
+    from gradex.estimate.calibrate import UnconvergedFit, exact_fit
+
+    small = random_problem(n_sources=3, per_source=40, n_target=40, n_val=20)
+    members = torch.ones(4, dtype=torch.bool)
+    with pytest.warns(UnconvergedFit, match="stopped after 1 steps"):
+        exact_fit(small, members, 1.0, max_iter=1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnconvergedFit)  # the default cap converges: no warning
+        exact_fit(small, members, 1.0)

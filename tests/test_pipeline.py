@@ -286,3 +286,14 @@ def test_compare_caches_fine_tunes_labels_unequal_budgets_and_checks_named_mixes
         pipeline.compare(cfg, seeds=1, mixes={"bad": ["nope"]})
     assert main(["compare", str(write_config(cfg, cfg.run_dir.parent / "cfg.yaml")), "--seeds", "1", "--mix", "bad"]) == 2
     assert "expected NAME=A,B" in capsys.readouterr().err
+
+
+def test_a_store_with_a_non_finite_row_is_refused_by_name(cfg):
+    pipeline.gradients(cfg)
+    x = np.load(cfg.run_dir / "store" / "x.npy", mmap_mode="r+")
+    x[3, 0] = np.inf  # as a damaged disk or a hand edit would leave it
+    x.flush()
+    del x
+    with pytest.raises(FloatingPointError, match=r"store: 1 row\(s\) are not finite, e.g. the row of an example of "
+                                                 r"'\w+' \((train|validation)\); rebuild it with `gradex gradients --force`"):
+        pipeline.estimate(cfg, [["mul"]])

@@ -95,6 +95,13 @@ class Run:
         return precision
 
     @property
+    def gradient_precision(self) -> str:
+        """The precision of the per-example gradient passes (preconditioner, store): `precision`, but fp32
+        for fp16, which has no loss scaling there (a scaler watches one loss, not one per example), so
+        small per-example gradients would underflow to zero unseen."""
+        return "fp32" if self.precision == "fp16" else self.precision
+
+    @property
     def compute(self) -> dict[str, str]:
         """Where and in what precision this process's model stages run, as their records keep it:
         the same config runs fp32 on one host and bf16 on another (`precision: auto`)."""

@@ -144,6 +144,10 @@ def train(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int],
         if world > 1:
             torch.distributed.all_reduce(total)  # the whole batch's loss, for the log every process keeps alike
         loss = total.item() / count
+        if not math.isfinite(loss):  # stop before the checkpoint keeps a poisoned state
+            raise FloatingPointError(f"{desc}: the training loss is {loss} at step {step + 1}; its batch holds the "
+                                     f"examples {sorted(chunk)} (positions in the run's examples, data/examples.jsonl "
+                                     f"first); lower the learning rate or use another model.precision")
         log.append({"step": step + 1, "loss": round(loss, 5), "seconds": round(time.perf_counter() - t0, 2)})
         bar.set_postfix(loss=f"{loss:.3f}")
         if on_step is not None:

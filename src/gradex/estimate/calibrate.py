@@ -4,6 +4,7 @@ exact fit itself (damped Newton in float64, robust at any l2)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -58,6 +59,11 @@ def _pass(problem: Problem, rows: torch.Tensor | None, z: torch.Tensor, l2: floa
 STALE = 0.1
 
 
+class UnconvergedFit(RuntimeWarning):
+    """An exact fit stopped at its iteration cap short of Newton's stopping rule: what is built on it
+    (an l2, the solver's anchor) is less accurate than it says."""
+
+
 def exact_fit(problem: Problem, members: torch.Tensor, l2: float, z0: torch.Tensor | None = None,
               tol: float = 1e-12, max_iter: int = 100, carry: dict | None = None) -> torch.Tensor:
     """Exact damped Newton for one subset in float64 (robust at any l2; used by calibrate_l2 and the
@@ -72,6 +78,9 @@ def exact_fit(problem: Problem, members: torch.Tensor, l2: float, z0: torch.Tens
     recomputed at the current point otherwise (a chord method whose stopping rule is Newton's, so
     the answer is the same). `carry` (a dict) hands the last Hessian of one fit to the next fit of the
     same subset: calibrate_l2's fits at nearby l2 and the anchor then mostly take cheap passes.
+
+    A fit that meets no stopping rule within `max_iter` steps warns (UnconvergedFit); one whose
+    objective or point is not finite raises FloatingPointError (a non-finite store or l2).
     """
     keep = members[problem.group]
     rows = None if bool(keep.all()) else keep.nonzero().squeeze(1)
@@ -84,6 +93,9 @@ def exact_fit(problem: Problem, members: torch.Tensor, l2: float, z0: torch.Tens
     H = Hn if fresh else H.to(hd)
     last_dec = math.inf
     for _ in range(max_iter):
+        if not math.isfinite(f):
+            raise FloatingPointError(f"exact fit at l2={l2:.3g}: the objective is {f} (non-finite gradients in "
+                                     f"the store, or an l2 out of range)")
         A = H.double()
         A.diagonal().add_(2 * l2)
         with one_thread():
@@ -112,6 +124,10 @@ def exact_fit(problem: Problem, members: torch.Tensor, l2: float, z0: torch.Tens
             break  # no decrease representable in float64: at the optimum to working precision
         z, f, g = accepted
         fresh, last_dec = False, dec
+    else:
+        warnings.warn(UnconvergedFit(f"exact fit of a {int(members.sum()) - 1}-source subset at l2={l2:.3g} "
+                                     f"stopped after {max_iter} steps, Newton decrement {dec:.3g} above "
+                                     f"tol {tol:g} x |objective|"), stacklevel=2)
     if carry is not None:
         carry.update(members=key, H=H)
     return z

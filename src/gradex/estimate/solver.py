@@ -391,7 +391,9 @@ def estimate(problem: Problem, subsets: torch.Tensor, l2: float, refinements: in
         bar.close()
         z = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, problem.dim)
         converged = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.bool)
-        return Estimates(subsets=members, loss=linear_loss(problem, z), z=z.float(), step=implied_step(problem, z),
+        loss = linear_loss(problem, z)
+        converged &= torch.isfinite(loss) & torch.isfinite(z).all(1)  # NaN meets every tolerance test
+        return Estimates(subsets=members, loss=loss, z=z.float(), step=implied_step(problem, z),
                          change=implied_output_change(problem, z), l2=l2, converged=converged)
 
 

@@ -47,8 +47,15 @@ def problem(run: Run):
     train_rows = torch.tensor([train_rows[k] for k in order], dtype=torch.long)
     group = torch.tensor([group_ids[k] for k in order], dtype=torch.long)
     val_rows = torch.tensor(val_rows, dtype=torch.long)
-    return Problem(x=x[train_rows], u=u[train_rows], group=group, x_val=x[val_rows], u_val=u[val_rows],
+    prob = Problem(x=x[train_rows], u=u[train_rows], group=group, x_val=x[val_rows], u_val=u[val_rows],
                    n_sources=len(run.sources), col_sq_norms=col, theta_norm=float(store.manifest["theta_norm"]))
+    for rows, xs, us in ((train_rows, prob.x, prob.u), (val_rows, prob.x_val, prob.u_val)):
+        bad = (~torch.isfinite(xs).all(1) | ~torch.isfinite(us)).nonzero().flatten()
+        if len(bad):  # the gradient pass refuses these; a store edited or damaged since has them
+            example = examples[index[int(rows[bad[0]])]]
+            raise FloatingPointError(f"{run.dir / 'store'}: {len(bad)} row(s) are not finite, e.g. the row of an example "
+                                     f"of {example.source!r} ({example.split}); rebuild it with `gradex gradients --force`")
+    return prob
 
 
 def regularization(run: Run, prob) -> float:
@@ -194,6 +201,10 @@ def estimate(cfg: Config, subsets: list[list[str]] | None = None) -> list[dict]:
         members = member_mask(names, subsets)
     fn, rows, l2 = estimator(run, stage="estimate")
     log(f"estimate: {len(members)} subset(s)")
-    fn(members)
+    loss = fn(members)
+    bad = [rows[-len(members) + j]["members"] for j in (~torch.isfinite(loss)).nonzero().flatten().tolist()]
+    if bad:  # as select refuses them: a NaN is no estimate, and is never written as one
+        raise FloatingPointError(f"estimate: {len(bad)} subset(s) got a non-finite estimate, e.g. {bad[0]}; "
+                                 f"the store holds non-finite gradients or estimate.l2 is out of range")
     save_estimates(run, rows)
     return rows

@@ -56,20 +56,20 @@ def gradients(cfg: Config, force: bool = False) -> Path:
 
                 moments = preconditioner.second_moments(
                     model, run.tokens, run.train_indices(run.trained_sources), run.pad_id, cfg.refit.batch_size,
-                    cfg.gradients.preconditioner_batches, run.precision, seed=cfg.refit.seed)
+                    cfg.gradients.preconditioner_batches, run.gradient_precision, seed=cfg.refit.seed)
                 preconditioner.save(moments, out / PRECONDITIONER_FILE)
             barrier(world)  # every rank projects with rank 0's preconditioner
         projector = make_run_projector(run, model)
         # the examples theta* was trained on; the added sources' rows come after them (extend_store)
         idx = run.train_indices(run.trained_sources) + run.indices("validation")
         compute_store(model, run.tokens, idx, run.pad_id, out, projector, batch_size=cfg.gradients.batch_size,
-                      chunk_size=cfg.gradients.chunk_size, precision=run.precision, manifest_extra=_extra(run, model),
+                      chunk_size=cfg.gradients.chunk_size, precision=run.gradient_precision, manifest_extra=_extra(run, model),
                       output=cfg.gradients.output, describe=_describer(run))
         run.mark("gradients", status="running", base_inputs=_base_inputs(run))
     added = extend_store(run, model)
     n = json.loads((out / "manifest.json").read_text())["n"]
     run.mark("gradients", examples=n, seconds=round(time.perf_counter() - t0, 1), base_inputs=_base_inputs(run),
-             **run.compute,
+             device=str(run.device), precision=run.gradient_precision,
              added=[{k: e[k] for k in ("source", "examples", "rows")} for e in added],
              outputs={"store": store_sha256(out)})
     return out
@@ -163,7 +163,7 @@ def extend_store(run: Run, model: torch.nn.Module | None = None) -> list[dict]:
         log(f"gradients: {len(idx)} examples of the added source(s) {[e['source'] for e in todo]}, at the existing "
             f"theta* (not trained on them)")
         compute_store(model, run.tokens, idx, run.pad_id, side, projector, batch_size=g.batch_size,
-                      chunk_size=g.chunk_size, precision=run.precision, manifest_extra=_extra(run, model),
+                      chunk_size=g.chunk_size, precision=run.gradient_precision, manifest_extra=_extra(run, model),
                       output=g.output, describe=_describer(run))
         for e in new_entries:
             e["seconds"] = round((time.perf_counter() - t0) * e["examples"] / len(idx), 1)
