@@ -76,34 +76,40 @@ def test_device_is_not_part_of_any_stage_identity():
     assert config_mod.fingerprint(TrainConfig()) != config_mod.fingerprint(TrainConfig(batch_size=3))
 
 
-def test_every_stage_runs_on_the_configured_device(tmp_path, tiny_model_dir):
-    """meta-train, preconditioner, gradients, estimate, select, finetune and evaluate on the lazy device
-    give the CPU run's theta*, store and metrics (a forgotten .to() raises on this device); then
-    check-linearity's exact gradients and random directions run there too."""
+def _every_stage_on(device: str, tmp_path: Path, model_dir: Path):
+    """meta-train, preconditioner, gradients, estimate, select, finetune and evaluate on `device` and on
+    the CPU give the same theta*, store and metrics (fp32); returns the device run's config."""
     import numpy as np
 
-    from gradex import diagnostics
-
-    lazy_device()
     results = {}
-    for device in ("cpu", "lazy"):
-        (tmp_path / device).mkdir()
-        cfg = tiny_run_config(tmp_path / device, tiny_model_dir)
-        cfg.model.device = device
+    for where in ("cpu", device):
+        (tmp_path / where).mkdir()
+        cfg = tiny_run_config(tmp_path / where, model_dir)
+        cfg.model.device = where
         cfg.meta.max_steps, cfg.finetune.max_steps = 4, 3
         final = pipeline.finetune(cfg)
         store = cfg.run_dir / "store"
-        results[device] = (pipeline.Run(cfg).meta_model().to("cpu"), np.load(store / "x.npy"), np.load(store / "u.npy"),
-                           final)
-    (cpu_model, cpu_x, cpu_u, cpu_final), (lazy_model, lazy_x, lazy_u, lazy_final) = results["cpu"], results["lazy"]
-    for (name, p), (_, q) in zip(cpu_model.named_parameters(), lazy_model.named_parameters()):
+        results[where] = (pipeline.Run(cfg).meta_model().to("cpu"), np.load(store / "x.npy"), np.load(store / "u.npy"),
+                          final)
+    (cpu_model, cpu_x, cpu_u, cpu_final), (dev_model, dev_x, dev_u, dev_final) = results["cpu"], results[device]
+    for (name, p), (_, q) in zip(cpu_model.named_parameters(), dev_model.named_parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
-    np.testing.assert_allclose(lazy_x, cpu_x, rtol=1e-3, atol=1e-5)
-    np.testing.assert_allclose(lazy_u, cpu_u, rtol=1e-4, atol=1e-5)
-    assert lazy_final["members"] == cpu_final["members"]
+    np.testing.assert_allclose(dev_x, cpu_x, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(dev_u, cpu_u, rtol=1e-4, atol=1e-5)
+    assert dev_final["members"] == cpu_final["members"]
     for split in ("validation", "test"):
-        assert lazy_final[split]["loss"] == pytest.approx(cpu_final[split]["loss"], rel=1e-4)
-        assert lazy_final[split]["score"] == cpu_final[split]["score"]
+        assert dev_final[split]["loss"] == pytest.approx(cpu_final[split]["loss"], rel=1e-4)
+        assert dev_final[split]["score"] == cpu_final[split]["score"]
+    return cfg
+
+
+def test_every_stage_runs_on_the_configured_device(tmp_path, tiny_model_dir):
+    """Every stage on the lazy device gives the CPU run's results (a forgotten .to() raises on this
+    device); then check-linearity's exact gradients and random directions run there too."""
+    from gradex import diagnostics
+
+    lazy_device()
+    cfg = _every_stage_on("lazy", tmp_path, tiny_model_dir)
     linearity = diagnostics.check_linearity(cfg, examples=4, subsets=0)  # cfg: the lazy run's
     assert linearity["examples"] == 4 and all(math.isfinite(r["explained"]) for r in linearity["rows"])
 
@@ -272,3 +278,28 @@ def test_fp16_gradient_passes_run_in_fp32(tmp_path, tiny_model_dir):
     for precision, used in (("fp16", "fp32"), ("bf16", "bf16"), ("fp32", "fp32")):
         run.__dict__["precision"] = precision  # as resolve_precision would give it on a GPU
         assert run.gradient_precision == used
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")
+def test_every_stage_runs_on_a_cuda_gpu(tmp_path, tiny_model_dir):
+    """The lazy device's check on a real GPU, in fp32 (TF32 off, torch's default for matmuls)."""
+    assert not torch.backends.cuda.matmul.allow_tf32
+    _every_stage_on("cuda", tmp_path, tiny_model_dir)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_whole_run_in_gpu_precisions(tmp_path, tiny_model_dir, precision):
+    """bf16 autocast, and fp16 with accelerate's loss scaling in training (its gradient passes run in
+    fp32: Run.gradient_precision): a whole run on the GPU ends with finite losses, and the records say
+    where and in what precision each stage ran."""
+    cfg = tiny_run_config(tmp_path, tiny_model_dir)
+    cfg.model.device, cfg.model.precision = "cuda", precision
+    summary = pipeline.run_all(cfg)
+    assert all(math.isfinite(r["test_loss"]) for r in summary["compare"]["rows"])
+    ran = {stage: where.split() for stage, where in summary["ran_on"].items()}
+    assert all(device.startswith("cuda") for device, _ in ran.values())
+    assert ran["meta-train"][1] == ran["finetune"][1] == precision
+    assert ran["gradients"][1] == ("fp32" if precision == "fp16" else precision)
