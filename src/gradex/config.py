@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -354,9 +356,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if hint is float and isinstance(value, float) and not math.isfinite(value):  # no setting means nan or inf
+        raise ConfigError(f"{where}: expected a finite number, got {value}")
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
@@ -373,10 +377,17 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not a file (give a YAML file)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte {err.object[err.start]:#04x}); save it as "
+                          f"UTF-8") from err
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        raw = {}
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -387,8 +398,36 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {'.'.join(parents[:depth + 1])} is a value, not a section")
-        node[leaf] = yaml.safe_load(value)
+        if not all(part.strip() for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: {key!r} is not a key path (e.g. meta.epochs)")
+        node[leaf] = parse_yaml(value, f"override {item!r}")
     return from_dict(raw)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that repeats a key (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: the key {key!r} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text as Python values, every mistake one line naming `where`, the line and the column."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as err:
+        raise ConfigError(f"{where}, {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise ConfigError(f"{where}{at}: not valid YAML: {what}") from None
 
 
 def validate(cfg: Config) -> None:
@@ -408,6 +447,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.sources: duplicate source name(s) {dupes}")
     if cfg.data.target.name in names:
         raise ConfigError(f"data.sources: the target {cfg.data.target.name!r} is also listed as a source")
+    check_template(cfg.data.sources_format.template, "data.sources_format.template")
     if (cfg.data.sources_file is None) != (cfg.data.sources_column is None):
         raise ConfigError("data: `sources_file` and `sources_column` go together")
     clusters = cfg.data.clusters
@@ -467,6 +507,19 @@ def validate(cfg: Config) -> None:
     for m in cfg.compare.methods:
         if m not in SELECT_METHODS:
             raise ConfigError(f"compare.methods: {m!r} is not one of {list(SELECT_METHODS)}")
+    if cfg.select.top_k is not None and cfg.select.top_k < 1:
+        raise ConfigError(f"select.top_k: must be at least 1 (or null), got {cfg.select.top_k}")
+    for key, value in [("data.seed", cfg.data.seed), ("meta.seed", cfg.meta.seed), ("finetune.seed", cfg.finetune.seed),
+                       ("refit.seed", cfg.refit.seed), ("gradients.seed", cfg.gradients.seed),
+                       ("select.seed", cfg.select.seed)]:
+        if value < 0:  # numpy's generators refuse negative seeds, late
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    configured = {s.name for s in cfg.data.sources}
+    if cfg.data.sources_file is None and cfg.data.clusters is None:  # else the sources are known after prepare
+        for name, members in cfg.compare.mixes.items():
+            unknown = sorted(set(members) - configured)
+            if unknown:
+                raise ConfigError(f"compare.mixes.{name}: unknown source(s) {unknown}; sources: {sorted(configured)}")
     if cfg.gradients.preconditioner_batches < 1:
         raise ConfigError(f"gradients.preconditioner_batches: must be positive, got {cfg.gradients.preconditioner_batches}")
     if cfg.gradients.chunk_size < 1:
@@ -483,6 +536,10 @@ def check_source(src: SourceConfig, where: str) -> None:
     the sources `gradex add-sources` reads from its own file."""
     if not src.name:
         raise ConfigError(f"{where}: every source needs a name")
+    if src.name != src.name.strip() or any(c in src.name for c in ",=") or not src.name.isprintable():
+        raise ConfigError(f"{where}: name {src.name!r}: no commas, '=', control characters or surrounding spaces "
+                          f"(the CLI's --subset a,b and --mix name=a,b separate names with them)")
+    check_template(src.template, f"{where}.template")
     given = [f"`{k}`" for k in ("bigbench", "path", "hf") if getattr(src, k) is not None]
     if len(given) != 1:
         said = f"sets both {' and '.join(given)}" if given else "sets none of `bigbench`, `path`, `hf`"
@@ -506,6 +563,20 @@ def _check_hf(hf: HFSourceConfig, where: str) -> None:
     flat = [f for item in items for f in (item if isinstance(item, list) else [item])]
     if files is not None and not all(isinstance(f, str) for f in flat):
         raise ConfigError(f"{where}.data_files: expected a file, a list of files or {{split: files}}, got {files!r}")
+
+
+def check_template(template: str, where: str) -> None:
+    """A prompt template that str.format can fill from a row's columns: it parses, and names each field
+    ({prompt}, {question}) with no position ({}), attribute or index ({prompt.x}, {row[0]})."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ConfigError(f"{where}: {template!r} is not a format string: {err} (write a literal brace as {{{{ or }}}})") \
+            from None
+    for name in fields:
+        if not name.isidentifier():
+            raise ConfigError(f"{where}: {template!r}: the field {{{name}}} is not a column name; write {{prompt}} or "
+                              f"{{<column>}}")
 
 
 def check_pattern(pattern: str, where: str) -> re.Pattern:

@@ -14,6 +14,8 @@ import csv
 import dataclasses
 import io
 import json
+import math
+import numbers
 import random
 import string
 import sys
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from gradex import ledger
@@ -290,6 +293,16 @@ def _bigbench_rows(task: str, where: str) -> list[Row]:
     return rows
 
 
+def _check_text(value: Any, at: str, column: str) -> None:
+    """A cell that becomes text in a prompt or an answer: text, or a finite number (an arithmetic answer
+    is often one); never a boolean, NaN, a mapping or a list, which str() would turn into text unseen."""
+    if isinstance(value, str):
+        return
+    number = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if not number or not math.isfinite(value):
+        raise ConfigError(f"{at}: column {column!r} should be text (or a number), got {type(value).__name__} {value!r}")
+
+
 def _list_cell(value: Any, origin: str, column: str) -> tuple[str, ...]:
     """A list-valued column: a list in JSONL, Parquet and datasets folders, JSON-encoded text in CSV."""
     if isinstance(value, str):
@@ -303,6 +316,7 @@ def _list_cell(value: Any, origin: str, column: str) -> tuple[str, ...]:
     for item in value:
         if isinstance(item, (list, tuple, dict)) or item is None:
             raise ConfigError(f"{origin}: column {column!r}: each choice should be text, got {item!r}")
+        _check_text(item, origin, column)
     return tuple(str(item) for item in value)
 
 
@@ -319,6 +333,9 @@ def _to_example(src: SourceConfig, row: Row, where: str, split: str) -> Example:
         raise ConfigError(f"{at}: empty answer in column {src.answer_field!r}")
     if values[src.prompt_field] is None:
         raise ConfigError(f"{at}: empty prompt in column {src.prompt_field!r}")
+    for column in dict.fromkeys([src.answer_field, src.prompt_field, *_template_columns(src.template) - {"prompt"}]):
+        if column in values:
+            _check_text(values[column], at, column)
     try:
         prompt = src.template.format(**{**values, "prompt": values[src.prompt_field]}).rstrip()
     except (KeyError, IndexError) as err:
@@ -416,6 +433,11 @@ def expand_sources(data: DataConfig) -> list[SourceConfig]:
         if rows and data.sources_column not in rows[0].values:
             raise ConfigError(f"data.sources_file: {data.sources_file} has no column {data.sources_column!r}; "
                               f"columns: {sorted(rows[0].values)}")
+        for r in rows:  # a row without a source would become a source named "None" or ""
+            cell = r.values.get(data.sources_column)
+            if cell is None or str(cell).strip() == "" or isinstance(cell, float) and not math.isfinite(cell):
+                raise ConfigError(f"data.sources_file: {r.origin}: empty cell in column {data.sources_column!r}; "
+                                  f"every row names its source")
         for value in sorted({str(r.values.get(data.sources_column)) for r in rows}):
             if value == data.target.name:
                 continue  # the target's own rows may live in the same file
@@ -439,10 +461,24 @@ def load_examples(cfg: Config) -> Examples:
         raise ConfigError(f"{where}: has {len(pool)} examples, but train+validation+test ask for {total}")
     held: list[Example] = []
     held_keys: set[str] = set()
+    validation_rows: dict[str, str] = {}  # prompt key -> the validation row that has it
+    overlap: list[str] = []  # test rows that repeat a validation prompt (duplicated rows in the target's data)
     for i, row in enumerate(pool[sizes["train"]:total]):
-        example, keys = _with_keys(target, row, where, "validation" if i < sizes["validation"] else "test")
+        split = "validation" if i < sizes["validation"] else "test"
+        example, keys = _with_keys(target, row, where, split)
+        if split == "validation":
+            validation_rows.update(dict.fromkeys(keys, row.origin))
+        elif keys & validation_rows.keys():
+            overlap.append(f"{row.origin} (test) repeats {validation_rows[min(keys & validation_rows.keys())]} "
+                           f"(validation)")
         held.append(example)
         held_keys |= keys
+    if overlap:  # the selection is chosen on validation and judged on test: shared prompts blur the two
+        said = f"{where}: {len(overlap)} test example(s) repeat a validation prompt, e.g. {overlap[0]}"
+        if data.leakage == "refuse":
+            raise ConfigError(f"data.leakage: refuse: {said}; remove the duplicated rows so the splits are disjoint")
+        print(f"gradex: warning: {said}; the splits overlap (data.leakage: refuse stops on it)", file=sys.stderr,
+              flush=True)
     drop = data.leakage == "drop"
     # the target's unused rows (after its test split) can stand in for dropped train rows
     train, leaked = _take(target, where, pool[:sizes["train"]] + pool[total:], sizes["train"], held_keys, drop)
