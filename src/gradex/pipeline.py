@@ -9,6 +9,9 @@ of what it wrote; a stage whose inputs are unchanged is skipped, and one whose i
 data file edited, an upstream stage that wrote something else) runs again, saying why. Long stages
 (training, gradients) resume from partial work.
 
+Each stage that writes the run directory holds its lock (gradex.writer: one writer at a time, and
+only into a gradex run); `status` and `report` only read it.
+
 This module runs them all (`run_all`), says where a run stands (`status`), and re-exports every
 stage function and the names the CLI, diagnostics, tests and benchmarks use, so
 `from gradex import pipeline; pipeline.select(cfg)` is the one entry point.
@@ -16,17 +19,19 @@ stage function and the names the CLI, diagnostics, tests and benchmarks use, so
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from pathlib import Path
 
 from gradex.atomic import write_json
-from gradex.config import Config
+from gradex.config import Config, ConfigError
 from gradex.launch import launch_rank, on_main
 from gradex.run import PRODUCER, STAGE_DIRS, STAGE_NAMES, Run, log
 from gradex.stages.compare import COMPARE_FORMAT, candidate_mixes, compare
-from gradex.stages.estimate import (Reconstructor, estimate, estimator, member_mask, problem, regularization,
+from gradex.stages.estimate import (Reconstructor, estimator, member_mask, problem, regularization,
                                     save_estimates, weighting)
+from gradex.stages.estimate import estimate as _estimate
 from gradex.stages.finetune import (budget_steps, evaluate, finetune, finetune_key, finetune_mix, finetune_recipe,
                                     recipe_summary)
 from gradex.stages.gradients import PRECONDITIONER_FILE, STORE_FILES, gradients, make_run_projector, store_sha256
@@ -34,6 +39,7 @@ from gradex.stages.meta import meta_train
 from gradex.stages.prepare import data_sha256, prepare
 from gradex.stages.clusters import clusters
 from gradex.stages.select import select, selection
+from gradex.writer import check_run, is_run, writes
 
 __all__ = [
     "Run", "STAGE_DIRS", "STAGE_NAMES", "PRODUCER", "launch_rank", "log",
@@ -44,7 +50,10 @@ __all__ = [
     "clusters", "run_all", "status", "format_status", "report",
 ]
 
+estimate = writes(_estimate)  # it adds its rows to estimates.parquet
 
+
+@writes
 def run_all(cfg: Config, force: bool = False) -> dict:
     """Every stage in order, the comparison at compare.run_seeds seeds included; returns the summary
     that `gradex run` prints."""
@@ -122,4 +131,17 @@ def report(cfg: Config, force: bool = False) -> Path:
     """report.html from whatever the run directory holds (cheap: always rebuilt)."""
     from gradex import report as report_mod
 
-    return on_main(lambda: report_mod.write(cfg.run_dir))
+    check_run(cfg.run_dir)  # report.html is the only file it writes, and only into a gradex run
+    if not is_run(cfg.run_dir):  # absent or empty: a report would make a folder that is not a run
+        raise ConfigError(f"report: no run at {cfg.run_dir} yet; run `gradex run` (or a stage) on this config first")
+
+    def write() -> Path:
+        try:
+            return report_mod.write(cfg.run_dir)
+        except OSError as err:  # an archived run: what it holds stays readable (`gradex status`)
+            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise ConfigError(f"report: cannot write {cfg.run_dir / 'report.html'} ({err.strerror}): the run "
+                              f"directory is read-only; copy it somewhere writable to rebuild its report") from err
+
+    return on_main(write)

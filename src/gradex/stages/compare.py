@@ -16,6 +16,7 @@ from gradex.stages.estimate import estimator, member_mask
 from gradex.stages.finetune import finetune, finetune_key, finetune_mix, recipe_summary
 from gradex.stages.prepare import prepare
 from gradex.stages.select import select, selection
+from gradex.writer import writes
 
 
 def _similarity(run: Run, kind: str) -> dict[str, float]:
@@ -102,6 +103,7 @@ def forward_finetunes(fn, n: int) -> int:
     return seen
 
 
+@writes
 def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] | None = None,
             force: bool = False) -> dict:
     """Fine-tune every candidate mix with the finetune recipe and budget over `seeds` seeds
