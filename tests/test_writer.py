@@ -10,7 +10,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -247,3 +246,85 @@ def test_temporary_names_are_per_process_and_only_dead_writers_are_cleared(tmp_p
     finally:
         live.kill()
         live.wait()
+
+
+# ---------------------------------------------------------------------------- durable writes
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fsynced descriptor through /proc")
+def test_an_atomic_write_reaches_the_disk_before_and_after_its_rename(tmp_path, monkeypatch):
+    from gradex.atomic import write_json
+
+    synced, real = [], os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_json(tmp_path / "a.json", {"x": 1})
+    assert synced == [str(tmp_path / f"a.json.tmp{os.getpid()}"), str(tmp_path)]  # the data, then the rename
+    synced.clear()
+    with replacing_dir(tmp_path / "model") as tmp:
+        (tmp / "w.bin").write_bytes(b"w")
+    assert synced[-1] == str(tmp_path) and str(tmp_path / f"model.partial{os.getpid()}" / "w.bin") in synced
+
+
+@pytest.mark.parametrize("record", ["", '{"stage": "select", "status": "do', "[1, 2]"])
+def test_a_cut_short_stage_record_is_named_and_its_stage_runs_again(selected, tmp_path, capsys, record):
+    cfg = config.from_dict({**config.to_dict(selected), "runs_dir": str(tmp_path / "runs")})
+    shutil.copytree(selected.run_dir, cfg.run_dir)
+    path = cfg.run_dir / "select" / "stage.json"
+    path.write_text(record)
+    assert main(["status", "--run-dir", str(cfg.run_dir)]) == 0
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("select")]
+    assert line.startswith("select      stale    its record ") and f"{path} is unreadable" in line
+    pipeline.select(cfg)
+    assert _records(cfg.run_dir) == _records(selected.run_dir)
+
+
+def test_a_cut_short_artifact_is_named_with_what_to_do(selected, tmp_path, capsys):
+    cfg = config.from_dict({**config.to_dict(selected), "runs_dir": str(tmp_path / "runs")})
+    shutil.copytree(selected.run_dir, cfg.run_dir)
+    (cfg.run_dir / "selection.json").write_text('{"selected": [')
+    assert main(["status", "--run-dir", str(cfg.run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg.run_dir / 'selection.json'} is unreadable" in err and "re-run `gradex select --force`" in err
+
+
+def test_compare_json_and_parquet_are_one_unit(tmp_path):
+    import types
+
+    import pandas as pd
+
+    from gradex.atomic import write_json, write_parquet
+    from gradex.stages.compare import _current
+
+    run = types.SimpleNamespace(dir=tmp_path)
+    write_parquet(tmp_path / "compare.parquet", pd.DataFrame({"mix": ["all"], "test_loss": [1.0]}))
+    write_json(tmp_path / "compare.json", {"fingerprint": "f", "parquet_sha256": ledger.sha256(tmp_path / "compare.parquet")})
+    assert _current(run, "f") and not _current(run, "g")
+    write_parquet(tmp_path / "compare.parquet", pd.DataFrame({"mix": ["all"], "test_loss": [2.0]}))  # cut before the JSON
+    assert not _current(run, "f")
+    (tmp_path / "compare.json").write_text("")
+    assert not _current(run, "f")
+
+
+def test_a_cut_short_cached_bigbench_task_is_extracted_again(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    from gradex.assets import bigbench_task
+
+    cache = tmp_path / "cache"
+    (cache / "downloads" / "bigbench").mkdir(parents=True)
+    body = json.dumps({"examples": [{"input": "1 + 2 =", "target": "3"}]}).encode()
+    with tarfile.open(cache / "downloads" / "bigbench" / "bigbench-1.0.0.tar.gz", "w:gz") as tar:
+        info = tarfile.TarInfo("bigbench-1.0.0/bigbench/benchmark_tasks/arithmetic/x/task.json")
+        info.size = len(body)
+        tar.addfile(info, io.BytesIO(body))
+    monkeypatch.setenv("GRADEX_CACHE", str(cache))
+    assert bigbench_task("arithmetic/x")["examples"][0]["target"] == "3"
+    cached = cache / "bigbench" / "arithmetic" / "x" / "task.json"
+    cached.write_bytes(body[:10])  # what an older gradex's killed write left
+    assert bigbench_task("arithmetic/x")["examples"][0]["target"] == "3"
+    assert cached.read_bytes() == body and not leftovers(cached.parent.iterdir())

@@ -111,6 +111,21 @@ def write_bytes(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
+def read_json(path: Path, writer: str) -> Any:
+    """A JSON artifact written by the command `writer`; one that cannot be parsed (cut short, or
+    edited) is an error naming the file and what to do, never a bare decoding error."""
+    text = path.read_bytes()
+    try:
+        if not text.strip():
+            raise ValueError("empty")
+        return json.loads(text)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        from gradex.config import ConfigError
+
+        raise ConfigError(f"{path} is unreadable ({err}): cut short by a crash or a power loss, or edited; "
+                          f"delete it and re-run `{writer}`") from err
+
+
 def write_json(path: Path, body: Any) -> None:
     write_bytes(path, json.dumps(body, indent=2).encode())
 

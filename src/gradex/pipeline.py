@@ -20,11 +20,10 @@ stage function and the names the CLI, diagnostics, tests and benchmarks use, so
 from __future__ import annotations
 
 import errno
-import json
 import time
 from pathlib import Path
 
-from gradex.atomic import write_json
+from gradex.atomic import read_json, write_json
 from gradex.config import Config, ConfigError
 from gradex.launch import launch_rank, on_main
 from gradex.run import PRODUCER, STAGE_DIRS, STAGE_NAMES, Run, log
@@ -96,13 +95,13 @@ def status(cfg: Config) -> list[dict]:
             why += " (a re-run computes only the added sources' rows; theta*'s own rows are kept)"
         rows.append({"stage": STAGE_NAMES[stage], "state": state, "why": why})
         upstream_ok = upstream_ok and state == "done"
-    selection = json.loads((run.dir / "selection.json").read_text()) if (run.dir / "selection.json").exists() else None
+    selection = read_json(run.dir / "selection.json", "gradex select --force") if (run.dir / "selection.json").exists() else None
     final = run.dir / "final" / "metrics.json"
     if not final.exists():
         rows.append({"stage": "finetune", "state": "missing", "why": "not run yet"})
     elif not upstream_ok or selection is None:
         rows.append({"stage": "finetune", "state": "stale", "why": "an upstream stage is not done"})
-    elif json.loads(final.read_text()).get("key") != finetune_key(run, selection["selected"], 0):
+    elif read_json(final, "gradex finetune --force").get("key") != finetune_key(run, selection["selected"], 0):
         rows.append({"stage": "finetune", "state": "stale", "why": "changed: the selection, the data, theta* or the "
                                                                    "finetune recipe"})
     else:
@@ -111,7 +110,7 @@ def status(cfg: Config) -> list[dict]:
     if not path.exists():
         rows.append({"stage": "compare", "state": "missing", "why": "not run yet"})
     else:
-        body = json.loads(path.read_text())
+        body = read_json(path, "gradex compare")
         current = upstream_ok and selection is not None and body["selection"]["selected"] == selection["selected"]
         current = current and all(r["key"] == finetune_key(run, r["members"], r["seed"]) for r in body["rows"])
         rows.append({"stage": "compare", "state": "done" if current else "stale",
