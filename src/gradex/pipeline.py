@@ -38,7 +38,7 @@ from gradex.stages.meta import meta_train
 from gradex.stages.prepare import data_sha256, prepare
 from gradex.stages.clusters import clusters
 from gradex.stages.select import select, selection
-from gradex.writer import check_run, is_run, writes
+from gradex.writer import check_run, is_run, writer_now, writes
 
 __all__ = [
     "Run", "STAGE_DIRS", "STAGE_NAMES", "PRODUCER", "launch_rank", "log",
@@ -79,6 +79,10 @@ def status(cfg: Config) -> list[dict]:
     legacy = legacy_models(run.dir)
     if legacy:  # every stage refuses such a directory (stages.prepare); say so first
         rows.append({"stage": "run", "state": "old", "why": legacy_message(legacy[0])})
+    now = writer_now(run.dir)
+    if now is not None:  # then a stage "running" below is running now, not interrupted
+        rows.append({"stage": "run", "state": "writing", "why": f"pid {now.get('pid', '?')}: "
+                                                                f"{now.get('command', 'a gradex command')}"})
     upstream_ok = True
     for stage in STAGE_DIRS:
         if stage == "clusters" and cfg.data.clusters is None:

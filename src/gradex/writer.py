@@ -68,6 +68,27 @@ def holder(path: Path) -> dict:
     return found if isinstance(found, dict) else {}
 
 
+def writer_now(path: Path) -> dict | None:
+    """The process writing the run at `path` now ({} if it has not said who it is yet), or None when
+    none is; asked without writing anything (a shared lock on a read-only descriptor, given back at
+    once), so a reader of a read-only run can ask too."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: not asked
+        return None
+    try:
+        fd = os.open(path / LOCK, os.O_RDONLY)
+    except OSError:  # never written, or not readable: no writer that gradex could name
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return holder(path)
+    finally:
+        os.close(fd)  # closing gives back the shared lock, if it was taken
+    return None
+
+
 def _command() -> str:
     argv = list(sys.argv) or ["python"]
     prog = Path(argv[0]).name
