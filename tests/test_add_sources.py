@@ -127,7 +127,7 @@ def test_dropping_an_added_source_gives_back_the_original_store(base, extended, 
     cfg, _ = base
     cfg2, _, _ = extended
     cfg3, _ = _copy(cfg2, tmp_path)
-    (cfg3.run_dir / "added_sources.yaml").unlink()
+    (cfg3.run_dir / "added_sources.yaml").write_text("sources: []\n")  # every added source dropped
     found = {r["stage"]: r for r in pipeline.status(cfg3)}
     assert found["gradients"]["state"] == "stale" and "only the added" in found["gradients"]["why"]
     pipeline.gradients(cfg3)

@@ -13,6 +13,7 @@ from conftest import tiny_run_config, write_config
 from gradex import config, pipeline
 from gradex.cli import main
 from gradex.compare import format_table
+from gradex.writer import LOCK
 
 
 @pytest.fixture()
@@ -56,7 +57,7 @@ def test_run_writes_every_artifact_and_skips_unchanged_stages(cfg, capsys):
     train = [e for e in pipeline.Run(cfg).examples if e.split == "train"]
     assert len(train) < 20 + 3 * 24 and rows[0]["steps"] == -(-len(train) // 8)
 
-    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "config.yaml"}
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != LOCK}  # the writer's pid
     assert main(["run", str(write_config(cfg, cfg.run_dir.parent / "cfg.yaml"))]) == 0
     assert "source scores" in capsys.readouterr().out
     after = {p: p.stat().st_mtime_ns for p in before}

@@ -19,6 +19,7 @@ from gradex.cli import main
 from gradex.config import ConfigError
 from gradex.model import load_base, load_model, make_trainable, save_model, trainable
 from gradex.run import FINAL, THETA_STAR
+from gradex.writer import LOCK, writing
 
 IDS = torch.tensor([[5, 17, 99, 3, 200, 41, 7, 8], [60, 61, 62, 63, 64, 65, 66, 67]])
 
@@ -87,9 +88,10 @@ def test_full_finetune_is_a_transformers_model_folder(tmp_path, tiny_model_dir):
 def run_with_final(tmp_path, tiny_model_dir):
     """A run directory as finetune leaves it: the resolved config and a LoRA model in final/selected."""
     cfg = tiny_run_config(tmp_path, tiny_model_dir)
-    config.dump(cfg, cfg.run_dir / "config.yaml")
     model = trained(make_trainable(load_base(cfg.model), cfg.model))
-    save_model(model, cfg.run_dir / FINAL)
+    with writing(cfg.run_dir):  # made as a stage makes it: a marked run directory
+        config.dump(cfg, cfg.run_dir / "config.yaml")
+        save_model(model, cfg.run_dir / FINAL)
     return cfg, model
 
 
@@ -138,7 +140,8 @@ def test_an_old_run_directory_is_refused_and_left_as_it_was(tmp_path, tiny_model
     assert "older gradex" in capsys.readouterr().err
     rows = pipeline.status(cfg)
     assert rows[0]["state"] == "old" and "--set name=" in rows[0]["why"]
-    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before  # nothing written, nothing changed
+    after = {p: p.read_bytes() for p in old.rglob("*") if p.is_file() and p.name != LOCK}  # the writers' lock
+    assert after == before  # nothing written, nothing changed
 
 
 def test_a_killed_save_leaves_the_previous_model(tmp_path, tiny_model_dir, monkeypatch):

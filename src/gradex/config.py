@@ -432,6 +432,9 @@ def parse_yaml(text: str, where: str) -> Any:
 
 def validate(cfg: Config) -> None:
     """Checks that need no data: choices, positive sizes, unique names, target not a source."""
+    if cfg.name in ("", ".", "..") or any(c in cfg.name for c in "/\\\0"):
+        raise ConfigError(f"name: {cfg.name!r} must be one folder name (no '/', not empty, '.' or '..'): the run "
+                          f"directory is runs_dir/name, and a name must not lead out of runs_dir")
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -645,7 +648,10 @@ def dumps(cfg: Config) -> str:
 
 
 def dump(cfg: Config, path: Path) -> None:
-    """Write `dumps(cfg)` (`gradex run runs/<name>/config.yaml` repeats the run)."""
+    """Write `dumps(cfg)` (`gradex run runs/<name>/config.yaml` repeats the run); a file that already
+    says the same is left as it is (an archived, read-only run can be read and resumed as it is)."""
     from gradex.atomic import write_bytes
 
-    write_bytes(path, dumps(cfg).encode())
+    text = dumps(cfg).encode()
+    if not path.is_file() or path.read_bytes() != text:
+        write_bytes(path, text)

@@ -38,6 +38,7 @@ from gradex.stages.finetune import finetune_mix, finetune_recipe, recipe_summary
 from gradex.stages.gradients import gradients, make_run_projector
 from gradex.stages.prepare import prepare
 from gradex.train import train
+from gradex.writer import writes
 
 RADII = (0.02, 0.05, 0.1, 0.2)
 # Outputs are measured in fp32: bf16 rounding moves u_s by ~0.05, as much as a small real change.
@@ -69,6 +70,7 @@ def _errors(u0: torch.Tensor, first: torch.Tensor, true: torch.Tensor) -> dict:
             "explained": 1 - ((true - first) ** 2).mean().item() / max(change, 1e-12)}
 
 
+@writes
 def check_linearity(cfg: Config, examples: int = 48, subsets: int = 2) -> dict:
     """Tables of first- vs zeroth-order error, written to linearity.json and linearity.png (under a
     launch, by rank 0 alone: gradex.launch). The stages it reads run first, on every process."""
@@ -220,6 +222,7 @@ def _real_finetune(run: Run, recipe: str, names: list[str], seed: int, out: Path
                    "adapter": str(adapter.relative_to(run.dir))}
 
 
+@writes
 def validate(cfg: Config, k: int = 20, seeds: int = 2, recipe: str = "finetune") -> dict:
     """Fine-tune k subsets x seeds for real; compare with estimates. Resumes from validate/runs.jsonl.
 

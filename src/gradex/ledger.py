@@ -38,11 +38,28 @@ def sha256(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+UNREADABLE = "unreadable"  # the status read() gives a record it cannot parse
+
+
 def read(where: Path) -> dict:
+    """The record in `where` ({} when there is none). One that cannot be parsed (cut short by a crash
+    or a power loss on a file system that lost the rename's data, or edited) reads as the status
+    UNREADABLE, with why: its stage counts as stale and runs again, and `gradex status` says so."""
     import json
 
     path = where / RECORD
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        text = path.read_text()
+        record = json.loads(text) if text.strip() else "empty"
+    except (ValueError, UnicodeDecodeError) as err:
+        record = f"not JSON ({err})"
+    if not isinstance(record, dict):
+        what = record if isinstance(record, str) else f"a JSON {type(record).__name__}, not an object"
+        return {"status": UNREADABLE, "why": f"its record {path} is unreadable: {what}; the stage runs again "
+                                              f"on re-run (or delete {where} to clear it)"}
+    return record
 
 
 def write(where: Path, stage: str, inputs: dict[str, Any], outputs: dict[str, str] | None = None,
@@ -61,6 +78,8 @@ def state(where: Path, current: dict[str, Any]) -> tuple[str, str]:
     record = read(where)
     if not record:
         return "missing", "not run yet"
+    if record.get("status") == UNREADABLE:
+        return "stale", record["why"]
     if "inputs" not in record:
         return "stale", "recorded by an older gradex (no input hashes)"
     diff = changed(record["inputs"], current)

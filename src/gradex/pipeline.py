@@ -9,6 +9,9 @@ of what it wrote; a stage whose inputs are unchanged is skipped, and one whose i
 data file edited, an upstream stage that wrote something else) runs again, saying why. Long stages
 (training, gradients) resume from partial work.
 
+Each stage that writes the run directory holds its lock (gradex.writer: one writer at a time, and
+only into a gradex run); `status` and `report` only read it.
+
 This module runs them all (`run_all`), says where a run stands (`status`), and re-exports every
 stage function and the names the CLI, diagnostics, tests and benchmarks use, so
 `from gradex import pipeline; pipeline.select(cfg)` is the one entry point.
@@ -16,13 +19,13 @@ stage function and the names the CLI, diagnostics, tests and benchmarks use, so
 
 from __future__ import annotations
 
-import json
+import errno
 import time
 from pathlib import Path
 
 from gradex import ledger
-from gradex.atomic import write_json
-from gradex.config import Config
+from gradex.atomic import read_json, write_json
+from gradex.config import Config, ConfigError
 from gradex.launch import launch_rank, on_main
 from gradex.run import PRODUCER, STAGE_DIRS, STAGE_NAMES, Run, log, model_stages_ran_on, ran_on
 from gradex.stages.compare import COMPARE_FORMAT, candidate_mixes, compare
@@ -35,6 +38,7 @@ from gradex.stages.meta import meta_train
 from gradex.stages.prepare import data_sha256, prepare
 from gradex.stages.clusters import clusters
 from gradex.stages.select import select, selection
+from gradex.writer import check_run, is_run, writer_now, writes
 
 __all__ = [
     "Run", "STAGE_DIRS", "STAGE_NAMES", "PRODUCER", "launch_rank", "log",
@@ -45,7 +49,7 @@ __all__ = [
     "clusters", "run_all", "status", "format_status", "report",
 ]
 
-
+@writes
 def run_all(cfg: Config, force: bool = False) -> dict:
     """Every stage in order, the comparison at compare.run_seeds seeds included; returns the summary
     that `gradex run` prints."""
@@ -73,6 +77,10 @@ def status(cfg: Config) -> list[dict]:
     legacy = legacy_models(run.dir)
     if legacy:  # every stage refuses such a directory (stages.prepare); say so first
         rows.append({"stage": "run", "state": "old", "why": legacy_message(legacy[0])})
+    now = writer_now(run.dir)
+    if now is not None:  # then a stage "running" below is running now, not interrupted
+        rows.append({"stage": "run", "state": "writing", "why": f"pid {now.get('pid', '?')}: "
+                                                                f"{now.get('command', 'a gradex command')}"})
     upstream_ok = True
     for stage in STAGE_DIRS:
         if stage == "clusters" and cfg.data.clusters is None:
@@ -91,22 +99,22 @@ def status(cfg: Config) -> list[dict]:
             why = ran_on(ledger.read(run.dir / STAGE_DIRS[stage])) or ""
         rows.append({"stage": STAGE_NAMES[stage], "state": state, "why": why})
         upstream_ok = upstream_ok and state == "done"
-    selection = json.loads((run.dir / "selection.json").read_text()) if (run.dir / "selection.json").exists() else None
+    selection = read_json(run.dir / "selection.json", "gradex select --force") if (run.dir / "selection.json").exists() else None
     final = run.dir / "final" / "metrics.json"
     if not final.exists():
         rows.append({"stage": "finetune", "state": "missing", "why": "not run yet"})
     elif not upstream_ok or selection is None:
         rows.append({"stage": "finetune", "state": "stale", "why": "an upstream stage is not done"})
-    elif json.loads(final.read_text()).get("key") != finetune_key(run, selection["selected"], 0):
+    elif read_json(final, "gradex finetune --force").get("key") != finetune_key(run, selection["selected"], 0):
         rows.append({"stage": "finetune", "state": "stale", "why": "changed: the selection, the data, theta* or the "
                                                                    "finetune recipe"})
     else:
-        rows.append({"stage": "finetune", "state": "done", "why": ran_on(json.loads(final.read_text())) or ""})
+        rows.append({"stage": "finetune", "state": "done", "why": ran_on(read_json(final, "gradex finetune --force")) or ""})
     path = run.dir / "compare.json"
     if not path.exists():
         rows.append({"stage": "compare", "state": "missing", "why": "not run yet"})
     else:
-        body = json.loads(path.read_text())
+        body = read_json(path, "gradex compare")
         current = upstream_ok and selection is not None and body["selection"]["selected"] == selection["selected"]
         current = current and all(r["key"] == finetune_key(run, r["members"], r["seed"]) for r in body["rows"])
         rows.append({"stage": "compare", "state": "done" if current else "stale",
@@ -126,4 +134,17 @@ def report(cfg: Config, force: bool = False) -> Path:
     """report.html from whatever the run directory holds (cheap: always rebuilt)."""
     from gradex import report as report_mod
 
-    return on_main(lambda: report_mod.write(cfg.run_dir))
+    check_run(cfg.run_dir)  # report.html is the only file it writes, and only into a gradex run
+    if not is_run(cfg.run_dir):  # absent or empty: a report would make a folder that is not a run
+        raise ConfigError(f"report: no run at {cfg.run_dir} yet; run `gradex run` (or a stage) on this config first")
+
+    def write() -> Path:
+        try:
+            return report_mod.write(cfg.run_dir)
+        except OSError as err:  # an archived run: what it holds stays readable (`gradex status`)
+            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise ConfigError(f"report: cannot write {cfg.run_dir / 'report.html'} ({err.strerror}): the run "
+                              f"directory is read-only; copy it somewhere writable to rebuild its report") from err
+
+    return on_main(write)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradex.atomic import replacing, replacing_path, write_bytes
+from gradex.atomic import leftovers, replacing, replacing_path, write_bytes
 from gradex.config import fingerprint
 from gradex.data import Tokenized, collate
 from gradex.gradients.compute import GradientComputer
@@ -151,7 +151,7 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
         out_dir.joinpath("shards").mkdir(parents=True, exist_ok=True)
         if not (out_dir / "plan.json").exists():
             write_bytes(out_dir / "plan.json", json.dumps(plan, indent=2, sort_keys=True).encode())
-        for stale in out_dir.rglob("*.tmp*"):  # left by a killed run; nothing writes yet
+        for stale in leftovers(out_dir.rglob("*")):  # a killed writer's (another one's may be in flight)
             stale.unlink(missing_ok=True)
     barrier(world)
     found = json.loads((out_dir / "plan.json").read_text())

@@ -17,10 +17,12 @@ import shutil
 from pathlib import Path
 
 from gradex import added as added_mod
+from gradex import ledger
 from gradex.config import Config, ConfigError
 from gradex.data import Examples, check_lengths, load_examples, save_examples, tokenize
 from gradex.launch import launch_rank
 from gradex.run import Run, log
+from gradex.writer import writes
 
 
 def added_examples(cfg: Config, sources: list) -> Examples:
@@ -51,14 +53,21 @@ def checked_examples(run: Run, sources: list) -> tuple[Examples, list]:
     return examples, tokens
 
 
-def prepare_added(run: Run) -> None:
-    """Read, check and tokenize the run's added sources into added/ (the add-sources record);
-    with none left (added_sources.yaml emptied or deleted), remove added/."""
+def prepare_added(run: Run, force: bool = False) -> None:
+    """Read, check and tokenize the run's added sources into added/ (the add-sources record); with
+    none left (added_sources.yaml says `sources: []`), remove added/. A missing added_sources.yaml
+    beside an added/ is more likely lost than meant: added/ stays unless `force`."""
     if launch_rank() != 0:
         return
     where = run.dir / "added"
     if not run.added:
         if where.exists():
+            if not force and not (run.dir / added_mod.ADDED_FILE).exists():
+                named = ", ".join(ledger.read(where).get("sources") or []) or "sources"
+                raise ConfigError(f"{where} holds the examples of {named} that `gradex add-sources` added, but "
+                                  f"{run.dir / added_mod.ADDED_FILE} is gone: restore it to keep them, or write "
+                                  f"`sources: []` into it to drop them (theta*'s rows stay), or re-run with --force "
+                                  f"(it recomputes the whole store)")
             log("add-sources: the run has no added sources any more; removing added/")
             shutil.rmtree(where)
             run.forget_data()
@@ -76,6 +85,7 @@ def prepare_added(run: Run) -> None:
     log(f"add-sources: prepared {manifest['examples']} examples of sources not trained into theta* ({counts})")
 
 
+@writes
 def add_sources(cfg: Config, path: str | Path) -> dict:
     """Add the sources of the YAML file `path` to the run: check them (names, schema, data, lengths,
     leakage) before any model runs, record them in added_sources.yaml, and extend the store with

@@ -27,6 +27,7 @@ from gradex.config import Config, ConfigError
 from gradex.data import Example, read_examples
 from gradex.launch import main_first
 from gradex.run import Run, log
+from gradex.writer import writes
 
 CLUSTERS_FILE = "clusters.json"  # in clusters/
 
@@ -89,6 +90,7 @@ def embedding_features(run: Run, positions: Sequence[int]) -> np.ndarray:
     return mean_hidden_states(model, run.tokens, list(positions), run.pad_id, desc="clusters: embeddings")
 
 
+@writes
 @main_first
 def clusters(cfg: Config, force: bool = False) -> dict | None:
     """Cluster the unlabelled examples into data.clusters.k sources (clusters/clusters.json); None

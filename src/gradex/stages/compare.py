@@ -16,6 +16,7 @@ from gradex.stages.estimate import estimator, member_mask
 from gradex.stages.finetune import finetune, finetune_key, finetune_mix, recipe_summary
 from gradex.stages.prepare import prepare
 from gradex.stages.select import select, selection
+from gradex.writer import writes
 
 
 def _similarity(run: Run, kind: str) -> dict[str, float]:
@@ -102,6 +103,7 @@ def forward_finetunes(fn, n: int) -> int:
     return seen
 
 
+@writes
 def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] | None = None,
             force: bool = False) -> dict:
     """Fine-tune every candidate mix with the finetune recipe and budget over `seeds` seeds
@@ -123,7 +125,7 @@ def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] |
                          for key in set(keys.values()) - {final["key"]}])
     fingerprint = config_mod.fingerprint(sorted(keys.items()), [m.__dict__ for m in candidates], COMPARE_FORMAT)
     path = run.dir / "compare.json"
-    if not force and path.exists() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
+    if not force and _current(run, fingerprint):
         return json.loads(path.read_text())
     todo = len({key for key in keys.values() if not (run.dir / "finetunes" / key / "result.json").exists()})
     log(f"compare: {len(candidates)} mixes x {k} seed(s) = {len(jobs)} fine-tunes, {todo} to train "
@@ -173,6 +175,22 @@ def _tables(run: Run, cfg: Config, body: dict, final: dict, candidates: list, si
                        "finetune_seconds": finetune_seconds,
                        **cmp.price(selection_seconds, finetune_seconds, forward_finetunes(fn, len(run.sources)))},
               "rows": rows}
-    write_json(path, result)
+    # one unit: the parquet first, then the JSON with the parquet's hash (_current checks both)
     write_parquet(run.dir / "compare.parquet", pd.DataFrame(rows))
+    result["parquet_sha256"] = ledger.sha256(run.dir / "compare.parquet")
+    write_json(path, result)
     return result
+
+
+def _current(run: Run, fingerprint: str) -> bool:
+    """Whether compare.json and compare.parquet hold the comparison of `fingerprint`, both of them
+    (a write cut between the two leaves a parquet the JSON does not name: the tables are made again,
+    from the cached fine-tunes)."""
+    path, table = run.dir / "compare.json", run.dir / "compare.parquet"
+    if not path.exists() or not table.exists():
+        return False
+    try:
+        body = json.loads(path.read_text())
+    except ValueError:  # cut short: made again
+        return False
+    return body.get("fingerprint") == fingerprint and body.get("parquet_sha256") == ledger.sha256(table)

@@ -19,6 +19,7 @@ from gradex.model import trainable_vector
 from gradex.run import Run, log
 from gradex.stages.gradients import gradients, make_run_projector
 from gradex.stages.prepare import prepare
+from gradex.writer import writes
 
 
 def problem(run: Run):
@@ -180,6 +181,7 @@ def member_mask(names: list[str], subsets: list[list[str]]) -> torch.Tensor:
     return torch.tensor([[name in subset for name in names] for subset in subsets], dtype=torch.bool)
 
 
+@writes
 @main_first
 def estimate(cfg: Config, subsets: list[list[str]] | None = None) -> list[dict]:
     """Estimate the target validation loss of named subsets (default: none, all, each source alone,

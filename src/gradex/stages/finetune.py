@@ -17,6 +17,7 @@ from gradex.model import save_model
 from gradex.run import FINAL, Run, log
 from gradex.stages.prepare import prepare
 from gradex.stages.select import select
+from gradex.writer import writes
 
 
 def budget_steps(run: Run) -> int | None:
@@ -119,6 +120,7 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
     return on_main(finish)
 
 
+@writes
 def finetune(cfg: Config, force: bool = False) -> dict:
     """The deliverable: the finetune recipe on target + selected sources, copied to final/selected/
     (a peft adapter: `PeftModel.from_pretrained(base, "runs/<name>/final/selected")`; a transformers
@@ -146,6 +148,7 @@ def finetune(cfg: Config, force: bool = False) -> dict:
     return on_main(copy_final)
 
 
+@writes
 def evaluate(cfg: Config, force: bool = False) -> dict:
     """Validation and test metrics of the final model (final/metrics.json)."""
     return finetune(cfg, force)

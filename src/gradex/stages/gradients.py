@@ -19,8 +19,10 @@ from gradex.launch import barrier, distributed, launch_rank
 from gradex.run import Run, log
 from gradex.stages.meta import meta_train
 from gradex.stages.prepare import prepare
+from gradex.writer import writes
 
 
+@writes
 def gradients(cfg: Config, force: bool = False) -> Path:
     """Projected per-example gradients and offsets at theta*, for training and target validation
     examples; then the rows of the sources added to the run (gradex add-sources), at the same theta*."""
@@ -32,7 +34,7 @@ def gradients(cfg: Config, force: bool = False) -> Path:
     if run.added or (run.dir / "added").exists():
         from gradex.stages.add_sources import prepare_added
 
-        prepare_added(run)
+        prepare_added(run, force)
     out = run.dir / "store"
     if run.done("gradients", force):
         return out

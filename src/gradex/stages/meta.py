@@ -11,8 +11,10 @@ from gradex.launch import barrier, distributed
 from gradex.model import save_model
 from gradex.run import THETA_STAR, log
 from gradex.stages.prepare import prepare
+from gradex.writer import writes
 
 
+@writes
 def meta_train(cfg: Config, force: bool = False) -> Path:
     """Multitask-train on target + all sources: the meta-initialization theta* (meta/theta_star/: a peft adapter,
     or a transformers model folder under full fine-tuning). Under a launch every process trains (DDP)

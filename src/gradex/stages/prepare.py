@@ -13,6 +13,7 @@ from gradex.model import legacy_message, legacy_models, load_tokenizer
 from gradex.device import resolve_device
 from gradex.launch import launch_rank, main_first
 from gradex.run import Run, log
+from gradex.writer import writes
 
 
 def data_sha256(examples: list[Example], tokens: list[Tokenized]) -> str:
@@ -24,6 +25,7 @@ def data_sha256(examples: list[Example], tokens: list[Tokenized]) -> str:
     return h.hexdigest()[:16]
 
 
+@writes
 def prepare(cfg: Config, force: bool = False) -> Run:
     """Read, check and tokenize every source; write the resolved config and the data manifest.
 

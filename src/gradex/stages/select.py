@@ -19,6 +19,7 @@ from gradex.stages.clusters import clusters, selected_clusters
 from gradex.stages.estimate import estimator, save_estimates
 from gradex.stages.gradients import gradients
 from gradex.stages.prepare import prepare
+from gradex.writer import writes
 
 
 def selection(run: Run, method: str, fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
@@ -58,6 +59,7 @@ def selection(run: Run, method: str, fn: Callable[[torch.Tensor], torch.Tensor] 
     return body
 
 
+@writes
 @main_first
 def select(cfg: Config, force: bool = False) -> dict:
     """Select sources by their estimates; writes selection.json and adds its rows to estimates.parquet."""
