@@ -148,3 +148,33 @@ def test_model_code_runs_only_with_trust_remote_code(tmp_path: Path, monkeypatch
     with pytest.raises(Exception):  # the user's choice: the code runs (this stub then fails to build a model)
         load_base(ModelConfig(name=name, trust_remote_code=True))
     assert marker.exists()
+
+
+def test_a_received_run_directory_cannot_ask_to_run_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """A run directory from someone else whose config.yaml names a model with its own code and says
+    trust_remote_code: true: `--run-dir` and `gradex export` load it without running that code (the
+    file is not the user's word); the user's own `--set model.trust_remote_code=true` still counts."""
+    import yaml
+    from transformers import dynamic_module_utils
+
+    from gradex import config
+    from gradex.cli import main
+    from gradex.writer import MARKER
+
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    marker = tmp_path / "code-ran"
+    name = str(model_with_its_own_code(tmp_path / "model", marker))
+    run = tmp_path / "received"
+    run.mkdir()
+    raw = config.to_dict(config.load())
+    raw["model"].update(name=name, trust_remote_code=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    (run / MARKER).write_text("")  # a gradex run, as it came
+    assert config.load_received(run).model.trust_remote_code is False
+    assert config.load_received(run, ["model.trust_remote_code=true"]).model.trust_remote_code is True
+    assert main(["prepare", "--run-dir", str(run)]) == 2  # this stub has no tokenizer, so prepare stops there
+    assert not marker.exists()
+    (run / "final" / "selected").mkdir(parents=True)
+    assert main(["export", str(run)]) == 2
+    assert not marker.exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from gradex import pipeline
-from gradex.config import EXAMPLES_DIR, Config, ConfigError, load
+from gradex.config import EXAMPLES_DIR, Config, ConfigError, load, load_received
 from gradex.config import dumps as config_dumps
 
 STAGES: dict[str, tuple[str, Callable[..., object]]] = {
@@ -109,6 +109,8 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--which", choices=("final", "meta"), default="final",
                      help="final: the fine-tuned selection (default); meta: theta*")
     exp.add_argument("--out", default=None, metavar="DIR", help="where to write it (default RUN/export/WHICH)")
+    exp.add_argument("--trust-remote-code", action="store_true",
+                     help="let the model's own code run (a run directory cannot ask for it in its config.yaml)")
     return p
 
 
@@ -163,7 +165,7 @@ def _config(args: argparse.Namespace) -> Config:
         run_dir = Path(args.run_dir)
         if not (run_dir / "config.yaml").exists():
             raise ConfigError(f"--run-dir {run_dir}: no config.yaml there (not a gradex run directory)")
-        cfg = load(run_dir / "config.yaml", args.overrides)
+        cfg = load_received(run_dir, args.overrides)
         cfg.runs_dir, cfg.name = str(run_dir.resolve().parent), run_dir.resolve().name  # where it is now
         return cfg
     return load(EXAMPLES[args.example] if args.example else args.config, args.overrides)
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
             from gradex.export import export
 
-            print(export(Path(args.run), args.which, Path(args.out) if args.out else None))
+            print(export(Path(args.run), args.which, Path(args.out) if args.out else None, args.trust_remote_code))
             return 0
         cfg = _config(args)
         if args.command == "status":

@@ -404,6 +404,16 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     return from_dict(raw)
 
 
+def load_received(run_dir: Path, overrides: list[str] | None = None) -> Config:
+    """A run directory's own config.yaml, as `--run-dir` and `gradex export` read it: a run directory
+    may come from someone else, so its config cannot say to run the model's code. trust_remote_code
+    is the invoking user's word (`--set model.trust_remote_code=true`), never the file's."""
+    cfg = load(run_dir / "config.yaml", overrides)
+    if not any(item.partition("=")[0].strip() == "model.trust_remote_code" for item in overrides or []):
+        cfg.model.trust_remote_code = False
+    return cfg
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a mapping that repeats a key (PyYAML keeps the last silently)."""
 

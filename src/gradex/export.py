@@ -40,9 +40,10 @@ def check_target(out: Path, default: Path) -> None:
                           f"export replaces its folder whole, so give a new or empty folder")
 
 
-def export(run_dir: Path, which: str = "final", out: Path | None = None) -> Path:
+def export(run_dir: Path, which: str = "final", out: Path | None = None, trust_remote_code: bool = False) -> Path:
     """Write `which` model of the run in `run_dir` as a standalone model folder (default
-    <run_dir>/export/<which>); return where it went."""
+    <run_dir>/export/<which>); return where it went. The model's own code runs only with
+    `trust_remote_code` (the caller's word: the run's config.yaml cannot say it)."""
     if which not in WHICH:
         raise ConfigError(f"export: --which {which!r} is not one of {list(WHICH)}")
     legacy = legacy_models(run_dir)
@@ -51,7 +52,7 @@ def export(run_dir: Path, which: str = "final", out: Path | None = None) -> Path
     resolved = run_dir / "config.yaml"
     if not resolved.is_file():
         raise ConfigError(f"export: {run_dir} is not a gradex run directory (no config.yaml); give runs/<name>")
-    cfg = config_mod.load(resolved)
+    cfg = config_mod.load_received(run_dir, ["model.trust_remote_code=true"] if trust_remote_code else [])
     saved = run_dir / WHICH[which]
     if not saved.exists():
         raise ConfigError(f"export: {saved} does not exist yet; run `{PRODUCED_BY[which]}` for this config first")
