@@ -206,7 +206,7 @@ def test_target_train_clusters_empty_target_mix_is_theta_star(tmp_path, tiny_mod
     assert rows["all"]["examples"] == len(run.indices("train", "cluster-000")) + \
         len(run.indices("train", "cluster-001")) + len(run.indices("train", "cluster-002"))
     # the empty mix is theta* itself: its measured validation loss is theta*'s, and its estimate z = 0
-    from gradex.evaluate import evaluate, generate_answers, loss_from_outputs, outputs
+    from gradex.evaluate import Scoring, evaluate, generate_answers, loss_from_outputs, outputs
 
     model = run.meta_model()
     u, _ = outputs(model, run.tokens, run.indices("validation"), run.pad_id, run.precision)
@@ -215,7 +215,7 @@ def test_target_train_clusters_empty_target_mix_is_theta_star(tmp_path, tiny_mod
     # exact match through the answer pattern, against an oracle built from the raw generations
     test = run.indices("test")
     metrics = evaluate(model, run.tokenizer, run.examples, run.tokens, test, run.precision,
-                       answer_pattern=r"(-?\d+)")
+                       scoring=Scoring(pattern=r"(-?\d+)"))
     exs = [run.examples[i] for i in test]
     longest = max(len(run.tokens[i].ids) - run.tokens[i].n_prompt for i in test)
     raw = generate_answers(model, run.tokenizer, exs, longest + 1, run.precision)

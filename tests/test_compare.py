@@ -108,3 +108,68 @@ def test_forward_finetunes_counts_every_subset_a_forward_search_evaluates():
     assert cost == {"forward_finetunes": 16, "by_finetuning_seconds": 800.0, "speedup": 8.0,
                     "overhead_vs_finetune": 2.0}
     assert price(None, 50.0, 16)["speedup"] is None  # a stage time unknown: no ratio
+
+
+def test_identical_mixes_are_one_mix_shown_once_and_never_called_a_tie():
+    from gradex.compare import format_table, merge_same
+
+    mixes = merge_same([Mix(SELECTED, "selection", [["a"]] * 3), Mix("all", "baseline", [["a", "b", "c"]] * 3),
+                        Mix("gradient", "baseline", [["b", "c"]] * 3, "g"),
+                        Mix("representation", "baseline", [["c", "b"]] * 3, "r"),  # the same sources, in another order
+                        Mix("random", "baseline", [["b", "c"], ["a", "b"], ["b", "c"]]),  # the same at 2 seeds of 3
+                        Mix("mine", "user", [["a"]] * 3)])
+    assert [m.name for m in mixes] == [SELECTED, "all", "gradient", "random"]
+    by = {m.name: m for m in mixes}
+    assert by[SELECTED].same == ["mine"] and by["gradient"].same == ["representation"] and by["random"].same == []
+    assert by["gradient"].note == "g; representation: r"
+    rows = [{"mix": m.name, "seed": s, "test_loss": 0.5 - 0.1 * (m.name == SELECTED) + 0.01 * s,
+             "test_score": 0.5 + 0.01 * s * (m.name == "random"), "validation_loss": 0.5}
+            for m in mixes for s in range(3)]
+    summary = summarize(mixes, rows)
+    assert [m.get("same_mix") for m in summary] == [[SELECTED, "mine"], None, ["gradient", "representation"], None]
+    text = verdict(summary, "accuracy")
+    assert "mine chose the same mix as gradex's selection (not compared with it)" in text
+    assert "beat all, gradient = representation, random beyond seed noise" in text
+    assert text.count("mine") == 1  # named once, as the same mix, in no group of beaten or tied mixes
+    table = format_table({"recipe": {"description": "10 steps"}, "metric": "accuracy[options by likelihood]",
+                          "seeds": 3, "test_examples": 10, "mixes": summary, "verdict": text})
+    lines = table.splitlines()
+    assert sum(line.startswith("gradient = representation ") for line in lines) == 1
+    assert sum(line.startswith(f"{SELECTED} = mine ") for line in lines) == 1
+    assert not any(line.startswith(("representation", "mine")) for line in lines)
+    assert "a = b: the same mix" in table and "accuracy[options by likelihood] (sd)" in lines[1]
+    # the header's columns line up with the rows': the accuracy mean ends where its header ends
+    assert lines[1].index("(sd)", lines[1].index("accuracy")) + 4 == lines[2].index(")", lines[2].index(")") + 1) + 1
+
+
+def test_an_empty_selection_is_compared_with_single_sources_and_no_mix_is_trained_twice(tmp_path, tiny_model_dir):
+    """The target alone (an empty selection) against the best single source by estimate, the top
+    source by gradient similarity and a random single source; identical mixes fine-tuned once."""
+    from conftest import tiny_run_config
+    from gradex import pipeline
+    from gradex.stages.compare import candidate_mixes
+
+    cfg = tiny_run_config(tmp_path, tiny_model_dir)
+    cfg.compare.baselines = ["all", "target", "random", "gradient"]
+    body = pipeline.select(cfg)
+    run = pipeline.Run(cfg)
+    mixes, similarity = candidate_mixes(run, {**body, "selected": []}, 3)
+    names = [n for m in mixes for n in m.names]
+    assert sorted(names) == sorted([SELECTED, "gradex[best single]", "all", "target", "random", "gradient"])
+    assert len({tuple(frozenset(s) for s in m.members) for m in mixes}) == len(mixes)  # all distinct
+    of = {n: m for m in mixes for n in m.names}
+    assert of["target"] is of[SELECTED] and of[SELECTED].members == [[]] * 3
+    # the oracle for the best single source: the estimate stage's own estimates of each source alone
+    alone = {r["members"][0]: r["estimate"] for r in pipeline.estimate(cfg) if len(r["members"]) == 1}
+    assert of["gradex[best single]"].members == [[min(alone, key=alone.get)]] * 3
+    assert of["gradient"].members == [[max(similarity["gradient"], key=similarity["gradient"].get)]] * 3
+    assert all(len(m) == 1 for m in of["random"].members) and "1, not 0" in of["random"].note
+    # compare: a named mix that is the selection, and two named mixes that are one, each fine-tuned once
+    result = pipeline.compare(cfg, seeds=1, mixes={"again": body["selected"], "one": ["mul"], "two": ["mul"]})
+    shown_names = [n for m in result["mixes"] for n in m.get("same_mix", [m["name"]])]
+    assert len(shown_names) == len(set(shown_names)) and {"again", "one", "two"} <= set(shown_names)
+    assert next(m for m in result["mixes"] if m["name"] == SELECTED)["same_mix"][1:].count("again") == 1
+    assert "again chose the same mix" in result["verdict"]
+    keys = {r["key"] for r in result["rows"]}
+    assert len(keys) == len({(frozenset(r["members"]), r["seed"]) for r in result["rows"]}) == len(result["rows"])
+    assert {p.name for p in (cfg.run_dir / "finetunes").iterdir()} == keys

@@ -45,11 +45,15 @@ def test_run_writes_every_artifact_and_skips_unchanged_stages(cfg, capsys):
     assert len(estimates) >= 2 ** 3 and estimates["estimate"].notna().all()  # best: all 8 subsets estimated
     final = summary["final"]
     assert final["members"] == selection["selected"] and final["test"]["examples"] == 16
-    mixes = {m["name"]: m for m in summary["compare"]["mixes"]}
-    assert set(mixes) == {"selected", "all", "target", "random", "gradient", "representation"}
+    # every mix under each of its names (mixes that are the same sources are shown once, under all of them)
+    mixes = {n: m for m in summary["compare"]["mixes"] for n in m.get("same_mix", [m["name"]])}
+    # an empty selection is compared with single sources: the best by estimate joins the baselines
+    single = {"gradex[best single]"} if not selection["selected"] else set()
+    assert set(mixes) == {"selected", "all", "target", "random", "gradient", "representation"} | single
     assert mixes["all"]["members"] == [["add_more", "mul", "sub"]] and mixes["target"]["members"] == [[]]
     k = len(selection["selected"])
-    assert all(m["sizes"] == [k] for name, m in mixes.items() if name not in ("all", "target"))
+    assert mixes["selected"]["sizes"] == [k]
+    assert all(m["sizes"] == [k or 1] for name, m in mixes.items() if name not in ("all", "target", "selected"))
     rows = summary["compare"]["rows"]
     assert len({r["steps"] for r in rows}) == 1  # the equal budget: every mix got the same steps
     # finetune.epochs (1) over the all-sources mix, batch 8: every training example the data kept (the
@@ -255,8 +259,9 @@ def test_gradients_stage_under_a_two_process_launch_equals_one_process(cfg, tmp_
 def test_compare_caches_fine_tunes_labels_unequal_budgets_and_checks_named_mixes(cfg, capsys):
     cfg.compare.baselines = ["all", "random"]
     first = pipeline.compare(cfg, seeds=2, mixes={"mine": ["mul"]})
-    names = [m["name"] for m in first["mixes"]]
-    assert names == ["selected", "all", "random", "mine"] and first["seeds"] == 2
+    names = [n for m in first["mixes"] for n in m.get("same_mix", [m["name"]])]
+    single = [] if pipeline.select(cfg)["selected"] else ["gradex[best single]"]  # an empty selection's
+    assert sorted(names) == sorted(["selected", "all", "random", "mine", *single]) and first["seeds"] == 2
     assert all(m["seeds"] == [0, 1] for m in first["mixes"])
     assert "equal budget" in first["recipe"]["description"]
     # the price of the answer: a forward search by real fine-tuning over 3 sources evaluates the target
@@ -281,7 +286,8 @@ def test_compare_caches_fine_tunes_labels_unequal_budgets_and_checks_named_mixes
     unequal = pipeline.compare(cfg, seeds=1)
     assert all(r["steps"] == -(-r["examples"] // 8) for r in unequal["rows"])  # one epoch of its own data
     train = [e for e in pipeline.Run(cfg).examples if e.split == "train"]
-    assert {r["mix"]: r["steps"] for r in unequal["rows"]}["all"] == -(-len(train) // 8)
+    # (the all-sources mix: its own row, or the selection's when that selects every source)
+    assert {len(r["members"]): r["steps"] for r in unequal["rows"]}[3] == -(-len(train) // 8)
     assert "UNEQUAL" in unequal["recipe"]["description"] and "UNEQUAL" in format_table(unequal)
     with pytest.raises(config.ConfigError, match=r"compare mix 'bad': unknown source\(s\) \['nope'\]"):
         pipeline.compare(cfg, seeds=1, mixes={"bad": ["nope"]})

@@ -138,7 +138,8 @@ def format_summary(summary: dict) -> str:
               f"estimated target validation loss of the selection: {sel['estimate']:.4f}"
               f"   (target alone: {sel['baseline']:.4f}; estimates model fine-tuning theta*)",
               f"final model (final/): {final['recipe']['description']}",
-              f"  validation loss {final['validation']['loss']:.4f}, test loss {final['test']['loss']:.4f}, "
+              f"  validation loss {final['validation']['loss']:.4f}, validation {final['validation']['metric']} "
+              f"{final['validation']['score']:.3f}; test loss {final['test']['loss']:.4f}, "
               f"test {final['test']['metric']} {final['test']['score']:.3f}"
               + (f" ({final['test']['no_match']} of {final['test']['examples']} generations without a match of "
                  f"the answer pattern {final['test']['answer_pattern']!r})" if "no_match" in final["test"] else ""), ""]

@@ -8,6 +8,10 @@ and a 95% Student-t interval of the mean paired difference says whether the gap 
 noise of fine-tuning. The random baseline draws a fresh mix for every seed, so its interval
 covers the choice of mix as well as the seed.
 
+Mixes that are the same sources at every seed (two baselines that pick the same sources, a
+baseline that picks the selection) are one mix: fine-tuned once, shown once under all their names
+("same mix"), never compared with themselves, so no identical pair reads as a tie.
+
 This module holds the pure part (which mixes, the statistics, the table and the verdict);
 `gradex.stages.compare` runs the fine-tunes.
 """
@@ -15,7 +19,7 @@ This module holds the pure part (which mixes, the statistics, the table and the 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -31,6 +35,32 @@ class Mix:
     kind: str  # selection | baseline | user
     members: list[list[str]]  # members[s] = the sources fine-tuned with seed s
     note: str = ""
+    same: list[str] = field(default_factory=list)  # other mixes' names that are this mix at every seed
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name, *self.same]
+
+
+def merge_same(mixes: Sequence[Mix]) -> list[Mix]:
+    """The mixes with those that are the same sources at every seed merged into the first of them, which
+    keeps its place and lists the others' names in `same` (their notes joined to its note)."""
+    out: list[Mix] = []
+    first: dict[tuple, int] = {}
+    for m in mixes:
+        key = tuple(frozenset(members) for members in m.members)
+        if key not in first:
+            first[key] = len(out)
+            out.append(replace(m, same=list(m.same)))
+            continue
+        kept = out[first[key]]
+        out[first[key]] = replace(kept, same=[*kept.same, *m.names], note=f"{kept.note}; {m.name}: {m.note}")
+    return out
+
+
+def shown(mix: dict) -> str:
+    """How a summarized mix is named in tables and verdicts: all its names when several share it."""
+    return " = ".join(mix.get("same_mix") or [mix["name"]])
 
 
 def paired_interval(diffs: Sequence[float], level: float = 0.95) -> dict[str, Any]:
@@ -80,6 +110,7 @@ def summarize(mixes: Sequence[Mix], rows: Sequence[dict]) -> list[dict]:
     for mix in mixes:
         mine = [by[(mix.name, s)] for s in seeds if (mix.name, s) in by]
         entry: dict[str, Any] = {"name": mix.name, "kind": mix.kind, "note": mix.note, "members": mix.members,
+                                 **({"same_mix": mix.names} if mix.same else {}),
                                  "sizes": [len(m) for m in mix.members], "seeds": [r["seed"] for r in mine],
                                  "test_loss": spread([r["test_loss"] for r in mine]),
                                  "test_score": spread([r["test_score"] for r in mine]),
@@ -126,19 +157,22 @@ def estimate_check(rows: Sequence[dict]) -> dict[str, Any] | None:
 
 
 def verdict(summary: Sequence[dict], metric: str) -> str:
-    """One sentence: which baselines the selection beat, tied and lost to, on the loss and the metric."""
+    """One sentence: which baselines the selection beat, tied and lost to, on the loss and the metric,
+    and which chose the selection's own mix (not compared: that is no tie)."""
     others = [m for m in summary if m["name"] != SELECTED]
+    own = next((m.get("same_mix", [])[1:] for m in summary if m["name"] == SELECTED), [])
+    same = f"{', '.join(own)} chose the same mix as gradex's selection (not compared with it)" if own else ""
     if not others:
-        return "nothing to compare the selection with"
+        return f"{same}; nothing else to compare the selection with" if same else "nothing to compare the selection with"
     if all(m["verdict_loss"] == "untested" for m in others):
         n = len(summary[0]["seeds"]) if summary else 0
         return (f"{n} seed per mix: differences have no interval, so no verdict; `gradex compare` "
-                f"fine-tunes more seeds (compare.seeds)")
+                f"fine-tunes more seeds (compare.seeds)" + (f". {same}" if same else ""))
     parts = []
     for key, label in (("verdict_loss", "test loss"), ("verdict_score", f"test {metric}")):
         groups: dict[str, list[str]] = {}
         for m in others:
-            groups.setdefault(m[key], []).append(m["name"])
+            groups.setdefault(m[key], []).append(shown(m))
         said = []
         if groups.get("better"):
             said.append(f"beat {', '.join(groups['better'])} beyond seed noise")
@@ -147,7 +181,7 @@ def verdict(summary: Sequence[dict], metric: str) -> str:
         if groups.get("worse"):
             said.append(f"lost to {', '.join(groups['worse'])} beyond seed noise")
         parts.append(f"on {label} gradex's selection " + "; ".join(said))
-    return ". ".join(parts) + "."
+    return ". ".join(parts + ([same] if same else [])) + "."
 
 
 def fmt_number(value: float | None, fmt: str = ".3f", signed: bool = False) -> str:
@@ -165,26 +199,31 @@ def fmt_interval(d: dict | None) -> str:
 
 
 def format_table(result: dict) -> str:
-    """The comparison as text: one line per mix, then the verdict."""
+    """The comparison as text: one line per mix (accuracy beside loss), then the verdict."""
     r = result["recipe"]
     metric = result["metric"]
     # with an answer pattern: how many test generations it found no answer in (mean over seeds)
     unmatched = any("test_no_match" in m for m in result["mixes"])
+    wide = max([22, *(len(shown(m)) for m in result["mixes"])])
+    score_width = max(18, len(metric) + 5)
     lines = [f"compare: {result['seeds']} seed(s) per mix, {r['description']}; target test split "
              f"({result['test_examples']} examples)",
-             f"{'mix':<22} {'sources':>7} {'test loss (sd)':>16} {metric + ' (sd)':>18} "
+             f"{'mix':<{wide}} {'sources':>7} {'test loss (sd)':>16} {metric + ' (sd)':>{score_width}} "
              + (f"{'no match':>8} " if unmatched else "")
-             + f"{'loss: gain [95% CI]':>28} {metric + ': gain [95% CI]':>30}"]
+             + f"{'loss: gain [95% CI]':>28} {metric + ': gain [95% CI]':>{score_width + 12}}"]
     for m in result["mixes"]:
         size = m["sizes"][0] if len(set(m["sizes"])) == 1 else f"{min(m['sizes'])}-{max(m['sizes'])}"
         loss, score = m["test_loss"], m["test_score"]
-        lines.append(f"{m['name']:<22} {size!s:>7} {fmt_number(loss['mean']):>8} ({fmt_number(loss['sd']):>5})"
-                     f" {fmt_number(score['mean']):>10} ({fmt_number(score['sd']):>5})"
+        lines.append(f"{shown(m):<{wide}} {size!s:>7} {fmt_number(loss['mean']):>8} ({fmt_number(loss['sd']):>5})"
+                     f" {fmt_number(score['mean']):>{score_width - 8}} ({fmt_number(score['sd']):>5})"
                      + (f" {fmt_number(m['test_no_match']['mean'], '.1f') if 'test_no_match' in m else '-':>8}"
                         if unmatched else "")
-                     + f" {fmt_interval(m.get('diff_loss')):>28} {fmt_interval(m.get('diff_score')):>30}")
+                     + f" {fmt_interval(m.get('diff_loss')):>28} {fmt_interval(m.get('diff_score')):>{score_width + 12}}")
     lines.append("gain: the baseline's loss minus the selection's (or the selection's score minus the "
                  "baseline's), paired by seed; positive = gradex's selection better")
+    if any("same_mix" in m for m in result["mixes"]):
+        lines.append("a = b: the same mix (the same sources at every seed), fine-tuned once and shown once; "
+                     "a baseline that is the selection's mix is not compared with it")
     if unmatched:
         lines.append("no match: test generations in which the answer pattern found no answer (scored wrong), "
                      "mean over seeds")

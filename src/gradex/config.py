@@ -98,11 +98,12 @@ class SourceConfig:
     # A negative control: "shuffle" permutes the answers across this source's rows (seeded), so its
     # prompts and answer format stay realistic while every answer is wrong for its prompt.
     corrupt: str | None = None
-    # A regular expression that finds the final answer in a generation for exact match (e.g. after a
-    # chain of thought): its first match, group 1 when it has a group, else the whole match; a
-    # generation without a match is wrong and counted (`no_match` in the metrics). Only the
-    # generation is searched, never the reference answer (as BIG-bench does with `output_regex`,
-    # which a BIG-bench task's pattern defaults to). `.*` keeps strict exact match on such a task.
+    # A regular expression that finds the final answer for exact match (e.g. after a chain of
+    # thought), in the generation and in the reference answer alike: its first match, group 1 when
+    # it has a group, else the whole match (the metric is then named exact_match[pattern]); a
+    # generation without a match is wrong and counted (`no_match` in the metrics), a reference without
+    # one is compared whole. A BIG-bench task's `output_regex` is the default. `.*` keeps strict exact
+    # match on such a task.
     answer_pattern: str | None = None
 
 
@@ -111,6 +112,15 @@ class TargetConfig(SourceConfig):
     train: int = 48
     validation: int = 64
     test: int = 100
+    # The task metric beside the loss (gradex.evaluate). exact_match: a greedy generation against the
+    # reference, through answer_pattern when there is one (multiple-choice rows: the choice with the
+    # highest length-normalized likelihood) | options: a BIG-bench task's `target_scores` options
+    # (Yes/No), the one with the highest length-normalized likelihood as the opening of the answer,
+    # named accuracy[options by likelihood] | first_word: the same over the first words the target's
+    # held-out answers begin with ("Yes. because ..." -> Yes), named accuracy[first word by
+    # likelihood]. The last two generate nothing: for chain-of-thought answers too long to generate
+    # for every test example on a CPU.
+    metric: str = "exact_match"
 
 
 @dataclass
@@ -298,6 +308,7 @@ CHOICES = {
     "finetune.init": ("base", "theta_star"),
     "finetune.budget": ("equal", "epochs"),
 }
+TARGET_METRICS = ("exact_match", "options", "first_word")
 BASELINES = ("all", "target", "random", "gradient", "representation")
 CORRUPTIONS = ("shuffle",)
 CLUSTER_CHOICES = {"from": ("pool", "target_train"), "features": ("gradients", "embeddings"),
@@ -474,6 +485,12 @@ def validate(cfg: Config) -> None:
             where = "data.target" if i == 0 else f"data.sources[{i - 1}] ({src.name})"
             check_pattern(src.answer_pattern, f"{where}.answer_pattern")
     t = cfg.data.target
+    if t.metric not in TARGET_METRICS:
+        raise ConfigError(f"data.target.metric: {t.metric!r} is not one of {list(TARGET_METRICS)}")
+    if t.metric == "options" and t.bigbench is None:
+        raise ConfigError("data.target.metric: options scores a BIG-bench task's target_scores options, and the "
+                          "target is not a BIG-bench task; use first_word (the first word of each answer, scored "
+                          "by likelihood) or exact_match")
     for split in ("train", "validation", "test"):
         if getattr(t, split) < 1:
             raise ConfigError(f"data.target.{split}: needs at least 1 example")
@@ -618,11 +635,12 @@ ALIASES_BY_KEY = {key: name for name, key in ALIASES.items()}
 
 
 def prepare_part(data: DataConfig) -> dict:
-    """What of `data` shapes the prepared examples: all but the clusters (made later, at theta*) and
-    the answer patterns (read when evaluating), so changing those re-runs neither prepare nor the
-    training after it. Left out unset too, so the configs of earlier runs keep their hash."""
+    """What of `data` shapes the prepared examples: all but the clusters (made later, at theta*), the
+    answer patterns and the target's metric (read when evaluating), so changing those re-runs neither
+    prepare nor the training after it. Left out unset too, so the configs of earlier runs keep their hash."""
     raw = to_dict(data)
     raw.pop("clusters")
+    raw["target"].pop("metric")
     for src in [raw["target"], *raw["sources"]]:
         src.pop("answer_pattern")
     return raw

@@ -616,6 +616,22 @@ def tokenize(tokenizer: Any, examples: Sequence[Example]) -> list[Tokenized]:
     return [Tokenized(p + a, len(p)) for p, a in zip(prompts, answers)]
 
 
+def tokenize_openings(tokenizer: Any, examples: Sequence[Example]) -> list[Tokenized]:
+    """Each example's prompt as `tokenize` formats it, then its answer without what ends an answer (END,
+    the end of the assistant turn, EOS): the tokens that score a text that only opens an answer, such as
+    the "Yes" of "Yes. <reasons>". Chat template: the assistant turn up to the end of the answer text."""
+    prompts = prompt_ids(tokenizer, [e.prompt for e in examples])
+    if uses_chat_template(tokenizer) and not for_encoder_decoder(tokenizer):
+        texts = []
+        for e in examples:
+            _, tail = chat_parts(tokenizer, e.prompt, e.answer.strip())
+            texts.append(tail[:tail.index(e.answer.strip()) + len(e.answer.strip())])
+    else:
+        texts = [e.answer for e in examples]
+    answers = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [Tokenized(p + a, len(p)) for p, a in zip(prompts, answers)]
+
+
 def check_lengths(examples: Sequence[Example], tokens: Sequence[Tokenized], max_length: int) -> None:
     for ex, tok in zip(examples, tokens):
         if len(tok.ids) > max_length:
@@ -674,8 +690,9 @@ def read_examples(out: Path) -> list[Example]:
 
 
 def answer_pattern(src: SourceConfig) -> str | None:
-    """The regular expression exact match extracts this source's answers with (gradex.evaluate): its
-    `answer_pattern`, else a BIG-bench task's own `output_regex`, else None (the whole generation).
+    """The regular expression exact match extracts this source's answers with, from the generation and
+    the reference alike (gradex.evaluate): its `answer_pattern`, else a BIG-bench task's own
+    `output_regex`, else None (the whole answer).
     A BIG-bench pattern that is not a valid Python regular expression is an error naming the task."""
     from gradex.config import check_pattern
 
@@ -687,3 +704,22 @@ def answer_pattern(src: SourceConfig) -> str | None:
     if pattern is not None:
         check_pattern(pattern, f"source {src.name!r}: BIG-bench task {src.bigbench} output_regex")
     return pattern
+
+
+def target_scores(src: SourceConfig) -> dict[int, dict[str, float]]:
+    """A BIG-bench task's `target_scores` by example (its 1-based number in task.json, an Example's
+    `row`): the options a chain-of-thought target's answer opens with (strategyqa: {"Yes": 1, "No": 0}
+    beside the target "Yes. <reasons>"). An example without them is an error naming it."""
+    from gradex.assets import bigbench_task
+
+    where = "data.target.metric: options"
+    if src.bigbench is None:
+        raise ConfigError(f"{where}: source {src.name!r} is not a BIG-bench task, so it has no target_scores")
+    found = {}
+    for number, ex in enumerate(bigbench_task(src.bigbench)["examples"], start=1):
+        scores = ex.get("target_scores")
+        if not scores:
+            raise ConfigError(f"{where}: BIG-bench task {src.bigbench} example {number} has no target_scores; "
+                              f"use first_word or exact_match")
+        found[number] = {str(option): float(score) for option, score in scores.items()}
+    return found

@@ -3,23 +3,37 @@
 `loss` is the quantity GradEx estimates: the mean over examples of softplus(-u_s), the logistic
 loss of the per-example output u_s (gradex.model; with the default output "ce" it equals the mean
 over examples of their mean answer-token cross-entropy). `token_nll` is that cross-entropy, whatever
-the output. The task metric is exact match of a greedy generation for
-free-form answers, and length-normalized log-likelihood for multiple choice (summed likelihood
-favours short wrong options). With an answer pattern (a source's `answer_pattern`, or a BIG-bench
-task's `output_regex`) exact match compares the pattern's first match in the generation with the
-reference answer, and the metrics count the generations it found nothing in (`no_match`).
+the output. The task metric (the target's `metric`, a `Scoring` here) is named for how it was
+computed:
+
+- exact_match: a greedy generation against the reference answer; multiple-choice rows count the
+  choice with the highest length-normalized log-likelihood (summed likelihood favours short wrong
+  options). With an answer pattern (`answer_pattern`, or a BIG-bench task's `output_regex`) the
+  pattern's first match in the generation is compared with its first match in the reference, so a
+  chain-of-thought reference "Yes. <reasons>" is compared as "Yes" (exact_match[pattern]); the
+  metrics count the generations it found nothing in (`no_match`, scored wrong) and the references
+  (`reference_no_match`, compared whole, as BIG-bench compares its targets).
+- options: a BIG-bench task's `target_scores` options, the one with the highest length-normalized
+  log-likelihood as the opening of the answer counts; right when it has the top score
+  (accuracy[options by likelihood]).
+- first_word: the same over the first words of the target's held-out answers, the right one being
+  the word its own answer begins with (accuracy[first word by likelihood]).
+The last two generate nothing, so a long chain of thought costs one forward pass per option.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gradex.data import Example, Tokenized, batches, generated_answer, prompt_ids, tokenize
+from gradex.config import ConfigError, TargetConfig
+from gradex.data import (Example, Tokenized, answer_pattern, batches, generated_answer, prompt_ids, target_scores,
+                         tokenize, tokenize_openings)
 from gradex.device import autocast, device_of, step_done
 from gradex.model import example_outputs_and_nll, is_encoder_decoder, language_model
 
@@ -74,10 +88,25 @@ def generate_answers(model: nn.Module, tokenizer: Any, examples: Sequence[Exampl
 
 @torch.no_grad()
 def choose(model: nn.Module, tokenizer: Any, examples: Sequence[Example], precision: str = "bf16") -> list[str]:
-    """For multiple-choice examples: the choice with the lowest mean token NLL."""
-    flat = [(i, c) for i, e in enumerate(examples) for c in e.choices]
+    """For multiple-choice examples: the choice with the lowest mean token NLL, as a whole answer."""
+    return _likeliest(model, tokenizer, examples, [e.choices for e in examples], tokenize, precision)
+
+
+@torch.no_grad()
+def likeliest_openings(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
+                       options: Sequence[Sequence[str]], precision: str = "bf16") -> list[str]:
+    """Per example, the option with the lowest mean token NLL as the opening of its answer (no end
+    marker after it: in "Yes. <reasons>" the answer goes on after the option)."""
+    return _likeliest(model, tokenizer, examples, options, tokenize_openings, precision)
+
+
+def _likeliest(model: nn.Module, tokenizer: Any, examples: Sequence[Example], options: Sequence[Sequence[str]],
+               tokenizing: Any, precision: str) -> list[str]:
+    """The option of each example whose tokens have the lowest mean NLL after its prompt (the first
+    of equals): length-normalized log-likelihood, since a sum favours short options."""
+    flat = [(i, c) for i, opts in enumerate(options) for c in opts]
     variants = [Example(examples[i].source, "test", examples[i].prompt, _prefix(examples[i]) + c) for i, c in flat]
-    toks = tokenize(tokenizer, variants)
+    toks = tokenizing(tokenizer, variants)
     _, nll = outputs(model, toks, range(len(toks)), tokenizer.pad_token_id, precision)
     best: dict[int, tuple[float, str]] = {}
     for (i, c), v in zip(flat, nll.tolist()):
@@ -91,14 +120,13 @@ def _prefix(example: Example) -> str:
     return example.answer[:len(example.answer) - len(example.answer.lstrip())]
 
 
-def extract_answer(generation: str, pattern: re.Pattern | None) -> str | None:
-    """The answer a generation gives for exact match: all of it without `pattern`; else the pattern's
-    first match, its group 1 when it has a group (as BIG-bench's output_regex: the first of
-    re.findall), stripped; None when it finds nothing. Only generations go through here: BIG-bench
-    compares the extracted text with the targets as they are."""
+def extract_answer(text: str, pattern: re.Pattern | None) -> str | None:
+    """The answer a generation or a reference gives for exact match: all of it without `pattern`; else
+    the pattern's first match, its group 1 when it has a group (as BIG-bench's output_regex: the first
+    of re.findall), stripped; None when it finds nothing."""
     if pattern is None:
-        return generation.strip()
-    found = pattern.search(generation)
+        return text.strip()
+    found = pattern.search(text)
     if found is None:
         return None
     if pattern.groups:
@@ -106,34 +134,104 @@ def extract_answer(generation: str, pattern: re.Pattern | None) -> str | None:
     return found.group(0).strip()
 
 
+def first_word(answer: str) -> str:
+    """The word an answer begins with, without the punctuation after it: "Yes. because" -> "Yes"."""
+    words = answer.split()
+    if not words:
+        return ""
+    return words[0].rstrip(".,;:!?") or words[0]
+
+
+FIRST_WORDS_LIMIT = 20  # first_word suits answers that open with one of a few words (Yes/No, a label)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How the task metric is computed: `rule` (the target's `metric`) and what it needs."""
+
+    rule: str = "exact_match"  # exact_match | options | first_word
+    pattern: str | None = None  # exact_match: the answer pattern, applied to generation and reference
+    scores: Mapping[int, Mapping[str, float]] = field(default_factory=dict)  # options: target_scores by row
+    words: tuple[str, ...] = ()  # first_word: the options
+
+    @property
+    def label(self) -> str:
+        """The metric's name, which says how it was computed (exact_match on multiple-choice rows only
+        is named `accuracy` by `evaluate`)."""
+        if self.rule == "options":
+            return "accuracy[options by likelihood]"
+        if self.rule == "first_word":
+            return "accuracy[first word by likelihood]"
+        return "exact_match[pattern]" if self.pattern is not None else "exact_match"
+
+    def options(self, example: Example) -> tuple[tuple[str, ...], set[str]]:
+        """(the example's options, the right ones): target_scores' options and those with the top
+        score; or the first words, and the one its answer begins with."""
+        if self.rule == "options":
+            scores = self.scores[example.row]
+            top = max(scores.values())
+            return tuple(scores), {o for o, v in scores.items() if v == top}
+        return self.words, {first_word(example.answer)}
+
+
+def scoring(target: TargetConfig, examples: Sequence[Example]) -> Scoring:
+    """The target's Scoring (its `metric`), from its config and its prepared examples; a target whose
+    data does not fit the metric is an error naming the key, raised before any fine-tune."""
+    if target.metric == "options":
+        return Scoring("options", scores=target_scores(target))
+    if target.metric == "first_word":  # the held-out answers are the target's own (sources only train)
+        words = sorted({first_word(e.answer) for e in examples if e.split != "train"})
+        if len(words) > FIRST_WORDS_LIMIT:
+            raise ConfigError(f"data.target.metric: first_word: the target's held-out answers begin with {len(words)} "
+                              f"distinct words (e.g. {', '.join(map(repr, words[:5]))}); it suits answers that open "
+                              f"with one of at most {FIRST_WORDS_LIMIT} words (Yes/No, a label): use exact_match")
+        return Scoring("first_word", words=tuple(words))
+    return Scoring("exact_match", pattern=answer_pattern(target))
+
+
+EXACT_MATCH = Scoring()
+
+
 def evaluate(model: nn.Module, tokenizer: Any, examples: Sequence[Example], tokens: Sequence[Tokenized],
              indices: Sequence[int], precision: str = "bf16", desc: str = "evaluate", output: str = "ce",
-             answer_pattern: str | None = None) -> dict:
-    """Loss, token NLL and the task metric (exact match or multiple-choice accuracy) on `indices`;
-    with `answer_pattern`, exact match on what it extracts, and `no_match`, the generations it found
-    nothing in (scored wrong)."""
-    pattern = re.compile(answer_pattern) if answer_pattern is not None else None
-    no_match = 0
+             scoring: Scoring = EXACT_MATCH) -> dict:
+    """Loss, token NLL and the task metric (`scoring`, named in `metric`) on `indices`; with an answer
+    pattern, `no_match` (generations it found nothing in, scored wrong) and `reference_no_match`."""
     model.eval()
+    exs = [examples[i] for i in indices]
     with tqdm(total=2, desc=desc, leave=False) as bar:
         u, nll = outputs(model, tokens, indices, tokenizer.pad_token_id, precision, output)
         bar.update()
-        exs = [examples[i] for i in indices]
-        mc = [e for e in exs if e.choices]
-        free = [e for e in exs if not e.choices]
-        correct = 0
-        if free:
+        if scoring.rule == "exact_match":
             longest = max(len(tokens[i].ids) - tokens[i].n_prompt for i in indices)
-            got = [extract_answer(g, pattern) for g in generate_answers(model, tokenizer, free, longest + 1, precision)]
-            no_match = sum(g is None for g in got)
-            correct += sum(g == e.answer.strip() for g, e in zip(got, free))
-        if mc:
-            got = choose(model, tokenizer, mc, precision)
-            correct += sum(g == e.answer.strip() for g, e in zip(got, mc))
+            correct, metric, extra = _exact_match(model, tokenizer, exs, longest + 1, precision, scoring.pattern)
+        else:
+            options = [scoring.options(e) for e in exs]
+            got = likeliest_openings(model, tokenizer, exs, [o for o, _ in options], precision)
+            correct, metric, extra = sum(g in right for g, (_, right) in zip(got, options)), scoring.label, {}
         bar.update()
+    return {"loss": loss_from_outputs(u), "token_nll": nll.mean().item(), "metric": metric,
+            "score": correct / len(exs), "examples": len(exs), **extra}
+
+
+def _exact_match(model: nn.Module, tokenizer: Any, exs: Sequence[Example], max_new_tokens: int, precision: str,
+                 answer_pattern: str | None) -> tuple[int, str, dict]:
+    """(right answers, the metric's name, what the pattern found nothing in): free-form rows by a
+    greedy generation, multiple-choice rows by the likeliest choice."""
+    pattern = re.compile(answer_pattern) if answer_pattern is not None else None
+    mc = [e for e in exs if e.choices]
+    free = [e for e in exs if not e.choices]
+    correct, extra = 0, {}
+    if free:
+        got = [extract_answer(g, pattern) for g in generate_answers(model, tokenizer, free, max_new_tokens, precision)]
+        refs = [extract_answer(e.answer, pattern) for e in free]
+        correct += sum(g is not None and g == (r if r is not None else e.answer.strip())
+                       for g, r, e in zip(got, refs, free))
+        if pattern is not None:
+            extra = {"answer_pattern": answer_pattern, "no_match": sum(g is None for g in got),
+                     "reference_no_match": sum(r is None for r in refs)}
+    if mc:
+        got = choose(model, tokenizer, mc, precision)
+        correct += sum(g == e.answer.strip() for g, e in zip(got, mc))
     metric = "exact_match" if not mc else "accuracy" if not free else "exact_match_or_choice"
-    result = {"loss": loss_from_outputs(u), "token_nll": nll.mean().item(), "metric": metric,
-              "score": correct / len(exs), "examples": len(exs)}
-    if pattern is not None and free:
-        result.update(answer_pattern=answer_pattern, no_match=no_match)
-    return result
+    return correct, metric + ("[pattern]" if pattern is not None and free else ""), extra

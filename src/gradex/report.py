@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from gradex.atomic import write_bytes
-from gradex.compare import SELECTED
+from gradex.compare import SELECTED, shown
 from gradex.compare import fmt_interval as interval_text
 from gradex.compare import fmt_number as num
 
@@ -240,7 +240,7 @@ def _compare(compare: dict | None) -> str:
         return _missing(title, "compare.json", "gradex compare CONFIG --seeds 3")
     metric = compare["metric"]
     mixes = compare["mixes"]
-    rows = [[m["name"], m["kind"], _members(m["members"]), str(len(m["seeds"])),
+    rows = [[shown(m), m["kind"], _members(m["members"]), str(len(m["seeds"])),
              f"{num(m['test_loss']['mean'], '.4f')} ({num(m['test_loss']['sd'], '.4f')})",
              f"{num(m['test_score']['mean'])} ({num(m['test_score']['sd'])})",
              interval_text(m.get("diff_loss")), m.get("verdict_loss", ""),
@@ -262,6 +262,9 @@ def _compare(compare: dict | None) -> str:
     note = ("<p>Gain: the baseline's test loss minus the selection's (or the selection's score minus the "
             "baseline's), paired by seed, with its 95% Student-t interval; positive = gradex's selection "
             "better. One seed gives no interval and no verdict (untested).</p>")
+    if any("same_mix" in m for m in mixes):
+        note += ("<p>a = b: the same mix (the same sources at every seed), fine-tuned once and shown once; a "
+                 "baseline that is the selection's mix is not compared with it.</p>")
     figure = _png(fig, "test metric and loss per mix")
     return _section(title, f"{text}\n{figure}\n<p>Points: each seed; bars: mean &plusmn; sd.</p>\n{table}\n{note}")
 
@@ -273,7 +276,7 @@ def _spread_plot(ax: Any, mixes: list[dict], key: str, label: str) -> None:
         values = [_nan(v) for v in m[key]["values"]]
         ax.scatter([x] * len(values), values, color=color, alpha=0.5, s=14)
         ax.errorbar([x + 0.15], [_nan(m[key]["mean"])], yerr=[_nan(m[key]["sd"])], fmt="s", color=color, capsize=4)
-    ax.set_xticks(range(len(mixes)), [_label(m["name"]) for m in mixes], rotation=30, ha="right")
+    ax.set_xticks(range(len(mixes)), [_label(shown(m)) for m in mixes], rotation=30, ha="right")
     ax.set_ylabel(label)
 
 

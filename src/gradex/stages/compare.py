@@ -38,15 +38,22 @@ def _similarity(run: Run, kind: str) -> dict[str, float]:
 
 
 def candidate_mixes(run: Run, body: dict, seeds: int, extra: dict[str, list[str]] | None = None) -> tuple[list, dict]:
-    """The mixes compare fine-tunes: the selection, other selection methods, baselines, named mixes.
+    """The mixes compare fine-tunes: the selection, other selection methods, baselines, named mixes,
+    those that are the same sources at every seed merged into one (gradex.compare.merge_same).
+
+    The size-matched baselines (random, the similarity top-k) take the selection's size; an empty
+    selection (the target alone) would make them the target alone too, so they take one source
+    instead, and the single source with the lowest estimate joins them: the target alone is then
+    tested against the best single source by estimate, by similarity and at random.
 
     Returns (mixes, similarity scores per similarity baseline)."""
     from gradex.baselines import random_mix, top_k
-    from gradex.compare import SELECTED, Mix
+    from gradex.compare import SELECTED, Mix, merge_same
 
     c = run.cfg
     chosen = body["selected"]
-    k = len(chosen)
+    k = len(chosen) or 1
+    empty = "" if chosen else " (1, not 0: the selection is empty)"
     mixes = [Mix(SELECTED, "selection", [chosen] * seeds, f"select.method {c.select.method}")]
     fn = None
     for method in c.compare.methods:
@@ -56,6 +63,13 @@ def candidate_mixes(run: Run, body: dict, seeds: int, extra: dict[str, list[str]
             fn, _, _ = estimator(run)
         other = selection(run, method, fn)["selected"]
         mixes.append(Mix(f"gradex[{method}]", "selection", [other] * seeds, f"select.method {method}"))
+    if not chosen:
+        if fn is None:
+            fn, _, _ = estimator(run)
+        single = fn(member_mask(run.sources, [[s] for s in run.sources])).tolist()
+        best = run.sources[min(range(len(single)), key=single.__getitem__)]
+        mixes.append(Mix("gradex[best single]", "selection", [[best]] * seeds,
+                         "the single source with the lowest estimate (the selection is empty)"))
     similarity = {}
     for b in c.compare.baselines:
         if b == "all":
@@ -66,12 +80,12 @@ def candidate_mixes(run: Run, body: dict, seeds: int, extra: dict[str, list[str]
                              "example is in a cluster (data.clusters.from target_train)" if own else "the target alone"))
         elif b == "random":
             draws = [random_mix(run.sources, k, f"{c.select.seed}:random:{s}") for s in range(seeds)]
-            mixes.append(Mix("random", "baseline", draws, f"{k} random sources, drawn afresh per seed"))
+            mixes.append(Mix("random", "baseline", draws, f"{k} random source(s), drawn afresh per seed{empty}"))
         else:
             similarity[b] = _similarity(run, b)
-            note = ("top-k by cosine of mean projected gradients with the target's (LESS-style)" if b == "gradient"
-                    else "top-k by cosine of mean hidden states with the target's")
-            mixes.append(Mix(b, "baseline", [top_k(similarity[b], k)] * seeds, note))
+            note = (f"top-{k} by cosine of mean projected gradients with the target's (LESS-style)" if b == "gradient"
+                    else f"top-{k} by cosine of mean hidden states with the target's")
+            mixes.append(Mix(b, "baseline", [top_k(similarity[b], k)] * seeds, note + empty))
     for name, members in {**c.compare.mixes, **(extra or {})}.items():
         unknown = sorted(set(members) - set(run.sources))
         if unknown:
@@ -79,10 +93,10 @@ def candidate_mixes(run: Run, body: dict, seeds: int, extra: dict[str, list[str]
         if any(m.name == name for m in mixes):
             raise config_mod.ConfigError(f"compare mix {name!r}: the name is taken; choose another")
         mixes.append(Mix(name, "user", [[s for s in run.sources if s in members]] * seeds, "named by the user"))
-    return mixes, similarity
+    return merge_same(mixes), similarity
 
 
-COMPARE_FORMAT = 3  # bump when compare.json changes shape, so cached results are recomputed
+COMPARE_FORMAT = 4  # bump when compare.json changes shape, so cached results are recomputed
 
 
 def forward_finetunes(fn, n: int) -> int:

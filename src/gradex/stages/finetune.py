@@ -7,7 +7,7 @@ import dataclasses
 import json
 import shutil
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gradex import config as config_mod
 from gradex.atomic import replacing_dir, write_json
@@ -18,6 +18,9 @@ from gradex.run import FINAL, Run, log
 from gradex.stages.prepare import prepare
 from gradex.stages.select import select
 from gradex.writer import writes
+
+if TYPE_CHECKING:
+    from gradex.evaluate import Scoring
 
 
 def budget_steps(run: Run) -> int | None:
@@ -60,17 +63,27 @@ def finetune_key(run: Run, members: list[str], seed: int) -> str:
 
 def _key_extras(run: Run) -> list:
     """What else shapes a fine-tune's result, listed only when in use (so the keys of other runs stay
-    as they were): the clusters (which examples a cluster's name stands for) and the answer pattern
-    that exact match extracts with."""
-    from gradex.data import answer_pattern
-
+    as they were): the clusters (which examples a cluster's name stands for), the answer pattern
+    that exact match extracts with, and the task metric's rule when it is not plain exact match (an
+    answer pattern applied to the reference too is a new rule, so results cached before it are not
+    reused)."""
     extras: list = []
     if run.cfg.data.clusters is not None:
         extras.append(("clusters", run.output("clusters")))
-    pattern = answer_pattern(run.cfg.data.target)
-    if pattern is not None:
-        extras.append(("answer_pattern", pattern))
+    scoring = target_scoring(run)
+    if scoring.pattern is not None:
+        extras.append(("answer_pattern", scoring.pattern))
+    if scoring.label != "exact_match":
+        extras.append(("metric", scoring.label))
     return extras
+
+
+def target_scoring(run: Run) -> Scoring:
+    """How the task metric is computed (data.target.metric, gradex.evaluate.Scoring); an error naming
+    the key where the target's data does not fit it, raised before any fine-tune trains."""
+    from gradex.evaluate import scoring
+
+    return scoring(run.cfg.data.target, run.examples)
 
 
 def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finetune") -> dict:
@@ -80,7 +93,6 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
     Kept in finetunes/<key>/ (model/: a peft adapter or a model folder; log, result.json), so any stage that needs the same
     fine-tune (the final model, compare, validate) reuses it; an interrupted one resumes from its
     checkpoint. Under a launch every process trains (DDP); rank 0 saves and evaluates."""
-    from gradex.data import answer_pattern
     from gradex.evaluate import evaluate as evaluate_model
     from gradex.train import train, write_log
 
@@ -107,7 +119,7 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
         t0 = time.perf_counter()
         metrics = {split: evaluate_model(model, run.tokenizer, run.examples, run.tokens, run.indices(split),
                                          run.precision, desc=f"{desc} {split}", output=run.cfg.gradients.output,
-                                         answer_pattern=answer_pattern(run.cfg.data.target))
+                                         scoring=target_scoring(run))
                    for split in ("validation", "test")}
         result = {"key": key, "members": [s for s in run.sources if s in set(members)], "seed": seed,
                   "init": run.cfg.finetune.init, "steps": len(history), "examples": len(idx),

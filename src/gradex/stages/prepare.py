@@ -57,11 +57,12 @@ def _prepare(cfg: Config, force: bool = False) -> Run:
     tokenizer = load_tokenizer(cfg.model)
     tokens = tokenize(tokenizer, examples)
     check_lengths(examples, tokens, cfg.model.max_length)
-    from gradex.data import answer_pattern
+    from gradex.evaluate import scoring
     from gradex.stages.clusters import check_clusterable
 
     check_clusterable(cfg, examples)  # k clusters need k examples, known before anything is trained
-    answer_pattern(cfg.data.target)  # a BIG-bench target's output_regex must compile, said now
+    # the target's metric fits its data (a BIG-bench output_regex compiles, target_scores exist), said now
+    scoring(cfg.data.target, examples)
     manifest = save_examples(examples, tokens, out)
     run.__dict__.update(tokenizer=tokenizer)
     run.mark("prepare", examples=manifest["examples"], outputs={"data": data_sha256(examples, tokens)})
