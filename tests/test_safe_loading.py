@@ -13,7 +13,7 @@ import torch
 
 from gradex.config import ConfigError, LoraConfig, ModelConfig, TrainConfig
 from gradex.gradients import preconditioner
-from gradex.model import load_base, load_model, make_trainable, save_model, trainable
+from gradex.model import load_base, load_model, load_tokenizer, make_trainable, save_model, trainable
 from gradex.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -178,3 +178,33 @@ def test_a_received_run_directory_cannot_ask_to_run_code(tmp_path: Path, monkeyp
     (run / "final" / "selected").mkdir(parents=True)
     assert main(["export", str(run)]) == 2
     assert not marker.exists()
+
+
+def test_a_pinned_revision_reaches_every_load_and_the_identity_only_once_set(tiny_model_dir: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    from gradex import config
+
+    seen: list[dict] = []
+    for cls in (transformers.AutoTokenizer, transformers.AutoConfig, transformers.AutoModelForCausalLM):
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, name, *args, _original=original, **kwargs):
+            if sys._getframe(1).f_globals["__name__"] == "gradex.model":  # gradex's calls, not transformers' own
+                seen.append(dict(kwargs))
+            kwargs.pop("revision", None)  # a local directory has no revisions
+            return _original(klass, name, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    cfg = ModelConfig(name=str(tiny_model_dir), revision="0123abc")
+    load_tokenizer(cfg)
+    load_base(cfg)
+    assert len(seen) >= 3 and all(kwargs.get("revision") == "0123abc" and kwargs.get("trust_remote_code") is False
+                        for kwargs in seen)
+    # unset, it changes no fingerprint (runs made before the key existed stay current); set, it does
+    import dataclasses
+
+    before = {k: v for k, v in dataclasses.asdict(ModelConfig()).items() if k not in ("revision", "device")}
+    assert config.fingerprint(ModelConfig()) == config.fingerprint(before)
+    assert config.fingerprint(ModelConfig()) != config.fingerprint(ModelConfig(revision="0123abc"))

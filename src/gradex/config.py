@@ -43,6 +43,9 @@ class ModelConfig:
     # of the T5 family (T5, FLAN-T5; its LoRA targets are q, k, v, o, wi, wo: README).
     name: str = "smollm2"
     gguf_file: str | None = None
+    # hub: a commit, tag or branch to load; pin a commit, or a changed hub model goes unseen (a local
+    # directory or smollm2 ignores it). Part of a stage's identity only once set (older runs stay current).
+    revision: str | None = field(default=None, metadata={"identity": "when_set"})
     finetune: str = "lora"  # lora | full
     lora: LoraConfig = field(default_factory=LoraConfig)
     # auto: bf16 autocast where the hardware computes bf16 natively (CUDA, AVX-512 BF16 / AMX CPUs),
@@ -661,7 +664,8 @@ def fingerprint(*parts: Any) -> str:
 def _identity(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _identity(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if f.metadata.get("identity", True)}
+                if f.metadata.get("identity", True) is True
+                or f.metadata.get("identity") == "when_set" and getattr(value, f.name) is not None}
     if isinstance(value, (list, tuple)):
         return [_identity(v) for v in value]
     if isinstance(value, dict):

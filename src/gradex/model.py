@@ -58,6 +58,15 @@ def resolve_name(cfg: ModelConfig) -> tuple[str, str | None]:
     return cfg.name, cfg.gguf_file
 
 
+def _source(cfg: ModelConfig, gguf: str | None) -> dict[str, Any]:
+    """What every from_pretrained of the model is told: the GGUF file, the hub revision (where one is
+    pinned) and whether the model's own code may run (only where the user said so)."""
+    found: dict[str, Any] = {"gguf_file": gguf, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision is not None:
+        found["revision"] = cfg.revision
+    return found
+
+
 def _load_error(cfg: ModelConfig, what: str, err: Exception) -> ConfigError:
     if "trust_remote_code" in str(err) and not cfg.trust_remote_code:
         return ConfigError(f"model.name: {cfg.name!r} ships Python code of its own, which gradex runs only "
@@ -70,7 +79,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 
     name, gguf = resolve_name(cfg)
     try:  # code shipped with a model runs only if the user says so (model.trust_remote_code)
-        tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(name, **_source(cfg, gguf))
     except (OSError, ValueError) as err:
         raise _load_error(cfg, "a tokenizer for", err) from err
     if tok.pad_token_id is None:
@@ -98,7 +107,7 @@ ENCODER_DECODER_TYPES = ("t5", "mt5", "umt5")
 def _hf_config(cfg: ModelConfig, name: str, gguf: str | None) -> Any:
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(name, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
+    return AutoConfig.from_pretrained(name, **_source(cfg, gguf))
 
 
 def _is_encoder_decoder(config: Any) -> bool:
@@ -123,7 +132,7 @@ def _pretrained(cfg: ModelConfig, name: str, gguf: str | None) -> nn.Module:
                           f"reads encoder-decoders of the T5 family only ({', '.join(ENCODER_DECODER_TYPES)})")
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(name, gguf_file=gguf, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+        model = auto.from_pretrained(name, dtype=torch.float32, **_source(cfg, gguf))
     except (OSError, ValueError) as err:
         raise _load_error(cfg, "an encoder-decoder from" if seq2seq else "a causal LM from", err) from err
     model.config.use_cache = False

@@ -144,16 +144,22 @@ class Run:
         d = self.cfg.data
         return source_files([d.target, *d.sources], [d.sources_file] if d.sources_file else [])
 
+    @property
+    def _tokenizer_source(self) -> list:
+        """What names the tokenizer: the model's name and GGUF file, and its hub revision once pinned."""
+        m = self.cfg.model
+        return [m.name, m.gguf_file] + ([m.revision] if m.revision is not None else [])
+
     def inputs(self, stage: str) -> dict[str, str | None]:
         """What a stage's output depends on, hashed: the config parts it uses and the artifacts it reads."""
         c = self.cfg
         if stage == "prepare":
-            return {"config": config_mod.fingerprint(c.model.name, c.model.gguf_file, c.model.max_length,
+            return {"config": config_mod.fingerprint(*self._tokenizer_source, c.model.max_length,
                                                      c.model.chat_template, config_mod.prepare_part(c.data)),
                     **self.data_files}
         if stage == "added":  # like prepare's, and the prepared data (the target's held-out prompts)
             files = source_files(self.added)
-            return {"config": config_mod.fingerprint(c.model.name, c.model.gguf_file, c.model.max_length, c.data,
+            return {"config": config_mod.fingerprint(*self._tokenizer_source, c.model.max_length, c.data,
                                                      self.added),
                     **files, "data": self.output("data")}
         if stage == "meta":
