@@ -92,3 +92,21 @@ def test_compare_runs_dsir_as_a_baseline_and_caches_its_scores(tmp_path, tiny_mo
     assert pipeline.compare(cfg, seeds=1)["similarity"]["dsir"] == scores
     assert weights.stat().st_mtime_ns == stamp
     assert json.loads((cfg.run_dir / "compare" / "dsir.json").read_text())["scores"] == scores
+
+
+def test_scores_follow_the_clusters_they_were_computed_on(tmp_path, tiny_model_dir):
+    """The same data clustered again into other sources: the cached scores must be recomputed for the
+    new clusters, never read back under the old clusters' names."""
+    from test_clusters import pool_config
+
+    from gradex.stages.clusters import clusters
+    from gradex.stages.compare import _similarity
+
+    cfg = pool_config(tmp_path, tiny_model_dir, k=2)
+    clusters(cfg)
+    assert sorted(_similarity(pipeline.Run(cfg), "dsir")) == ["cluster-000", "cluster-001"]
+    cfg.data.clusters.k = 3
+    clusters(cfg)
+    run = pipeline.Run(cfg)
+    assert run.sources == ["cluster-000", "cluster-001", "cluster-002"]
+    assert sorted(_similarity(run, "dsir")) == run.sources
