@@ -37,6 +37,8 @@ def test_strategyqa_example_loads_as_documented():
     assert extract_answer("No. The Spice Girls had five members.", pattern) == "No"
     assert extract_answer("Maybe. Nobody knows.", pattern) is None
     assert extract_answer("Nobody. It is No.", pattern) is None  # only a leading Yes/No word counts
+    # a reference answer as prepare stores it, after its answer_prefix (the pattern may read it too)
+    assert extract_answer(" No. Hydrogen's atomic number is one.", pattern) == "No"
     # the paper's sizes for a GPU, as the comment gives them: they load and use the whole task
     overrides = documented_overrides()
     gpu = config.load(STRATEGYQA, overrides)
@@ -75,4 +77,6 @@ def test_strategyqa_example_prepares(tmp_path, tiny_model_dir, monkeypatch):
     assert {s: splits.count(s) for s in set(splits)} == {"train": 16, "validation": 8, "test": 8}
     assert all(e.prompt.startswith("Q: Is thing") and e.prompt.endswith("\nA:") for e in run.examples)
     assert all(re.match(r" (Yes|No)\. Thing \d+ measures", e.answer) for e in run.examples)
+    pattern = re.compile(cfg.data.target.answer_pattern)
+    assert all(extract_answer(e.answer, pattern) == e.answer.split(".")[0].strip() for e in run.examples)
     assert run.sources == []  # until the clusters stage has run: the target alone
