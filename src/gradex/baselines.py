@@ -5,15 +5,23 @@
 - gradient similarity (as in LESS): the cosine between a source's mean projected gradient and the
   target's, read from the store, so it sees the same gradients the estimates do;
 - representation similarity: the cosine between the mean last-layer hidden state of a source's
-  examples and the target's, under the base model (an encoder-decoder's: its encoder's, over the prompts).
+  examples and the target's, under the base model (an encoder-decoder's: its encoder's, over the prompts);
+- DSIR (Xie et al. 2023, data selection with importance resampling), through the authors' package
+  `data-selection`: hashed word n-gram models of the target and of the pool, and each source scored
+  by its examples' log importance weights (`dsir_scores`).
 
-Both similarity baselines score the target's validation examples, which is what the selection is
-judged on, and keep the top k sources, k = the size of gradex's selection.
+All three score the sources against the target's validation examples, which is what the selection
+is judged on, and keep the top k sources, k = the size of gradex's selection.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import random
+import shutil
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -85,8 +93,60 @@ def mean_hidden_states(model: torch.nn.Module, tokens: Sequence[Tokenized], indi
     return torch.cat(rows).numpy()
 
 
+# The package's own defaults (its paper's: unigrams and bigrams hashed into 10,000 buckets, its
+# wordpunct tokenizer); part of what the cached scores are keyed by.
+DSIR_SETTINGS = {"ngrams": 2, "num_buckets": 10000, "tokenizer": "wordpunct"}
+
+
+def dsir_scores(pool: Sequence[str], groups: Sequence[str], sources: Sequence[str], target: Sequence[str],
+                cache_dir: Path) -> dict[str, float]:
+    """Per-source DSIR score: the mean, over a source's examples, of the log importance weight that
+    `data_selection.HashedNgramDSIR` gives each example of the pool.
+
+    pool: the candidate texts, one per training example of every source; groups: each one's source;
+    target: the texts whose distribution DSIR resamples towards. The package fits a bag of hashed
+    n-grams to the target and to the pool; an example's log importance weight is the sum, over its
+    n-grams, of log p_target - log p_pool (its log likelihood ratio under the two models). Its files
+    (the texts as JSONL, the weights) go to `cache_dir`, which is cleared first.
+
+    Why the mean log weight rather than the share of DSIR's resample that lands in each source:
+    it is a function of the data alone (the package draws its resample's Gumbel noise from numpy's
+    global generator, so no seed of ours would fix it), it uses every example rather than a sample
+    sized by the selection (which is empty when gradex selects nothing), and with examples of tens
+    of n-grams the weights spread far beyond the noise's scale, so the resample is close to the
+    top examples by weight anyway. The resample would also drop every example here: its length
+    filter (min_example_length, 100 words by default) is made for pretraining documents.
+    A source with no example is an error: its score would be meaningless."""
+    from data_selection import HashedNgramDSIR
+
+    groups = np.asarray(groups)
+    empty = [s for s in sources if not (groups == s).any()]
+    if empty:
+        raise ValueError(f"source(s) {empty} have no examples to score")
+    if not target:
+        raise ValueError("no target examples to resample towards")
+    shutil.rmtree(cache_dir, ignore_errors=True)  # weights of other data must never be read back
+    cache_dir.mkdir(parents=True)
+    paths = []
+    for name, texts in (("pool", pool), ("target", target)):
+        paths.append(cache_dir / f"{name}.jsonl")
+        paths[-1].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    # one process: one shard per file, so the pool's weights come back in one file in its order
+    dsir = HashedNgramDSIR([str(paths[0])], [str(paths[1])], cache_dir=str(cache_dir), num_proc=1,
+                           **DSIR_SETTINGS)
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bars, one per pass over a file
+        dsir.fit_importance_estimator(num_tokens_to_fit="all")
+        dsir.compute_importance_weights()
+    weights = np.load(dsir.log_importance_weights_dir / "0.npy")
+    if weights.shape != (len(pool),):
+        raise RuntimeError(f"data-selection wrote {weights.shape} log importance weights for {len(pool)} examples "
+                           f"({dsir.log_importance_weights_dir}); this gradex expects data-selection 1.0.x")
+    return {s: float(weights[groups == s].mean()) for s in sources}
+
+
 def similarity_scores(kind: str, run: Any) -> dict[str, float]:
-    """Per-source similarity to the target's validation examples: kind `gradient` or `representation`."""
+    """Per-source similarity to the target's validation examples: kind `gradient`, `representation`
+    or `dsir` (mean log importance weight)."""
     target = run.cfg.data.target.name
     reference = f"{target}:validation"
 
@@ -108,4 +168,10 @@ def similarity_scores(kind: str, run: Any) -> dict[str, float]:
         model.eval()
         features = mean_hidden_states(model, run.tokens, idx, run.pad_id)
         return mean_cosines(features, [group(i) for i in idx], run.sources, reference)
+    if kind == "dsir":  # the texts the model reads: the (templated) prompt, then the answer
+        pool = [i for i in run.train_indices(run.sources) if run.examples[i].source != target]
+        texts = [run.examples[i].prompt + run.examples[i].answer for i in pool]
+        held = [run.examples[i].prompt + run.examples[i].answer for i in run.indices("validation")]
+        return dsir_scores(texts, [run.examples[i].source for i in pool], run.sources, held,
+                           run.dir / "compare" / "dsir")
     raise ValueError(f"unknown similarity {kind!r}")

@@ -63,7 +63,8 @@ def parser() -> argparse.ArgumentParser:
                                          "step budget over seeds; paired differences with 95%% intervals",
                          description="Fine-tune gradex's selection and each baseline of compare.baselines (all "
                                      "sources, the target alone, a random mix of the same size drawn afresh per "
-                                     "seed, gradient and representation similarity top-k) with the finetune "
+                                     "seed, gradient and representation similarity top-k, DSIR top-k when "
+                                     "listed) with the finetune "
                                      "recipe. Under finetune.budget: equal (the default) every mix gets the same "
                                      "number of optimizer steps: finetune.max_steps, or the steps finetune.epochs "
                                      "passes over all sources take; under `epochs` each mix takes epochs over its "

@@ -267,7 +267,8 @@ class CompareConfig:
     seeds: int = 3  # fine-tuning seeds per mix; a random mix is drawn afresh for each seed
     run_seeds: int = 1  # seeds when compare runs as the last stage of `gradex run`
     # all | target | random (same size as the selection) | gradient (LESS-style cosine of mean
-    # projected gradients, top-k) | representation (cosine of mean hidden states, top-k)
+    # projected gradients, top-k) | representation (cosine of mean hidden states, top-k) | dsir (mean
+    # DSIR log importance weight of a source's examples towards the target's, top-k: gradex.baselines)
     baselines: list[str] = field(default_factory=lambda: ["all", "target", "random", "gradient", "representation"])
     # more selection methods whose selections join the comparison, e.g. [forward, ensemble]
     methods: list[str] = field(default_factory=list)
@@ -312,7 +313,7 @@ CHOICES = {
     "finetune.budget": ("equal", "epochs"),
 }
 TARGET_METRICS = ("exact_match", "options", "first_word")
-BASELINES = ("all", "target", "random", "gradient", "representation")
+BASELINES = ("all", "target", "random", "gradient", "representation", "dsir")
 CORRUPTIONS = ("shuffle",)
 CLUSTER_CHOICES = {"from": ("pool", "target_train"), "features": ("gradients", "embeddings"),
                    "method": ("kmeans", "agglomerative")}

@@ -21,10 +21,16 @@ from gradex.writer import writes
 
 def _similarity(run: Run, kind: str) -> dict[str, float]:
     """Per-source similarity for a baseline, cached in compare/<kind>.json by what it was computed from."""
-    from gradex.baselines import similarity_scores
+    from gradex.baselines import DSIR_SETTINGS, similarity_scores
 
-    inputs = run.output("store") if kind == "gradient" else (run.data_key(), run.cfg.model)
-    key = config_mod.fingerprint(kind, inputs)
+    if kind == "gradient":
+        inputs = run.output("store")
+    elif kind == "dsir":  # the example texts alone
+        inputs = (run.data_key(), DSIR_SETTINGS)
+    else:
+        inputs = (run.data_key(), run.cfg.model)
+    # the clusters relabel the examples: the same data under other clusters is other sources
+    key = config_mod.fingerprint(kind, inputs, *([run.output("clusters")] if run.cfg.data.clusters else []))
     path = run.dir / "compare" / f"{kind}.json"
     if path.exists() and json.loads(path.read_text())["key"] == key:
         return json.loads(path.read_text())["scores"]
@@ -81,6 +87,10 @@ def candidate_mixes(run: Run, body: dict, seeds: int, extra: dict[str, list[str]
         elif b == "random":
             draws = [random_mix(run.sources, k, f"{c.select.seed}:random:{s}") for s in range(seeds)]
             mixes.append(Mix("random", "baseline", draws, f"{k} random source(s), drawn afresh per seed{empty}"))
+        elif b == "dsir":
+            similarity[b] = _similarity(run, b)
+            mixes.append(Mix(b, "baseline", [top_k(similarity[b], k)] * seeds, f"top-{k} by mean DSIR log importance "
+                             f"weight towards the target's validation texts (hashed n-grams, data-selection){empty}"))
         else:
             similarity[b] = _similarity(run, b)
             note = (f"top-{k} by cosine of mean projected gradients with the target's (LESS-style)" if b == "gradient"
