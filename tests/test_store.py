@@ -204,3 +204,33 @@ def test_a_nan_in_the_gradient_pass_names_the_example(tmp_path: Path, gradient_o
     with pytest.raises(FloatingPointError, match=f"dataset position 7 has a NaN or inf {what}"):
         compute_store(model, toks, range(12), pad_id=1, out_dir=tmp_path / "plain", **kwargs)
     assert not (tmp_path / "plain" / "manifest.json").exists()
+
+
+def test_a_full_disk_is_a_clear_error_and_the_shards_stay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merged store's blocks are reserved before it is written: a disk without room is an OSError
+    naming the file and the size (not a SIGBUS from a sparse memory map), and the computed shards are
+    kept, so a re-run with room merges them without computing again."""
+    import errno
+
+    from gradex.gradients import store as store_mod
+
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("this platform reserves no blocks (no posix_fallocate)")
+    model, toks = tiny_model(), tiny_tokens(10)
+    args = dict(pad_id=0, projector=make_projector("sparse", dim=16, seed=3), batch_size=3, chunk_size=4,
+                precision="fp32", manifest_extra={"model": "tiny"}, progress=False)
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store_mod.os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=r"/s: no room on disk for the store's 0.00 GB \(No space left on device\); free some"):
+        compute_store(model, toks, list(range(10)), out_dir=tmp_path / "s", **args)
+    shards = sorted(p.name for p in (tmp_path / "s" / "shards").iterdir())
+    assert len(shards) == 3 and not (tmp_path / "s" / "x.npy").exists()
+    monkeypatch.undo()
+    reserved, real = [], os.posix_fallocate
+    monkeypatch.setattr(store_mod.os, "posix_fallocate", lambda fd, o, n: reserved.append(n) or real(fd, o, n))
+    store = compute_store(model, toks, list(range(10)), out_dir=tmp_path / "s", **args)
+    assert reserved and store.x.shape == (10, 16)
+    assert store.manifest["timings"]["compute_seconds"] > 0

@@ -221,6 +221,25 @@ def _check_finite(x: torch.Tensor, u: torch.Tensor, indices: list[int], describe
                              f"(try model.precision: fp32)")
 
 
+def preallocated(path: Path, shape: tuple[int, int]) -> np.memmap:
+    """A float32 .npy memory map whose blocks are reserved on disk before anything is written: a memory
+    map of a sparse file that meets a full disk dies of SIGBUS, with no message and no say in what
+    was kept; this way a full disk is an error here, naming the size, and the shards stay."""
+    x = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    if hasattr(os, "posix_fallocate"):  # Linux and most Unixes; macOS has none (it then stays sparse)
+        size = path.stat().st_size
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as err:
+            del x
+            raise OSError(err.errno, f"{path.parent}: no room on disk for the store's {size / 1e9:.2f} GB ({err.strerror}); "
+                                     f"free some or move runs_dir, then re-run: the computed shards are kept") from None
+        finally:
+            os.close(fd)
+    return x
+
+
 def _merge(out_dir: Path, chunks: list[list[int]], plan: dict, extra: dict, world: int, started: float,
            col_sq_norms: np.ndarray) -> None:
     t0 = time.perf_counter()
@@ -229,7 +248,7 @@ def _merge(out_dir: Path, chunks: list[list[int]], plan: dict, extra: dict, worl
     index = np.zeros(n, dtype=np.int64)
     methods, compute_seconds, clipped, lo = set(), 0.0, 0, 0
     with replacing_path(out_dir / "x.npy") as tmp_x:  # a memory map is written through its file name
-        x = np.lib.format.open_memmap(tmp_x, mode="w+", dtype=np.float32, shape=(n, d))
+        x = preallocated(tmp_x, (n, d))
         for c, chunk in enumerate(chunks):
             path = _shard_path(out_dir, c)
             if not path.exists():
@@ -316,7 +335,7 @@ def extend(path: str | Path, side: str | Path | None, keep: int, added: list[dic
     pending.mkdir()
     extra = len(more) if more is not None else 0
     n, d = keep + extra, base.dim
-    x = np.lib.format.open_memmap(pending / "x.npy", mode="w+", dtype=np.float32, shape=(n, d))
+    x = preallocated(pending / "x.npy", (n, d))
     block = max(1, (1 << 26) // (4 * d))  # ~64 MB at a time: a big store is never read whole
     for lo in range(0, keep, block):
         x[lo:min(keep, lo + block)] = base.x[lo:min(keep, lo + block)]
