@@ -5,6 +5,7 @@ model.trust_remote_code."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -208,3 +209,26 @@ def test_a_pinned_revision_reaches_every_load_and_the_identity_only_once_set(tin
     before = {k: v for k, v in dataclasses.asdict(ModelConfig()).items() if k not in ("revision", "device")}
     assert config.fingerprint(ModelConfig()) == config.fingerprint(before)
     assert config.fingerprint(ModelConfig()) != config.fingerprint(ModelConfig(revision="0123abc"))
+
+
+def test_a_hub_model_s_commit_is_recorded(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A hub id read from the local Hugging Face cache (offline): meta-train's record names the commit
+    its files came from, so an upstream change to an unpinned model shows in the ledger."""
+    import shutil
+    import subprocess
+
+    from conftest import tiny_run_config, write_config
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--gradex--tiny"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    cfg = tiny_run_config(tmp_path, tiny_model_dir)
+    cfg.model.name = "gradex/tiny"
+    cfg.meta.max_steps = 1
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "gradex.cli", "meta-train", str(write_config(cfg, tmp_path / "c.yaml"))],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((cfg.run_dir / "meta" / "stage.json").read_text())["model_commit"] == commit

@@ -58,6 +58,20 @@ def resolve_name(cfg: ModelConfig) -> tuple[str, str | None]:
     return cfg.name, cfg.gguf_file
 
 
+def hub_commit(cfg: ModelConfig) -> str | None:
+    """The commit of a hub model's files in the local Hugging Face cache (what a load of `model.name` at
+    `model.revision` reads, offline or just downloaded), for the ledger: a hub model named without a
+    pinned commit can change upstream unseen, and the recorded commit says which one a run used. None for
+    the embedded default and local directories."""
+    if cfg.name == "smollm2" or Path(cfg.name).exists():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+    from transformers.utils.hub import extract_commit_hash
+
+    found = try_to_load_from_cache(cfg.name, "config.json", revision=cfg.revision)
+    return extract_commit_hash(found, None) if isinstance(found, str) else None
+
+
 def _source(cfg: ModelConfig, gguf: str | None) -> dict[str, Any]:
     """What every from_pretrained of the model is told: the GGUF file, the hub revision (where one is
     pinned) and whether the model's own code may run (only where the user said so)."""

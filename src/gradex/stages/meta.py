@@ -8,7 +8,7 @@ from pathlib import Path
 from gradex import ledger
 from gradex.config import Config
 from gradex.launch import barrier, distributed
-from gradex.model import save_model
+from gradex.model import hub_commit, save_model
 from gradex.run import THETA_STAR, log
 from gradex.stages.prepare import prepare
 from gradex.writer import writes
@@ -37,7 +37,7 @@ def meta_train(cfg: Config, force: bool = False) -> Path:
         write_log(history, out / "log.jsonl")
         checkpoint.unlink(missing_ok=True)
         run.mark("meta", steps=len(history), seconds=round(time.perf_counter() - t0, 1),
-                 final_loss=history[-1]["loss"], **run.compute, outputs={"theta*": ledger.sha256(run.dir / THETA_STAR)})
+                 final_loss=history[-1]["loss"], **run.compute, model_commit=hub_commit(cfg.model), outputs={"theta*": ledger.sha256(run.dir / THETA_STAR)})
     barrier(world)  # theta* and the ledger are written before any process reads them
     log(f"meta-trained theta* in {len(history)} steps (train loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f})")
     return run.dir / THETA_STAR
