@@ -233,7 +233,7 @@ def ran_on(record: dict) -> str | None:
 
 def model_stages_ran_on(run_dir: Path, final: dict | None = None) -> dict[str, str | None]:
     """Where and in what precision each model stage of a run ran, from its records."""
-    found = {"meta-train": ran_on(ledger.read(run_dir / "meta")), "gradients": ran_on(ledger.read(run_dir / "store"))}
+    found = {STAGE_NAMES[s]: ran_on(ledger.read(run_dir / STAGE_DIRS[s])) for s in ("meta", "gradients")}
     if final is not None:
         found["finetune"] = ran_on(final)
     return found

@@ -204,7 +204,7 @@ def estimate(cfg: Config, subsets: list[list[str]] | None = None) -> list[dict]:
     fn, rows, l2 = estimator(run, stage="estimate")
     log(f"estimate: {len(members)} subset(s)")
     loss = fn(members)
-    bad = [rows[-len(members) + j]["members"] for j in (~torch.isfinite(loss)).nonzero().flatten().tolist()]
+    bad = [rows[j]["members"] for j in (~torch.isfinite(loss)).nonzero().flatten().tolist()]
     if bad:  # as select refuses them: a NaN is no estimate, and is never written as one
         raise FloatingPointError(f"estimate: {len(bad)} subset(s) got a non-finite estimate, e.g. {bad[0]}; "
                                  f"the store holds non-finite gradients or estimate.l2 is out of range")
