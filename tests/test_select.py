@@ -102,6 +102,17 @@ def test_forward_and_backward_recover_additive_answer():
         assert set(d) >= {"method", "scores", "selected", "estimate", "baseline", "history", "reason"}
 
 
+def test_forward_stops_at_its_limit_with_the_best_additions_so_far():
+    fn = Additive()
+    sel = forward(fn, N, limit=2)
+    assert sel.selected == [0, 3]  # the two best of HELPFUL, in the order they were added
+    assert fn.calls == [1, 10, 9]  # no third round
+    assert sel.estimate == pytest.approx(1.0 + float(BETA[[0, 3]].sum()))
+    assert "stopped at the limit of 2 source(s)" in sel.reason
+    unlimited = forward(Additive(), N, limit=N)
+    assert unlimited.selected == HELPFUL and "no addition lowers" in unlimited.reason
+
+
 def test_forward_stops_at_once_when_nothing_helps():
     def worse(subsets):
         return 1.0 + subsets.double().sum(1)

@@ -220,7 +220,12 @@ def test_a_read_only_run_can_be_read(selected, tmp_path, capsys):
         code = main(["report", "--run-dir", str(cfg.run_dir)])
         assert code == (0 if root else 2)
         if not root:
-            assert "is read-only" in capsys.readouterr().err
+            err = capsys.readouterr().err
+            assert "is read-only" in err and "--out FILE" in err
+        held = _files(cfg.run_dir)
+        elsewhere = tmp_path / "report.html"
+        assert main(["report", "--run-dir", str(cfg.run_dir), "--out", str(elsewhere)]) == 0
+        assert "<title>gradex report: " in elsewhere.read_text() and _files(cfg.run_dir) == held
         code = main(["select", "--run-dir", str(cfg.run_dir)])
         assert code == (0 if root else 2)
         if not root:
@@ -229,6 +234,21 @@ def test_a_read_only_run_can_be_read(selected, tmp_path, capsys):
     finally:
         for p in [*cfg.run_dir.rglob("*"), cfg.run_dir]:
             p.chmod(p.stat().st_mode | stat.S_IWUSR)
+
+
+def test_a_report_elsewhere_replaces_only_a_gradex_report(selected, tmp_path, capsys):
+    mine = tmp_path / "notes.html"
+    mine.write_text("<html>the user's own page</html>")
+    assert main(["report", "--run-dir", str(selected.run_dir), "--out", str(mine)]) == 2
+    assert "is not a gradex report" in capsys.readouterr().err
+    assert mine.read_text() == "<html>the user's own page</html>"
+    assert main(["report", "--run-dir", str(selected.run_dir), "--out", str(tmp_path)]) == 2
+    assert "a directory" in capsys.readouterr().err
+    ours = tmp_path / "report.html"
+    assert main(["report", "--run-dir", str(selected.run_dir), "--out", str(ours)]) == 0
+    first = ours.read_text()
+    assert main(["report", "--run-dir", str(selected.run_dir), "--out", str(ours)]) == 0  # its own: rebuilt
+    assert ours.read_text() == first
 
 
 def test_temporary_names_are_per_process_and_only_dead_writers_are_cleared(tmp_path):

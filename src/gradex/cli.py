@@ -25,7 +25,6 @@ STAGES: dict[str, tuple[str, Callable[..., object]]] = {
                  "(finetune.init; finetune.budget equal by default: the steps all sources need for "
                  "finetune.epochs, the same for every mix)", pipeline.finetune),
     "evaluate": ("validation and test metrics of the final model", pipeline.evaluate),
-    "report": ("write report.html: scores, selection, validation, comparison, costs", pipeline.report),
 }
 EXAMPLES = {path.stem: path for path in sorted(EXAMPLES_DIR.glob("*.yaml"))}
 
@@ -54,6 +53,10 @@ def parser() -> argparse.ArgumentParser:
                                        "comparison with the baselines (compare.run_seeds seeds)"))
     for name, (help_, _) in STAGES.items():
         _common(sub.add_parser(name, help=help_))
+    rep = sub.add_parser("report", help="write report.html: scores, selection, validation, comparison, costs")
+    _common(rep)
+    rep.add_argument("--out", metavar="FILE", help="write the report here instead of the run's report.html "
+                     "(an archived, read-only run); never over a file that is not a gradex report")
     est = sub.add_parser("estimate", help="estimate the target validation loss of given subsets")
     _common(est)
     est.add_argument("--subset", action="append", default=None, metavar="A,B,...",
@@ -226,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
             print(config_dumps(cfg), end="")
         elif args.command == "run":
             print(format_summary(pipeline.run_all(cfg, args.force)))
+        elif args.command == "report":
+            from pathlib import Path
+
+            print(pipeline.report(cfg, args.force, Path(args.out) if args.out else None))
         elif args.command == "estimate":
             subsets = None if args.subset is None else [[s for s in x.split(",") if s] for x in args.subset]
             for row in pipeline.estimate(cfg, subsets):

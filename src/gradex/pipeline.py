@@ -130,21 +130,27 @@ def format_status(rows: list[dict]) -> str:
     return "\n".join(f"{r['stage']:<11} {r['state']:<8} {r['why']}".rstrip() for r in rows)
 
 
-def report(cfg: Config, force: bool = False) -> Path:
-    """report.html from whatever the run directory holds (cheap: always rebuilt)."""
+def report(cfg: Config, force: bool = False, out: Path | None = None) -> Path:
+    """report.html from whatever the run directory holds (cheap: always rebuilt), into the run or to
+    `out` (a file elsewhere: how an archived, read-only run gets its report)."""
     from gradex import report as report_mod
 
-    check_run(cfg.run_dir)  # report.html is the only file it writes, and only into a gradex run
+    if out is None:
+        check_run(cfg.run_dir)  # report.html is the only file it writes, and only into a gradex run
     if not is_run(cfg.run_dir):  # absent or empty: a report would make a folder that is not a run
         raise ConfigError(f"report: no run at {cfg.run_dir} yet; run `gradex run` (or a stage) on this config first")
+    if out is not None:
+        report_mod.check_out(out)
 
     def write() -> Path:
         try:
-            return report_mod.write(cfg.run_dir)
+            return report_mod.write(cfg.run_dir, out)
         except OSError as err:  # an archived run: what it holds stays readable (`gradex status`)
             if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
-            raise ConfigError(f"report: cannot write {cfg.run_dir / 'report.html'} ({err.strerror}): the run "
-                              f"directory is read-only; copy it somewhere writable to rebuild its report") from err
+            where = out or cfg.run_dir / "report.html"
+            raise ConfigError(f"report: cannot write {where} ({err.strerror})"
+                              + ("" if out else ": the run directory is read-only; give the report another place "
+                                 "(gradex report --out FILE)")) from err
 
     return on_main(write)

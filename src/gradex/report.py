@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from gradex.atomic import write_bytes
+from gradex.config import ConfigError
 from gradex.compare import SELECTED, shown
 from gradex.compare import fmt_interval as interval_text
 from gradex.compare import fmt_number as num
@@ -59,8 +60,23 @@ code { background: #f3f3f3; padding: 0 .2em; }
 """
 
 
-def write(run_dir: Path) -> Path:
-    """Build `run_dir/report.html` from the artifacts present in `run_dir`; returns its path."""
+TITLE = "gradex report: "
+
+
+def check_out(out: Path) -> None:
+    """A report written elsewhere (`--out`) replaces only a file that is a gradex report: gradex never
+    overwrites what it did not write."""
+    if out.is_dir():
+        raise ConfigError(f"report --out {out}: a directory; give a file name, e.g. {out / 'report.html'}")
+    if out.exists():
+        head = out.read_bytes()[:4096].decode("utf-8", errors="replace")
+        if f"<title>{_e(TITLE)}" not in head:
+            raise ConfigError(f"report --out {out}: the file exists and is not a gradex report; gradex does not "
+                              f"overwrite it (give another name)")
+
+
+def write(run_dir: Path, out: Path | None = None) -> Path:
+    """Build `run_dir/report.html` (or `out`) from the artifacts present in `run_dir`; returns its path."""
     run_dir = Path(run_dir)
     cfg = _read(run_dir / "config.yaml") or {}
     selection = _read(run_dir / "selection.json")
@@ -74,14 +90,14 @@ def write(run_dir: Path) -> Path:
         _compare(compare),
         _costs(compare),
     ]
-    title = f"gradex report: {name}"
+    title = f"{TITLE}{name}"
     page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
             # an empty inline icon: otherwise the browser asks the file's folder for favicon.ico
             "<link rel=\"icon\" href=\"data:,\">\n"
             f"<title>{_e(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
             f"<h1>{_e(title)}</h1>\n" + "\n".join(sections) + "\n</body>\n</html>\n")
-    path = run_dir / "report.html"
+    path = out or run_dir / "report.html"
     write_bytes(path, page.encode("utf-8"))
     return path
 

@@ -168,16 +168,17 @@ def ensemble(estimate_fn: EstimateFn, n: int, m: int, alpha: float, seed: int,
 
 
 def _stepwise(estimate_fn: EstimateFn, n: int, current: list[int], adding: bool,
-              cur: float) -> tuple[list[int], float, list[float], list[dict]]:
+              cur: float, limit: int | None = None) -> tuple[list[int], float, list[float], list[dict]]:
     """Greedy rounds shared by forward (adding) and backward (dropping) selection.
 
     Each round estimates every one-source change of `current` in one batched call and takes the
     change that lowers f_hat most; it stops when none does. score_i = f_hat(with i) - f_hat(without i)
-    in the round i was last a candidate, so negative = helpful in both directions.
+    in the round i was last a candidate, so negative = helpful in both directions. Forward stops
+    at `limit` sources, if given.
     """
     scores = [float("nan")] * n
     history: list[dict] = []
-    while len(current) < n if adding else current:
+    while len(current) < min(n, limit if limit is not None else n) if adding else current:
         cands = [i for i in range(n) if i not in current] if adding else list(current)
         batch = torch.zeros(len(cands), n, dtype=torch.bool)
         batch[:, current] = True
@@ -200,14 +201,15 @@ def _stepwise(estimate_fn: EstimateFn, n: int, current: list[int], adding: bool,
     return current, cur, scores, history
 
 
-def forward(estimate_fn: EstimateFn, n: int) -> Selection:
+def forward(estimate_fn: EstimateFn, n: int, limit: int | None = None) -> Selection:
     """Greedy forward stepwise: from the target alone, add the source that lowers f_hat most
-    (see `_stepwise`); stops when no addition lowers f_hat."""
+    (see `_stepwise`); stops when no addition lowers f_hat, or at `limit` sources."""
     base = float(_call(estimate_fn, torch.zeros(1, n, dtype=torch.bool))[0])
-    current, cur, scores, history = _stepwise(estimate_fn, n, [], True, base)
+    current, cur, scores, history = _stepwise(estimate_fn, n, [], True, base, limit)
+    stop = ("every source added" if len(current) == n else f"stopped at the limit of {limit} source(s)"
+            if history and history[-1]["action"] == "add" else "stopped: no addition lowers the estimate")
     reason = (f"forward stepwise from the target alone: added {len(current)} source(s) in order "
-              f"{[_fmt(i) for i in current]}; estimated loss {base:.6g} -> {cur:.6g}; "
-              + ("every source added" if len(current) == n else "stopped: no addition lowers the estimate"))
+              f"{[_fmt(i) for i in current]}; estimated loss {base:.6g} -> {cur:.6g}; " + stop)
     return Selection(method="forward", scores=scores, selected=sorted(current), estimate=cur, baseline=base,
                      history=history, reason=reason)
 
