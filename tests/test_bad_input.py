@@ -49,6 +49,7 @@ CONFIG_CASES = [
     ("infinite weight decay", ["refit.weight_decay=.inf"], "refit.weight_decay: expected a finite number"),
     ("NaN as text", ["select.alpha=nan"], "select.alpha: expected a finite number, got nan"),
     ("top_k 0", ["select.top_k=0"], "select.top_k: must be at least 1 (or null), got 0"),
+    ("bootstrap 1", ["select.bootstrap=1"], "select.bootstrap: resamples, 0 (none) or at least 2, got 1"),
     ("a negative seed", ["data.seed=-1"], "data.seed: must be >= 0, got -1"),
     ("a negative projection seed", ["gradients.seed=-7"], "gradients.seed: must be >= 0, got -7"),
     ("a template that does not parse", "data:\n  target: {name: t, path: t.jsonl, template: 'Q: {prompt'}\n",

@@ -41,6 +41,10 @@ def test_run_writes_every_artifact_and_skips_unchanged_stages(cfg, capsys):
         ["cpu fp32"] * 3
     assert "<td>cpu fp32</td>" in (run_dir / "report.html").read_text()
     assert set(selection["selected"]) <= {"add_more", "mul", "sub"}
+    found = selection["stability"]  # select.bootstrap resamples of the store (gradex.stability)
+    assert found["resamples"] == 50 and set(found["share"]) == {"add_more", "mul", "sub"}
+    assert all(0 <= v <= 1 for v in found["share"].values())
+    assert "selected in" in format_summary(summary) and "selected in" in (run_dir / "report.html").read_text()
     estimates = pd.read_parquet(run_dir / "estimates.parquet")
     assert len(estimates) >= 2 ** 3 and estimates["estimate"].notna().all()  # best: all 8 subsets estimated
     final = summary["final"]

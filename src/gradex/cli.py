@@ -129,18 +129,31 @@ def _clusters_summary(cfg: Config, body: dict | None) -> dict:
 
 def format_summary(summary: dict) -> str:
     from gradex.compare import format_table
+    from gradex.stability import stability_lines
 
     sel, final = summary["selection"], summary["final"]
     lines = [f"run directory: {summary['run_dir']}", "",
              "source scores (estimated change of the target validation loss when the source is included;"
              " negative helps):"]
     chosen = set(sel["selected"])
+    found = sel.get("stability")
+    if found:
+        lines[-1] += (f" [{found['level']:.0%} interval over {found['resamples']} bootstrap resamples of the store]; "
+                      "selected in: the share of resamples that selected it")
     for name, score in sorted(sel["source_scores"].items(), key=lambda kv: (kv[1] is None, kv[1])):
-        lines.append(f"  {'*' if name in chosen else ' '} {name:<24} " + (f"{score:+.4f}" if score is not None else "-"))
+        line = f"  {'*' if name in chosen else ' '} {name:<24} " + (f"{score:+.4f}" if score is not None else "-")
+        if found:
+            low, high = found["score_interval"][name]
+            line += (f"  [{low:+.4f}, {high:+.4f}]" if low is not None else "  [-]") + \
+                f"  selected in {found['share'][name]:>4.0%}" + ("  uncertain" if name in found["uncertain"] else "")
+        lines.append(line)
     lines += ["", f"selected ({sel['method']}, {sel['mode']} estimates): {', '.join(sel['selected']) or '(target only)'}",
               f"why: {sel['reason']}",
               f"estimated target validation loss of the selection: {sel['estimate']:.4f}"
-              f"   (target alone: {sel['baseline']:.4f}; estimates model fine-tuning theta*)",
+              + (f" [{found['estimate_interval'][0]:.4f}, {found['estimate_interval'][1]:.4f}]"
+                 if found and found["estimate_interval"][0] is not None else "")
+              + f"   (target alone: {sel['baseline']:.4f}; estimates model fine-tuning theta*)",
+              *(f"warning: {line}" for line in stability_lines(sel)),
               f"final model (final/): {final['recipe']['description']}",
               f"  validation loss {final['validation']['loss']:.4f}, validation {final['validation']['metric']} "
               f"{final['validation']['score']:.3f}; test loss {final['test']['loss']:.4f}, "

@@ -258,6 +258,10 @@ class SelectConfig:
     alpha: float = 0.5  # ensemble: subset size as a share of the sources
     top_k: int | None = None  # ensemble: keep the top_k scores instead
     seed: int = 0
+    # the selection re-made on this many bootstrap resamples of the store's rows (linear estimates):
+    # how often each source is selected, its score's interval, uncertain sources (gradex.stability); 0: none.
+    # Each resample costs about one selection's estimates (select's `seconds` in selection.json)
+    bootstrap: int = 50
 
 
 @dataclass
@@ -502,6 +506,8 @@ def validate(cfg: Config) -> None:
                        ("gradients.batch_size", cfg.gradients.batch_size), ("select.subsets", cfg.select.subsets)]:
         if value is not None and value < 1:
             raise ConfigError(f"{key}: must be positive, got {value}")
+    if cfg.select.bootstrap < 0 or cfg.select.bootstrap == 1:
+        raise ConfigError(f"select.bootstrap: resamples, 0 (none) or at least 2, got {cfg.select.bootstrap}")
     for section in ("meta", "finetune", "refit"):
         recipe: TrainConfig = getattr(cfg, section)
         for key in ("epochs", "lr"):

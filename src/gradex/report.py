@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 
 from gradex.atomic import write_bytes
 from gradex.config import ConfigError
+from gradex.stability import STABLE, stability_lines
 from gradex.compare import SELECTED, shown
 from gradex.compare import fmt_interval as interval_text
 from gradex.compare import fmt_number as num
@@ -149,10 +150,23 @@ def _scores(run_dir: Path, selection: dict | None) -> str:
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel("score: estimated change of target validation loss when included (negative helps)")
     ax.set_title("selected sources highlighted", fontsize=9)
+    found = selection.get("stability")
     rows = [[s, num(v, "+.4f"), num(errors.get(s), ".4f"), "yes" if s in chosen else ""]
             for s, v in zip(sources, scores)]
-    table = _table(["source", "score", "standard error", "selected"], rows,
-                   marked={i for i, s in enumerate(sources) if s in chosen})
+    header = ["source", "score", "standard error", "selected"]
+    if found:
+        header += [f"{found['level']:.0%} interval (bootstrap)", "selected in", ""]
+        for row, s in zip(rows, sources):
+            low, high = found["score_interval"][s]
+            row += [f"[{num(low, '+.4f')}, {num(high, '+.4f')}]", f"{found['share'][s]:.0%}",
+                    "uncertain" if s in found["uncertain"] else ""]
+        note += (f" Bootstrap: the selection re-made on {found['resamples']} resamples of the store's rows (each "
+                 f"group's training examples and the target's validation examples, drawn with replacement); "
+                 f"<em>selected in</em> is the share of resamples that selected the source, and a source is "
+                 f"uncertain when that share is below {STABLE:.0%} for a selected source or above "
+                 f"{1 - STABLE:.0%} for one left out.")
+        note += "".join(f"</p>\n<p class=\"warning\">{_e(line)}" for line in stability_lines(selection))
+    table = _table(header, rows, marked={i for i, s in enumerate(sources) if s in chosen})
     intro = ("The score of a source is the estimated change of the target validation loss when it is included: "
              "negative helps. Sources without a score (never or always sampled) have no bar.")
     return _section(title, f"<p>{intro}</p>\n{_png(fig, 'per-source scores')}\n<p>{note}</p>\n{table}")
