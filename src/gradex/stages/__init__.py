@@ -2,10 +2,10 @@
 writes the run directory (gradex.run.Run), and gradex.pipeline runs them in order.
 
     prepare    read, check and tokenize every source: data/
-    meta       multitask-train theta*: meta/adapter.pt
+    meta       multitask-train theta*: meta/theta_star/ (a peft adapter or a model folder)
     gradients  projected per-example gradients at theta* (and Adam's preconditioner): store/
     estimate   the estimation problem from the store, the run's estimator, `gradex estimate`
-    select     select sources by their estimates: selection.json, estimates.parquet
+    select     select sources by their estimates, and how stable that is: selection.json, estimates.parquet
     finetune   fine-tunes of mixes under the finetune recipe and budget; the final model: final/
     compare    every candidate mix fine-tuned over seeds against the selection: compare.json
 """
