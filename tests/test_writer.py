@@ -236,6 +236,30 @@ def test_a_read_only_run_can_be_read(selected, tmp_path, capsys):
             p.chmod(p.stat().st_mode | stat.S_IWUSR)
 
 
+def test_a_read_only_run_is_estimated_without_writing(selected, tmp_path, capsys, monkeypatch):
+    """`gradex estimate` on an archived run prints what the writable run would have saved, writes nothing
+    and takes no lock; a stage it would need, missing there, is a one-line error."""
+    import pandas as pd
+
+    cfg = config.from_dict({**config.to_dict(selected), "runs_dir": str(tmp_path / "runs")})
+    shutil.copytree(selected.run_dir, cfg.run_dir)
+    config.dump(cfg, cfg.run_dir / "config.yaml")  # the copy's own place, as its first writer would record it
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == cfg.run_dir and mode & os.W_OK
+                        else real(path, mode, **kw))  # as on a read-only mount, whoever runs the test
+    before = _files(cfg.run_dir)
+    capsys.readouterr()
+    assert main(["estimate", "--run-dir", str(cfg.run_dir), "--subset", "add_more,sub"]) == 0
+    captured = capsys.readouterr()
+    assert "read-only; the estimates are printed, not saved" in captured.err
+    saved = pd.read_parquet(selected.run_dir / "estimates.parquet")
+    oracle = saved[[list(m) == ["add_more", "sub"] for m in saved["members"]]]["estimate"].iloc[0]  # select estimated it
+    assert captured.out.startswith(f"{oracle:.4f}  ") and _files(cfg.run_dir) == before
+    shutil.rmtree(cfg.run_dir / "store")
+    assert main(["estimate", "--run-dir", str(cfg.run_dir)]) == 2
+    assert "is read-only and its gradients stage is" in capsys.readouterr().err
+
+
 def test_a_report_elsewhere_replaces_only_a_gradex_report(selected, tmp_path, capsys):
     mine = tmp_path / "notes.html"
     mine.write_text("<html>the user's own page</html>")

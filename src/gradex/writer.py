@@ -128,7 +128,7 @@ def _acquire(path: Path) -> int:
         fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
         raise ConfigError(f"{path}: cannot write here ({err.strerror}); a read-only or archived run can be read "
-                          f"(`gradex status`, `gradex report --out FILE`), but this command writes: copy the run somewhere "
+                          f"(`gradex status`, `gradex report --out FILE`, `gradex estimate`), but this command writes: copy the run somewhere "
                           f"writable and give the copy (--run-dir)") from err
     if not _try_lock(fd):
         os.close(fd)
