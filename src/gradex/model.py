@@ -72,6 +72,18 @@ def hub_commit(cfg: ModelConfig) -> str | None:
     return extract_commit_hash(found, None) if isinstance(found, str) else None
 
 
+def _no_hub_kernels() -> dict[str, Any]:
+    """Tell a transformers that can (4.54+) not to swap the model's layers for kernels fetched from
+    the Hugging Face Hub. Why: transformers 5 does so by default wherever the `kernels` package is
+    installed (a dependency of transformers 5), which runs downloaded code that model.trust_remote_code
+    never allowed, changes numerics that gradex's oracles pin, and refuses model.train() on a device
+    the kernels library does not list (the tests' lazy device). Older versions take no such argument."""
+    import transformers
+    from packaging.version import Version
+
+    return {"use_kernels": False} if Version(transformers.__version__) >= Version("4.54") else {}
+
+
 def _source(cfg: ModelConfig, gguf: str | None) -> dict[str, Any]:
     """What every from_pretrained of the model is told: the GGUF file, the hub revision (where one is
     pinned) and whether the model's own code may run (only where the user said so)."""
@@ -146,7 +158,7 @@ def _pretrained(cfg: ModelConfig, name: str, gguf: str | None) -> nn.Module:
                           f"reads encoder-decoders of the T5 family only ({', '.join(ENCODER_DECODER_TYPES)})")
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(name, dtype=torch.float32, **_source(cfg, gguf))
+        model = auto.from_pretrained(name, dtype=torch.float32, **_source(cfg, gguf), **_no_hub_kernels())
     except (OSError, ValueError) as err:
         raise _load_error(cfg, "an encoder-decoder from" if seq2seq else "a causal LM from", err) from err
     model.config.use_cache = False
