@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
+from gradex.errors import ConfigError
+
 TEMPORARY = re.compile(r"(?P<of>.+)\.(?:tmp|partial|old)(?P<pid>\d+)")  # the temporary names below: <name>.<kind><pid>
 
 
@@ -120,8 +122,6 @@ def read_json(path: Path, writer: str) -> Any:
             raise ValueError("empty")
         return json.loads(text)
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        from gradex.config import ConfigError
-
         raise ConfigError(f"{path} is unreadable ({err}): cut short by a crash or a power loss, or edited; "
                           f"delete it and re-run `{writer}`") from err
 

@@ -21,12 +21,11 @@ from typing import Any
 
 import yaml
 
+from gradex.atomic import write_bytes
+from gradex.errors import ConfigError  # re-exported: gradex.config.ConfigError is what callers catch
+
 EXAMPLES_DIR = Path(__file__).parent / "examples"  # packaged experiments; `gradex run --example NAME`
 DEFAULT_CONFIG = EXAMPLES_DIR / "default.yaml"
-
-
-class ConfigError(ValueError):
-    """A problem with the user's config or data, raised before any expensive stage runs."""
 
 
 @dataclass
@@ -689,8 +688,6 @@ def dumps(cfg: Config) -> str:
 def dump(cfg: Config, path: Path) -> None:
     """Write `dumps(cfg)` (`gradex run runs/<name>/config.yaml` repeats the run); a file that already
     says the same is left as it is (an archived, read-only run can be read and resumed as it is)."""
-    from gradex.atomic import write_bytes
-
     text = dumps(cfg).encode()
     if not path.is_file() or path.read_bytes() != text:
         write_bytes(path, text)
