@@ -40,7 +40,6 @@ from scipy import stats
 from gradex import config as config_mod
 from gradex import ledger, pipeline
 from gradex.added import ADDED_FILE
-from gradex.stages.add_sources import add_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("data", "meta", "store")  # what the reference's estimator reads
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         more = cfg.run_dir.parent / f"add-{drop}.yaml"
         more.write_text(yaml.safe_dump({"sources": [config_mod.to_dict(spec)]}, sort_keys=False))
         t1 = time.perf_counter()
-        added = add_sources(cfg, more)  # a no-op when an earlier run of this script added it already
+        added = pipeline.add_sources(cfg, more)  # a no-op when an earlier run of this script added it already
         add_seconds = time.perf_counter() - t1
         extension, timings = ledger.read(cfg.run_dir / "store"), store_timings(cfg)  # both survive such re-runs
         add_est, add_l2 = all_estimates(cfg, names)

@@ -99,14 +99,13 @@ def test_scores_follow_the_clusters_they_were_computed_on(tmp_path, tiny_model_d
     new clusters, never read back under the old clusters' names."""
     from test_clusters import pool_config
 
-    from gradex.stages.clusters import clusters
     from gradex.stages.compare import _similarity
 
     cfg = pool_config(tmp_path, tiny_model_dir, k=2)
-    clusters(cfg)
+    pipeline.clusters(cfg)
     assert sorted(_similarity(pipeline.Run(cfg), "dsir")) == ["cluster-000", "cluster-001"]
     cfg.data.clusters.k = 3
-    clusters(cfg)
+    pipeline.clusters(cfg)
     run = pipeline.Run(cfg)
     assert run.sources == ["cluster-000", "cluster-001", "cluster-002"]
     assert sorted(_similarity(run, "dsir")) == run.sources

@@ -151,7 +151,9 @@ def test_an_unexpected_error_is_one_line_and_a_traceback_only_with_debug(cfg, tm
     def broken(cfg, force=False):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setitem(main.__globals__["STAGES"], "prepare", ("", broken))
+    from gradex.stages import prepare as prepare_stage
+
+    monkeypatch.setattr(prepare_stage, "prepare", broken)  # the function the stage graph runs for prepare
     assert main(["prepare", str(path)]) == 1
     err = capsys.readouterr().err
     assert err.strip().splitlines() == ["gradex: error: RuntimeError: disk on fire (run with --debug for the "

@@ -8,24 +8,15 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable
 
-from gradex import pipeline
+from gradex import graph, pipeline
 from gradex.config import EXAMPLES_DIR, Config, ConfigError, load, load_received
 from gradex.config import dumps as config_dumps
 
-STAGES: dict[str, tuple[str, Callable[..., object]]] = {
-    "prepare": ("read, check and tokenize every source (all data errors surface here)", pipeline.prepare),
-    "meta-train": ("multitask-train on target + all sources: theta*", pipeline.meta_train),
-    "gradients": ("projected per-example gradients at theta* into the store", pipeline.gradients),
-    "clusters": ("with data.clusters: cluster the unlabelled examples into sources (clusters/clusters.json)",
-                 lambda cfg, force=False: _clusters_summary(cfg, pipeline.clusters(cfg, force))),
-    "select": ("estimate subsets and select sources (selection.json)", pipeline.select),
-    "finetune": ("fine-tune on target + selected sources: the final model (final/), with the finetune recipe "
-                 "(finetune.init; finetune.budget equal by default: the steps all sources need for "
-                 "finetune.epochs, the same for every mix)", pipeline.finetune),
-    "evaluate": ("validation and test metrics of the final model", pipeline.evaluate),
-}
+# The stages with a plain verb (`gradex meta-train [--force]`), from the stage graph; estimate and
+# compare take options of their own (below), and evaluate names the finetune stage's metrics.
+PLAIN = [s for s in graph.STAGES.values() if s.name not in ("estimate", "compare")]
+EVALUATE = "validation and test metrics of the final model"
 EXAMPLES = {path.stem: path for path in sorted(EXAMPLES_DIR.glob("*.yaml"))}
 
 
@@ -51,8 +42,9 @@ def parser() -> argparse.ArgumentParser:
     _common(sub.add_parser("config", help="print the resolved config (defaults, file and --set overrides) as YAML"))
     _common(sub.add_parser("run", help="all stages, then print scores, the selection and an equal-budget "
                                        "comparison with the baselines (compare.run_seeds seeds)"))
-    for name, (help_, _) in STAGES.items():
-        _common(sub.add_parser(name, help=help_))
+    for stage in PLAIN:
+        _common(sub.add_parser(stage.name, help=stage.help))
+    _common(sub.add_parser("evaluate", help=EVALUATE))
     rep = sub.add_parser("report", help="write report.html: scores, selection, validation, comparison, costs")
     _common(rep)
     rep.add_argument("--out", metavar="FILE", help="write the report here instead of the run's report.html "
@@ -235,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run directory: {cfg.run_dir}")
             print(pipeline.format_status(pipeline.status(cfg)))
         elif args.command == "add-sources":
-            from gradex.stages.add_sources import add_sources
-
-            print(format_added(add_sources(cfg, args.sources)))
+            print(format_added(pipeline.add_sources(cfg, args.sources)))
         elif args.command == "config":
             print(config_dumps(cfg), end="")
         elif args.command == "run":
@@ -264,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(diagnostics.summary(diagnostics.validate(cfg, args.subsets, args.seeds, args.recipe)), indent=2))
         else:
-            result = STAGES[args.command][1](cfg, force=args.force)
+            result = pipeline.ensure(cfg, "finetune" if args.command == "evaluate" else args.command, args.force)
+            if args.command == "clusters":
+                result = _clusters_summary(cfg, result)
             if isinstance(result, pipeline.Run):  # prepare: where the examples went
                 result = result.dir / "data" / "manifest.json"
             print(result if not isinstance(result, dict) else json.dumps(result, indent=2, default=str))

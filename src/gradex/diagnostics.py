@@ -31,12 +31,11 @@ from gradex.launch import on_main
 from gradex.device import autocast, device_of
 from gradex.model import (ce_logodds, example_outputs, save_model, set_trainable_vector,
                           trainable, trainable_vector)
+from gradex.pipeline import require
 from gradex.run import Run, log
-from gradex.stages.clusters import clusters
 from gradex.stages.estimate import estimator, problem, weighting
 from gradex.stages.finetune import finetune_mix, finetune_recipe, recipe_summary
-from gradex.stages.gradients import gradients, make_run_projector
-from gradex.stages.prepare import prepare
+from gradex.stages.gradients import make_run_projector
 from gradex.train import train
 from gradex.writer import writes
 
@@ -74,9 +73,7 @@ def _errors(u0: torch.Tensor, first: torch.Tensor, true: torch.Tensor) -> dict:
 def check_linearity(cfg: Config, examples: int = 48, subsets: int = 2) -> dict:
     """Tables of first- vs zeroth-order error, written to linearity.json and linearity.png (under a
     launch, by rank 0 alone: gradex.launch). The stages it reads run first, on every process."""
-    run = prepare(cfg)
-    gradients(cfg)
-    clusters(cfg)  # with data.clusters the random subsets are of clusters: made before run.sources is read
+    run = require(cfg, "gradients", "clusters")  # with data.clusters the random subsets are of clusters
     return on_main(lambda: _check_linearity(run, examples, subsets))
 
 
@@ -239,9 +236,7 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2, recipe: str = "finetune")
     """
     if recipe not in RECIPES:
         raise ValueError(f"validate: recipe must be one of {RECIPES}, got {recipe!r}")
-    run = prepare(cfg)  # the stages it reads run first, on every process
-    gradients(cfg)
-    clusters(cfg)  # with data.clusters the subsets are of clusters: made before run.sources is read
+    run = require(cfg, "gradients", "clusters")  # on every process; with data.clusters the subsets are of clusters
     return on_main(lambda: _validate(run, k, seeds, recipe))
 
 

@@ -1,67 +1,157 @@
-"""The stages of a run in order, and what a run directory holds.
+"""Runs the stage graph (gradex.graph): a stage after every stage it needs (`ensure`), all of
+them in order (`run_all`), and says where a run stands (`status`).
 
-    prepare -> meta-train -> gradients -> [clusters] -> estimate -> select -> finetune -> compare -> report
+    prepare -> meta-train -> gradients -> [clusters] -> select -> finetune -> compare -> report
 
-Each stage is a function of the config in its own module under gradex.stages, reading and writing
-the run directory through gradex.run.Run. Each records in the ledger (`<dir>/stage.json`,
-gradex.ledger) the hashes of the config parts it used and of the artifacts it read, and the hashes
-of what it wrote; a stage whose inputs are unchanged is skipped, and one whose inputs changed (a
-data file edited, an upstream stage that wrote something else) runs again, saying why. Long stages
-(training, gradients) resume from partial work.
+Each stage is a function of one `Run` in its own module under gradex.stages, reading and writing the
+run directory. Each ledgered one records (`<dir>/stage.json`, gradex.ledger) the hashes of the
+config parts it used and of the artifacts it read, and the hashes of what it wrote; a stage whose
+inputs are unchanged is skipped, and one whose inputs changed (a data file edited, an upstream stage
+that wrote something else) runs again, saying why. Long stages (training, gradients) resume from
+partial work.
 
-Each stage that writes the run directory holds its lock (gradex.writer: one writer at a time, and
-only into a gradex run); `status` and `report` only read it.
+A command holds the run's lock (gradex.writer: one writer at a time, and only into a gradex run)
+while its stages run; `status` and `report` only read it.
 
-This module runs them all (`run_all`), says where a run stands (`status`), and re-exports every
-stage function and the names the CLI, diagnostics, tests and benchmarks use, so
-`from gradex import pipeline; pipeline.select(cfg)` is the one entry point.
+The functions below, one per stage, take the config: `from gradex import pipeline;
+pipeline.select(cfg)` runs what select needs, then select, and is the one entry point for the CLI,
+diagnostics, tests and benchmarks.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import time
 from pathlib import Path
+from typing import Any
 
-from gradex import ledger
+from gradex import graph, ledger
 from gradex.atomic import read_json, write_json
 from gradex.config import Config, ConfigError
 from gradex.launch import launch_rank, on_main
 from gradex.run import PRODUCER, STAGE_DIRS, STAGE_NAMES, Run, log, model_stages_ran_on, ran_on
-from gradex.stages.compare import COMPARE_FORMAT, candidate_mixes, compare
-from gradex.stages.estimate import (Reconstructor, estimate, estimator, member_mask, problem, regularization,
+from gradex.stages.add_sources import add_sources as _add_sources
+from gradex.stages.compare import COMPARE_FORMAT, candidate_mixes
+from gradex.stages.estimate import (Reconstructor, estimates, estimator, member_mask, problem, regularization,
                                     save_estimates, weighting)
-from gradex.stages.finetune import (budget_steps, evaluate, finetune, finetune_key, finetune_mix, finetune_recipe,
-                                    recipe_summary)
-from gradex.stages.gradients import PRECONDITIONER_FILE, STORE_FILES, gradients, make_run_projector, store_sha256
-from gradex.stages.meta import meta_train
-from gradex.stages.prepare import data_sha256, prepare
-from gradex.stages.clusters import clusters
-from gradex.stages.select import select, selection
-from gradex.writer import check_run, is_run, writer_now, writes
+from gradex.stages.finetune import budget_steps, finetune_key, finetune_mix, finetune_recipe, recipe_summary
+from gradex.stages.gradients import PRECONDITIONER_FILE, STORE_FILES, make_run_projector, store_sha256
+from gradex.stages.prepare import data_sha256
+from gradex.stages.select import selection
+from gradex.writer import check_run, is_run, writer_now, writes, writing
 
 __all__ = [
-    "Run", "STAGE_DIRS", "STAGE_NAMES", "PRODUCER", "launch_rank", "log",
+    "Run", "STAGE_DIRS", "STAGE_NAMES", "PRODUCER", "launch_rank", "log", "ensure", "require",
     "prepare", "data_sha256", "meta_train", "gradients", "PRECONDITIONER_FILE", "STORE_FILES", "store_sha256",
     "make_run_projector", "problem", "regularization", "weighting", "estimator", "Reconstructor", "member_mask",
     "save_estimates", "estimate", "selection", "select", "budget_steps", "recipe_summary", "finetune_recipe",
     "finetune_key", "finetune_mix", "finetune", "evaluate", "candidate_mixes", "COMPARE_FORMAT", "compare",
-    "clusters", "run_all", "status", "format_status", "report",
+    "clusters", "add_sources", "run_all", "status", "format_status", "report",
 ]
+
+
+def require(cfg: Config, *names: str, force: bool = False, run: Run | None = None) -> Run:
+    """Run the stages `names` and every stage they need, each once, upstream first, on one Run (`run`,
+    or the one prepare makes); each stage itself skips what is current. `force` re-runs `names`
+    themselves, never their upstream. Returns the Run."""
+    with writing(cfg.run_dir):
+        for name in graph.order(cfg, ["prepare", *names]):
+            again = force and name in names
+            if name == "prepare":
+                if run is None or again:
+                    run = graph.function("prepare")(cfg, again)
+            else:
+                graph.function(name)(run, again)
+        assert run is not None
+        return run
+
+
+def ensure(cfg: Config, name: str, force: bool = False, run: Run | None = None, **options: Any) -> Any:
+    """Stage `name`'s result, after every stage it needs (`require`); `force` re-runs the stage itself."""
+    if name == "prepare":
+        return require(cfg, force=force, run=run)
+    with writing(cfg.run_dir):
+        run = require(cfg, *graph.stage(name).upstream(cfg), run=run)
+        return graph.function(name)(run, force, **options)
+
+
+def prepare(cfg: Config, force: bool = False) -> Run:
+    return ensure(cfg, "prepare", force)
+
+
+def meta_train(cfg: Config, force: bool = False) -> Path:
+    return ensure(cfg, "meta-train", force)
+
+
+def gradients(cfg: Config, force: bool = False) -> Path:
+    return ensure(cfg, "gradients", force)
+
+
+def clusters(cfg: Config, force: bool = False) -> dict | None:
+    return ensure(cfg, "clusters", force)
+
+
+def select(cfg: Config, force: bool = False) -> dict:
+    return ensure(cfg, "select", force)
+
+
+def finetune(cfg: Config, force: bool = False) -> dict:
+    return ensure(cfg, "finetune", force)
+
+
+evaluate = finetune  # validation and test metrics of the final model: its record, final/metrics.json
+
+
+def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] | None = None,
+            force: bool = False) -> dict:
+    return ensure(cfg, "compare", force, seeds=seeds, mixes=mixes)
+
+
+def estimate(cfg: Config, subsets: list[list[str]] | None = None) -> list[dict]:
+    """The estimates of named subsets (gradex.stages.estimate), saved to estimates.parquet. A
+    read-only (archived) run whose stages up to the store are done is estimated without writing
+    anything, not even the lock: the estimates are returned, not saved."""
+    if is_run(cfg.run_dir) and not os.access(cfg.run_dir, os.W_OK):
+        run = Run(cfg)
+        for name in graph.order(cfg, graph.stage("estimate").upstream(cfg)):
+            key = graph.stage(name).key
+            state, why = run.state(key)
+            if state != "done":
+                raise ConfigError(f"estimate: {run.dir} is read-only and its {name} stage is {state} ({why}); "
+                                  f"copy the run somewhere writable and give the copy (--run-dir)")
+        log(f"estimate: {run.dir} is read-only; the estimates are printed, not saved to estimates.parquet")
+        return estimates(run, subsets)
+    return ensure(cfg, "estimate", subsets=subsets)
+
+
+@writes
+def add_sources(cfg: Config, path: str | Path) -> dict:
+    """Add the sources of the YAML file `path` to the run (gradex.stages.add_sources), then extend the
+    store with their gradients at the existing theta*. Returns what the store now holds of added sources."""
+    from gradex.gradients import Store
+
+    _add_sources(Run(cfg), path)  # checks the run as it is, before prepare reads the new list
+    run = require(cfg, "gradients")
+    manifest = Store.open(run.dir / "store").manifest
+    return {"run_dir": str(run.dir), "store": str(run.dir / "store"), "rows": manifest["n"],
+            "added": manifest.get("added", []), "theta*": run.output("theta*")}
+
 
 @writes
 def run_all(cfg: Config, force: bool = False) -> dict:
-    """Every stage in order, the comparison at compare.run_seeds seeds included; returns the summary
-    that `gradex run` prints."""
+    """Every stage of `gradex run` in order (graph.RUN), on one Run, the comparison at
+    compare.run_seeds seeds included; returns the summary that `gradex run` prints."""
     t0 = time.perf_counter()
-    prepare(cfg, force)
-    meta_train(cfg, force)
-    gradients(cfg, force)
-    clusters(cfg, force)  # with data.clusters: the sources the rest of the run selects among
-    body = select(cfg, force)
-    final = finetune(cfg, force)
-    result = compare(cfg, seeds=cfg.compare.run_seeds)
-    summary = {"run_dir": str(cfg.run_dir), "selection": body, "final": final, "compare": result,
+    run = prepare(cfg, force)
+    found: dict[str, Any] = {}
+    for name in graph.order(cfg, graph.RUN):
+        if name == "prepare":
+            continue
+        options = {"seeds": cfg.compare.run_seeds} if name == "compare" else {}
+        found[name] = graph.function(name)(run, force and name != "compare", **options)
+    final = found["finetune"]
+    summary = {"run_dir": str(cfg.run_dir), "selection": found["select"], "final": final, "compare": found["compare"],
                "ran_on": model_stages_ran_on(cfg.run_dir, final), "precision_setting": cfg.model.precision,
                "report": str(report(cfg)), "seconds": round(time.perf_counter() - t0, 1)}
     on_main(lambda: write_json(cfg.run_dir / "summary.json", summary))
@@ -82,7 +172,7 @@ def status(cfg: Config) -> list[dict]:
         rows.append({"stage": "run", "state": "writing", "why": f"pid {now.get('pid', '?')}: "
                                                                 f"{now.get('command', 'a gradex command')}"})
     upstream_ok = True
-    for stage in STAGE_DIRS:
+    for stage in STAGE_DIRS:  # the ledgered stages, in the graph's order
         if stage == "clusters" and cfg.data.clusters is None:
             continue  # a run with configured sources has no such stage
         if stage == "added" and not run.added and not (run.dir / "added").exists():

@@ -12,6 +12,8 @@ from stale.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import sys
 from functools import cached_property
@@ -24,6 +26,7 @@ from gradex import config as config_mod
 from gradex import ledger
 from gradex.config import Config
 from gradex.data import Example, Tokenized, read_examples, tokenize
+from gradex.graph import LEDGERED, inputs
 from gradex.launch import launch_rank
 from gradex.device import check_precision, resolve_device, resolve_precision
 from gradex.model import load_base, load_model, load_tokenizer, make_trainable
@@ -58,15 +61,29 @@ class Run:
         """prepare's examples (the ones theta* was trained on), then the added sources' (added/)."""
         extra = self.dir / "added" / "examples.jsonl"
         more = read_examples(extra.parent) if self.added and extra.exists() else []
-        from gradex.stages.clusters import relabel  # with data.clusters: each example's cluster is its source
+        return self.relabel(read_examples(self.dir / "data") + more)
 
-        return relabel(self, read_examples(self.dir / "data") + more)
+    def relabel(self, examples: list[Example]) -> list[Example]:
+        """The examples with each clustered one's source replaced by its cluster's name, once the clusters
+        stage is done and current; otherwise (no data.clusters, or before the stage) as they are."""
+        if self.cfg.data.clusters is None or self.state("clusters")[0] != "done":
+            return examples
+        out = list(examples)
+        for found in json.loads((self.dir / CLUSTERS).read_text())["clusters"]:
+            for i in found["members"]:
+                out[i] = dataclasses.replace(out[i], source=found["name"])
+        return out
 
     @cached_property
     def trained_sources(self) -> list[str]:
         """The sources theta* was trained on: the config's, without the added ones."""
         added = {s.name for s in self.added}
         return [s for s in self.sources if s not in added]
+
+    def forget_sources(self) -> None:
+        """Drop the examples' source labels (after the clusters stage relabelled them); the tokens stay."""
+        for name in ("examples", "sources", "trained_sources"):
+            self.__dict__.pop(name, None)
 
     def forget_data(self) -> None:
         """Drop the cached examples and tokens (after add-sources wrote new ones)."""
@@ -145,41 +162,15 @@ class Run:
         return source_files([d.target, *d.sources], [d.sources_file] if d.sources_file else [])
 
     @property
-    def _tokenizer_source(self) -> list:
+    def tokenizer_source(self) -> list:
         """What names the tokenizer: the model's name and GGUF file, and its hub revision once pinned."""
         m = self.cfg.model
         return [m.name, m.gguf_file] + ([m.revision] if m.revision is not None else [])
 
     def inputs(self, stage: str) -> dict[str, str | None]:
-        """What a stage's output depends on, hashed: the config parts it uses and the artifacts it reads."""
-        c = self.cfg
-        if stage == "prepare":
-            return {"config": config_mod.fingerprint(*self._tokenizer_source, c.model.max_length,
-                                                     c.model.chat_template, config_mod.prepare_part(c.data)),
-                    **self.data_files}
-        if stage == "added":  # like prepare's, and the prepared data (the target's held-out prompts)
-            files = source_files(self.added)
-            return {"config": config_mod.fingerprint(*self._tokenizer_source, c.model.max_length, c.data,
-                                                     self.added),
-                    **files, "data": self.output("data")}
-        if stage == "meta":
-            return {"config": config_mod.fingerprint(c.model, self.precision, c.meta), "data": self.output("data")}
-        if stage == "gradients":  # Adam's preconditioner is measured on the refit recipe's batches
-            batches = (c.refit.batch_size, c.refit.seed) if c.gradients.preconditioner == "adam" else None
-            found = {"config": config_mod.fingerprint(c.model, self.precision, c.gradients, batches),
-                     "data": self.output("data"), "theta*": self.output("theta*")}
-            return {**found, "added": self.output("added")} if self.added else found
-        if stage == "select":
-            from gradex.stages.estimate import weighting
-
-            found = {"config": config_mod.fingerprint(c.estimate, c.select, weighting(self)),
-                     "data": self.output("data"), "store": self.output("store")}
-            return {**found, "clusters": self.output("clusters")} if c.data.clusters else found
-        if stage == "clusters":
-            from gradex.stages.clusters import inputs
-
-            return inputs(self)
-        raise KeyError(stage)
+        """What a stage's output depends on, hashed: the config parts it uses and the artifacts it reads.
+        Each ledgered stage's module says which, in its `inputs(run)` (gradex.graph.inputs)."""
+        return inputs(stage)(self)
 
     def data_key(self) -> Any:
         """The hash of every example a fine-tune of a mix may read: prepare's, and the added sources'."""
@@ -251,8 +242,9 @@ def source_files(sources: list, extra: list[str] | None = None) -> dict[str, str
 
 # "added" (add-sources) exists only in a run that has added sources (Run.added)
 THETA_STAR = Path("meta") / "theta_star"  # the meta-initialization: a peft adapter (LoRA) or a model folder (full)
+CLUSTERS = Path("clusters") / "clusters.json"  # with data.clusters: every cluster, its members and examples
 FINAL = Path("final") / "selected"  # the final model, fine-tuned on target + the selected sources
-STAGE_DIRS = {"prepare": "data", "meta": "meta", "added": "added", "gradients": "store", "clusters": "clusters", "select": "select"}
-STAGE_NAMES = {"prepare": "prepare", "meta": "meta-train", "added": "add-sources", "gradients": "gradients",
-               "clusters": "clusters", "select": "select"}
-PRODUCER = {"data": "prepare", "theta*": "meta", "clusters": "clusters", "added": "added", "store": "gradients"}  # artifact -> its stage
+# the ledgered stages, from the stage graph: ledger key -> its record's folder, its name; artifact -> its stage
+STAGE_DIRS = {s.key: s.folder for s in LEDGERED}
+STAGE_NAMES = {s.key: s.name for s in LEDGERED}
+PRODUCER = {artifact: s.key for s in LEDGERED for artifact in s.writes}

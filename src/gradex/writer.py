@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from gradex.config import ConfigError
+from gradex.graph import LEDGERED
+from gradex.ledger import RECORD
 
 MARKER = ".gradex-run"  # written by gradex into every run directory it creates
 LOCK = ".gradex.lock"  # flock'ed by the writer; holds its pid and command
@@ -39,10 +41,7 @@ _guard = threading.Lock()
 
 def is_run(path: Path) -> bool:
     """Whether `path` is a run directory gradex wrote: its marker, or an older gradex's stage record."""
-    from gradex.ledger import RECORD
-    from gradex.run import STAGE_DIRS
-
-    return (path / MARKER).is_file() or any((path / d / RECORD).is_file() for d in STAGE_DIRS.values())
+    return (path / MARKER).is_file() or any((path / s.folder / RECORD).is_file() for s in LEDGERED)
 
 
 def check_run(path: Path) -> None:
@@ -175,11 +174,12 @@ def writing(run_dir: Path) -> Iterator[None]:
 
 
 def writes(stage: Callable[..., T]) -> Callable[..., T]:
-    """A stage `stage(cfg, ...)` that writes `cfg.run_dir`: it runs holding the run's lock."""
+    """A stage `stage(cfg, ...)` or `stage(run, ...)` that writes the run directory (`cfg.run_dir`,
+    `run.dir`): it runs holding the run's lock."""
 
     @functools.wraps(stage)
-    def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> T:
-        with writing(cfg.run_dir):
-            return stage(cfg, *args, **kwargs)
+    def wrapper(first: Any, *args: Any, **kwargs: Any) -> T:
+        with writing(first.run_dir if hasattr(first, "run_dir") else first.dir):
+            return stage(first, *args, **kwargs)
 
     return wrapper

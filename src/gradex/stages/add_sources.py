@@ -17,11 +17,13 @@ import shutil
 from pathlib import Path
 
 from gradex import added as added_mod
+from gradex import config as config_mod
 from gradex import ledger
 from gradex.config import Config, ConfigError
 from gradex.data import Examples, check_lengths, load_examples, save_examples, tokenize
+from gradex.gradients.store import PENDING, READY, Store
 from gradex.launch import launch_rank
-from gradex.run import Run, log
+from gradex.run import STAGE_NAMES, Run, log, source_files
 from gradex.writer import writes
 
 
@@ -51,6 +53,30 @@ def checked_examples(run: Run, sources: list) -> tuple[Examples, list]:
     tokens = tokenize(run.tokenizer, examples)
     check_lengths(examples, tokens, run.cfg.model.max_length)
     return examples, tokens
+
+
+def inputs(run: Run) -> dict[str, str | None]:
+    """The added sources' ledger inputs: like prepare's, and the prepared data (the target's held-out
+    prompts, which the leakage rule reads)."""
+    c = run.cfg
+    return {"config": config_mod.fingerprint(*run.tokenizer_source, c.model.max_length, c.data, run.added),
+            **source_files(run.added), "data": run.output("data")}
+
+
+def base_inputs(run: Run) -> dict:
+    """The gradients stage's inputs but the added sources: what the store's own rows depend on."""
+    return {k: v for k, v in run.inputs("gradients").items() if k != "added"}
+
+
+def base_current(run: Run) -> bool:
+    """Whether the store's own rows (the pass over the examples theta* was trained on, with this
+    config, data and theta*) are complete and current, so that only added sources need computing."""
+    out = run.dir / "store"
+    record = ledger.read(out)
+    base = record.get("base_inputs")
+    if base is None and record.get("status") == "done":  # a record from before add-sources existed
+        base = {k: v for k, v in record.get("inputs", {}).items() if k != "added"}
+    return base == base_inputs(run) and (Store.complete(out) or (out / PENDING / READY).exists())
 
 
 def prepare_added(run: Run, force: bool = False) -> None:
@@ -86,19 +112,16 @@ def prepare_added(run: Run, force: bool = False) -> None:
 
 
 @writes
-def add_sources(cfg: Config, path: str | Path) -> dict:
+def add_sources(run: Run, path: str | Path) -> None:
     """Add the sources of the YAML file `path` to the run: check them (names, schema, data, lengths,
-    leakage) before any model runs, record them in added_sources.yaml, and extend the store with
-    their gradients at the existing theta*. Returns what the store now holds of added sources."""
-    from gradex.run import STAGE_NAMES
-    from gradex.stages.gradients import _base_current, gradients
-
+    leakage) before any model runs, record them in added_sources.yaml and prepare their examples
+    (added/). The gradients stage then extends the store with their rows (gradex.pipeline.add_sources)."""
+    cfg = run.cfg
     new = added_mod.read_sources_file(path)
-    run = Run(cfg)
     for stage in ("prepare", "meta", "gradients"):
         state, why = run.state(stage)
         # the store may be stale only for its added rows (an interrupted add-sources): resumable
-        if state != "done" and not (stage == "gradients" and _base_current(run)):
+        if state != "done" and not (stage == "gradients" and base_current(run)):
             raise ConfigError(f"add-sources extends a run whose store is complete; {run.dir}: "
                               f"{STAGE_NAMES[stage]} is {state} ({why}); run `gradex gradients` on it first "
                               f"(with the run's config: {run.dir / 'config.yaml'})")
@@ -109,9 +132,3 @@ def add_sources(cfg: Config, path: str | Path) -> dict:
         run.forget_data()
         log(f"add-sources: {run.dir / added_mod.ADDED_FILE} now lists {[s.name for s in merged]}")
     prepare_added(run)
-    gradients(cfg, force=False)
-    from gradex.gradients import Store
-
-    manifest = Store.open(run.dir / "store").manifest
-    return {"run_dir": str(run.dir), "store": str(run.dir / "store"), "rows": manifest["n"],
-            "added": manifest.get("added", []), "theta*": run.output("theta*")}

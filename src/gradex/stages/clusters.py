@@ -13,7 +13,6 @@ and fine-tuned for zero steps, and the whole target train split is the all-sourc
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from typing import Sequence
@@ -26,10 +25,9 @@ from gradex.atomic import write_json
 from gradex.config import Config, ConfigError
 from gradex.data import Example, read_examples
 from gradex.launch import main_first
-from gradex.run import Run, log
+from gradex.run import CLUSTERS, Run, log
 from gradex.writer import writes
 
-CLUSTERS_FILE = "clusters.json"  # in clusters/
 
 
 def candidates(cfg: Config, examples: Sequence[Example]) -> list[int]:
@@ -92,24 +90,18 @@ def embedding_features(run: Run, positions: Sequence[int]) -> np.ndarray:
 
 @writes
 @main_first
-def clusters(cfg: Config, force: bool = False) -> dict | None:
+def clusters(run: Run, force: bool = False) -> dict | None:
     """Cluster the unlabelled examples into data.clusters.k sources (clusters/clusters.json); None
-    without data.clusters. Runs the gradient pass (or meta-train, for embeddings) first if needed."""
+    without data.clusters. Reads the store (or theta*, for embeddings): the stage graph runs them first."""
     from gradex.clusters import cluster, describe, normalize
-    from gradex.stages.gradients import gradients
-    from gradex.stages.meta import meta_train
-    from gradex.stages.prepare import prepare
 
+    cfg = run.cfg
     c = cfg.data.clusters
     if c is None:
         return None
-    run = prepare(cfg)
-    if c.features == "gradients":
-        gradients(cfg)
-    else:
-        meta_train(cfg)
-    path = run.dir / "clusters" / CLUSTERS_FILE
+    path = run.dir / CLUSTERS
     if run.done("clusters", force) and path.exists():
+        run.forget_sources()  # examples read before another process (rank 0) clustered them carry prepare's labels
         return json.loads(path.read_text())
     run.begin("clusters", force)
     t0 = time.perf_counter()
@@ -125,6 +117,7 @@ def clusters(cfg: Config, force: bool = False) -> dict | None:
     seconds = round(time.perf_counter() - t0, 1)
     run.mark("clusters", clusters=len(found), examples=len(positions), seconds=seconds,
              outputs={"clusters": ledger.sha256(path)})
+    run.forget_sources()  # examples read before now carry prepare's labels; from here on, the clusters
     sizes = [f["size"] for f in found]
     log(f"clustered {len(positions)} examples ({c.from_}, {c.features}, {c.method}) into {len(found)} sources "
         f"of {min(sizes)}-{max(sizes)} examples in {seconds:.1f} s ({path})")
@@ -133,22 +126,9 @@ def clusters(cfg: Config, force: bool = False) -> dict | None:
     return body
 
 
-def relabel(run: Run, examples: list[Example]) -> list[Example]:
-    """The examples with each clustered one's source replaced by its cluster's name, once the clusters
-    stage is done and current; otherwise (no data.clusters, or before the stage) as they are."""
-    if run.cfg.data.clusters is None or run.state("clusters")[0] != "done":
-        return examples
-    body = json.loads((run.dir / "clusters" / CLUSTERS_FILE).read_text())
-    out = list(examples)
-    for found in body["clusters"]:
-        for i in found["members"]:
-            out[i] = dataclasses.replace(out[i], source=found["name"])
-    return out
-
-
 def selected_clusters(run: Run, selected: Sequence[str]) -> dict[str, dict] | None:
     """For selection.json and the report: each selected cluster's size and example prompts."""
-    path = run.dir / "clusters" / CLUSTERS_FILE
+    path = run.dir / CLUSTERS
     if run.cfg.data.clusters is None or not path.exists():
         return None
     by_name = {f["name"]: f for f in json.loads(path.read_text())["clusters"]}

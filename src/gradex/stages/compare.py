@@ -13,9 +13,8 @@ from gradex.config import Config
 from gradex.launch import on_main
 from gradex.run import Run, log, model_stages_ran_on
 from gradex.stages.estimate import estimator, member_mask
-from gradex.stages.finetune import finetune, finetune_key, finetune_mix, recipe_summary
-from gradex.stages.prepare import prepare
-from gradex.stages.select import select, selection
+from gradex.stages.finetune import finetune_key, finetune_mix, read_final, recipe_summary
+from gradex.stages.select import read_selection, selection
 from gradex.writer import writes
 
 
@@ -128,8 +127,8 @@ def forward_finetunes(fn, n: int) -> int:
 
 
 @writes
-def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] | None = None,
-            force: bool = False) -> dict:
+def compare(run: Run, force: bool = False, seeds: int | None = None,
+            mixes: dict[str, list[str]] | None = None) -> dict:
     """Fine-tune every candidate mix with the finetune recipe and budget over `seeds` seeds
     (default compare.seeds), evaluate on the target test split, and compare each with the selection.
 
@@ -137,9 +136,9 @@ def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] |
     mix and seed). Fine-tunes are cached by what shapes them, so more seeds or another mix later
     costs only the new fine-tunes; `force` re-runs them all. Under a launch every fine-tune is
     spread over the processes (DDP) and rank 0 writes the tables."""
-    run = prepare(cfg)
-    body = select(cfg)
-    final = finetune(cfg)
+    cfg = run.cfg
+    body = read_selection(run)
+    final = read_final(run)
     k = seeds or cfg.compare.seeds
     candidates, similarity = candidate_mixes(run, body, k, mixes)
     jobs = [(m, s) for m in candidates for s in range(k)]

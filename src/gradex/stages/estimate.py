@@ -4,7 +4,6 @@ config, and a function subsets -> estimated target loss that records every estim
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from typing import Callable
@@ -14,13 +13,11 @@ import torch
 
 from gradex import config as config_mod
 from gradex.atomic import write_parquet
-from gradex.config import Config
 from gradex.launch import main_first
 from gradex.model import trainable_vector
 from gradex.run import Run, log
-from gradex.stages.gradients import gradients, make_run_projector
-from gradex.stages.prepare import prepare
-from gradex.writer import is_run, writes
+from gradex.stages.gradients import make_run_projector
+from gradex.writer import writes
 
 
 def problem(run: Run):
@@ -182,47 +179,18 @@ def member_mask(names: list[str], subsets: list[list[str]]) -> torch.Tensor:
     return torch.tensor([[name in subset for name in names] for subset in subsets], dtype=torch.bool)
 
 
-def estimate(cfg: Config, subsets: list[list[str]] | None = None) -> list[dict]:
-    """Estimate the target validation loss of named subsets (default: none, all, each source alone,
-    and all but each source) and add them to estimates.parquet (save_estimates).
-
-    A read-only (archived) run whose stages up to the store are done is estimated without writing
-    anything, not even the lock: the estimates are returned, not saved."""
-    if is_run(cfg.run_dir) and not os.access(cfg.run_dir, os.W_OK):
-        run = Run(cfg)
-        _check_read_only(run)
-        log(f"estimate: {run.dir} is read-only; the estimates are printed, not saved to estimates.parquet")
-        return _estimate(run, subsets)
-    return _estimate_and_save(cfg, subsets)
-
-
-def _check_read_only(run: Run) -> None:
-    """Every stage estimate reads is done: a read-only run cannot run a missing one."""
-    from gradex.run import STAGE_NAMES
-
-    needed = ["prepare", "meta", "gradients"] + (["clusters"] if run.cfg.data.clusters is not None else [])
-    for stage in needed:
-        state, why = run.state(stage)
-        if state != "done":
-            raise config_mod.ConfigError(f"estimate: {run.dir} is read-only and its {STAGE_NAMES[stage]} stage is "
-                                         f"{state} ({why}); copy the run somewhere writable and give the copy "
-                                         f"(--run-dir)")
-
-
 @writes
 @main_first
-def _estimate_and_save(cfg: Config, subsets: list[list[str]] | None) -> list[dict]:
-    run = prepare(cfg)
-    gradients(cfg)
-    from gradex.stages.clusters import clusters
-
-    clusters(cfg)  # with data.clusters the sources are the clusters: made before run.sources is read
-    rows = _estimate(run, subsets)
+def estimate(run: Run, force: bool = False, subsets: list[list[str]] | None = None) -> list[dict]:
+    """Estimate the target validation loss of named subsets (default: none, all, each source alone,
+    and all but each source) and add them to estimates.parquet (save_estimates). `force` changes
+    nothing: an estimate is always made afresh (and replaces its own earlier rows)."""
+    rows = estimates(run, subsets)
     save_estimates(run, rows)
     return rows
 
 
-def _estimate(run: Run, subsets: list[list[str]] | None) -> list[dict]:
+def estimates(run: Run, subsets: list[list[str]] | None) -> list[dict]:
     """The estimates of the named subsets (the default set when None), each a row of the record."""
     names = run.sources
     if subsets is None:

@@ -10,13 +10,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from gradex import config as config_mod
-from gradex.atomic import replacing_dir, write_json
-from gradex.config import Config
+from gradex.atomic import read_json, replacing_dir, write_json
 from gradex.launch import barrier, distributed, on_main
 from gradex.model import save_model
 from gradex.run import FINAL, Run, log
-from gradex.stages.prepare import prepare
-from gradex.stages.select import select
+from gradex.stages.select import read_selection
 from gradex.writer import writes
 
 if TYPE_CHECKING:
@@ -133,12 +131,11 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
 
 
 @writes
-def finetune(cfg: Config, force: bool = False) -> dict:
+def finetune(run: Run, force: bool = False) -> dict:
     """The deliverable: the finetune recipe on target + selected sources, copied to final/selected/
     (a peft adapter: `PeftModel.from_pretrained(base, "runs/<name>/final/selected")`; a transformers
     model folder under full fine-tuning) with its validation and test metrics (final/metrics.json)."""
-    run = prepare(cfg)
-    members = select(cfg)["selected"]
+    members = read_selection(run)["selected"]
     key = finetune_key(run, members, 0)
     if force:
         on_main(lambda: shutil.rmtree(run.dir / "finetunes" / key, ignore_errors=True))
@@ -160,7 +157,6 @@ def finetune(cfg: Config, force: bool = False) -> dict:
     return on_main(copy_final)
 
 
-@writes
-def evaluate(cfg: Config, force: bool = False) -> dict:
-    """Validation and test metrics of the final model (final/metrics.json)."""
-    return finetune(cfg, force)
+def read_final(run: Run) -> dict:
+    """The final model's record (final/metrics.json), for the stages downstream of finetune."""
+    return read_json(run.dir / "final" / "metrics.json", "gradex finetune --force")

@@ -13,27 +13,33 @@ import torch
 
 from gradex import config as config_mod
 from gradex import ledger
-from gradex.config import Config
 from gradex.model import trainable_vector
 from gradex.launch import barrier, distributed, launch_rank
 from gradex.run import Run, log
-from gradex.stages.meta import meta_train
-from gradex.stages.prepare import prepare
+from gradex.stages.add_sources import base_current, base_inputs, prepare_added
 from gradex.writer import writes
 
 
+def inputs(run: Run) -> dict[str, str | None]:
+    """The gradient pass's ledger inputs: the model, precision and gradients settings (and the refit
+    recipe's batches, on which Adam's preconditioner is measured), the data, theta*, and the added
+    sources' examples where the run has some."""
+    c = run.cfg
+    batches = (c.refit.batch_size, c.refit.seed) if c.gradients.preconditioner == "adam" else None
+    found = {"config": config_mod.fingerprint(c.model, run.precision, c.gradients, batches),
+             "data": run.output("data"), "theta*": run.output("theta*")}
+    return {**found, "added": run.output("added")} if run.added else found
+
+
 @writes
-def gradients(cfg: Config, force: bool = False) -> Path:
+def gradients(run: Run, force: bool = False) -> Path:
     """Projected per-example gradients and offsets at theta*, for training and target validation
     examples; then the rows of the sources added to the run (gradex add-sources), at the same theta*."""
     from gradex.gradients import compute_store
     from gradex.gradients.store import finish_pending
 
-    run = prepare(cfg)
-    meta_train(cfg)
+    cfg = run.cfg
     if run.added or (run.dir / "added").exists():
-        from gradex.stages.add_sources import prepare_added
-
         prepare_added(run, force)
     out = run.dir / "store"
     if run.done("gradients", force):
@@ -41,9 +47,9 @@ def gradients(cfg: Config, force: bool = False) -> Path:
     _, world = distributed()
     t0 = time.perf_counter()
     model = None
-    if not force and _base_current(run):
+    if not force and base_current(run):
         # Only the added sources changed: the store's own rows stay, the new ones are computed.
-        run.mark("gradients", status="running", base_inputs=_base_inputs(run))
+        run.mark("gradients", status="running", base_inputs=base_inputs(run))
     else:
         run.begin("gradients", force)
         if launch_rank() == 0:
@@ -67,10 +73,10 @@ def gradients(cfg: Config, force: bool = False) -> Path:
         compute_store(model, run.tokens, idx, run.pad_id, out, projector, batch_size=cfg.gradients.batch_size,
                       chunk_size=cfg.gradients.chunk_size, precision=run.gradient_precision, manifest_extra=_extra(run, model),
                       output=cfg.gradients.output, describe=_describer(run))
-        run.mark("gradients", status="running", base_inputs=_base_inputs(run))
+        run.mark("gradients", status="running", base_inputs=base_inputs(run))
     added = extend_store(run, model)
     n = json.loads((out / "manifest.json").read_text())["n"]
-    run.mark("gradients", examples=n, seconds=round(time.perf_counter() - t0, 1), base_inputs=_base_inputs(run),
+    run.mark("gradients", examples=n, seconds=round(time.perf_counter() - t0, 1), base_inputs=base_inputs(run),
              device=str(run.device), precision=run.gradient_precision,
              added=[{k: e[k] for k in ("source", "examples", "rows")} for e in added],
              outputs={"store": store_sha256(out)})
@@ -86,24 +92,6 @@ def _extra(run: Run, model: torch.nn.Module) -> dict:
 def _describer(run: Run):
     return lambda i: (f"{run.examples[i].origin or 'source ' + run.examples[i].source} "
                       f"({run.examples[i].split} split, example {i})")
-
-
-def _base_inputs(run: Run) -> dict:
-    """The gradients stage's inputs but the added sources: what the store's own rows depend on."""
-    return {k: v for k, v in run.inputs("gradients").items() if k != "added"}
-
-
-def _base_current(run: Run) -> bool:
-    """Whether the store's own rows (the pass over the examples theta* was trained on, with this
-    config, data and theta*) are complete and current, so that only added sources need computing."""
-    from gradex.gradients.store import PENDING, READY, Store
-
-    out = run.dir / "store"
-    record = ledger.read(out)
-    base = record.get("base_inputs")
-    if base is None and record.get("status") == "done":  # a record from before add-sources existed
-        base = {k: v for k, v in record.get("inputs", {}).items() if k != "added"}
-    return base == _base_inputs(run) and (Store.complete(out) or (out / PENDING / READY).exists())
 
 
 def _added_entries(run: Run) -> list[dict]:

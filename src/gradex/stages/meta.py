@@ -5,23 +5,28 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from gradex import config as config_mod
 from gradex import ledger
-from gradex.config import Config
 from gradex.launch import barrier, distributed
 from gradex.model import hub_commit, save_model
-from gradex.run import THETA_STAR, log
-from gradex.stages.prepare import prepare
+from gradex.run import THETA_STAR, Run, log
 from gradex.writer import writes
 
 
+def inputs(run: Run) -> dict[str, str | None]:
+    """meta-train's ledger inputs: the model, the precision it trains in, the meta recipe, the data."""
+    c = run.cfg
+    return {"config": config_mod.fingerprint(c.model, run.precision, c.meta), "data": run.output("data")}
+
+
 @writes
-def meta_train(cfg: Config, force: bool = False) -> Path:
+def meta_train(run: Run, force: bool = False) -> Path:
     """Multitask-train on target + all sources: the meta-initialization theta* (meta/theta_star/: a peft adapter,
     or a transformers model folder under full fine-tuning). Under a launch every process trains (DDP)
     and rank 0 writes theta*."""
     from gradex.train import train, write_log
 
-    run = prepare(cfg)
+    cfg = run.cfg
     out = run.dir / "meta"
     if run.done("meta", force):
         return run.dir / THETA_STAR

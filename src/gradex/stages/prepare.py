@@ -25,6 +25,14 @@ def data_sha256(examples: list[Example], tokens: list[Tokenized]) -> str:
     return h.hexdigest()[:16]
 
 
+def inputs(run: Run) -> dict[str, str | None]:
+    """prepare's ledger inputs: what names the tokenizer, the data config, and every data file's hash."""
+    c = run.cfg
+    return {"config": config_mod.fingerprint(*run.tokenizer_source, c.model.max_length, c.model.chat_template,
+                                             config_mod.prepare_part(c.data)),
+            **run.data_files}
+
+
 @writes
 def prepare(cfg: Config, force: bool = False) -> Run:
     """Read, check and tokenize every source; write the resolved config and the data manifest.
@@ -65,6 +73,8 @@ def _prepare(cfg: Config, force: bool = False) -> Run:
     scoring(cfg.data.target, examples)
     manifest = save_examples(examples, tokens, out)
     run.__dict__.update(tokenizer=tokenizer)
+    if not run.added:  # what Run.tokens would tokenize again from data/: the same texts, in the same order
+        run.__dict__.update(tokens=tokens)
     run.mark("prepare", examples=manifest["examples"], outputs={"data": data_sha256(examples, tokens)})
     counts = ", ".join(f"{s}={v['count']}" for s, v in manifest["sources"].items())
     log(f"prepared {manifest['examples']} examples ({counts})")

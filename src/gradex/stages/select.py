@@ -11,14 +11,11 @@ import torch
 
 from gradex import config as config_mod
 from gradex import ledger
-from gradex.atomic import write_json
-from gradex.config import Config
+from gradex.atomic import read_json, write_json
 from gradex.launch import main_first
 from gradex.run import Run, log
-from gradex.stages.clusters import clusters, selected_clusters
+from gradex.stages.clusters import selected_clusters
 from gradex.stages.estimate import estimator, problem, save_estimates, weighting
-from gradex.stages.gradients import gradients
-from gradex.stages.prepare import prepare
 from gradex.stability import stability_lines
 from gradex.writer import writes
 
@@ -82,13 +79,25 @@ def stability(run: Run, body: dict, l2: float) -> dict:
     return resampled(problem(run), fit, choose, chosen, c.select.bootstrap, c.select.seed, names)
 
 
+def inputs(run: Run) -> dict[str, str | None]:
+    """select's ledger inputs: the estimate and select settings, the weighting, the data, the store
+    (and the clusters, which are the sources, with data.clusters)."""
+    c = run.cfg
+    found = {"config": config_mod.fingerprint(c.estimate, c.select, weighting(run)),
+             "data": run.output("data"), "store": run.output("store")}
+    return {**found, "clusters": run.output("clusters")} if c.data.clusters else found
+
+
+def read_selection(run: Run) -> dict:
+    """What the select stage chose (selection.json), for the stages downstream of it."""
+    return read_json(run.dir / "selection.json", "gradex select --force")
+
+
 @writes
 @main_first
-def select(cfg: Config, force: bool = False) -> dict:
+def select(run: Run, force: bool = False) -> dict:
     """Select sources by their estimates; writes selection.json and adds its rows to estimates.parquet."""
-    run = prepare(cfg)
-    gradients(cfg)
-    clusters(cfg)  # before anything reads run.examples: the clusters are the sources from here on
+    cfg = run.cfg
     if run.done("select", force) and (run.dir / "selection.json").exists():
         return json.loads((run.dir / "selection.json").read_text())
     fn, rows, l2 = estimator(run)

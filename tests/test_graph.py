@@ -1,0 +1,84 @@
+"""The stage graph (gradex.graph): declared once, acyclic, run in order, each stage once per command,
+and no stage module reaching for another stage."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_run_config
+from gradex import config, graph, pipeline
+
+STAGES_DIR = Path(graph.__file__).parent / "stages"
+
+
+@pytest.fixture()
+def cfg(tmp_path, tiny_model_dir):
+    return tiny_run_config(tmp_path, tiny_model_dir)
+
+
+def test_every_stage_comes_after_what_it_needs(cfg):
+    """The table's order is a topological order, whatever data.clusters says (both its needs)."""
+    for clusters in (None, config.ClustersConfig(features="gradients"), config.ClustersConfig(features="embeddings")):
+        cfg.data.clusters = clusters
+        names = [s.name for s in graph.TABLE]
+        for s in graph.TABLE:
+            for up in s.upstream(cfg):
+                assert up in graph.STAGES and names.index(up) < names.index(s.name), (s.name, up)
+
+
+def test_order_is_the_upstream_that_applies(cfg):
+    assert graph.order(cfg, ["select"]) == ["prepare", "meta-train", "gradients", "select"]  # no clusters here
+    assert graph.order(cfg, ["compare"]) == ["prepare", "meta-train", "gradients", "select", "finetune", "compare"]
+    cfg.data.clusters = config.ClustersConfig(features="embeddings")
+    assert graph.order(cfg, ["clusters"]) == ["prepare", "meta-train", "clusters"]  # embeddings need theta* only
+    assert graph.order(cfg, ["select"]) == ["prepare", "meta-train", "gradients", "clusters", "select"]
+    cfg.data.clusters = config.ClustersConfig(features="gradients")
+    assert graph.order(cfg, ["clusters"]) == ["prepare", "meta-train", "gradients", "clusters"]
+
+
+def test_no_stage_module_imports_another_stage():
+    """A stage reads its upstream's artifacts; it never imports (so never calls) another stage's function."""
+    functions = {tuple(s.function.split(":")) for s in graph.STAGES.values()}  # add-sources' data: the gradients stage's step
+    for path in sorted(STAGES_DIR.glob("*.py")):
+        module = f"gradex.stages.{path.stem}"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module != module:
+                for alias in node.names:
+                    assert (node.module, alias.name) not in functions, f"{path.name} imports stage {alias.name}"
+
+
+def test_a_command_prepares_once(cfg, monkeypatch):
+    """`gradex run` builds one Run and tokenizes the examples once: prepare's function runs once,
+    however many stages need it, and every other stage once."""
+    from gradex import data, run as run_mod
+    from gradex.stages import prepare as prepare_stage
+
+    calls: list[str] = []
+    real = graph.function
+
+    def counting(name):
+        function = real(name)
+        return lambda *args, **kwargs: calls.append(name) or function(*args, **kwargs)
+
+    runs, tokenized = [], []
+    init = run_mod.Run.__init__
+    monkeypatch.setattr(run_mod.Run, "__init__", lambda self, c: runs.append(c) or init(self, c))
+    for module in (prepare_stage, run_mod):  # the two places that tokenize a run's examples
+        monkeypatch.setattr(module, "tokenize", lambda tok, exs: tokenized.append(len(exs)) or data.tokenize(tok, exs))
+    monkeypatch.setattr(graph, "function", counting)
+    pipeline.run_all(cfg)
+    assert calls == graph.order(cfg, graph.RUN)
+    assert len(runs) == 1 and len(tokenized) == 1
+    calls.clear()
+    pipeline.compare(cfg)  # everything done: each stage it needs is asked once, and finds itself current
+    assert calls == graph.order(cfg, ["compare"])
+
+
+def test_the_cli_has_a_verb_per_stage():
+    from gradex.cli import parser
+
+    verbs = parser()._subparsers._group_actions[0].choices
+    assert set(graph.STAGES) <= set(verbs)
