@@ -77,6 +77,18 @@ def test_a_command_prepares_once(cfg, monkeypatch):
     assert calls == graph.order(cfg, ["compare"])
 
 
+def test_force_reruns_the_stage_asked_for_and_not_its_upstream(cfg, capsys):
+    pipeline.prepare(cfg)
+    capsys.readouterr()
+    pipeline.prepare(cfg, force=True)
+    assert "prepare: running again (--force)" in capsys.readouterr().err
+    pipeline.meta_train(cfg)
+    capsys.readouterr()
+    pipeline.meta_train(cfg, force=True)
+    err = capsys.readouterr().err
+    assert "meta-train: running again (--force)" in err and "prepare: running" not in err
+
+
 def test_the_cli_has_a_verb_per_stage():
     from gradex.cli import parser
 

@@ -70,7 +70,7 @@ def require(cfg: Config, *names: str, force: bool = False, run: Run | None = Non
 def ensure(cfg: Config, name: str, force: bool = False, run: Run | None = None, **options: Any) -> Any:
     """Stage `name`'s result, after every stage it needs (`require`); `force` re-runs the stage itself."""
     if name == "prepare":
-        return require(cfg, force=force, run=run)
+        return require(cfg, "prepare", force=force, run=run)
     with writing(cfg.run_dir):
         run = require(cfg, *graph.stage(name).upstream(cfg), run=run)
         return graph.function(name)(run, force, **options)
