@@ -49,13 +49,12 @@ def parser() -> argparse.ArgumentParser:
     _common(rep)
     rep.add_argument("--out", metavar="FILE", help="write the report here instead of the run's report.html "
                      "(an archived, read-only run); never over a file that is not a gradex report")
-    est = sub.add_parser("estimate", help="estimate the target validation loss of given subsets")
+    est = sub.add_parser("estimate", help=graph.STAGES["estimate"].help)
     _common(est)
     est.add_argument("--subset", action="append", default=None, metavar="A,B,...",
                      help="a comma-separated list of sources ('' for the target alone); repeatable. "
                           "Default: none, all, each source alone, all but each source")
-    cmp = sub.add_parser("compare", help="fine-tune the selection and every baseline with the same recipe and "
-                                         "step budget over seeds; paired differences with 95%% intervals",
+    cmp = sub.add_parser("compare", help=graph.STAGES["compare"].help,
                          description="Fine-tune gradex's selection and each baseline of compare.baselines (all "
                                      "sources, the target alone, a random mix of the same size drawn afresh per "
                                      "seed, gradient and representation similarity top-k, DSIR top-k when "
