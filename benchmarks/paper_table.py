@@ -48,6 +48,8 @@ from gradex import select as select_mod
 from gradex.atomic import write_json
 from gradex.compare import SELECTED
 
+from machine import cpu_model  # benchmarks/machine.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "paper-table.json"
 BASELINES = ["all", "target", "random", "gradient", "representation", "dsir"]
@@ -69,13 +71,6 @@ SCENARIOS = {
         "paper": ["data.per_source=200", "finetune.max_steps=null"],
     },
 }
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def machine() -> dict:

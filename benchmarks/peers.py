@@ -62,6 +62,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from machine import cpu_model  # benchmarks/machine.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(__file__).resolve().parent / ".peers-venv"
 REQUIREMENTS = Path(__file__).resolve().parent / "peers-requirements.txt"
@@ -501,16 +503,6 @@ def data_description(args: argparse.Namespace, prep: dict) -> dict:
     else:
         what = f"random tokens (seed 0), {args.seq_len} per example, the last {ANSWER} the answer"
     return {"kind": args.data, "what": what, "tokens": prep["tokens"], "sources": prep["sources"]}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def median_of(rows: list[dict], key: str) -> float | None:

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from machine import cpu_model  # benchmarks/machine.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 N_VAL = 512
 SUBSETS = 1000
@@ -137,16 +139,6 @@ def cell(n: int, big_n: int, d: int) -> dict:
             "forward_s": round(forward_s, 3), "forward_rounds": len(fwd.history),
             "forward_selected": len(fwd.selected), "ensemble_selected": len(ens.selected),
             "peak_rss_gb": round(peak, 3)}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def torch_version() -> str:
