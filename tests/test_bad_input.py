@@ -63,6 +63,14 @@ CONFIG_CASES = [
     ("a mix naming an unknown source", ["compare.mixes={mine: [add2, nosuch]}"],
      "compare.mixes.mine: unknown source(s) ['nosuch']"),
     ("a directory as the config", None, "not a file"),
+    ("a prior without max_shift", ["select.prior={add2: 1.0}"], "select: `prior` and `max_shift` go together"),
+    ("a prior that does not sum to 1", ["select.prior={add2: 0.5}", "select.max_shift=0.2"],
+     "select.prior: the shares must sum to 1, got 0.5"),
+    ("a prior naming an unknown source", ["select.prior={nosuch: 1.0}", "select.max_shift=0.2"],
+     "select.prior: unknown name(s) ['nosuch']"),
+    ("max_repeats 0", ["select.max_repeats=0"], "select.max_repeats: must be positive (or null), got 0.0"),
+    ("weights under an epochs budget", ["select.method=weights", "finetune.budget=epochs"],
+     "select.method weights: proportions share a fixed budget of steps"),
 ]
 
 
@@ -126,6 +134,16 @@ def test_bad_rows_are_named_before_any_stage_runs(tmp_path, tiny_model_dir, caps
     assert {p: p.read_bytes() for p in tmp_path.glob("*.jsonl")} == before  # the user's data untouched
     run_dir = Path(config.load(path).run_dir)
     assert not (run_dir / "meta").exists() and not (run_dir / "store").exists()  # nothing expensive began
+
+
+def test_caps_no_proportions_can_meet_are_refused_at_prepare(tmp_path, tiny_model_dir, capsys):
+    """select.max_repeats so low that the sources' examples cannot fill the fine-tune's budget: said at
+    prepare, with the numbers, before meta-train."""
+    cfg = tiny_run_config(tmp_path, tiny_model_dir)
+    cfg.select.method, cfg.select.max_repeats = "weights", 0.05
+    path = str(write_config(cfg, tmp_path / "cfg.yaml"))
+    _refused(capsys, ["run", path], "select.max_repeats 0.05: no proportions fit a budget of")
+    assert not (Path(cfg.run_dir) / "meta").exists()
 
 
 def test_a_json_number_is_still_an_answer(tmp_path, tiny_model_dir):

@@ -131,14 +131,25 @@ def format_summary(summary: dict) -> str:
     if found:
         lines[-1] += (f" [{found['level']:.0%} interval over {found['resamples']} bootstrap resamples of the store]; "
                       "selected in: the share of resamples that selected it")
+    if "proportions" in sel:
+        lines[-1] = ("source scores (the best subset's, select.method best) and proportions (select.method weights)"
+                     + (f"; [the share's {found['level']:.0%} interval over {found['resamples']} bootstrap resamples "
+                        f"of the store]" if found else "") + ":")
     for name, score in sorted(sel["source_scores"].items(), key=lambda kv: (kv[1] is None, kv[1])):
         line = f"  {'*' if name in chosen else ' '} {name:<24} " + (f"{score:+.4f}" if score is not None else "-")
-        if found:
+        if found and "proportions" in sel:  # select.method weights: each source's share and its interval
+            low, high = found["proportion_interval"][name]
+            line += (f"  share {sel['proportions'][name]:>5.1%} [{low:.3f}, {high:.3f}]" if low is not None else "  [-]") + \
+                f"  given a share in {found['share'][name]:>4.0%}" + ("  uncertain" if name in found["uncertain"] else "")
+        elif found:
             low, high = found["score_interval"][name]
             line += (f"  [{low:+.4f}, {high:+.4f}]" if low is not None else "  [-]") + \
                 f"  selected in {found['share'][name]:>4.0%}" + ("  uncertain" if name in found["uncertain"] else "")
         lines.append(line)
-    lines += ["", f"selected ({sel['method']}, {sel['mode']} estimates): {', '.join(sel['selected']) or '(target only)'}",
+    shares = (f"; in proportions {', '.join(f'{n} {p:.1%}' for n, p in sel['proportions'].items() if p > 0)} "
+              f"(mixture.yaml)" if "proportions" in sel else "")
+    lines += ["", f"selected ({sel['method']}, {sel['mode']} estimates): {', '.join(sel['selected']) or '(target only)'}"
+              + shares,
               f"why: {sel['reason']}",
               f"estimated target validation loss of the selection: {sel['estimate']:.4f}"
               + (f" [{found['estimate_interval'][0]:.4f}, {found['estimate_interval'][1]:.4f}]"

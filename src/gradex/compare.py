@@ -36,6 +36,9 @@ class Mix:
     members: list[list[str]]  # members[s] = the sources fine-tuned with seed s
     note: str = ""
     same: list[str] = field(default_factory=list)  # other mixes' names that are this mix at every seed
+    # name (the target's and the sources') -> share, sampled in those shares (select.method weights);
+    # None: the members' examples pooled as they are
+    proportions: dict[str, float] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -48,7 +51,7 @@ def merge_same(mixes: Sequence[Mix]) -> list[Mix]:
     out: list[Mix] = []
     first: dict[tuple, int] = {}
     for m in mixes:
-        key = tuple(frozenset(members) for members in m.members)
+        key = (tuple(frozenset(members) for members in m.members), shares_key(m.proportions))
         if key not in first:
             first[key] = len(out)
             out.append(replace(m, same=list(m.same)))
@@ -56,6 +59,11 @@ def merge_same(mixes: Sequence[Mix]) -> list[Mix]:
         kept = out[first[key]]
         out[first[key]] = replace(kept, same=[*kept.same, *m.names], note=f"{kept.note}; {m.name}: {m.note}")
     return out
+
+
+def shares_key(proportions: dict[str, float] | None) -> tuple | None:
+    """Proportions as a hashable key, to 6 decimals (what tells two mixes apart)."""
+    return None if proportions is None else tuple(sorted((n, round(v, 6)) for n, v in proportions.items() if v > 0))
 
 
 def shown(mix: dict) -> str:
@@ -110,6 +118,7 @@ def summarize(mixes: Sequence[Mix], rows: Sequence[dict]) -> list[dict]:
     for mix in mixes:
         mine = [by[(mix.name, s)] for s in seeds if (mix.name, s) in by]
         entry: dict[str, Any] = {"name": mix.name, "kind": mix.kind, "note": mix.note, "members": mix.members,
+                                 **({"proportions": mix.proportions} if mix.proportions is not None else {}),
                                  **({"same_mix": mix.names} if mix.same else {}),
                                  "sizes": [len(m) for m in mix.members], "seeds": [r["seed"] for r in mine],
                                  "test_loss": spread([r["test_loss"] for r in mine]),
@@ -148,7 +157,7 @@ def estimate_check(rows: Sequence[dict]) -> dict[str, Any] | None:
     by: dict[tuple[str, ...], list[dict]] = {}
     for r in rows:
         if r.get("estimate") is not None:
-            by.setdefault(tuple(r["members"]), []).append(r)
+            by.setdefault((tuple(r["members"]), shares_key(r.get("proportions"))), []).append(r)
     if len(by) < 3:
         return None
     est = [g[0]["estimate"] for g in by.values()]

@@ -250,7 +250,9 @@ class SelectConfig:
     # stepwise (the default: chosen by `compare` on both shipped examples, docs/method.md section 6) |
     # exhaustive: all 2^n subsets (n <= 16) | forward / backward: stepwise on the estimates | effects:
     # random subsets of every size, keep each source whose fitted effect lowers the estimate |
-    # ensemble: the paper's rule, keep sources better than the average source
+    # ensemble: the paper's rule, keep sources better than the average source | weights: a share for
+    # the target's train split and every source, the proportions with the lowest estimate under the
+    # equal step budget, sampled in those shares by finetune and compare (docs/method.md, section 8)
     method: str = "best"
     # ensemble and effects: sampled subsets; default max(400, 4 n) for n sources (gradex.select.default_subsets)
     subsets: int | None = None
@@ -261,6 +263,15 @@ class SelectConfig:
     # how often each source is selected, its score's interval, uncertain sources (gradex.stability); 0: none.
     # Each resample costs about one selection's estimates (select's `seconds` in selection.json)
     bootstrap: int = 50
+    # weights: a share below min_share is dropped and the rest renormalized (optimizer noise, not advice)
+    min_share: float = 0.01
+    # weights: a source's examples repeat at most this many times within the fine-tune's budget of
+    # examples (steps x batch_size); null: no cap. A small source cannot be upweighted forever.
+    max_repeats: float | None = None
+    # weights: stay within max_shift (total variation distance, 0..1) of this mix, name -> share
+    # (the target's name and the sources'; the shares sum to 1)
+    prior: dict[str, float] = field(default_factory=dict)
+    max_shift: float | None = None
 
 
 @dataclass
@@ -300,7 +311,7 @@ class Config:
         return Path(self.runs_dir) / self.name
 
 
-SELECT_METHODS = ("best", "ensemble", "effects", "forward", "backward", "exhaustive")
+SELECT_METHODS = ("best", "ensemble", "effects", "forward", "backward", "exhaustive", "weights")
 CHOICES = {
     "model.finetune": ("lora", "full"),
     "model.precision": ("auto", "bf16", "fp16", "fp32"),
@@ -546,6 +557,7 @@ def validate(cfg: Config) -> None:
     for m in cfg.compare.methods:
         if m not in SELECT_METHODS:
             raise ConfigError(f"compare.methods: {m!r} is not one of {list(SELECT_METHODS)}")
+    _validate_weights(cfg)
     if cfg.select.top_k is not None and cfg.select.top_k < 1:
         raise ConfigError(f"select.top_k: must be at least 1 (or null), got {cfg.select.top_k}")
     for key, value in [("data.seed", cfg.data.seed), ("meta.seed", cfg.meta.seed), ("finetune.seed", cfg.finetune.seed),
@@ -568,6 +580,39 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.lora: r must be at least 1 and alpha positive, got r={lora.r}, alpha={lora.alpha}")
     if not lora.target_modules:
         raise ConfigError("model.lora.target_modules: name at least one module (e.g. [q_proj, v_proj])")
+
+
+def _validate_weights(cfg: Config) -> None:
+    """select.method weights and its knobs: what can be checked without the data (the caps need the
+    sources' sizes: gradex.proportions.check, at prepare)."""
+    s = cfg.select
+    if not 0 <= s.min_share < 0.5:
+        raise ConfigError(f"select.min_share: must be in [0, 0.5), got {s.min_share}")
+    if s.max_repeats is not None and not s.max_repeats > 0:
+        raise ConfigError(f"select.max_repeats: must be positive (or null), got {s.max_repeats}")
+    if bool(s.prior) != (s.max_shift is not None):
+        raise ConfigError("select: `prior` and `max_shift` go together (stay within max_shift of the prior mix)")
+    if s.max_shift is not None and not 0 <= s.max_shift <= 1:
+        raise ConfigError(f"select.max_shift: a total variation distance in [0, 1], got {s.max_shift}")
+    if s.prior:
+        bad = {k: v for k, v in s.prior.items() if not isinstance(v, (int, float)) or v < 0}
+        if bad:
+            raise ConfigError(f"select.prior: shares must be numbers >= 0, got {bad}")
+        if abs(sum(s.prior.values()) - 1) > 1e-6:
+            raise ConfigError(f"select.prior: the shares must sum to 1, got {sum(s.prior.values()):.6g}")
+        if cfg.data.sources_file is None and cfg.data.clusters is None:  # else the names are known after prepare
+            names = [cfg.data.target.name, *(src.name for src in cfg.data.sources)]
+            unknown = sorted(set(s.prior) - set(names))
+            if unknown:
+                raise ConfigError(f"select.prior: unknown name(s) {unknown}; the target and the sources are {names}")
+    uses = s.method == "weights" or "weights" in cfg.compare.methods
+    if uses and cfg.estimate.mode != "linear":
+        raise ConfigError("select.method weights: needs estimate.mode linear (the proportions' gradient is the "
+                          "linear estimate's)")
+    equal = cfg.finetune.budget == "equal" or cfg.finetune.max_steps is not None
+    if uses and (cfg.estimate.weighting == "sum" or (cfg.estimate.weighting == "auto" and not equal)):
+        raise ConfigError("select.method weights: proportions share a fixed budget of steps; set finetune.budget "
+                          "equal (or finetune.max_steps) and estimate.weighting auto or mean")
 
 
 def check_source(src: SourceConfig, where: str) -> None:

@@ -154,7 +154,13 @@ def _scores(run_dir: Path, selection: dict | None) -> str:
     rows = [[s, num(v, "+.4f"), num(errors.get(s), ".4f"), "yes" if s in chosen else ""]
             for s, v in zip(sources, scores)]
     header = ["source", "score", "standard error", "selected"]
-    if found:
+    if found and "proportions" in selection:  # select.method weights: shares and their intervals
+        header += ["proportion", f"{found['level']:.0%} interval (bootstrap)", "given a share in", ""]
+        for row, s in zip(rows, sources):
+            low, high = found["proportion_interval"][s]
+            row += [f"{selection['proportions'][s]:.1%}", f"[{num(low, '.3f')}, {num(high, '.3f')}]",
+                    f"{found['share'][s]:.0%}", "uncertain" if s in found["uncertain"] else ""]
+    elif found:
         header += [f"{found['level']:.0%} interval (bootstrap)", "selected in", ""]
         for row, s in zip(rows, sources):
             low, high = found["score_interval"][s]
@@ -209,6 +215,11 @@ def _selected(selection: dict | None, final: dict | None) -> str:
                      "effects.</p>")
     mix = ", ".join(selection["selected"]) or "none: the target alone"
     parts.append(f"<p>Fine-tune on the target plus: <b>{_e(mix)}</b>.</p>")
+    if "proportions" in selection:  # select.method weights
+        m = selection["mixture"]
+        shares = ", ".join(f"{_e(n)} {p:.1%} ({m['counts'][n]} examples)" for n, p in zip(m["datasets"], m["probabilities"]))
+        parts.append(f"<p>In proportions, for a budget of {m['budget_examples']} examples: <b>{shares}</b> "
+                     f"(mixture.yaml, for <code>datasets.interleave_datasets(probabilities=...)</code>).</p>")
     parts.append(f"<p>Why: {_e(selection['reason'])}</p>")
     if selection.get("clusters"):  # the sources are clusters: what each selected one holds
         items = "".join(f"<li><b>{_e(name)}</b> ({found['size']} examples), e.g. "

@@ -133,6 +133,33 @@ def stability(problem: Problem, fit: Fit, choose: Choose, chosen: list[int], res
             "separation": sep}
 
 
+def proportions(problem: Problem, optimize: Callable[[Problem], torch.Tensor], chosen: torch.Tensor,
+                loss: Callable[[Problem, torch.Tensor], float], resamples: int, seed: int, names: list[str],
+                level: float = 0.95) -> dict:
+    """The proportions `optimize` finds ((n+1,) shares, group 0 the target's), re-found on `resamples`
+    bootstrap resamples of `problem`, by name (names[0] the target's): each share's percentile
+    interval, how often each source gets a share at all (`share`, as for a selection), the sources
+    whose inclusion flips in more than 1 - STABLE of the resamples, and the interval of the chosen
+    proportions' estimate `loss(resample, chosen)`."""
+    gen = torch.Generator().manual_seed(seed)
+    found = np.zeros((resamples, problem.n_sources + 1))
+    estimates = np.full(resamples, math.nan)
+    for b in range(resamples):
+        p = resample(problem, gen)
+        found[b] = optimize(p).numpy()
+        estimates[b] = loss(p, chosen)
+    given = (found > 0).mean(0)
+    kept = chosen.numpy() > 0
+    sources = range(1, problem.n_sources + 1)
+    uncertain = [names[g] for g in sources if (given[g] < STABLE if kept[g] else given[g] > 1 - STABLE)]
+    held = [given[g] for g in sources if kept[g]]
+    return {"resamples": resamples, "seed": seed, "level": level,
+            "share": {names[g]: float(given[g]) for g in sources},
+            "proportion_interval": {names[g]: _interval(found[:, g], level) for g in range(len(names))},
+            "estimate_interval": _interval(estimates, level), "uncertain": uncertain,
+            "stability": float(min(held)) if held else float((found[:, 1:] == 0).all(1).mean())}
+
+
 def stability_lines(body: dict) -> list[str]:
     """What a person should know of the selection's stability: uncertain sources, an unseparated runner-up."""
     found = body.get("stability")

@@ -44,6 +44,17 @@ def total_steps(recipe: TrainConfig, n_examples: int) -> int:
     return max(1, math.ceil(recipe.epochs * math.ceil(n_examples / recipe.batch_size)))
 
 
+def budget_steps(recipe: TrainConfig, budget: str, n_all: int) -> int | None:
+    """The optimizer steps of every fine-tune of a mix under `budget` (finetune.budget): `max_steps`,
+    else under `equal` the steps `epochs` passes over the all-sources mix (n_all examples) take. None
+    under `epochs` without max_steps: each mix then takes `epochs` passes over its own data."""
+    if recipe.max_steps is not None:
+        return recipe.max_steps
+    if budget == "epochs":
+        return None
+    return total_steps(recipe, n_all)
+
+
 def epoch_batches(tokens: Sequence[Tokenized], indices: Sequence[int], batch_size: int, seed: int,
                   epoch: int) -> list[list[int]]:
     """One epoch of batches: a seeded shuffle, grouped by length within windows of 8 batches so

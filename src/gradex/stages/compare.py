@@ -12,7 +12,7 @@ from gradex.atomic import write_json, write_parquet
 from gradex.config import Config
 from gradex.launch import on_main
 from gradex.run import Run, log, model_stages_ran_on
-from gradex.stages.estimate import estimator, member_mask
+from gradex.stages.estimate import estimator, member_mask, proportion_estimator
 from gradex.stages.finetune import finetune_key, finetune_mix, read_final, recipe_summary
 from gradex.stages.select import read_selection, selection
 from gradex.writer import writes
@@ -59,15 +59,19 @@ def candidate_mixes(run: Run, body: dict, seeds: int, extra: dict[str, list[str]
     chosen = body["selected"]
     k = len(chosen) or 1
     empty = "" if chosen else " (1, not 0: the selection is empty)"
-    mixes = [Mix(SELECTED, "selection", [chosen] * seeds, f"select.method {c.select.method}")]
+    mixes = [Mix(SELECTED, "selection", [chosen] * seeds, f"select.method {c.select.method}",
+                 proportions=body.get("proportions"))]
     fn = None
     for method in c.compare.methods:
         if method == c.select.method:
             continue
         if fn is None:
             fn, _, _ = estimator(run)
-        other = selection(run, method, fn)["selected"]
-        mixes.append(Mix(f"gradex[{method}]", "selection", [other] * seeds, f"select.method {method}"))
+        other = selection(run, method, fn)
+        mixes.append(Mix(f"gradex[{method}]", "selection", [other["selected"]] * seeds, f"select.method {method}",
+                         proportions=other.get("proportions")))
+    if "proportions" in body:
+        mixes += proportion_mixes(run, body, seeds)
     if not chosen:
         if fn is None:
             fn, _, _ = estimator(run)
@@ -105,7 +109,29 @@ def candidate_mixes(run: Run, body: dict, seeds: int, extra: dict[str, list[str]
     return merge_same(mixes), similarity
 
 
-COMPARE_FORMAT = 4  # bump when compare.json changes shape, so cached results are recomputed
+def proportion_mixes(run: Run, body: dict, seeds: int) -> list:
+    """What proportions are measured against (select.method weights): the best subset, the selection
+    in equal shares, and all sources in equal shares (all sources pooled as they are, their natural
+    proportions, is the `all` baseline)."""
+    from gradex.compare import Mix
+
+    target = run.cfg.data.target.name
+    own = [target] if run.train_indices([]) else []  # no target train of its own under clusters from target_train
+
+    def equal(names: list[str]) -> dict[str, float]:
+        return {n: 1 / len(names) for n in names}
+
+    best = body["best_subset"]["selected"]
+    out = [Mix("uniform", "baseline", [body["selected"]] * seeds, "the selection's sources in equal shares",
+               proportions=equal(own + body["selected"])),
+           Mix("all[uniform]", "baseline", [list(run.sources)] * seeds, "every source in equal shares",
+               proportions=equal(own + list(run.sources)))]
+    if "best" not in run.cfg.compare.methods:
+        out.insert(0, Mix("gradex[best]", "selection", [best] * seeds, "the best subset (select.method best)"))
+    return out
+
+
+COMPARE_FORMAT = 5  # bump when compare.json changes shape, so cached results are recomputed
 
 
 def forward_finetunes(fn, n: int) -> int:
@@ -142,7 +168,7 @@ def compare(run: Run, force: bool = False, seeds: int | None = None,
     k = seeds or cfg.compare.seeds
     candidates, similarity = candidate_mixes(run, body, k, mixes)
     jobs = [(m, s) for m in candidates for s in range(k)]
-    keys = {(m.name, s): finetune_key(run, m.members[s], s) for m, s in jobs}
+    keys = {(m.name, s): finetune_key(run, m.members[s], s, m.proportions) for m, s in jobs}
     if force:
         on_main(lambda: [shutil.rmtree(run.dir / "finetunes" / key, ignore_errors=True)
                          for key in set(keys.values()) - {final["key"]}])
@@ -155,8 +181,9 @@ def compare(run: Run, force: bool = False, seeds: int | None = None,
         f"({recipe_summary(run)['description']})")
     rows = []
     for m, s in jobs:
-        res = finetune_mix(run, m.members[s], s, desc=f"compare[{m.name} seed {s}]")
+        res = finetune_mix(run, m.members[s], s, desc=f"compare[{m.name} seed {s}]", proportions=m.proportions)
         rows.append({"mix": m.name, "kind": m.kind, "seed": s, "members": res["members"], "size": len(res["members"]),
+                     "proportions": m.proportions,
                      "steps": res["steps"], "examples": res["examples"], "seconds": res["seconds"],
                      "validation_loss": res["validation"]["loss"], "test_loss": res["test"]["loss"],
                      "test_score": res["test"]["score"], "test_no_match": res["test"].get("no_match"),
@@ -175,6 +202,11 @@ def _tables(run: Run, cfg: Config, body: dict, final: dict, candidates: list, si
     fn, _, _ = estimator(run, stage="compare")
     for r, value in zip(rows, fn(member_mask(run.sources, [r["members"] for r in rows])).tolist()):
         r["estimate"] = value
+    weighted = [r for r in rows if r["proportions"] is not None]
+    if weighted:
+        of = proportion_estimator(run)
+        for r in weighted:
+            r["estimate"] = of(r["proportions"])
     summary = cmp.summarize(candidates, rows)
     metric = final["test"]["metric"]
     meta = ledger.read(run.dir / "meta")
@@ -199,7 +231,8 @@ def _tables(run: Run, cfg: Config, body: dict, final: dict, candidates: list, si
                        **cmp.price(selection_seconds, finetune_seconds, forward_finetunes(fn, len(run.sources)))},
               "rows": rows}
     # one unit: the parquet first, then the JSON with the parquet's hash (_current checks both)
-    write_parquet(run.dir / "compare.parquet", pd.DataFrame(rows))
+    table = [{**r, "proportions": json.dumps(r["proportions"]) if r["proportions"] is not None else None} for r in rows]
+    write_parquet(run.dir / "compare.parquet", pd.DataFrame(table))  # proportions as JSON: one column type
     result["parquet_sha256"] = ledger.sha256(run.dir / "compare.parquet")
     write_json(path, result)
     return result

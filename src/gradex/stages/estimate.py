@@ -121,6 +121,22 @@ def estimator(run: Run, equal_steps: bool | None = None,
     return fn, rows, l2
 
 
+def proportion_estimator(run: Run) -> Callable[[dict[str, float]], float]:
+    """A function proportions (name -> share; the target's name and the sources') -> the estimated
+    target validation loss of the mix sampled in those shares (gradex.estimate.proportions)."""
+    from gradex.estimate.proportions import fit
+
+    prob = problem(run)
+    l2 = regularization(run, prob)
+    names = [run.cfg.data.target.name, *run.sources]
+
+    def fn(shares: dict[str, float]) -> float:
+        p = torch.tensor([shares.get(n, 0.0) for n in names], dtype=torch.float64)
+        return fit(prob, p / p.sum(), l2).loss
+
+    return fn
+
+
 class Reconstructor:
     """Reconstruct mode: load theta* + P z into the model and measure the validation loss for real."""
 

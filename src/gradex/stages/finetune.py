@@ -25,14 +25,10 @@ def budget_steps(run: Run) -> int | None:
     """The optimizer steps of every fine-tune under the equal budget: `finetune.max_steps`, else the
     steps `finetune.epochs` passes over the all-sources mix take. None under `budget: epochs`
     without max_steps (each mix then takes `epochs` passes over its own data)."""
-    from gradex.train import total_steps
+    from gradex.train import budget_steps as steps
 
     f = run.cfg.finetune
-    if f.max_steps is not None:
-        return f.max_steps
-    if f.budget == "epochs":
-        return None
-    return total_steps(f, len(run.train_indices(run.sources)))
+    return steps(f, f.budget, len(run.train_indices(run.sources)))
 
 
 def recipe_summary(run: Run) -> dict:
@@ -55,8 +51,30 @@ def finetune_recipe(run: Run) -> tuple[str, Any]:
     return config_mod.fingerprint(run.data_key(), c.model, run.precision, recipe, start, c.gradients.output), recipe
 
 
-def finetune_key(run: Run, members: list[str], seed: int) -> str:
-    return config_mod.fingerprint(finetune_recipe(run)[0], sorted(members), seed, *_key_extras(run))
+def finetune_key(run: Run, members: list[str], seed: int, proportions: dict[str, float] | None = None) -> str:
+    from gradex.compare import shares_key
+
+    extras = [("proportions", shares_key(proportions))] if proportions is not None else []
+    return config_mod.fingerprint(finetune_recipe(run)[0], sorted(members), seed, *_key_extras(run), *extras)
+
+
+def mix_indices(run: Run, members: list[str], seed: int, proportions: dict[str, float] | None) -> list[int]:
+    """The training examples of a mix: target train plus the members' examples as they are, or with
+    `proportions` the budget's examples (steps x batch_size) sampled in those shares by `seed`."""
+    if proportions is None:
+        return run.train_indices(members)
+    from gradex.proportions import sample
+
+    unknown = sorted(set(proportions) - {run.cfg.data.target.name, *run.sources})
+    if unknown:
+        raise config_mod.ConfigError(f"proportions: unknown name(s) {unknown}; the target and the sources are "
+                                     f"{[run.cfg.data.target.name, *run.sources]}")
+    rows: dict[str, list[int]] = {name: [] for name in proportions}
+    for i, e in enumerate(run.examples):
+        if e.split == "train" and e.source in rows:
+            rows[e.source].append(i)
+    f = run.cfg.finetune
+    return sample(rows, proportions, budget_steps(run) * f.batch_size, f.seed + seed)
 
 
 def _key_extras(run: Run) -> list:
@@ -84,9 +102,11 @@ def target_scoring(run: Run) -> Scoring:
     return scoring(run.cfg.data.target, run.examples)
 
 
-def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finetune") -> dict:
-    """Fine-tune on target train + `members` with the finetune recipe at seed offset `seed`, then
-    evaluate on the target validation and test splits.
+def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finetune",
+                 proportions: dict[str, float] | None = None) -> dict:
+    """Fine-tune on target train + `members` (or the budget's examples sampled in `proportions`,
+    `mix_indices`) with the finetune recipe at seed offset `seed`, then evaluate on the target
+    validation and test splits.
 
     Kept in finetunes/<key>/ (model/: a peft adapter or a model folder; log, result.json), so any stage that needs the same
     fine-tune (the final model, compare, validate) reuses it; an interrupted one resumes from its
@@ -94,7 +114,9 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
     from gradex.evaluate import evaluate as evaluate_model
     from gradex.train import train, write_log
 
-    key = finetune_key(run, members, seed)
+    if proportions is not None:
+        members = [s for s in run.sources if proportions.get(s, 0.0) > 0]
+    key = finetune_key(run, members, seed, proportions)
     recipe = dataclasses.replace(finetune_recipe(run)[1], seed=run.cfg.finetune.seed + seed)
     where = run.dir / "finetunes" / key
     done = where / "result.json"
@@ -103,7 +125,7 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
     if done.exists():
         return json.loads(done.read_text())
     model = run.meta_model() if run.cfg.finetune.init == "theta_star" else run.fresh_model(seed=recipe.seed)
-    idx = run.train_indices(members)
+    idx = mix_indices(run, members, seed, proportions)
     t0 = time.perf_counter()
     # An empty mix (the target alone when data.clusters.from is target_train: every target train
     # example is in a cluster) trains nothing: it is its starting point, theta* or the base model.
@@ -120,6 +142,7 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
                                          scoring=target_scoring(run))
                    for split in ("validation", "test")}
         result = {"key": key, "members": [s for s in run.sources if s in set(members)], "seed": seed,
+                  **({"proportions": proportions} if proportions is not None else {}),
                   "init": run.cfg.finetune.init, "steps": len(history), "examples": len(idx),
                   "seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1), **run.compute,
                   "adapter": str((where / "model").relative_to(run.dir)), **metrics}
@@ -135,11 +158,12 @@ def finetune(run: Run, force: bool = False) -> dict:
     """The deliverable: the finetune recipe on target + selected sources, copied to final/selected/
     (a peft adapter: `PeftModel.from_pretrained(base, "runs/<name>/final/selected")`; a transformers
     model folder under full fine-tuning) with its validation and test metrics (final/metrics.json)."""
-    members = read_selection(run)["selected"]
-    key = finetune_key(run, members, 0)
+    body = read_selection(run)
+    members, proportions = body["selected"], body.get("proportions")
+    key = finetune_key(run, members, 0, proportions)
     if force:
         on_main(lambda: shutil.rmtree(run.dir / "finetunes" / key, ignore_errors=True))
-    result = finetune_mix(run, members, 0, desc="finetune[selected]")
+    result = finetune_mix(run, members, 0, desc="finetune[selected]", proportions=proportions)
     out = run.dir / "final"
     previous = out / "metrics.json"
 

@@ -16,6 +16,24 @@ from gradex.run import Run, log
 from gradex.writer import writes
 
 
+def check_proportions(cfg: Config, examples: list[Example]) -> None:
+    """At prepare, before anything is trained: that proportions exist within select.max_repeats and
+    select.prior / max_shift for the sources' sizes (with data.clusters the sizes are known only
+    after clustering: select checks again)."""
+    s = cfg.select
+    if cfg.data.clusters is not None or not (s.method == "weights" or "weights" in cfg.compare.methods):
+        return
+    from gradex.proportions import check
+    from gradex.train import budget_steps
+
+    sizes = {cfg.data.target.name: 0, **{src.name: 0 for src in cfg.data.sources}}
+    for e in examples:
+        if e.split == "train":
+            sizes[e.source] = sizes.get(e.source, 0) + 1
+    f = cfg.finetune
+    check(cfg, sizes, budget_steps(f, f.budget, sum(sizes.values())) * f.batch_size)
+
+
 def data_sha256(examples: list[Example], tokens: list[Tokenized]) -> str:
     """The hash of what training and evaluation see (sources, splits, texts, token ids), in order;
     provenance (file lines) is left out, so renumbering a file's rows makes nothing stale."""
@@ -60,6 +78,7 @@ def _prepare(cfg: Config, force: bool = False) -> Run:
     config_mod.dump(cfg, run.dir / "config.yaml")
     check_disjoint(cfg, run.added)
     if run.done("prepare", force):
+        check_proportions(cfg, run.examples)  # the select settings may have changed since: said before training
         return run
     examples = load_examples(cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -69,6 +88,7 @@ def _prepare(cfg: Config, force: bool = False) -> Run:
     from gradex.stages.clusters import check_clusterable
 
     check_clusterable(cfg, examples)  # k clusters need k examples, known before anything is trained
+    check_proportions(cfg, examples)
     # the target's metric fits its data (a BIG-bench output_regex compiles, target_scores exist), said now
     scoring(cfg.data.target, examples)
     manifest = save_examples(examples, tokens, out)
