@@ -362,7 +362,7 @@ def test_calibrate_l2_refuses_a_size_beyond_reach_instead_of_a_singular_fit():
 
 def test_a_non_finite_store_is_an_error_not_a_converged_estimate():
     bad = random_problem(n_sources=3, per_source=40, n_target=40, n_val=20)
-    bad.u[5] = float("nan")  # one training example's output (gradex.stages.estimate checks the store's rows)
+    bad.u[5] = float("nan")  # one training example's output (gradex.surrogate.problem checks the store's rows)
     with pytest.raises(FloatingPointError, match="objective is nan"):
         estimate(bad, torch.ones(2, 3, dtype=torch.bool), L2)
 

@@ -118,7 +118,7 @@ def test_weights_end_to_end_select_finetune_compare_and_the_mixture(tmp_path, ti
     from conftest import tiny_run_config
     from gradex import pipeline
     from gradex.compare import SELECTED
-    from gradex.stages.finetune import mix_indices
+    from gradex.finetunes import mix_indices
 
     cfg = tiny_run_config(tmp_path, tiny_model_dir)
     cfg.select.method, cfg.select.max_repeats, cfg.select.bootstrap = "weights", 2.0, 4

@@ -12,7 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from gradex.config import ConfigError
+from gradex.config import Config, ConfigError
+from gradex.data import Example
 
 # Ward linkage keeps an N x N distance matrix: 20,000 examples is 1.6 GB of float32 already.
 AGGLOMERATIVE_LIMIT = 20_000
@@ -87,3 +88,23 @@ def describe(labels: np.ndarray, positions: Sequence[int], prompts: Sequence[str
         out.append({"name": name, "size": int(len(rows)), "members": [int(positions[r]) for r in rows],
                     "origins": [origins[r] for r in rows], "examples": [prompts[r] for r in rows[:SHOWN]]})
     return out
+
+
+def candidates(cfg: Config, examples: Sequence[Example]) -> list[int]:
+    """The positions (in data/examples.jsonl) of the examples to cluster: the target's train split
+    (`from: target_train`) or every training example of the configured sources (`from: pool`)."""
+    target = cfg.data.target.name
+    own = cfg.data.clusters.from_ == "target_train"
+    return [i for i, e in enumerate(examples) if e.split == "train" and (e.source == target) == own]
+
+
+def check_clusterable(cfg: Config, examples: Sequence[Example]) -> None:
+    """At prepare, before anything is trained: k clusters need at least k examples to cluster."""
+    c = cfg.data.clusters
+    if c is None:
+        return
+    n = len(candidates(cfg, examples))
+    what = "target train examples" if c.from_ == "target_train" else "source examples"
+    if c.k > n:
+        raise ConfigError(f"data.clusters.k: {c.k} clusters, but there are only {n} {what} to cluster "
+                          f"(data.clusters.from: {c.from_}); lower k or add examples")

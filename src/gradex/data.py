@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import dataclasses
 import io
 import json
@@ -723,3 +724,12 @@ def target_scores(src: SourceConfig) -> dict[int, dict[str, float]]:
                               f"use first_word or exact_match")
         found[number] = {str(option): float(score) for option, score in scores.items()}
     return found
+
+
+def data_sha256(examples: list[Example], tokens: list[Tokenized]) -> str:
+    """The hash of what training and evaluation see (sources, splits, texts, token ids), in order;
+    provenance (file lines) is left out, so renumbering a file's rows makes nothing stale."""
+    h = hashlib.sha256()
+    for e, t in zip(examples, tokens):
+        h.update(json.dumps([e.source, e.split, e.prompt, e.answer, list(e.choices), t.ids, t.n_prompt]).encode())
+    return h.hexdigest()[:16]

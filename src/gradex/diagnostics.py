@@ -33,9 +33,8 @@ from gradex.model import (ce_logodds, example_outputs, save_model, set_trainable
                           trainable, trainable_vector)
 from gradex.pipeline import require
 from gradex.run import Run, log
-from gradex.stages.estimate import estimator, problem, weighting
-from gradex.stages.finetune import finetune_mix, finetune_recipe, recipe_summary
-from gradex.stages.gradients import make_run_projector
+from gradex.finetunes import finetune_mix, finetune_recipe, recipe_summary
+from gradex.surrogate import estimator, make_run_projector, problem, weighting
 from gradex.train import train
 from gradex.writer import writes
 

@@ -29,16 +29,17 @@ from typing import Any
 from gradex import graph, ledger
 from gradex.atomic import read_json, write_json
 from gradex.config import Config, ConfigError
+from gradex.data import data_sha256
 from gradex.launch import launch_rank, on_main
 from gradex.run import PRODUCER, STAGE_DIRS, STAGE_NAMES, Run, log, model_stages_ran_on, ran_on
+from gradex.finetunes import budget_steps, finetune_key, finetune_mix, finetune_recipe, recipe_summary
+from gradex.selection import selection
 from gradex.stages.add_sources import add_sources as _add_sources
 from gradex.stages.compare import COMPARE_FORMAT, candidate_mixes
-from gradex.stages.estimate import (Reconstructor, estimates, estimator, member_mask, problem, regularization,
-                                    save_estimates, weighting)
-from gradex.stages.finetune import budget_steps, finetune_key, finetune_mix, finetune_recipe, recipe_summary
-from gradex.stages.gradients import PRECONDITIONER_FILE, STORE_FILES, make_run_projector, store_sha256
-from gradex.stages.prepare import data_sha256
-from gradex.stages.select import selection
+from gradex.stages.estimate import estimates
+from gradex.stages.gradients import STORE_FILES, store_sha256
+from gradex.surrogate import (PRECONDITIONER_FILE, Reconstructor, estimator, make_run_projector, member_mask, problem,
+                              regularization, save_estimates, weighting)
 from gradex.writer import check_run, is_run, writer_now, writes, writing
 
 __all__ = [
@@ -109,7 +110,7 @@ def compare(cfg: Config, seeds: int | None = None, mixes: dict[str, list[str]] |
 
 
 def estimate(cfg: Config, subsets: list[list[str]] | None = None) -> list[dict]:
-    """The estimates of named subsets (gradex.stages.estimate), saved to estimates.parquet. A
+    """The estimates of named subsets (the estimate stage, gradex.stages.estimate), saved to estimates.parquet. A
     read-only (archived) run whose stages up to the store are done is estimated without writing
     anything, not even the lock: the estimates are returned, not saved."""
     if is_run(cfg.run_dir) and not os.access(cfg.run_dir, os.W_OK):

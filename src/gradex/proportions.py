@@ -13,6 +13,7 @@ from typing import Sequence
 import yaml
 
 from gradex.config import Config, ConfigError
+from gradex.data import Example
 from gradex.estimate.proportions import counts
 
 MIXTURE = "mixture.yaml"  # in the run directory, written by select under select.method weights
@@ -88,3 +89,21 @@ def mixture_yaml(body: dict) -> str:
             "#                       seed=seed, stopping_strategy=stopping_strategy)\n"
             "# or take `counts` examples of each for a budget of budget_examples.\n")
     return head + yaml.safe_dump(body, sort_keys=False)
+
+
+def check_proportions(cfg: Config, examples: list[Example]) -> None:
+    """At prepare, before anything is trained: that proportions exist within select.max_repeats and
+    select.prior / max_shift for the sources' sizes (with data.clusters the sizes are known only
+    after clustering: select checks again)."""
+    s = cfg.select
+    if cfg.data.clusters is not None or not (s.method == "weights" or "weights" in cfg.compare.methods):
+        return
+    from gradex.proportions import check
+    from gradex.train import budget_steps
+
+    sizes = {cfg.data.target.name: 0, **{src.name: 0 for src in cfg.data.sources}}
+    for e in examples:
+        if e.split == "train":
+            sizes[e.source] = sizes.get(e.source, 0) + 1
+    f = cfg.finetune
+    check(cfg, sizes, budget_steps(f, f.budget, sum(sizes.values())) * f.batch_size)

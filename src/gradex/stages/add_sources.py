@@ -101,7 +101,7 @@ def prepare_added(run: Run, force: bool = False) -> None:
     if run.done("added"):
         return
     examples, tokens = checked_examples(run, run.added)
-    from gradex.stages.prepare import data_sha256
+    from gradex.data import data_sha256
 
     manifest = save_examples(examples, tokens, where)
     run.mark("added", examples=manifest["examples"], sources=[s.name for s in run.added],

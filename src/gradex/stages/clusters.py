@@ -22,32 +22,12 @@ import numpy as np
 from gradex import config as config_mod
 from gradex import ledger
 from gradex.atomic import write_json
-from gradex.config import Config, ConfigError
-from gradex.data import Example, read_examples
+from gradex.clusters import candidates
+from gradex.config import ConfigError
+from gradex.data import read_examples
 from gradex.launch import main_first
 from gradex.run import CLUSTERS, Run, log
 from gradex.writer import writes
-
-
-
-def candidates(cfg: Config, examples: Sequence[Example]) -> list[int]:
-    """The positions (in data/examples.jsonl) of the examples to cluster: the target's train split
-    (`from: target_train`) or every training example of the configured sources (`from: pool`)."""
-    target = cfg.data.target.name
-    own = cfg.data.clusters.from_ == "target_train"
-    return [i for i, e in enumerate(examples) if e.split == "train" and (e.source == target) == own]
-
-
-def check_clusterable(cfg: Config, examples: Sequence[Example]) -> None:
-    """At prepare, before anything is trained: k clusters need at least k examples to cluster."""
-    c = cfg.data.clusters
-    if c is None:
-        return
-    n = len(candidates(cfg, examples))
-    what = "target train examples" if c.from_ == "target_train" else "source examples"
-    if c.k > n:
-        raise ConfigError(f"data.clusters.k: {c.k} clusters, but there are only {n} {what} to cluster "
-                          f"(data.clusters.from: {c.from_}); lower k or add examples")
 
 
 def inputs(run: Run) -> dict[str, str | None]:
@@ -126,11 +106,3 @@ def clusters(run: Run, force: bool = False) -> dict | None:
     return body
 
 
-def selected_clusters(run: Run, selected: Sequence[str]) -> dict[str, dict] | None:
-    """For selection.json and the report: each selected cluster's size and example prompts."""
-    path = run.dir / CLUSTERS
-    if run.cfg.data.clusters is None or not path.exists():
-        return None
-    by_name = {f["name"]: f for f in json.loads(path.read_text())["clusters"]}
-    return {name: {"size": by_name[name]["size"], "examples": by_name[name]["examples"]}
-            for name in selected if name in by_name}

@@ -12,9 +12,9 @@ from gradex.atomic import write_json, write_parquet
 from gradex.config import Config
 from gradex.launch import on_main
 from gradex.run import Run, log, model_stages_ran_on
-from gradex.stages.estimate import estimator, member_mask, proportion_estimator
-from gradex.stages.finetune import finetune_key, finetune_mix, read_final, recipe_summary
-from gradex.stages.select import read_selection, selection
+from gradex.finetunes import finetune_key, finetune_mix, read_final, recipe_summary
+from gradex.selection import read_selection, selection
+from gradex.surrogate import estimator, member_mask, proportion_estimator
 from gradex.writer import writes
 
 

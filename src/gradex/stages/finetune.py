@@ -3,154 +3,15 @@ shared by every stage that needs one; the finetune stage (the final model, final
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
-import time
-from typing import TYPE_CHECKING, Any
 
-from gradex import config as config_mod
-from gradex.atomic import read_json, replacing_dir, write_json
-from gradex.launch import barrier, distributed, on_main
-from gradex.model import save_model
+from gradex.atomic import replacing_dir, write_json
+from gradex.finetunes import finetune_key, finetune_mix, recipe_summary
+from gradex.launch import on_main
 from gradex.run import FINAL, Run, log
-from gradex.stages.select import read_selection
+from gradex.selection import read_selection
 from gradex.writer import writes
-
-if TYPE_CHECKING:
-    from gradex.evaluate import Scoring
-
-
-def budget_steps(run: Run) -> int | None:
-    """The optimizer steps of every fine-tune under the equal budget: `finetune.max_steps`, else the
-    steps `finetune.epochs` passes over the all-sources mix take. None under `budget: epochs`
-    without max_steps (each mix then takes `epochs` passes over its own data)."""
-    from gradex.train import budget_steps as steps
-
-    f = run.cfg.finetune
-    return steps(f, f.budget, len(run.train_indices(run.sources)))
-
-
-def recipe_summary(run: Run) -> dict:
-    """What every fine-tune of a mix gets, in numbers and in words."""
-    f = run.cfg.finetune
-    steps = budget_steps(run)
-    start = "from theta* (the meta-initialization)" if f.init == "theta_star" else "from the base model"
-    budget = (f"{steps} optimizer steps per fine-tune (equal budget)" if steps is not None else
-              f"{f.epochs:g} epochs over each mix's own data (UNEQUAL budget: bigger mixes get more steps)")
-    return {"init": f.init, "budget": f.budget, "steps": steps, "epochs": f.epochs, "lr": f.lr,
-            "batch_size": f.batch_size, "description": f"{budget}, {start}, lr {f.lr:g}, batch {f.batch_size}"}
-
-
-def finetune_recipe(run: Run) -> tuple[str, Any]:
-    """(key, recipe): the finetune recipe with the budget's steps filled in, and a key for everything
-    that shapes a fine-tune of a mix except its members and seed (data, model, precision, start)."""
-    c = run.cfg
-    recipe = dataclasses.replace(c.finetune, max_steps=budget_steps(run))
-    start = run.output("theta*") if c.finetune.init == "theta_star" else "base"
-    return config_mod.fingerprint(run.data_key(), c.model, run.precision, recipe, start, c.gradients.output), recipe
-
-
-def finetune_key(run: Run, members: list[str], seed: int, proportions: dict[str, float] | None = None) -> str:
-    from gradex.compare import shares_key
-
-    extras = [("proportions", shares_key(proportions))] if proportions is not None else []
-    return config_mod.fingerprint(finetune_recipe(run)[0], sorted(members), seed, *_key_extras(run), *extras)
-
-
-def mix_indices(run: Run, members: list[str], seed: int, proportions: dict[str, float] | None) -> list[int]:
-    """The training examples of a mix: target train plus the members' examples as they are, or with
-    `proportions` the budget's examples (steps x batch_size) sampled in those shares by `seed`."""
-    if proportions is None:
-        return run.train_indices(members)
-    from gradex.proportions import sample
-
-    unknown = sorted(set(proportions) - {run.cfg.data.target.name, *run.sources})
-    if unknown:
-        raise config_mod.ConfigError(f"proportions: unknown name(s) {unknown}; the target and the sources are "
-                                     f"{[run.cfg.data.target.name, *run.sources]}")
-    rows: dict[str, list[int]] = {name: [] for name in proportions}
-    for i, e in enumerate(run.examples):
-        if e.split == "train" and e.source in rows:
-            rows[e.source].append(i)
-    f = run.cfg.finetune
-    return sample(rows, proportions, budget_steps(run) * f.batch_size, f.seed + seed)
-
-
-def _key_extras(run: Run) -> list:
-    """What else shapes a fine-tune's result, listed only when in use (so the keys of other runs stay
-    as they were): the clusters (which examples a cluster's name stands for), the answer pattern
-    that exact match extracts with, and the task metric's rule when it is not plain exact match (an
-    answer pattern applied to the reference too is a new rule, so results cached before it are not
-    reused)."""
-    extras: list = []
-    if run.cfg.data.clusters is not None:
-        extras.append(("clusters", run.output("clusters")))
-    scoring = target_scoring(run)
-    if scoring.pattern is not None:
-        extras.append(("answer_pattern", scoring.pattern))
-    if scoring.label != "exact_match":
-        extras.append(("metric", scoring.label))
-    return extras
-
-
-def target_scoring(run: Run) -> Scoring:
-    """How the task metric is computed (data.target.metric, gradex.evaluate.Scoring); an error naming
-    the key where the target's data does not fit it, raised before any fine-tune trains."""
-    from gradex.evaluate import scoring
-
-    return scoring(run.cfg.data.target, run.examples)
-
-
-def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finetune",
-                 proportions: dict[str, float] | None = None) -> dict:
-    """Fine-tune on target train + `members` (or the budget's examples sampled in `proportions`,
-    `mix_indices`) with the finetune recipe at seed offset `seed`, then evaluate on the target
-    validation and test splits.
-
-    Kept in finetunes/<key>/ (model/: a peft adapter or a model folder; log, result.json), so any stage that needs the same
-    fine-tune (the final model, compare, validate) reuses it; an interrupted one resumes from its
-    checkpoint. Under a launch every process trains (DDP); rank 0 saves and evaluates."""
-    from gradex.evaluate import evaluate as evaluate_model
-    from gradex.train import train, write_log
-
-    if proportions is not None:
-        members = [s for s in run.sources if proportions.get(s, 0.0) > 0]
-    key = finetune_key(run, members, seed, proportions)
-    recipe = dataclasses.replace(finetune_recipe(run)[1], seed=run.cfg.finetune.seed + seed)
-    where = run.dir / "finetunes" / key
-    done = where / "result.json"
-    _, world = distributed()
-    barrier(world)  # every process sees the same files: none is still writing this fine-tune's
-    if done.exists():
-        return json.loads(done.read_text())
-    model = run.meta_model() if run.cfg.finetune.init == "theta_star" else run.fresh_model(seed=recipe.seed)
-    idx = mix_indices(run, members, seed, proportions)
-    t0 = time.perf_counter()
-    # An empty mix (the target alone when data.clusters.from is target_train: every target train
-    # example is in a cluster) trains nothing: it is its starting point, theta* or the base model.
-    history = train(model, run.tokens, idx, recipe, run.pad_id, run.precision, where / "checkpoint.pt",
-                    desc=desc) if idx else []
-    seconds = time.perf_counter() - t0
-
-    def finish() -> dict:
-        save_model(model, where / "model")
-        write_log(history, where / "log.jsonl")
-        t0 = time.perf_counter()
-        metrics = {split: evaluate_model(model, run.tokenizer, run.examples, run.tokens, run.indices(split),
-                                         run.precision, desc=f"{desc} {split}", output=run.cfg.gradients.output,
-                                         scoring=target_scoring(run))
-                   for split in ("validation", "test")}
-        result = {"key": key, "members": [s for s in run.sources if s in set(members)], "seed": seed,
-                  **({"proportions": proportions} if proportions is not None else {}),
-                  "init": run.cfg.finetune.init, "steps": len(history), "examples": len(idx),
-                  "seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1), **run.compute,
-                  "adapter": str((where / "model").relative_to(run.dir)), **metrics}
-        write_json(done, result)
-        (where / "checkpoint.pt").unlink(missing_ok=True)
-        return result
-
-    return on_main(finish)
 
 
 @writes
@@ -181,6 +42,3 @@ def finetune(run: Run, force: bool = False) -> dict:
     return on_main(copy_final)
 
 
-def read_final(run: Run) -> dict:
-    """The final model's record (final/metrics.json), for the stages downstream of finetune."""
-    return read_json(run.dir / "final" / "metrics.json", "gradex finetune --force")

@@ -17,6 +17,7 @@ from gradex.model import trainable_vector
 from gradex.launch import barrier, distributed, launch_rank
 from gradex.run import Run, log
 from gradex.stages.add_sources import base_current, base_inputs, prepare_added
+from gradex.surrogate import PRECONDITIONER_FILE, make_run_projector
 from gradex.writer import writes
 
 
@@ -96,7 +97,7 @@ def _describer(run: Run):
 
 def _added_entries(run: Run) -> list[dict]:
     """One record per added source, in order: its examples and their content hash."""
-    from gradex.stages.prepare import data_sha256
+    from gradex.data import data_sha256
 
     entries = []
     for src in run.added:
@@ -167,7 +168,6 @@ def extend_store(run: Run, model: torch.nn.Module | None = None) -> list[dict]:
     return have[:same] + new_entries
 
 
-PRECONDITIONER_FILE = "preconditioner.pt"  # in store/: Adam's second moments at theta*
 STORE_FILES = ("x.npy", "u.npy", "index.npy", "col_sq_norms.npy", PRECONDITIONER_FILE)
 
 
@@ -176,16 +176,3 @@ def store_sha256(out: Path) -> str:
     return hashlib.sha256("".join(ledger.sha256(out / f) for f in STORE_FILES if (out / f).exists()).encode()).hexdigest()[:16]
 
 
-def make_run_projector(run: Run, model: torch.nn.Module):
-    """The run's projector bound to `model`: P, wrapped with Adam's preconditioner when configured
-    (its second moments are read from the store, so the gradients stage must have run)."""
-    from gradex.gradients import Preconditioned, make_projector, preconditioner
-
-    from gradex.device import device_of
-
-    g = run.cfg.gradients
-    projector = make_projector(g.projection, model, g.dim, g.seed)
-    if g.preconditioner != "none":
-        moments = preconditioner.load(run.dir / "store" / PRECONDITIONER_FILE)
-        projector = Preconditioned(projector, preconditioner.adam_scales(moments)).bind(projector.layout)
-    return projector.to(device_of(model))

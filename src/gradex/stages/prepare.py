@@ -2,45 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 from gradex import config as config_mod
 from gradex.added import check_disjoint
 from gradex.config import Config
-from gradex.data import Example, Tokenized, check_lengths, load_examples, save_examples, tokenize
+from gradex.data import check_lengths, data_sha256, load_examples, save_examples, tokenize
 from gradex.model import legacy_message, legacy_models, load_tokenizer
 from gradex.device import resolve_device
 from gradex.launch import launch_rank, main_first
+from gradex.proportions import check_proportions
 from gradex.run import Run, log
 from gradex.writer import writes
-
-
-def check_proportions(cfg: Config, examples: list[Example]) -> None:
-    """At prepare, before anything is trained: that proportions exist within select.max_repeats and
-    select.prior / max_shift for the sources' sizes (with data.clusters the sizes are known only
-    after clustering: select checks again)."""
-    s = cfg.select
-    if cfg.data.clusters is not None or not (s.method == "weights" or "weights" in cfg.compare.methods):
-        return
-    from gradex.proportions import check
-    from gradex.train import budget_steps
-
-    sizes = {cfg.data.target.name: 0, **{src.name: 0 for src in cfg.data.sources}}
-    for e in examples:
-        if e.split == "train":
-            sizes[e.source] = sizes.get(e.source, 0) + 1
-    f = cfg.finetune
-    check(cfg, sizes, budget_steps(f, f.budget, sum(sizes.values())) * f.batch_size)
-
-
-def data_sha256(examples: list[Example], tokens: list[Tokenized]) -> str:
-    """The hash of what training and evaluation see (sources, splits, texts, token ids), in order;
-    provenance (file lines) is left out, so renumbering a file's rows makes nothing stale."""
-    h = hashlib.sha256()
-    for e, t in zip(examples, tokens):
-        h.update(json.dumps([e.source, e.split, e.prompt, e.answer, list(e.choices), t.ids, t.n_prompt]).encode())
-    return h.hexdigest()[:16]
 
 
 def inputs(run: Run) -> dict[str, str | None]:
@@ -85,7 +56,7 @@ def _prepare(cfg: Config, force: bool = False) -> Run:
     tokens = tokenize(tokenizer, examples)
     check_lengths(examples, tokens, cfg.model.max_length)
     from gradex.evaluate import scoring
-    from gradex.stages.clusters import check_clusterable
+    from gradex.clusters import check_clusterable
 
     check_clusterable(cfg, examples)  # k clusters need k examples, known before anything is trained
     check_proportions(cfg, examples)
