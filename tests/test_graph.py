@@ -30,24 +30,41 @@ def test_every_stage_comes_after_what_it_needs(cfg):
 
 
 def test_order_is_the_upstream_that_applies(cfg):
-    assert graph.order(cfg, ["select"]) == ["prepare", "meta-train", "gradients", "select"]  # no clusters here
-    assert graph.order(cfg, ["compare"]) == ["prepare", "meta-train", "gradients", "select", "finetune", "compare"]
+    store = ["prepare", "meta-train", "add-sources", "gradients"]  # added sources' examples before the pass
+    assert graph.order(cfg, ["select"]) == [*store, "select"]  # no clusters here
+    assert graph.order(cfg, ["compare"]) == [*store, "select", "finetune", "compare"]
     cfg.data.clusters = config.ClustersConfig(features="embeddings")
     assert graph.order(cfg, ["clusters"]) == ["prepare", "meta-train", "clusters"]  # embeddings need theta* only
-    assert graph.order(cfg, ["select"]) == ["prepare", "meta-train", "gradients", "clusters", "select"]
+    assert graph.order(cfg, ["select"]) == [*store, "clusters", "select"]
     cfg.data.clusters = config.ClustersConfig(features="gradients")
-    assert graph.order(cfg, ["clusters"]) == ["prepare", "meta-train", "gradients", "clusters"]
+    assert graph.order(cfg, ["clusters"]) == [*store, "clusters"]
 
 
 def test_no_stage_module_imports_another_stage():
-    """A stage reads its upstream's artifacts; it never imports (so never calls) another stage's function."""
-    functions = {tuple(s.function.split(":")) for s in graph.STAGES.values()}  # add-sources' data: the gradients stage's step
+    """A stage reads its upstream's artifacts and shares helpers through the modules below stages/; it
+    never imports another stage module (so never calls another stage), at the top or in a function."""
     for path in sorted(STAGES_DIR.glob("*.py")):
-        module = f"gradex.stages.{path.stem}"
+        own = f"gradex.stages.{path.stem}"
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module != module:
-                for alias in node.names:
-                    assert (node.module, alias.name) not in functions, f"{path.name} imports stage {alias.name}"
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not (name.startswith("gradex.stages.") and name != own), f"{path.name} imports {name}"
+
+
+def test_force_on_the_gradient_pass_forces_the_added_sources_step(cfg, monkeypatch):
+    """added/ is re-read under `gradients --force` (Stage.forced_by), and only then."""
+    pipeline.gradients(cfg)
+    forced: dict[str, bool] = {}
+    real = graph.function
+    monkeypatch.setattr(graph, "function", lambda name: lambda run, force=False, **kw: forced.__setitem__(name, force)
+                        or real(name)(run, force, **kw))
+    pipeline.gradients(cfg, force=True)
+    assert forced == {"prepare": False, "meta-train": False, "add-sources": True, "gradients": True}
+    forced.clear()
+    pipeline.select(cfg)
+    assert not any(forced.values())
 
 
 def test_a_command_prepares_once(cfg, monkeypatch):
@@ -93,4 +110,4 @@ def test_the_cli_has_a_verb_per_stage():
     from gradex.cli import parser
 
     verbs = parser()._subparsers._group_actions[0].choices
-    assert set(graph.STAGES) <= set(verbs)
+    assert set(graph.COMMANDS) <= set(verbs) and "add-sources" in verbs  # add sources: `gradex add-sources FILE`

@@ -15,7 +15,7 @@ from gradex.config import dumps as config_dumps
 
 # The stages with a plain verb (`gradex meta-train [--force]`), from the stage graph; estimate and
 # compare take options of their own (below), and evaluate names the finetune stage's metrics.
-PLAIN = [s for s in graph.STAGES.values() if s.name not in ("estimate", "compare")]
+PLAIN = [s for s in graph.COMMANDS.values() if s.name not in ("estimate", "compare")]
 EVALUATE = "validation and test metrics of the final model"
 EXAMPLES = {path.stem: path for path in sorted(EXAMPLES_DIR.glob("*.yaml"))}
 

@@ -1,8 +1,9 @@
 """The stage graph, declared once: every stage's name, what it needs, where its ledger record lives,
 and the function that runs it.
 
-    prepare -> meta-train -> gradients -> [clusters] -> select -> finetune -> compare
-                                       \\-> estimate        (clusters: only with data.clusters)
+    prepare -> meta-train -> [add-sources] -> gradients -> [clusters] -> select -> finetune -> compare
+                                                       \\-> estimate   (clusters: only with data.clusters;
+                                                                     add-sources: no-op without added sources)
 
 A stage's `name` is the CLI verb and the word the log and `gradex status` print. `order` gives a
 stage's upstream in the table's order; gradex.pipeline's `ensure` runs them, once each, on one `Run`
@@ -50,6 +51,8 @@ class Stage:
     help: str = ""
     in_run: bool = True  # part of `gradex run`
     command: bool = True  # a stage of the graph with a CLI verb (add-sources' data is neither: see below)
+    # `--force` on these stages forces this one too (added/ is re-read under `gradients --force`)
+    forced_by: tuple[str, ...] = ()
 
     def upstream(self, cfg: Config) -> tuple[str, ...]:
         return self.needs(cfg) if callable(self.needs) else self.needs
@@ -62,11 +65,12 @@ TABLE = [
           help="read, check and tokenize every source (all data errors surface here)"),
     Stage("meta-train", "gradex.stages.meta:meta_train", ("prepare",), "meta", "meta", ("theta*",),
           help="multitask-train on target + all sources: theta*"),
-    # The sources `gradex add-sources` added to a run: prepared like prepare's, by the gradients stage
-    # (which computes their rows), and recorded in the ledger; not a stage of its own.
+    # The examples of the sources `gradex add-sources` added to a run (added/), prepared like
+    # prepare's before the gradient pass computes their rows; nothing to do in a run without any.
+    # Not a verb of its own: `gradex add-sources FILE` adds sources, then runs the gradient pass.
     Stage("add-sources", "gradex.stages.add_sources:prepare_added", ("prepare",), "added", "added", ("added",), command=False,
-          in_run=False),
-    Stage("gradients", "gradex.stages.gradients:gradients", ("meta-train",), "gradients", "store", ("store",),
+          in_run=False, forced_by=("gradients",)),
+    Stage("gradients", "gradex.stages.gradients:gradients", ("meta-train", "add-sources"), "gradients", "store", ("store",),
           help="projected per-example gradients at theta* into the store"),
     Stage("clusters", "gradex.stages.clusters:clusters", _clusters_needs, "clusters", "clusters", ("clusters",), _clustered,
           help="with data.clusters: cluster the unlabelled examples into sources (clusters/clusters.json)"),
@@ -82,7 +86,8 @@ TABLE = [
           help="fine-tune the selection and every baseline with the same recipe and step budget over seeds; "
                "paired differences with 95%% intervals"),
 ]
-STAGES: dict[str, Stage] = {s.name: s for s in TABLE if s.command}
+STAGES: dict[str, Stage] = {s.name: s for s in TABLE}
+COMMANDS: dict[str, Stage] = {s.name: s for s in TABLE if s.command}  # the stages with a CLI verb
 LEDGERED = [s for s in TABLE if s.key is not None]  # in order: what `gradex status` lists
 RUN = [s.name for s in TABLE if s.in_run]  # what `gradex run` runs, in order
 

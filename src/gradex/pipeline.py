@@ -52,13 +52,14 @@ __all__ = [
 ]
 
 
-def require(cfg: Config, *names: str, force: bool = False, run: Run | None = None) -> Run:
+def require(cfg: Config, *names: str, force: bool = False, run: Run | None = None, forcing: str | None = None) -> Run:
     """Run the stages `names` and every stage they need, each once, upstream first, on one Run (`run`,
     or the one prepare makes); each stage itself skips what is current. `force` re-runs `names`
-    themselves, never their upstream. Returns the Run."""
+    themselves, never their upstream, but for the stages a forced stage `forcing` forces with it
+    (`Stage.forced_by`). Returns the Run."""
     with writing(cfg.run_dir):
         for name in graph.order(cfg, ["prepare", *names]):
-            again = force and name in names
+            again = (force and name in names) or (forcing is not None and forcing in graph.stage(name).forced_by)
             if name == "prepare":
                 if run is None or again:
                     run = graph.function("prepare")(cfg, again)
@@ -73,7 +74,7 @@ def ensure(cfg: Config, name: str, force: bool = False, run: Run | None = None, 
     if name == "prepare":
         return require(cfg, "prepare", force=force, run=run)
     with writing(cfg.run_dir):
-        run = require(cfg, *graph.stage(name).upstream(cfg), run=run)
+        run = require(cfg, *graph.stage(name).upstream(cfg), run=run, forcing=name if force else None)
         return graph.function(name)(run, force, **options)
 
 
@@ -116,6 +117,8 @@ def estimate(cfg: Config, subsets: list[list[str]] | None = None) -> list[dict]:
     if is_run(cfg.run_dir) and not os.access(cfg.run_dir, os.W_OK):
         run = Run(cfg)
         for name in graph.order(cfg, graph.stage("estimate").upstream(cfg)):
+            if name == "add-sources" and not run.added:
+                continue  # nothing added: the step keeps no record
             key = graph.stage(name).key
             state, why = run.state(key)
             if state != "done":

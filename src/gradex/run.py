@@ -206,6 +206,22 @@ class Run:
         where.mkdir(parents=True, exist_ok=True)
         ledger.write(where, stage, self.inputs(stage), outputs, status, **info)
 
+    def base_inputs(self) -> dict:
+        """The gradients stage's inputs but the added sources: what the store's own rows depend on."""
+        return {k: v for k, v in self.inputs("gradients").items() if k != "added"}
+
+    def base_current(self) -> bool:
+        """Whether the store's own rows (the pass over the examples theta* was trained on, with this
+        config, data and theta*) are complete and current, so that only added sources need computing."""
+        from gradex.gradients.store import PENDING, READY, Store
+
+        out = self.dir / "store"
+        record = ledger.read(out)
+        base = record.get("base_inputs")
+        if base is None and record.get("status") == "done":  # a record from before add-sources existed
+            base = {k: v for k, v in record.get("inputs", {}).items() if k != "added"}
+        return base == self.base_inputs() and (Store.complete(out) or (out / PENDING / READY).exists())
+
     def begin(self, stage: str, force: bool) -> None:
         """Start (or resume) a stage: partial work made from other inputs must not be resumed."""
         if launch_rank() != 0:

@@ -21,7 +21,6 @@ from gradex import config as config_mod
 from gradex import ledger
 from gradex.config import Config, ConfigError
 from gradex.data import Examples, check_lengths, load_examples, save_examples, tokenize
-from gradex.gradients.store import PENDING, READY, Store
 from gradex.launch import launch_rank
 from gradex.run import STAGE_NAMES, Run, log, source_files
 from gradex.writer import writes
@@ -61,22 +60,6 @@ def inputs(run: Run) -> dict[str, str | None]:
     c = run.cfg
     return {"config": config_mod.fingerprint(*run.tokenizer_source, c.model.max_length, c.data, run.added),
             **source_files(run.added), "data": run.output("data")}
-
-
-def base_inputs(run: Run) -> dict:
-    """The gradients stage's inputs but the added sources: what the store's own rows depend on."""
-    return {k: v for k, v in run.inputs("gradients").items() if k != "added"}
-
-
-def base_current(run: Run) -> bool:
-    """Whether the store's own rows (the pass over the examples theta* was trained on, with this
-    config, data and theta*) are complete and current, so that only added sources need computing."""
-    out = run.dir / "store"
-    record = ledger.read(out)
-    base = record.get("base_inputs")
-    if base is None and record.get("status") == "done":  # a record from before add-sources existed
-        base = {k: v for k, v in record.get("inputs", {}).items() if k != "added"}
-    return base == base_inputs(run) and (Store.complete(out) or (out / PENDING / READY).exists())
 
 
 def prepare_added(run: Run, force: bool = False) -> None:
@@ -121,7 +104,7 @@ def add_sources(run: Run, path: str | Path) -> None:
     for stage in ("prepare", "meta", "gradients"):
         state, why = run.state(stage)
         # the store may be stale only for its added rows (an interrupted add-sources): resumable
-        if state != "done" and not (stage == "gradients" and base_current(run)):
+        if state != "done" and not (stage == "gradients" and run.base_current()):
             raise ConfigError(f"add-sources extends a run whose store is complete; {run.dir}: "
                               f"{STAGE_NAMES[stage]} is {state} ({why}); run `gradex gradients` on it first "
                               f"(with the run's config: {run.dir / 'config.yaml'})")

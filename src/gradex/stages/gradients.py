@@ -16,7 +16,6 @@ from gradex import ledger
 from gradex.model import trainable_vector
 from gradex.launch import barrier, distributed, launch_rank
 from gradex.run import Run, log
-from gradex.stages.add_sources import base_current, base_inputs, prepare_added
 from gradex.surrogate import PRECONDITIONER_FILE, make_run_projector
 from gradex.writer import writes
 
@@ -40,17 +39,15 @@ def gradients(run: Run, force: bool = False) -> Path:
     from gradex.gradients.store import finish_pending
 
     cfg = run.cfg
-    if run.added or (run.dir / "added").exists():
-        prepare_added(run, force)
     out = run.dir / "store"
     if run.done("gradients", force):
         return out
     _, world = distributed()
     t0 = time.perf_counter()
     model = None
-    if not force and base_current(run):
+    if not force and run.base_current():
         # Only the added sources changed: the store's own rows stay, the new ones are computed.
-        run.mark("gradients", status="running", base_inputs=base_inputs(run))
+        run.mark("gradients", status="running", base_inputs=run.base_inputs())
     else:
         run.begin("gradients", force)
         if launch_rank() == 0:
@@ -74,10 +71,10 @@ def gradients(run: Run, force: bool = False) -> Path:
         compute_store(model, run.tokens, idx, run.pad_id, out, projector, batch_size=cfg.gradients.batch_size,
                       chunk_size=cfg.gradients.chunk_size, precision=run.gradient_precision, manifest_extra=_extra(run, model),
                       output=cfg.gradients.output, describe=_describer(run))
-        run.mark("gradients", status="running", base_inputs=base_inputs(run))
+        run.mark("gradients", status="running", base_inputs=run.base_inputs())
     added = extend_store(run, model)
     n = json.loads((out / "manifest.json").read_text())["n"]
-    run.mark("gradients", examples=n, seconds=round(time.perf_counter() - t0, 1), base_inputs=base_inputs(run),
+    run.mark("gradients", examples=n, seconds=round(time.perf_counter() - t0, 1), base_inputs=run.base_inputs(),
              device=str(run.device), precision=run.gradient_precision,
              added=[{k: e[k] for k in ("source", "examples", "rows")} for e in added],
              outputs={"store": store_sha256(out)})
