@@ -69,6 +69,8 @@ CONFIG_CASES = [
     ("a prior naming an unknown source", ["select.prior={nosuch: 1.0}", "select.max_shift=0.2"],
      "select.prior: unknown name(s) ['nosuch']"),
     ("max_repeats 0", ["select.max_repeats=0"], "select.max_repeats: must be positive (or null), got 0.0"),
+    ("a token budget beside max_steps", ["finetune.max_tokens=1000", "finetune.max_steps=10"],
+     "finetune.max_tokens: a positive equal budget in tokens, instead of max_steps"),
     ("weights under an epochs budget", ["select.method=weights", "finetune.budget=epochs"],
      "select.method weights: proportions share a fixed budget of steps"),
 ]

@@ -158,3 +158,18 @@ def test_weights_end_to_end_select_finetune_compare_and_the_mixture(tmp_path, ti
     assert "in proportions " + ", ".join(f"{n} {shares[n]:.1%}" for n in given) in text
     html = write(cfg.run_dir).read_text()
     assert "In proportions, for a budget of" in html and "given a share in" in html
+
+
+def test_a_budget_in_tokens_sets_the_steps_of_every_fine_tune(tmp_path, tiny_model_dir):
+    """finetune.max_tokens: steps = tokens / (batch_size x the all-sources mix's mean example length),
+    rounded up, counted here from the prepared tokens."""
+    from conftest import tiny_run_config
+    from gradex import pipeline
+
+    cfg = tiny_run_config(tmp_path, tiny_model_dir)
+    cfg.finetune.max_tokens = 3_000
+    run = pipeline.prepare(cfg)
+    idx = run.train_indices(run.sources)
+    mean = sum(len(run.tokens[i].ids) for i in idx) / len(idx)
+    assert pipeline.budget_steps(run) == math.ceil(3_000 / (cfg.finetune.batch_size * mean))
+    assert "finetune.max_tokens 3000" in pipeline.recipe_summary(run)["description"]

@@ -28,6 +28,11 @@ EXAMPLES_DIR = Path(__file__).parent / "examples"  # packaged experiments; `grad
 DEFAULT_CONFIG = EXAMPLES_DIR / "default.yaml"
 
 
+# A setting added after runs were made: part of a fingerprint only when it differs from its default,
+# so that the ledgers and fine-tune keys of those runs stay current (config.fingerprint).
+LATER = {"identity": "when_changed"}
+
+
 @dataclass
 class LoraConfig:
     r: int = 8
@@ -203,6 +208,9 @@ class FinetuneConfig(TrainConfig):
     # `epochs` passes over the all-sources mix take | epochs: `epochs` passes over each mix's own
     # data, so bigger mixes get more steps (an unequal comparison, labelled as such)
     budget: str = "equal"
+    # equal budget in tokens instead: max_tokens / (batch_size x the mean tokens, prompt and answer, of
+    # a training example of the all-sources mix) steps, rounded up (instead of epochs; not with max_steps)
+    max_tokens: int | None = field(default=None, metadata=LATER)
 
 
 @dataclass
@@ -264,14 +272,14 @@ class SelectConfig:
     # Each resample costs about one selection's estimates (select's `seconds` in selection.json)
     bootstrap: int = 50
     # weights: a share below min_share is dropped and the rest renormalized (optimizer noise, not advice)
-    min_share: float = 0.01
+    min_share: float = field(default=0.01, metadata=LATER)
     # weights: a source's examples repeat at most this many times within the fine-tune's budget of
     # examples (steps x batch_size); null: no cap. A small source cannot be upweighted forever.
-    max_repeats: float | None = None
+    max_repeats: float | None = field(default=None, metadata=LATER)
     # weights: stay within max_shift (total variation distance, 0..1) of this mix, name -> share
     # (the target's name and the sources'; the shares sum to 1)
-    prior: dict[str, float] = field(default_factory=dict)
-    max_shift: float | None = None
+    prior: dict[str, float] = field(default_factory=dict, metadata=LATER)
+    max_shift: float | None = field(default=None, metadata=LATER)
 
 
 @dataclass
@@ -531,6 +539,10 @@ def validate(cfg: Config) -> None:
         if recipe.weight_decay < 0 or not 0 <= recipe.warmup < 1:
             raise ConfigError(f"{section}: weight_decay must be >= 0 and warmup in [0, 1), got "
                               f"{recipe.weight_decay} and {recipe.warmup}")
+    f = cfg.finetune
+    if f.max_tokens is not None and (f.max_tokens < 1 or f.max_steps is not None or f.budget != "equal"):
+        raise ConfigError(f"finetune.max_tokens: a positive equal budget in tokens, instead of max_steps (and with "
+                          f"budget: equal), got max_tokens {f.max_tokens}, max_steps {f.max_steps}, budget {f.budget}")
     if cfg.data.target.limit is not None:  # it would be silently ignored
         raise ConfigError(f"data.target: limit does not apply to the target (its size is train + validation + "
                           f"test), got {cfg.data.target.limit}")
@@ -716,12 +728,17 @@ def _identity(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _identity(getattr(value, f.name)) for f in dataclasses.fields(value)
                 if f.metadata.get("identity", True) is True
-                or f.metadata.get("identity") == "when_set" and getattr(value, f.name) is not None}
+                or f.metadata.get("identity") == "when_set" and getattr(value, f.name) is not None
+                or f.metadata.get("identity") == "when_changed" and getattr(value, f.name) != _default(f)}
     if isinstance(value, (list, tuple)):
         return [_identity(v) for v in value]
     if isinstance(value, dict):
         return {k: _identity(v) for k, v in value.items()}
     return value
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def dumps(cfg: Config) -> str:

@@ -26,7 +26,9 @@ def budget_steps(run: Run) -> int | None:
     from gradex.train import budget_steps as steps
 
     f = run.cfg.finetune
-    return steps(f, f.budget, len(run.train_indices(run.sources)))
+    idx = run.train_indices(run.sources)
+    tokens = sum(len(run.tokens[i].ids) for i in idx) if f.max_tokens is not None else 0
+    return steps(f, f.budget, len(idx), tokens, f.max_tokens)
 
 
 def recipe_summary(run: Run) -> dict:
@@ -34,7 +36,8 @@ def recipe_summary(run: Run) -> dict:
     f = run.cfg.finetune
     steps = budget_steps(run)
     start = "from theta* (the meta-initialization)" if f.init == "theta_star" else "from the base model"
-    budget = (f"{steps} optimizer steps per fine-tune (equal budget)" if steps is not None else
+    tokens = f" (finetune.max_tokens {f.max_tokens})" if f.max_tokens is not None else ""
+    budget = (f"{steps} optimizer steps per fine-tune (equal budget{tokens})" if steps is not None else
               f"{f.epochs:g} epochs over each mix's own data (UNEQUAL budget: bigger mixes get more steps)")
     return {"init": f.init, "budget": f.budget, "steps": steps, "epochs": f.epochs, "lr": f.lr,
             "batch_size": f.batch_size, "description": f"{budget}, {start}, lr {f.lr:g}, batch {f.batch_size}"}

@@ -13,7 +13,7 @@ from typing import Sequence
 import yaml
 
 from gradex.config import Config, ConfigError
-from gradex.data import Example
+from gradex.data import Example, Tokenized
 from gradex.estimate.proportions import counts
 
 MIXTURE = "mixture.yaml"  # in the run directory, written by select under select.method weights
@@ -91,19 +91,25 @@ def mixture_yaml(body: dict) -> str:
     return head + yaml.safe_dump(body, sort_keys=False)
 
 
-def check_proportions(cfg: Config, examples: list[Example]) -> None:
+def checked(cfg: Config) -> bool:
+    """Whether prepare checks the proportions' constraints: select.method weights (or compare.methods
+    has it) and sources known before clustering."""
+    return cfg.data.clusters is None and (cfg.select.method == "weights" or "weights" in cfg.compare.methods)
+
+
+def check_proportions(cfg: Config, examples: list[Example], tokens: list[Tokenized]) -> None:
     """At prepare, before anything is trained: that proportions exist within select.max_repeats and
     select.prior / max_shift for the sources' sizes (with data.clusters the sizes are known only
     after clustering: select checks again)."""
-    s = cfg.select
-    if cfg.data.clusters is not None or not (s.method == "weights" or "weights" in cfg.compare.methods):
+    if not checked(cfg):
         return
-    from gradex.proportions import check
     from gradex.train import budget_steps
 
     sizes = {cfg.data.target.name: 0, **{src.name: 0 for src in cfg.data.sources}}
-    for e in examples:
+    length = 0
+    for e, t in zip(examples, tokens):
         if e.split == "train":
             sizes[e.source] = sizes.get(e.source, 0) + 1
+            length += len(t.ids)
     f = cfg.finetune
-    check(cfg, sizes, budget_steps(f, f.budget, sum(sizes.values())) * f.batch_size)
+    check(cfg, sizes, budget_steps(f, f.budget, sum(sizes.values()), length, f.max_tokens) * f.batch_size)

@@ -62,10 +62,9 @@ def group_names(run: Run) -> list[str]:
 
 def budget_examples(run: Run) -> int:
     """The examples a fine-tune of any mix sees under the equal budget: steps x batch_size."""
-    from gradex.train import budget_steps
+    from gradex.finetunes import budget_steps
 
-    f = run.cfg.finetune
-    return budget_steps(f, f.budget, len(run.train_indices(run.sources))) * f.batch_size
+    return budget_steps(run) * run.cfg.finetune.batch_size
 
 
 def weights(run: Run, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:

@@ -44,12 +44,16 @@ def total_steps(recipe: TrainConfig, n_examples: int) -> int:
     return max(1, math.ceil(recipe.epochs * math.ceil(n_examples / recipe.batch_size)))
 
 
-def budget_steps(recipe: TrainConfig, budget: str, n_all: int) -> int | None:
+def budget_steps(recipe: TrainConfig, budget: str, n_all: int, tokens_all: int = 0,
+                 max_tokens: int | None = None) -> int | None:
     """The optimizer steps of every fine-tune of a mix under `budget` (finetune.budget): `max_steps`,
-    else under `equal` the steps `epochs` passes over the all-sources mix (n_all examples) take. None
-    under `epochs` without max_steps: each mix then takes `epochs` passes over its own data."""
+    else `max_tokens` over batches of the all-sources mix's mean example (n_all examples, tokens_all
+    tokens), else under `equal` the steps `epochs` passes over the all-sources mix take. None under
+    `epochs` without max_steps: each mix then takes `epochs` passes over its own data."""
     if recipe.max_steps is not None:
         return recipe.max_steps
+    if max_tokens is not None:
+        return max(1, math.ceil(max_tokens * n_all / (recipe.batch_size * max(tokens_all, 1))))
     if budget == "epochs":
         return None
     return total_steps(recipe, n_all)

@@ -9,7 +9,7 @@ from gradex.data import check_lengths, data_sha256, load_examples, save_examples
 from gradex.model import legacy_message, legacy_models, load_tokenizer
 from gradex.device import resolve_device
 from gradex.launch import launch_rank, main_first
-from gradex.proportions import check_proportions
+from gradex.proportions import check_proportions, checked
 from gradex.run import Run, log
 from gradex.writer import writes
 
@@ -49,7 +49,8 @@ def _prepare(cfg: Config, force: bool = False) -> Run:
     config_mod.dump(cfg, run.dir / "config.yaml")
     check_disjoint(cfg, run.added)
     if run.done("prepare", force):
-        check_proportions(cfg, run.examples)  # the select settings may have changed since: said before training
+        if checked(cfg):  # run.tokens is read only then (a cached run tokenizes nothing)
+            check_proportions(cfg, run.examples, run.tokens)  # the select settings may have changed since: said before training
         return run
     examples = load_examples(cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -59,7 +60,7 @@ def _prepare(cfg: Config, force: bool = False) -> Run:
     from gradex.clusters import check_clusterable
 
     check_clusterable(cfg, examples)  # k clusters need k examples, known before anything is trained
-    check_proportions(cfg, examples)
+    check_proportions(cfg, examples, tokens)
     # the target's metric fits its data (a BIG-bench output_regex compiles, target_scores exist), said now
     scoring(cfg.data.target, examples)
     manifest = save_examples(examples, tokens, out)
