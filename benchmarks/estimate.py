@@ -1,6 +1,6 @@
 """Speed and accuracy of gradex.estimate against per-subset solvers, in one process.
 
-Problem (synthetic, shaped like a real run; see tests/oracles.py, synthetic_problem): n=30 sources,
+Problem (synthetic, shaped like a real run; see gradex/testing.py, synthetic_problem): n=30 sources,
 N=20,000 training examples (10% target train), d=256 projected gradients, 500 target validation
 examples, offsets u ~ N(1.5, 1.5), source-specific gradient means (a third aligned with the target,
 a third opposed, a third orthogonal), gradient scale 4 (|x| ~ 4-5). The projection is a p=921,600
@@ -14,7 +14,7 @@ scikit-learn's LogisticRegression has no per-example offsets, so the comparison 
 same features with the offsets set to zero (every label positive: half the rows are negated and
 labelled 0, no intercept, C = 1/(2 l2): exactly gradex's objective without offsets). On the problem
 WITH offsets the reference is scipy L-BFGS-B in float64 on the exact objective
-(exact_solve in tests/oracles.py).
+(exact_solve in gradex/testing.py).
 
 Measured, in this order:
 - gradex `estimate` at its defaults, with offsets: median of --repeats runs over all subsets
@@ -52,9 +52,9 @@ from gradex.config import EstimateConfig
 from gradex.estimate import TOL, Problem, calibrate_l2, estimate, linear_loss
 from gradex.select import sample_subsets
 
+from gradex.testing import exact_solve, synthetic_problem
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from oracles import exact_solve, synthetic_problem  # noqa: E402  (test oracles, not part of gradex)
 TIGHT = 1e-5  # also measured: the solver run to float32 precision
 
 

@@ -89,7 +89,7 @@ def test_config_keys_and_errors(tmp_path):
 def test_empty_target_group_estimates_theta_star_for_the_empty_subset():
     """With every target train example in a cluster, group 0 is empty: the empty subset's estimate
     is theta*'s own loss (z = 0) under both weightings, and the others match the exact oracle."""
-    from oracles import exact_solve, synthetic_problem
+    from gradex.testing import exact_solve, synthetic_problem
 
     from gradex.estimate import Problem, calibrate_l2, estimate, linear_loss, subset_l2
 

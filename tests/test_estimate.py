@@ -13,7 +13,7 @@ import torch
 from scipy.stats import spearmanr
 
 from gradex.estimate import Problem, calibrate_l2, estimate, estimator, implied_step, linear_loss, solve
-from oracles import exact_solve, synthetic_problem
+from gradex.testing import exact_solve, synthetic_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 

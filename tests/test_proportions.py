@@ -12,7 +12,7 @@ import torch
 
 from gradex.estimate import estimate
 from gradex.estimate.proportions import counts, feasible, fit, natural, optimize, rounded, sizes
-from oracles import synthetic_problem
+from gradex.testing import synthetic_problem
 
 L2 = 20.0
 

@@ -11,7 +11,7 @@ import torch
 from gradex.estimate import calibrate_l2, estimator
 from gradex.select import (Selection, backward, best, effects, ensemble, exhaustive, forward, random_size_subsets,
                            sample_subsets)
-from oracles import synthetic_problem
+from gradex.testing import synthetic_problem
 
 N = 10
 HELPFUL = [0, 3, 7]

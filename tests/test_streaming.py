@@ -12,7 +12,7 @@ from gradex.estimate import Problem, calibrate_l2, estimate
 from gradex.estimate import solver as solver_mod
 from gradex.estimate.calibrate import exact_fit
 from gradex.estimate.problem import group_sums, second_moment
-from oracles import exact_solve, synthetic_problem
+from gradex.testing import exact_solve, synthetic_problem
 
 
 @pytest.fixture(scope="module")

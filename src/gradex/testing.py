@@ -1,6 +1,6 @@
 """Test oracles for gradex.estimate: slow reference implementations, independent of the batched
-code, and a synthetic problem with a known answer. Used by the tests and benchmarks/estimate.py;
-not part of gradex's API."""
+code, and a synthetic problem with a known answer. Shared by the tests and the benchmarks (a module
+of the package, so a benchmark needs no path into tests/); not part of gradex's API."""
 
 from __future__ import annotations
 
