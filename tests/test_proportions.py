@@ -158,6 +158,9 @@ def test_weights_end_to_end_select_finetune_compare_and_the_mixture(tmp_path, ti
     assert "in proportions " + ", ".join(f"{n} {shares[n]:.1%}" for n in given) in text
     html = write(cfg.run_dir).read_text()
     assert "In proportions, for a budget of" in html and "given a share in" in html
+    status = {r["stage"]: r for r in pipeline.status(cfg)}  # the proportions are part of the fine-tunes' keys
+    assert status["finetune"]["state"] == status["compare"]["state"] == "done"
+    assert status["fine-tunes"]["why"] == f"{len({r['key'] for r in result['rows']})} done in finetunes/"
 
 
 def test_a_budget_in_tokens_sets_the_steps_of_every_fine_tune(tmp_path, tiny_model_dir):

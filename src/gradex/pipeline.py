@@ -199,7 +199,8 @@ def status(cfg: Config) -> list[dict]:
         rows.append({"stage": "finetune", "state": "missing", "why": "not run yet"})
     elif not upstream_ok or selection is None:
         rows.append({"stage": "finetune", "state": "stale", "why": "an upstream stage is not done"})
-    elif read_json(final, "gradex finetune --force").get("key") != finetune_key(run, selection["selected"], 0):
+    elif read_json(final, "gradex finetune --force").get("key") != finetune_key(run, selection["selected"], 0,
+                                                                              selection.get("proportions")):
         rows.append({"stage": "finetune", "state": "stale", "why": "changed: the selection, the data, theta* or the "
                                                                    "finetune recipe"})
     else:
@@ -210,11 +211,18 @@ def status(cfg: Config) -> list[dict]:
     else:
         body = read_json(path, "gradex compare")
         current = upstream_ok and selection is not None and body["selection"]["selected"] == selection["selected"]
-        current = current and all(r["key"] == finetune_key(run, r["members"], r["seed"]) for r in body["rows"])
+        current = current and all(r["key"] == finetune_key(run, r["members"], r["seed"], r.get("proportions"))
+                                  for r in body["rows"])
         rows.append({"stage": "compare", "state": "done" if current else "stale",
                      "why": f"{body['seeds']} seed(s), {len(body['mixes'])} mixes" if current else
                      "changed: the selection, the data, theta* or the finetune recipe; `gradex compare` re-runs "
                      "only the fine-tunes that changed"})
+    tunes = sorted(p for p in (run.dir / "finetunes").glob("*") if p.is_dir())
+    if tunes:  # every fine-tune of a mix, cached by key (final/, compare, validate share them)
+        done = sum((p / "result.json").exists() for p in tunes)
+        partial = sum(not (p / "result.json").exists() and (p / "checkpoint.pt").exists() for p in tunes)
+        rows.append({"stage": "fine-tunes", "state": "cached", "why": f"{done} done in finetunes/"
+                     + (f", {partial} interrupted (resumed from their checkpoints when asked for again)" if partial else "")})
     have = (run.dir / "report.html").exists()
     rows.append({"stage": "report", "state": "done" if have else "missing", "why": "rebuilt on every run" if have else ""})
     return rows
