@@ -1,22 +1,29 @@
 """Proportions (select.method weights) at equal steps against the best subset, the selection in equal
 shares and all sources, and a check of their error bars' coverage.
 
-    python benchmarks/weights.py                                  # default + corrupted, 3 seeds, coverage
-    python benchmarks/weights.py --scenarios default --seeds 5
+    python benchmarks/weights.py                                  # default, corrupted, tasks; coverage on default
+    python benchmarks/weights.py --scenarios corrupted tasks --coverage corrupted
 
-Per scenario (the packaged examples `default` and `corrupted`, their runs in runs/weights/): every
-stage with `select.method=weights`, then `gradex.pipeline.compare` at `--seeds` seeds: the proportions
+Scenarios: the packaged examples `default` and `corrupted`, and `tasks` (benchmarks/scenarios/tasks.yaml,
+issue "The paper's own experiment": 54 whole BIG-bench tasks as sources); their runs in runs/weights/.
+A run directory of the same scenario made by another benchmark (`--seed-from NAME=DIR`, by default
+runs/paper-table/tasks-cpu for tasks when it exists) seeds the new one with copies of its prepared
+data, theta*, store and fine-tunes: the ledger finds their inputs unchanged, so only what proportions
+change is computed again.
+
+Per scenario: every stage with `select.method=weights`, then `gradex.pipeline.compare` at `--seeds`
+seeds: the proportions
 (`selected`), the best subset (`gradex[best]`, what select.method best deploys), the selection's
 sources in equal shares (`uniform`), every source in equal shares (`all[uniform]`) and every source
 pooled as it is (`all`, natural proportions). Every mix gets the same optimizer steps (the finetune
 budget); the interval is the paired 95% Student-t interval over seeds of the mix's test loss minus
 the proportions' (positive = proportions better).
 
-Stability, on the default as it ships (select.method best): the selected sources' lowest selection
-frequency over select.bootstrap resamples of the store (`default_selection_stability`), from the
-weights run's own store (the same data, theta* and projection as the default's).
+Stability, per scenario as it ships (select.method best): the selected sources' lowest selection
+frequency over select.bootstrap resamples of the store (`<scenario>_selection_stability`), from the
+weights run's own store (the same data, theta* and projection as the scenario's own run).
 
-Coverage, on the default: each mix's estimate (every source alone, all sources, the best subset and
+Coverage, on `--coverage` (default: the default example): each mix's estimate (every source alone, all sources, the best subset and
 the proportions) gets the 95% percentile interval of its estimate over `--resamples` bootstrap
 resamples of the store's rows (gradex.stability.resample, the run's l2). A second store, built at the
 same theta* with another projection seed (gradients.seed=1, in a sibling run directory that starts
@@ -26,7 +33,8 @@ the data, not the projection, so this asks whether the data's spread is the larg
 
 Writes benchmarks/results/weights.json and prints its flat `summary` last:
 `<scenario>_weights_vs_best_diff_ci_low` and `<scenario>_weights_vs_all_diff_ci_low` (test loss,
-positive = proportions better), with their `_mean`, and `default_selection_stability`.
+positive = proportions better), with their `_mean`, `<scenario>_selection_stability` and
+`<coverage scenario>_coverage` ("k of m").
 """
 
 from __future__ import annotations
@@ -52,13 +60,28 @@ from machine import cpu_model  # benchmarks/machine.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "weights.json"
-SCENARIOS = ("default", "corrupted")
+SCENARIOS = {"default": config_mod.EXAMPLES_DIR / "default.yaml",
+             "corrupted": config_mod.EXAMPLES_DIR / "corrupted.yaml",
+             "tasks": ROOT / "benchmarks" / "scenarios" / "tasks.yaml"}
+SEEDED = {"tasks": ROOT / "runs" / "paper-table" / "tasks-cpu"}  # benchmarks/paper_table.py's run, CPU size
 AGAINST = {"best": "gradex[best]", "all": "all", "uniform": "uniform", "all_uniform": "all[uniform]"}
 
 
 def scenario_config(name: str, runs_dir: Path, extra: list[str]) -> config_mod.Config:
-    return config_mod.load(config_mod.EXAMPLES_DIR / f"{name}.yaml",
-                           ["select.method=weights", *extra, f"runs_dir={runs_dir}", f"name={name}"])
+    # the proportions' own comparison: no baselines but all sources (natural proportions)
+    return config_mod.load(SCENARIOS[name], ["select.method=weights", "compare.baselines=[all]", *extra,
+                                             f"runs_dir={runs_dir}", f"name={name}"])
+
+
+def seeded(cfg: config_mod.Config, source: Path) -> None:
+    """Start an absent run directory from copies of another run's prepared data, theta*, store and
+    fine-tunes (the same scenario: the ledger keeps what its inputs say is current)."""
+    if cfg.run_dir.exists() or not source.is_dir():
+        return
+    cfg.run_dir.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.name in ("data", "meta", "store", "finetunes", "config.yaml", ".gradex-run"):
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, cfg.run_dir / item.name)
 
 
 def compare(name: str, cfg: config_mod.Config, seeds: int) -> tuple[dict, dict]:
@@ -87,8 +110,8 @@ def compare(name: str, cfg: config_mod.Config, seeds: int) -> tuple[dict, dict]:
     return flat, detail
 
 
-def default_stability(cfg: config_mod.Config) -> dict:
-    """The default's own selection (select.method best) and its bootstrap stability, on this store."""
+def selection_stability(cfg: config_mod.Config) -> dict:
+    """The scenario's own selection (select.method best) and its bootstrap stability, on this store."""
     import dataclasses
 
     from gradex.selection import selection, stability
@@ -170,7 +193,11 @@ def coverage(cfg: config_mod.Config, resamples: int, seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    ap.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), default=list(SCENARIOS))
+    ap.add_argument("--coverage", choices=sorted(SCENARIOS), default="default",
+                    help="the scenario of the coverage check (it builds a second store there)")
+    ap.add_argument("--seed-from", action="append", default=[], metavar="NAME=DIR",
+                    help="seed scenario NAME's run directory from run directory DIR (see above)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--resamples", type=int, default=100, help="bootstrap resamples of the coverage check")
     ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "weights")
@@ -184,15 +211,18 @@ def main(argv: list[str] | None = None) -> dict:
     body.setdefault("commands", []).append(" ".join(["python", "benchmarks/weights.py",
                                                       *(sys.argv[1:] if argv is None else argv)]))
     summary = body.setdefault("summary", {})
+    sources = {**SEEDED, **{k: Path(v) for k, v in (item.split("=", 1) for item in args.seed_from)}}
     for name in args.scenarios:
         cfg = scenario_config(name, args.runs_dir, args.overrides)
+        if name in sources:
+            seeded(cfg, sources[name])
         flat, detail = compare(name, cfg, args.seeds)
         summary.update(flat)
-        if name == "default":
-            detail["default_selection"] = default_stability(cfg)
-            summary["default_selection_stability"] = detail["default_selection"]["stability"]
+        detail["own_selection"] = selection_stability(cfg)
+        summary[f"{name}_selection_stability"] = detail["own_selection"]["stability"]
+        if name == args.coverage:
             detail["coverage"] = coverage(cfg, args.resamples, cfg.select.seed)
-            summary["default_coverage"] = f"{detail['coverage']['covered']} of {detail['coverage']['of']}"
+            summary[f"{name}_coverage"] = f"{detail['coverage']['covered']} of {detail['coverage']['of']}"
         body["scenarios"][name] = detail
         write_json(RESULTS, body)  # after every scenario: a later one's interruption keeps this one
     print(json.dumps(summary))
