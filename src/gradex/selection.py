@@ -117,6 +117,8 @@ def stability(run: Run, body: dict, l2: float) -> dict:
     from gradex.estimate import estimate
     from gradex.stability import stability as resampled
 
+    if body["method"] == "weights":
+        return weight_stability(run, body, l2)
     c, names = run.cfg, run.sources
     weights = weighting(run)
     # one refinement, not estimate.refinements: measured on the strategyqa example (8 clusters, 30
@@ -130,8 +132,6 @@ def stability(run: Run, body: dict, l2: float) -> dict:
         found = selection(run, c.select.method, fn)
         return [names.index(s) for s in found["selected"]], [found["source_scores"][s] for s in names]
 
-    if body["method"] == "weights":
-        return weight_stability(run, body, l2)
     chosen = [names.index(s) for s in body["selected"]]
     return resampled(problem(run), fit, choose, chosen, c.select.bootstrap, c.select.seed, names)
 
