@@ -137,6 +137,34 @@ def test_gradients_stage_projects_adam_preconditioned_gradients(cfg):
     plain = Store.open(pipeline.gradients(cfg))
     assert "preconditioner" not in plain.manifest["projector"]
     assert not np.allclose(np.asarray(plain.x), np.asarray(store.x))
+    # meta: the meta-train's own last moments (kept beside theta*), no pass of their own
+    cfg.gradients.preconditioner = "meta"
+    meta = Store.open(pipeline.gradients(cfg))
+    kept = preconditioner.load(cfg.run_dir / "meta" / "adam_moments.pt")
+    used = preconditioner.load(meta.path / pipeline.PRECONDITIONER_FILE)
+    assert set(kept) == set(moments) and all(torch.equal(kept[n], used[n]) for n in kept)
+    assert not np.allclose(np.asarray(meta.x), np.asarray(store.x))
+
+
+def test_the_meta_trains_moments_are_its_optimizers_own(tmp_path):
+    """preconditioner.from_checkpoint against torch's AdamW state: v / (1 - beta2^t) per parameter."""
+    import torch
+
+    from gradex.gradients import preconditioner
+    from gradex.train import _save
+
+    p, q = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))
+    opt = torch.optim.AdamW([p, q], lr=1e-2, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        p.grad, q.grad = torch.randn(3, 2, generator=gen), torch.randn(4, generator=gen)
+        opt.step()
+        sched.step()
+    _save(tmp_path / "checkpoint.pt", [p, q], opt, sched, 5, [])
+    found = preconditioner.from_checkpoint(tmp_path / "checkpoint.pt", ["p", "q"])
+    for name, param in (("p", p), ("q", q)):
+        torch.testing.assert_close(found[name], opt.state[param]["exp_avg_sq"] / (1 - 0.99 ** 5))
 
 
 def test_training_resumes_to_the_same_result(cfg, tmp_path, monkeypatch):

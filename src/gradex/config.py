@@ -223,7 +223,9 @@ class GradientConfig:
     # +-1/sqrt(d)) | none
     projection: str = "sparse"
     # adam: project D^(1/2) g, D = Adam's preconditioner 1/(sqrt(v)+eps) at theta*, v measured on
-    # `preconditioner_batches` minibatches of the refit recipe | none: project g itself
+    # `preconditioner_batches` minibatches of the refit recipe | meta: v from the meta-train's last
+    # optimizer state, no pass of its own (not yet validated against adam: docs/method.md, section 2)
+    # | none: project g itself
     preconditioner: str = "adam"
     preconditioner_batches: int = 64
     dim: int = 256
@@ -327,7 +329,7 @@ CHOICES = {
     "data.leakage": ("drop", "refuse", "warn"),
     "gradients.output": ("ce", "mean-logodds"),
     "gradients.projection": ("sparse", "hashed", "dense", "none"),
-    "gradients.preconditioner": ("adam", "none"),
+    "gradients.preconditioner": ("adam", "meta", "none"),
     "estimate.mode": ("linear", "reconstruct"),
     "estimate.weighting": ("auto", "sum", "mean"),
     "select.method": SELECT_METHODS,

@@ -258,6 +258,8 @@ def source_files(sources: list, extra: list[str] | None = None) -> dict[str, str
 
 # "added" (add-sources) exists only in a run that has added sources (Run.added)
 THETA_STAR = Path("meta") / "theta_star"  # the meta-initialization: a peft adapter (LoRA) or a model folder (full)
+# the meta-train's last Adam second moments, bias-corrected (gradients.preconditioner meta; with LoRA always kept)
+META_MOMENTS = Path("meta") / "adam_moments.pt"
 CLUSTERS = Path("clusters") / "clusters.json"  # with data.clusters: every cluster, its members and examples
 FINAL = Path("final") / "selected"  # the final model, fine-tuned on target + the selected sources
 # the ledgered stages, from the stage graph: ledger key -> its record's folder, its name; artifact -> its stage

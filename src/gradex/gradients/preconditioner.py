@@ -63,6 +63,24 @@ def adam_scales(moments: dict[str, torch.Tensor], eps: float = ADAM_EPS) -> dict
     return {name: (v.sqrt() + eps).rsqrt() for name, v in moments.items()}
 
 
+def from_checkpoint(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """{parameter name: Adam's bias-corrected second moment v / (1 - beta2^t)} from the last optimizer
+    state of a training run (a gradex.train checkpoint; `names`: its trainable parameters, in order).
+    The meta-train's own v at theta*: the preconditioner without a pass of its own (it averages the
+    squared gradients of the meta-train's last steps, at its batch size, where the pass measures the
+    refit recipe's batches at theta* itself)."""
+    from gradex.tensorfile import tensor_json
+
+    tensors = load_tensors(path)
+    groups = tensor_json(tensors["state"])["param_groups"]
+    beta2 = float(groups[0]["betas"][1])
+    out = {}
+    for i, name in enumerate(names):
+        v, step = tensors[f"opt.{i}.exp_avg_sq"], float(tensors[f"opt.{i}.step"])
+        out[name] = (v.float() / (1 - beta2 ** step)).contiguous()
+    return out
+
+
 def save(moments: dict[str, torch.Tensor], path: Path) -> None:
     save_tensors(moments, path)
 

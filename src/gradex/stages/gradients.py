@@ -15,7 +15,7 @@ from gradex import config as config_mod
 from gradex import ledger
 from gradex.model import trainable_vector
 from gradex.launch import barrier, distributed, launch_rank
-from gradex.run import Run, log
+from gradex.run import META_MOMENTS, Run, log
 from gradex.surrogate import PRECONDITIONER_FILE, make_run_projector
 from gradex.writer import writes
 
@@ -65,6 +65,12 @@ def gradients(run: Run, force: bool = False) -> Path:
                     cfg.gradients.preconditioner_batches, run.gradient_precision, seed=cfg.refit.seed)
                 preconditioner.save(moments, out / PRECONDITIONER_FILE)
             barrier(world)  # every rank projects with rank 0's preconditioner
+        elif cfg.gradients.preconditioner == "meta":
+            if launch_rank() == 0 and not (out / PRECONDITIONER_FILE).exists():
+                from gradex.gradients import preconditioner
+
+                preconditioner.save(preconditioner.load(meta_moments(run)), out / PRECONDITIONER_FILE)
+            barrier(world)
         projector = make_run_projector(run, model)
         # the examples theta* was trained on; the added sources' rows come after them (extend_store)
         idx = run.train_indices(run.trained_sources) + run.indices("validation")
@@ -79,6 +85,16 @@ def gradients(run: Run, force: bool = False) -> Path:
              added=[{k: e[k] for k in ("source", "examples", "rows")} for e in added],
              outputs={"store": store_sha256(out)})
     return out
+
+
+def meta_moments(run: Run) -> Path:
+    """The meta-train's optimizer moments (gradients.preconditioner meta), or an error saying how to get them."""
+    path = run.dir / META_MOMENTS
+    if not path.exists():
+        raise config_mod.ConfigError(f"gradients.preconditioner meta: {path} is missing (a meta-train of an earlier "
+                                     f"gradex, or a full fine-tune's with another preconditioner); run "
+                                     f"`gradex meta-train --force`, or use gradients.preconditioner adam")
+    return path
 
 
 def _extra(run: Run, model: torch.nn.Module) -> dict:

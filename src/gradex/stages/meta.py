@@ -9,7 +9,7 @@ from gradex import config as config_mod
 from gradex import ledger
 from gradex.launch import barrier, distributed
 from gradex.model import hub_commit, save_model
-from gradex.run import THETA_STAR, Run, log
+from gradex.run import META_MOMENTS, THETA_STAR, Run, log
 from gradex.writer import writes
 
 
@@ -40,6 +40,12 @@ def meta_train(run: Run, force: bool = False) -> Path:
     if rank == 0:
         save_model(model, run.dir / THETA_STAR)
         write_log(history, out / "log.jsonl")
+        if cfg.model.finetune == "lora" or cfg.gradients.preconditioner == "meta":  # full: as big as the model
+            from gradex.gradients import preconditioner
+            from gradex.model import trainable
+
+            names = [name for name, _ in trainable(model)]
+            preconditioner.save(preconditioner.from_checkpoint(checkpoint, names), run.dir / META_MOMENTS)
         checkpoint.unlink(missing_ok=True)
         run.mark("meta", steps=len(history), seconds=round(time.perf_counter() - t0, 1),
                  final_loss=history[-1]["loss"], **run.compute, model_commit=hub_commit(cfg.model), outputs={"theta*": ledger.sha256(run.dir / THETA_STAR)})
