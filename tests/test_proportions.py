@@ -176,3 +176,22 @@ def test_a_budget_in_tokens_sets_the_steps_of_every_fine_tune(tmp_path, tiny_mod
     mean = sum(len(run.tokens[i].ids) for i in idx) / len(idx)
     assert pipeline.budget_steps(run) == math.ceil(3_000 / (cfg.finetune.batch_size * mean))
     assert "finetune.max_tokens 3000" in pipeline.recipe_summary(run)["description"]
+
+
+def test_natural_proportions_are_the_subset_itself(tmp_path, tiny_model_dir):
+    """A mix whose shares are its members' natural ones is that subset pooled as it is: the same
+    fine-tune key, so compare shows it once ("same mix"), never as a comparison with itself."""
+    from conftest import tiny_run_config
+    from gradex import pipeline
+    from gradex.finetunes import plain
+
+    cfg = tiny_run_config(tmp_path, tiny_model_dir)
+    run = pipeline.prepare(cfg)
+    n_add = len(run.train_indices([]))  # the target's train split
+    n_mul = len(run.train_indices(["mul"])) - n_add
+    natural_shares = {"add": n_add / (n_add + n_mul), "mul": n_mul / (n_add + n_mul)}
+    assert plain(run, natural_shares) is None
+    assert pipeline.finetune_key(run, ["mul"], 0, natural_shares) == pipeline.finetune_key(run, ["mul"], 0)
+    other = {"add": 0.5, "mul": 0.5}
+    assert plain(run, other) == other and pipeline.finetune_key(run, ["mul"], 0, other) != pipeline.finetune_key(run, ["mul"], 0)
+    assert plain(run, {"mul": 1.0}) == {"mul": 1.0}  # the target left out: not a subset's own proportions

@@ -52,9 +52,26 @@ def finetune_recipe(run: Run) -> tuple[str, Any]:
     return config_mod.fingerprint(run.data_key(), c.model, run.precision, recipe, start, c.gradients.output), recipe
 
 
+def plain(run: Run, proportions: dict[str, float] | None) -> dict[str, float] | None:
+    """None where `proportions` are a subset's own, natural ones (the target's and its sources' shares
+    in proportion to their training examples): that mix is the subset pooled as it is, fine-tuned and
+    compared as the subset, never as a second mix that is the same. The proportions otherwise."""
+    if proportions is None:
+        return None
+    from collections import Counter
+
+    sizes = Counter(e.source for e in run.examples if e.split == "train")
+    target = run.cfg.data.target.name
+    kept = {n for n, v in proportions.items() if v > 0} | ({target} if sizes[target] else set())
+    total = sum(sizes[n] for n in kept)
+    same = total > 0 and all(abs(proportions.get(n, 0.0) - sizes[n] / total) <= 1e-4 for n in kept)
+    return None if same else proportions
+
+
 def finetune_key(run: Run, members: list[str], seed: int, proportions: dict[str, float] | None = None) -> str:
     from gradex.compare import shares_key
 
+    proportions = plain(run, proportions)
     extras = [("proportions", shares_key(proportions))] if proportions is not None else []
     return config_mod.fingerprint(finetune_recipe(run)[0], sorted(members), seed, *_key_extras(run), *extras)
 
@@ -117,6 +134,7 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
 
     if proportions is not None:
         members = [s for s in run.sources if proportions.get(s, 0.0) > 0]
+    proportions = plain(run, proportions)
     key = finetune_key(run, members, seed, proportions)
     recipe = dataclasses.replace(finetune_recipe(run)[1], seed=run.cfg.finetune.seed + seed)
     where = run.dir / "finetunes" / key

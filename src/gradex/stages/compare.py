@@ -12,7 +12,7 @@ from gradex.atomic import write_json, write_parquet
 from gradex.config import Config
 from gradex.launch import on_main
 from gradex.run import Run, log, model_stages_ran_on
-from gradex.finetunes import finetune_key, finetune_mix, read_final, recipe_summary
+from gradex.finetunes import finetune_key, finetune_mix, plain, read_final, recipe_summary
 from gradex.selection import read_selection, selection
 from gradex.surrogate import estimator, member_mask, proportion_estimator
 from gradex.writer import writes
@@ -60,7 +60,7 @@ def candidate_mixes(run: Run, body: dict, seeds: int, extra: dict[str, list[str]
     k = len(chosen) or 1
     empty = "" if chosen else " (1, not 0: the selection is empty)"
     mixes = [Mix(SELECTED, "selection", [chosen] * seeds, f"select.method {c.select.method}",
-                 proportions=body.get("proportions"))]
+                 proportions=plain(run, body.get("proportions")))]
     fn = None
     for method in c.compare.methods:
         if method == c.select.method:
@@ -69,7 +69,7 @@ def candidate_mixes(run: Run, body: dict, seeds: int, extra: dict[str, list[str]
             fn, _, _ = estimator(run)
         other = selection(run, method, fn)
         mixes.append(Mix(f"gradex[{method}]", "selection", [other["selected"]] * seeds, f"select.method {method}",
-                         proportions=other.get("proportions")))
+                         proportions=plain(run, other.get("proportions"))))
     if "proportions" in body:
         mixes += proportion_mixes(run, body, seeds)
     if not chosen:
@@ -123,9 +123,9 @@ def proportion_mixes(run: Run, body: dict, seeds: int) -> list:
 
     best = body["best_subset"]["selected"]
     out = [Mix("uniform", "baseline", [body["selected"]] * seeds, "the selection's sources in equal shares",
-               proportions=equal(own + body["selected"])),
+               proportions=plain(run, equal(own + body["selected"]))),
            Mix("all[uniform]", "baseline", [list(run.sources)] * seeds, "every source in equal shares",
-               proportions=equal(own + list(run.sources)))]
+               proportions=plain(run, equal(own + list(run.sources))))]
     if "best" not in run.cfg.compare.methods:
         out.insert(0, Mix("gradex[best]", "selection", [best] * seeds, "the best subset (select.method best)"))
     return out
