@@ -183,7 +183,7 @@ def batch_indices(n: int) -> list[list[int]]:
 def gradex_model(work: Path) -> Any:
     """The saved adapter on the base model, through gradex's own loader (what its stages use)."""
     from gradex.config import ModelConfig
-    from gradex.model import load_model
+    from gradex.saved import load_model
 
     return load_model(ModelConfig(), work / "adapter")
 
@@ -194,7 +194,8 @@ def prepare(work: Path, settings: dict) -> dict:
 
     from gradex.assets import smollm2_dir
     from gradex.config import ModelConfig
-    from gradex.model import load_base, load_tokenizer, make_trainable, save_model, trainable
+    from gradex.model import load_base, load_tokenizer, make_trainable, trainable
+    from gradex.saved import save_model
 
     model = make_trainable(load_base(ModelConfig()), ModelConfig(), seed=SEED)
     gen = torch.Generator().manual_seed(SEED)
@@ -285,7 +286,7 @@ def gradex_library() -> tuple[Callable, Callable, dict]:
     computes = {
         "call": "gradex.gradients.compute_store(model, tokens, range(n), pad_id, out_dir, "
                 "projector=make_projector('sparse', dim=256, seed=0), batch_size=8, chunk_size=64, precision='fp32')",
-        "model": "gradex.model.load_model (PeftModel.from_pretrained on load_base) from the saved adapter",
+        "model": "gradex.saved.load_model (PeftModel.from_pretrained on load_base) from the saved adapter",
         "gradient": "of u_s = -log(expm1(CE_s)), CE_s the mean cross-entropy of the answer tokens ('ce' output), "
                     "w.r.t. every lora_A and lora_B matrix; forward hooks and one batched backward, per-example "
                     "weight gradients as one bmm per layer; no Adam preconditioner",
@@ -393,7 +394,7 @@ def dattri_library() -> tuple[Callable, Callable, dict]:
                 "labels)), nan_to_num, / sqrt(p), then dattri.func.projection.random_project(grad, 8, proj_dim=256, "
                 "proj_max_batch_size=32, proj_seed=0, proj_type='rademacher', device='cpu') (the steps of "
                 "TRAKAttributor.cache, without its TRAK-specific kernel solve)",
-        "model": "gradex.model.load_model from the saved adapter (dattri has no model loader of its own)",
+        "model": "gradex.saved.load_model from the saved adapter (dattri has no model loader of its own)",
         "gradient": "torch.func vmap(grad) of the mean cross-entropy of the answer tokens (functional_call on "
                     "the PeftModel, labels -100 on the prompt) w.r.t. the flattened LoRA parameters: the full "
                     "(8, 921600) per-example gradients of a batch at once",

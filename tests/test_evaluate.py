@@ -180,7 +180,7 @@ def test_options_metric_through_a_whole_run(tmp_path, tiny_model_dir, cot_bigben
     is the oracle's, and the metric's name is in final/metrics.json, compare.json, the summary and
     report.html."""
     from gradex.cli import format_summary
-    from gradex.model import load_model
+    from gradex.saved import load_model
 
     cfg = tiny_run_config(tmp_path, tiny_model_dir)
     cfg.model.max_length = 40

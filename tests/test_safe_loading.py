@@ -14,7 +14,8 @@ import torch
 
 from gradex.config import ConfigError, LoraConfig, ModelConfig, TrainConfig
 from gradex.gradients import preconditioner
-from gradex.model import load_base, load_model, load_tokenizer, make_trainable, save_model, trainable
+from gradex.model import load_base, load_tokenizer, make_trainable, trainable
+from gradex.saved import load_model, save_model
 from gradex.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))

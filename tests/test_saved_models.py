@@ -17,7 +17,8 @@ from conftest import tiny_run_config
 from gradex import config, pipeline
 from gradex.cli import main
 from gradex.config import ConfigError
-from gradex.model import load_base, load_model, make_trainable, save_model, trainable
+from gradex.model import load_base, make_trainable, trainable
+from gradex.saved import load_model, save_model
 from gradex.run import FINAL, THETA_STAR
 from gradex.writer import LOCK, writing
 

@@ -29,10 +29,10 @@ from gradex.data import batches
 from gradex.evaluate import loss_from_outputs, outputs
 from gradex.launch import on_main
 from gradex.device import autocast, device_of
-from gradex.model import (ce_logodds, example_outputs, save_model, set_trainable_vector,
-                          trainable, trainable_vector)
+from gradex.model import ce_logodds, example_outputs, set_trainable_vector, trainable, trainable_vector
 from gradex.pipeline import require
 from gradex.run import Run, log
+from gradex.saved import save_model
 from gradex.finetunes import finetune_mix, finetune_recipe, recipe_summary
 from gradex.surrogate import estimator, make_run_projector, problem, weighting
 from gradex.train import train

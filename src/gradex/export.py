@@ -20,7 +20,8 @@ from pathlib import Path
 from gradex import config as config_mod
 from gradex.atomic import replacing_dir
 from gradex.config import ConfigError
-from gradex.model import legacy_message, legacy_models, load_model, load_tokenizer
+from gradex.model import load_tokenizer
+from gradex.saved import legacy_message, legacy_models, load_model
 from gradex.run import FINAL, THETA_STAR
 from gradex.writer import writing
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from gradex import config as config_mod
 from gradex.atomic import read_json, write_json
 from gradex.launch import barrier, distributed, on_main
-from gradex.model import save_model
+from gradex.saved import save_model
 from gradex.run import Run
 
 if TYPE_CHECKING:

@@ -164,7 +164,7 @@ def run_all(cfg: Config, force: bool = False) -> dict:
 
 def status(cfg: Config) -> list[dict]:
     """Each stage's state without running anything: done, stale (and why), running (interrupted), missing."""
-    from gradex.model import legacy_message, legacy_models
+    from gradex.saved import legacy_message, legacy_models
 
     run = Run(cfg)
     rows: list[dict] = []

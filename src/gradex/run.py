@@ -29,7 +29,8 @@ from gradex.data import Example, Tokenized, read_examples, tokenize
 from gradex.graph import LEDGERED, inputs
 from gradex.launch import launch_rank
 from gradex.device import check_precision, resolve_device, resolve_precision
-from gradex.model import load_base, load_model, load_tokenizer, make_trainable
+from gradex.model import load_base, load_tokenizer, make_trainable
+from gradex.saved import load_model
 
 
 def log(msg: str) -> None:
@@ -148,7 +149,7 @@ class Run:
         return self.saved_model(self.dir / THETA_STAR)
 
     def saved_model(self, path: Path) -> torch.nn.Module:
-        """A model gradex.model.save_model saved (a peft adapter or a transformers model folder), on `device`."""
+        """A model gradex.saved.save_model saved (a peft adapter or a transformers model folder), on `device`."""
         model = load_model(self.cfg.model, path).to(self.device)
         model.eval()
         return model

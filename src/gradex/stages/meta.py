@@ -8,7 +8,8 @@ from pathlib import Path
 from gradex import config as config_mod
 from gradex import ledger
 from gradex.launch import barrier, distributed
-from gradex.model import hub_commit, save_model
+from gradex.model import hub_commit
+from gradex.saved import save_model
 from gradex.run import META_MOMENTS, THETA_STAR, Run, log
 from gradex.writer import writes
 

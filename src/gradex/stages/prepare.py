@@ -6,7 +6,8 @@ from gradex import config as config_mod
 from gradex.added import check_disjoint
 from gradex.config import Config
 from gradex.data import check_lengths, data_sha256, load_examples, save_examples, tokenize
-from gradex.model import legacy_message, legacy_models, load_tokenizer
+from gradex.model import load_tokenizer
+from gradex.saved import legacy_message, legacy_models
 from gradex.device import resolve_device
 from gradex.launch import launch_rank, main_first
 from gradex.proportions import check_proportions, checked
