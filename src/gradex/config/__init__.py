@@ -11,19 +11,19 @@ overrides in, the resolved config out), validate (the checks that need no data),
 
 from gradex.config.identity import fingerprint, prepare_part
 from gradex.config.load import _build, dump, dumps, from_dict, load, load_received, parse_yaml
-from gradex.config.schema import (ALIASES, BASELINES, CHOICES, CLUSTER_CHOICES, CLUSTER_NAME, CORRUPTIONS,
-                                  DEFAULT_CONFIG, EXAMPLES_DIR, LATER, RENAMED, SELECT_METHODS, TARGET_METRICS,
-                                  ClustersConfig, CompareConfig, Config, DataConfig, EstimateConfig, FinetuneConfig,
-                                  GradientConfig, HFSourceConfig, LoraConfig, ModelConfig, SelectConfig,
-                                  SourceConfig, SourceFormat, TargetConfig, TrainConfig, to_dict)
-from gradex.config.validate import ALIASES_BY_KEY, check_pattern, check_source, check_template, validate
+from gradex.config.schema import (ALIASES, BASELINES, CLUSTER_NAME, DEFAULT_CONFIG, EXAMPLES_DIR, LATER, RENAMED,
+                                  SELECT_METHODS, Baseline, ClustersConfig, CompareConfig, Config, DataConfig,
+                                  EstimateConfig, FinetuneConfig, GradientConfig, HFSourceConfig, LoraConfig,
+                                  ModelConfig, SelectConfig, SelectMethod, SourceConfig, SourceFormat, TargetConfig,
+                                  TrainConfig, to_dict)
+from gradex.config.validate import check_choices, check_pattern, check_source, check_template, choices, validate
 from gradex.errors import ConfigError  # re-exported: gradex.config.ConfigError is what callers catch
 
 __all__ = [
     "prepare_part", "fingerprint", "from_dict", "load", "load_received", "parse_yaml", "dumps", "dump", "_build",
     "EXAMPLES_DIR", "DEFAULT_CONFIG", "LATER", "LoraConfig", "ModelConfig", "HFSourceConfig", "SourceConfig",
     "TargetConfig", "SourceFormat", "ClustersConfig", "DataConfig", "TrainConfig", "FinetuneConfig",
-    "GradientConfig", "EstimateConfig", "SelectConfig", "CompareConfig", "Config", "SELECT_METHODS", "CHOICES",
-    "TARGET_METRICS", "BASELINES", "CORRUPTIONS", "CLUSTER_CHOICES", "CLUSTER_NAME", "ALIASES", "RENAMED", "to_dict",
-    "validate", "check_source", "check_template", "check_pattern", "ALIASES_BY_KEY", "ConfigError",
+    "GradientConfig", "EstimateConfig", "SelectConfig", "CompareConfig", "Config", "SELECT_METHODS", "BASELINES",
+    "SelectMethod", "Baseline", "CLUSTER_NAME", "ALIASES", "RENAMED", "to_dict",
+    "validate", "check_source", "check_template", "check_pattern", "check_choices", "choices", "ConfigError",
 ]

@@ -7,7 +7,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 EXAMPLES_DIR = Path(__file__).parents[1] / "examples"  # packaged experiments; `gradex run --example NAME`
 DEFAULT_CONFIG = EXAMPLES_DIR / "default.yaml"
@@ -16,6 +16,10 @@ DEFAULT_CONFIG = EXAMPLES_DIR / "default.yaml"
 # A setting added after runs were made: part of a fingerprint only when it differs from its default,
 # so that the ledgers and fine-tune keys of those runs stay current (config.fingerprint).
 LATER = {"identity": "when_changed"}
+
+# Choices are Literal types: the schema says what a key may be, validate checks every one of them
+SelectMethod = Literal["best", "ensemble", "effects", "forward", "backward", "exhaustive", "weights"]
+Baseline = Literal["all", "target", "random", "gradient", "representation", "dsir"]
 
 
 @dataclass
@@ -35,11 +39,11 @@ class ModelConfig:
     # hub: a commit, tag or branch to load; pin a commit, or a changed hub model goes unseen (a local
     # directory or smollm2 ignores it). Part of a stage's identity only once set (older runs stay current).
     revision: str | None = field(default=None, metadata={"identity": "when_set"})
-    finetune: str = "lora"  # lora | full
+    finetune: Literal["lora", "full"] = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
     # auto: bf16 autocast where the hardware computes bf16 natively (CUDA, AVX-512 BF16 / AMX CPUs),
     # else fp32 | bf16 | fp16 (a GPU only; training scales the loss) | fp32
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # auto: this process's GPU under a launch, else a CUDA GPU, else MPS, else the CPU | cpu | cuda |
     # cuda:N | mps. Not part of any stage's identity: a run started on one device resumes on another.
     device: str = field(default="auto", metadata={"identity": False})
@@ -52,7 +56,7 @@ class ModelConfig:
     # (the prompt) and an assistant turn (the answer) in that template, the loss on the assistant turn
     # only. none by default: every measured result (the shipped examples, SmolLM2-135M-Instruct, which
     # has a template) is on plain prompts, and auto doubles their length (docs: README).
-    chat_template: str = "none"
+    chat_template: Literal["auto", "none"] = "none"
 
 
 @dataclass
@@ -89,7 +93,7 @@ class SourceConfig:
     limit: int | None = None  # keep this many examples (after a seeded shuffle)
     # A negative control: "shuffle" permutes the answers across this source's rows (seeded), so its
     # prompts and answer format stay realistic while every answer is wrong for its prompt.
-    corrupt: str | None = None
+    corrupt: Literal["shuffle"] | None = None
     # A regular expression that finds the final answer for exact match (e.g. after a chain of
     # thought), in the generation and in the reference answer alike: its first match, group 1 when
     # it has a group, else the whole match (the metric is then named exact_match[pattern]); a
@@ -112,7 +116,7 @@ class TargetConfig(SourceConfig):
     # held-out answers begin with ("Yes. because ..." -> Yes), named accuracy[first word by
     # likelihood]. The last two generate nothing: for chain-of-thought answers too long to generate
     # for every test example on a CPU.
-    metric: str = "exact_match"
+    metric: Literal["exact_match", "options", "first_word"] = "exact_match"
 
 
 @dataclass
@@ -133,12 +137,12 @@ class ClustersConfig:
     # pool: every example of the configured sources, their own names ignored | target_train: the
     # target's train split (the paper's chain-of-thought setting); its clusters become the sources and
     # the target alone then has no training data of its own (the empty mix is theta* itself)
-    from_: str = "pool"  # the YAML key is `from` (ALIASES)
+    from_: Literal["pool", "target_train"] = "pool"  # the YAML key is `from` (ALIASES)
     k: int = 100  # clusters; each becomes a source named cluster-000, cluster-001, ...
     # gradients: the projected gradients at theta* (the store), each scaled to unit length |
     # embeddings: theta*'s last hidden state, mean-pooled over each example's tokens
-    features: str = "gradients"
-    method: str = "kmeans"  # kmeans | agglomerative (Ward; memory grows with the square of the examples)
+    features: Literal["gradients", "embeddings"] = "gradients"
+    method: Literal["kmeans", "agglomerative"] = "kmeans"  # agglomerative: Ward, memory grows with the square of the examples
 
 
 @dataclass
@@ -157,7 +161,7 @@ class DataConfig:
     # with whitespace collapsed, equals a target validation or test prompt inflates every score.
     # drop: leave it out (the next rows of its source fill in) | refuse: an error | warn: keep it.
     # Either way the data manifest records how many each source had.
-    leakage: str = "drop"
+    leakage: Literal["drop", "refuse", "warn"] = "drop"
     # Make the sources by clustering unlabelled examples ({from, k, features, method}); null: the
     # sources are the configured ones
     clusters: ClustersConfig | None = None
@@ -187,12 +191,12 @@ class FinetuneConfig(TrainConfig):
     # theta_star: continue from the meta-initialization, the model the estimates linearize around
     # (measured better on both shipped examples at equal steps: docs/method.md, section 6) | base:
     # fine-tune the pretrained model
-    init: str = "theta_star"
+    init: Literal["base", "theta_star"] = "theta_star"
     lr: float = 2e-4  # theta* is already trained; 1e-3 (the base-init recipe) overshoots from there
     # equal: every mix gets the same number of optimizer steps, `max_steps` or else the steps that
     # `epochs` passes over the all-sources mix take | epochs: `epochs` passes over each mix's own
     # data, so bigger mixes get more steps (an unequal comparison, labelled as such)
-    budget: str = "equal"
+    budget: Literal["equal", "epochs"] = "equal"
     # equal budget in tokens instead: max_tokens / (batch_size x the mean tokens, prompt and answer, of
     # a training example of the all-sources mix) steps, rounded up (instead of epochs; not with max_steps)
     max_tokens: int | None = field(default=None, metadata=LATER)
@@ -202,16 +206,16 @@ class FinetuneConfig(TrainConfig):
 class GradientConfig:
     # u_s, the per-example output: "ce" = log-odds of the answer's geometric-mean token probability
     # (softplus(-u_s) is its mean token cross-entropy) | "mean-logodds" = mean token log-odds (the paper)
-    output: str = "ce"
+    output: Literal["ce", "mean-logodds"] = "ce"
     # sparse (CountSketch, its buckets held: 4-8 bytes per trainable parameter) | hashed (the same
     # sketch, buckets computed on the fly: for full fine-tuning of big models) | dense (Rademacher
     # +-1/sqrt(d)) | none
-    projection: str = "sparse"
+    projection: Literal["sparse", "hashed", "dense", "none"] = "sparse"
     # adam: project D^(1/2) g, D = Adam's preconditioner 1/(sqrt(v)+eps) at theta*, v measured on
     # `preconditioner_batches` minibatches of the refit recipe | meta: v from the meta-train's last
     # optimizer state, no pass of its own (not yet validated against adam: docs/method.md, section 2)
     # | none: project g itself
-    preconditioner: str = "adam"
+    preconditioner: Literal["adam", "meta", "none"] = "adam"
     preconditioner_batches: int = 64
     dim: int = 256
     seed: int = 0
@@ -221,7 +225,7 @@ class GradientConfig:
 
 @dataclass
 class EstimateConfig:
-    mode: str = "linear"  # linear | reconstruct
+    mode: Literal["linear", "reconstruct"] = "linear"
     # How far the modelled fine-tune moves, which sets the regularization l2. By default the
     # all-sources fit changes the outputs u_s of the training examples by `output_change` (root mean
     # square, in log-odds); 0.3 gave the lowest error against 40 real fine-tunes of the embedded
@@ -234,7 +238,7 @@ class EstimateConfig:
     # How the modelled fine-tune weighs a subset's examples: sum (a fixed number of epochs over each
     # mix) | mean (the same number of optimizer steps for every mix) | auto: what finetune.budget
     # deploys (equal -> mean, epochs -> sum). See docs/method.md, section 3.
-    weighting: str = "auto"
+    weighting: Literal["auto", "sum", "mean"] = "auto"
     refinements: int = 8  # at most this many refinement steps after the first Newton step ...
     tol: float = 1e-4  # ... stopping once the error left in z is below tol (relative): see docs/method.md
 
@@ -248,7 +252,7 @@ class SelectConfig:
     # ensemble: the paper's rule, keep sources better than the average source | weights: a share for
     # the target's train split and every source, the proportions with the lowest estimate under the
     # equal step budget, sampled in those shares by finetune and compare (docs/method.md, section 8)
-    method: str = "best"
+    method: SelectMethod = "best"
     # ensemble and effects: sampled subsets; default max(400, 4 n) for n sources (gradex.select.default_subsets)
     subsets: int | None = None
     alpha: float = 0.5  # ensemble: subset size as a share of the sources
@@ -278,9 +282,9 @@ class CompareConfig:
     # all | target | random (same size as the selection) | gradient (LESS-style cosine of mean
     # projected gradients, top-k) | representation (cosine of mean hidden states, top-k) | dsir (mean
     # DSIR log importance weight of a source's examples towards the target's, top-k: gradex.baselines)
-    baselines: list[str] = field(default_factory=lambda: ["all", "target", "random", "gradient", "representation"])
+    baselines: list[Baseline] = field(default_factory=lambda: ["all", "target", "random", "gradient", "representation"])
     # more selection methods whose selections join the comparison, e.g. [forward, ensemble]
-    methods: list[str] = field(default_factory=list)
+    methods: list[SelectMethod] = field(default_factory=list)
     mixes: dict[str, list[str]] = field(default_factory=dict)  # mixes of your own: name -> sources
 
 
@@ -306,26 +310,8 @@ class Config:
         return Path(self.runs_dir) / self.name
 
 
-SELECT_METHODS = ("best", "ensemble", "effects", "forward", "backward", "exhaustive", "weights")
-CHOICES = {
-    "model.finetune": ("lora", "full"),
-    "model.precision": ("auto", "bf16", "fp16", "fp32"),
-    "model.chat_template": ("auto", "none"),
-    "data.leakage": ("drop", "refuse", "warn"),
-    "gradients.output": ("ce", "mean-logodds"),
-    "gradients.projection": ("sparse", "hashed", "dense", "none"),
-    "gradients.preconditioner": ("adam", "meta", "none"),
-    "estimate.mode": ("linear", "reconstruct"),
-    "estimate.weighting": ("auto", "sum", "mean"),
-    "select.method": SELECT_METHODS,
-    "finetune.init": ("base", "theta_star"),
-    "finetune.budget": ("equal", "epochs"),
-}
-TARGET_METRICS = ("exact_match", "options", "first_word")
-BASELINES = ("all", "target", "random", "gradient", "representation", "dsir")
-CORRUPTIONS = ("shuffle",)
-CLUSTER_CHOICES = {"from": ("pool", "target_train"), "features": ("gradients", "embeddings"),
-                   "method": ("kmeans", "agglomerative")}
+SELECT_METHODS = get_args(SelectMethod)
+BASELINES = get_args(Baseline)
 CLUSTER_NAME = re.compile(r"cluster-\d+")  # the names clusters take; a configured source may not
 
 # Config keys that are Python keywords, by field name: the YAML and the resolved config say `from`.

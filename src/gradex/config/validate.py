@@ -3,13 +3,41 @@ clusters and proportions; each error names the key."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import string
+import types
+import typing
+from typing import Any
 
-from gradex.config.schema import (ALIASES, BASELINES, CHOICES, CLUSTER_CHOICES, CLUSTER_NAME, CORRUPTIONS,
-                                  SELECT_METHODS, TARGET_METRICS, Config, HFSourceConfig, SourceConfig, TargetConfig,
-                                  TrainConfig)
+from gradex.config.schema import ALIASES, CLUSTER_NAME, Config, HFSourceConfig, SourceConfig, TargetConfig, TrainConfig
 from gradex.errors import ConfigError
+
+
+def choices(hint: Any) -> tuple | None:
+    """The values a Literal annotation allows (inside Optional or list too), or None for any other type."""
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType, list):
+        found = [c for a in typing.get_args(hint) if (c := choices(a)) is not None]
+        return found[0] if found else None
+    return None
+
+
+def check_choices(section: Any, where: str = "") -> None:
+    """Every Literal-typed key of a config section (and the sections in it) holds an allowed value: the
+    schema's annotations are the one table of choices."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        key = f"{where}.{ALIASES.get(f.name, f.name)}".lstrip(".")
+        value = getattr(section, f.name)
+        allowed = choices(hints[f.name])
+        if allowed is not None:
+            for v in value if isinstance(value, list) else [value]:
+                if v is not None and v not in allowed:
+                    raise ConfigError(f"{key}: {v!r} is not one of {list(allowed)}")
+        elif dataclasses.is_dataclass(value):
+            check_choices(value, key)
 
 
 def validate(cfg: Config) -> None:
@@ -17,11 +45,7 @@ def validate(cfg: Config) -> None:
     if cfg.name in ("", ".", "..") or any(c in cfg.name for c in "/\\\0"):
         raise ConfigError(f"name: {cfg.name!r} must be one folder name (no '/', not empty, '.' or '..'): the run "
                           f"directory is runs_dir/name, and a name must not lead out of runs_dir")
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+    check_choices(cfg)
     if not cfg.data.target.name:
         raise ConfigError("data.target.name: the target needs a name")
     for i, src in enumerate([cfg.data.target, *cfg.data.sources]):
@@ -46,8 +70,6 @@ def validate(cfg: Config) -> None:
             where = "data.target" if i == 0 else f"data.sources[{i - 1}] ({src.name})"
             check_pattern(src.answer_pattern, f"{where}.answer_pattern")
     t = cfg.data.target
-    if t.metric not in TARGET_METRICS:
-        raise ConfigError(f"data.target.metric: {t.metric!r} is not one of {list(TARGET_METRICS)}")
     if t.metric == "options" and t.bigbench is None:
         raise ConfigError("data.target.metric: options scores a BIG-bench task's target_scores options, and the "
                           "target is not a BIG-bench task; use first_word (the first word of each answer, scored "
@@ -98,12 +120,6 @@ def validate(cfg: Config) -> None:
     for key, value in [("compare.seeds", cfg.compare.seeds), ("compare.run_seeds", cfg.compare.run_seeds)]:
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
-    for b in cfg.compare.baselines:
-        if b not in BASELINES:
-            raise ConfigError(f"compare.baselines: {b!r} is not one of {list(BASELINES)}")
-    for m in cfg.compare.methods:
-        if m not in SELECT_METHODS:
-            raise ConfigError(f"compare.methods: {m!r} is not one of {list(SELECT_METHODS)}")
     _validate_weights(cfg)
     if cfg.select.top_k is not None and cfg.select.top_k < 1:
         raise ConfigError(f"select.top_k: must be at least 1 (or null), got {cfg.select.top_k}")
@@ -179,8 +195,7 @@ def check_source(src: SourceConfig, where: str) -> None:
         _check_hf(src.hf, f"{where}.hf")
     if (src.source_column is None) != (src.source_value is None):
         raise ConfigError(f"{where}: `source_column` and `source_value` go together")
-    if src.corrupt is not None and src.corrupt not in CORRUPTIONS:
-        raise ConfigError(f"{where}: corrupt: {src.corrupt!r} is not one of {list(CORRUPTIONS)}")
+    check_choices(src, where)  # also for a sources file's entries (gradex.added), which validate never sees
     if not isinstance(src, TargetConfig) and src.limit is not None and src.limit < 1:
         raise ConfigError(f"{where}: limit must be at least 1, got {src.limit}")
 
@@ -221,15 +236,9 @@ def check_pattern(pattern: str, where: str) -> re.Pattern:
 def _validate_clusters(cfg: Config) -> None:
     """data.clusters: its choices, k, and cluster names that no configured source already has."""
     c = cfg.data.clusters
-    for key, allowed in CLUSTER_CHOICES.items():
-        value = getattr(c, ALIASES_BY_KEY.get(key, key))
-        if value not in allowed:
-            raise ConfigError(f"data.clusters.{key}: {value!r} is not one of {list(allowed)}")
     if c.k < 2:
         raise ConfigError(f"data.clusters.k: must be at least 2 (one cluster is the whole pool), got {c.k}")
     taken = [s.name for s in cfg.data.sources if CLUSTER_NAME.fullmatch(s.name)]
     if c.from_ == "target_train" and taken:
         raise ConfigError(f"data.sources: {taken} would collide with the clusters' names (cluster-NNN); rename them")
 
-
-ALIASES_BY_KEY = {key: name for name, key in ALIASES.items()}
