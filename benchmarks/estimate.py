@@ -50,7 +50,7 @@ from scipy.stats import spearmanr
 
 from gradex.config import EstimateConfig
 from gradex.estimate import TOL, Problem, calibrate_l2, estimate, linear_loss
-from gradex.select import sample_subsets
+from gradex.search import sample_subsets
 
 from gradex.testing import exact_solve, synthetic_problem
 

@@ -44,9 +44,9 @@ import torch
 
 from gradex import config as config_mod
 from gradex import diagnostics, ledger, pipeline
-from gradex import select as select_mod
+from gradex import search
 from gradex.atomic import write_json
-from gradex.compare import SELECTED
+from gradex.comparison import SELECTED
 
 from machine import cpu_model  # benchmarks/machine.py, beside this script
 
@@ -135,7 +135,7 @@ def truth(cfg: config_mod.Config, rounds: int | None) -> dict:
             losses.append(res["validation"]["loss"])
         return torch.tensor(losses, dtype=torch.float64)
 
-    found = select_mod.forward(real, len(names), rounds)
+    found = search.forward(real, len(names), rounds)
     train_seconds = sum(r["seconds"] for r in evaluated.values())
     wall_seconds = sum(r["seconds"] + r.get("eval_seconds", 0.0) for r in evaluated.values())
     order = [names[h["source"]] for h in found.history if h["action"] == "add"]

@@ -82,7 +82,7 @@ def cell(n: int, big_n: int, d: int) -> dict:
 
     import torch
 
-    from gradex import select
+    from gradex import search
     from gradex.estimate import Problem, calibrate_l2, estimate
 
     with tempfile.TemporaryDirectory(prefix="gradex-scale-") as tmp:
@@ -104,7 +104,7 @@ def cell(n: int, big_n: int, d: int) -> dict:
         fn(torch.zeros(1, n, dtype=torch.bool))  # the anchor and the per-group sums are built on first use
         build_s = time.perf_counter() - t0
 
-        subsets = select.sample_subsets(n, SUBSETS, 0.5, seed=1)
+        subsets = search.sample_subsets(n, SUBSETS, 0.5, seed=1)
         times = []
         for _ in range(REPEATS):
             t0 = time.perf_counter()
@@ -121,13 +121,13 @@ def cell(n: int, big_n: int, d: int) -> dict:
         one_step_s = statistics.median(times)
         one_step_err = ((one_step - refined).abs() / refined.abs()).double()
 
-        m = select.default_subsets(n)
+        m = search.default_subsets(n)
         t0 = time.perf_counter()
-        ens = select.ensemble(fn, n, m, 0.5, seed=0)
+        ens = search.ensemble(fn, n, m, 0.5, seed=0)
         ensemble_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        fwd = select.forward(fn, n)
+        fwd = search.forward(fn, n)
         forward_s = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
     return {"n": n, "N": big_n, "d": d, "rows": (big_n // (n + 1)) * (n + 1), "write_s": round(write_s, 2),

@@ -28,7 +28,7 @@ import torch
 
 from gradex import config as config_mod
 from gradex import pipeline
-from gradex.compare import SELECTED, format_table
+from gradex.comparison import SELECTED, format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ("default", "corrupted")

@@ -54,7 +54,7 @@ import torch
 from gradex import config as config_mod
 from gradex import pipeline
 from gradex.atomic import write_json
-from gradex.compare import SELECTED, format_table
+from gradex.comparison import SELECTED, format_table
 
 from machine import cpu_model  # benchmarks/machine.py, beside this script
 

@@ -11,8 +11,8 @@ import torch
 
 from conftest import arithmetic_rows, tiny_run_config, write_config, write_jsonl
 from gradex import config, pipeline
-from gradex.clusters import cluster, first_seen_order, names, normalize
-from gradex.compare import format_table
+from gradex.clustering import cluster, first_seen_order, names, normalize
+from gradex.comparison import format_table
 
 
 def planted(k: int = 6, per: int = 40, d: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

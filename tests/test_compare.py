@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gradex.baselines import mean_cosines, random_mix, top_k
-from gradex.compare import SELECTED, Mix, estimate_check, judge, paired_interval, summarize, verdict
+from gradex.comparison import SELECTED, Mix, estimate_check, judge, paired_interval, summarize, verdict
 
 
 def test_paired_interval_matches_scipys_one_sample_t_interval():
@@ -93,7 +93,7 @@ def test_similarity_ranks_a_planted_source_first():
 
 
 def test_forward_finetunes_counts_every_subset_a_forward_search_evaluates():
-    from gradex.compare import price
+    from gradex.comparison import price
     from gradex.stages.compare import forward_finetunes
 
     n, helpful = 6, {1: -0.3, 4: -0.2}  # an additive loss: two sources help, the rest hurt
@@ -111,7 +111,7 @@ def test_forward_finetunes_counts_every_subset_a_forward_search_evaluates():
 
 
 def test_identical_mixes_are_one_mix_shown_once_and_never_called_a_tie():
-    from gradex.compare import format_table, merge_same
+    from gradex.comparison import format_table, merge_same
 
     mixes = merge_same([Mix(SELECTED, "selection", [["a"]] * 3), Mix("all", "baseline", [["a", "b", "c"]] * 3),
                         Mix("gradient", "baseline", [["b", "c"]] * 3, "g"),

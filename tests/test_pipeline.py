@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_run_config, write_config
 from gradex import config, pipeline
 from gradex.cli import main
-from gradex.compare import format_table
+from gradex.comparison import format_table
 from gradex.writer import LOCK
 
 

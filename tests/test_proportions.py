@@ -117,7 +117,7 @@ def test_weights_end_to_end_select_finetune_compare_and_the_mixture(tmp_path, ti
 
     from conftest import tiny_run_config
     from gradex import pipeline
-    from gradex.compare import SELECTED
+    from gradex.comparison import SELECTED
     from gradex.finetunes import mix_indices
 
     cfg = tiny_run_config(tmp_path, tiny_model_dir)

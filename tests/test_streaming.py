@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradex import select
+from gradex import search
 from gradex.estimate import Problem, calibrate_l2, estimate
 from gradex.estimate import solver as solver_mod
 from gradex.estimate.calibrate import exact_fit
@@ -66,7 +66,7 @@ def test_memory_mapped_store_gives_identical_estimates(prob, tmp_path):
                       n_sources=prob.n_sources)
     in_memory = Problem(x=prob.x.clone(), u=prob.u, group=prob.group, x_val=prob.x_val, u_val=prob.u_val,
                         n_sources=prob.n_sources)
-    subsets = select.sample_subsets(prob.n_sources, 40, 0.5, seed=2)
+    subsets = search.sample_subsets(prob.n_sources, 40, 0.5, seed=2)
     results = []
     for p in (on_disk, in_memory):
         l2 = calibrate_l2(p, output_change=0.3)
@@ -77,7 +77,7 @@ def test_memory_mapped_store_gives_identical_estimates(prob, tmp_path):
 
 
 def test_row_order_does_not_change_the_estimates(prob):
-    subsets = select.sample_subsets(prob.n_sources, 30, 0.5, seed=4)
+    subsets = search.sample_subsets(prob.n_sources, 30, 0.5, seed=4)
     l2 = calibrate_l2(prob, output_change=0.3)
     a = estimate(prob, subsets, l2, weighting="mean")
     b = estimate(shuffled(prob, seed=5), subsets, l2, weighting="mean")
@@ -96,7 +96,7 @@ def test_exact_fit_with_a_float32_hessian_reaches_the_oracle(prob):
 def test_factored_and_conjugate_gradient_batches_agree(prob, monkeypatch):
     """A batch is solved by CG or, when its subsets hold many groups, by one Cholesky factor each:
     both converge to the same fixed point (the refinement's), so their estimates agree to `tol`."""
-    subsets = select.sample_subsets(prob.n_sources, 50, 0.5, seed=6)
+    subsets = search.sample_subsets(prob.n_sources, 50, 0.5, seed=6)
     l2 = calibrate_l2(prob, output_change=0.3)
     out = {}
     for mode, per_dim in (("cg", 0), ("direct", 10**9)):

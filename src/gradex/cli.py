@@ -119,7 +119,7 @@ def _clusters_summary(cfg: Config, body: dict | None) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    from gradex.compare import format_table
+    from gradex.comparison import format_table
     from gradex.stability import stability_lines
 
     sel, final = summary["selection"], summary["final"]
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{row['estimate']:.4f}  output change {row['output_change']:.3f}  step {row['step']:.3f}  "
                       f"{', '.join(row['members']) or '(target only)'}")
         elif args.command == "compare":
-            from gradex.compare import format_table
+            from gradex.comparison import format_table
 
             print(format_table(pipeline.compare(cfg, args.seeds, _mixes(args.mix), force=args.force)))
         elif args.command == "check-linearity":

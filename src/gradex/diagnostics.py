@@ -77,7 +77,7 @@ def check_linearity(cfg: Config, examples: int = 48, subsets: int = 2) -> dict:
 
 
 def _check_linearity(run: Run, examples: int, subsets: int) -> dict:
-    from gradex.select import sample_subsets
+    from gradex.search import sample_subsets
 
     cfg = run.cfg
     model = run.meta_model()
@@ -343,7 +343,7 @@ def _compare(done: list[dict], est: dict[tuple[str, ...], float], theta_loss: fl
     """Estimates (by members) against the real fine-tunes of the same subsets, with the yardsticks."""
     from scipy.stats import spearmanr
 
-    from gradex.compare import agreement
+    from gradex.comparison import agreement
 
     by_subset: dict[tuple[str, ...], list[dict]] = {}
     for d in done:

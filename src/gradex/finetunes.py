@@ -69,7 +69,7 @@ def plain(run: Run, proportions: dict[str, float] | None) -> dict[str, float] | 
 
 
 def finetune_key(run: Run, members: list[str], seed: int, proportions: dict[str, float] | None = None) -> str:
-    from gradex.compare import shares_key
+    from gradex.comparison import shares_key
 
     proportions = plain(run, proportions)
     extras = [("proportions", shares_key(proportions))] if proportions is not None else []

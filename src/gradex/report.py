@@ -24,9 +24,9 @@ from matplotlib.figure import Figure
 from gradex.atomic import write_bytes
 from gradex.config import ConfigError
 from gradex.stability import STABLE, stability_lines
-from gradex.compare import SELECTED, shown
-from gradex.compare import fmt_interval as interval_text
-from gradex.compare import fmt_number as num
+from gradex.comparison import SELECTED, shown
+from gradex.comparison import fmt_interval as interval_text
+from gradex.comparison import fmt_number as num
 
 __all__ = ["write", "score_errors"]
 

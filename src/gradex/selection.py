@@ -20,28 +20,28 @@ def selection(run: Run, method: str, fn: Callable[[torch.Tensor], torch.Tensor] 
     """Select sources by `method` from the run's estimates: the body of selection.json.
 
     fn: the estimator (`estimator(run)[0]`), built here when not given."""
-    from gradex import select as select_mod
+    from gradex import search
 
     if fn is None:
         fn, _, _ = estimator(run)
     n, sc = len(run.sources), run.cfg.select
-    m = sc.subsets if sc.subsets is not None else select_mod.default_subsets(n)
+    m = sc.subsets if sc.subsets is not None else search.default_subsets(n)
     t0 = time.perf_counter()
     if method == "weights":
         return weights(run, fn)
     if method == "ensemble":
-        sel = select_mod.ensemble(fn, n, m, sc.alpha, sc.seed, top_k=sc.top_k)
+        sel = search.ensemble(fn, n, m, sc.alpha, sc.seed, top_k=sc.top_k)
     elif method == "best":
-        sel = select_mod.best(fn, n)
+        sel = search.best(fn, n)
     elif method == "effects":
-        sel = select_mod.effects(fn, n, m, sc.seed)
+        sel = search.effects(fn, n, m, sc.seed)
     elif method == "exhaustive":
-        if n > select_mod.EXHAUSTIVE_LIMIT:
+        if n > search.EXHAUSTIVE_LIMIT:
             raise config_mod.ConfigError(f"select.method: exhaustive search needs at most "
-                                         f"{select_mod.EXHAUSTIVE_LIMIT} sources, this run has {n}; use forward")
-        sel = select_mod.exhaustive(fn, n)
+                                         f"{search.EXHAUSTIVE_LIMIT} sources, this run has {n}; use forward")
+        sel = search.exhaustive(fn, n)
     else:
-        sel = getattr(select_mod, method)(fn, n)
+        sel = getattr(search, method)(fn, n)
     body = sel.to_dict()
     body.update({"sources": run.sources, "selected": [run.sources[j] for j in sel.selected],
                  "source_scores": dict(zip(run.sources, sel.scores)), "mode": run.cfg.estimate.mode,
@@ -71,14 +71,14 @@ def weights(run: Run, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
     """select.method weights: the proportions with the lowest estimate (gradex.estimate.proportions),
     from natural proportions, equal shares and the best subset's natural proportions, within
     select.max_repeats and select.prior / max_shift; the body of selection.json."""
-    from gradex import select as select_mod
+    from gradex import search
     from gradex.estimate.proportions import fit, natural, optimize, rounded, sizes
     from gradex.proportions import caps, check, mixture
     from gradex.surrogate import regularization
 
     t0 = time.perf_counter()
     c, names = run.cfg.select, group_names(run)
-    best = select_mod.best(fn, len(run.sources))
+    best = search.best(fn, len(run.sources))
     prob = problem(run)
     l2 = regularization(run, prob)
     n_g = sizes(prob)

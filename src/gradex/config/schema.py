@@ -253,7 +253,7 @@ class SelectConfig:
     # the target's train split and every source, the proportions with the lowest estimate under the
     # equal step budget, sampled in those shares by finetune and compare (docs/method.md, section 8)
     method: SelectMethod = "best"
-    # ensemble and effects: sampled subsets; default max(400, 4 n) for n sources (gradex.select.default_subsets)
+    # ensemble and effects: sampled subsets; default max(400, 4 n) for n sources (gradex.search.default_subsets)
     subsets: int | None = None
     alpha: float = 0.5  # ensemble: subset size as a share of the sources
     top_k: int | None = None  # ensemble: keep the top_k scores instead

@@ -399,5 +399,5 @@ def estimate(problem: Problem, subsets: torch.Tensor, l2: float, refinements: in
 
 def estimator(problem: Problem, l2: float, refinements: int = REFINEMENTS, batch: int = 256,
               tol: float = TOL, weighting: str = "sum") -> Callable[[torch.Tensor], torch.Tensor]:
-    """The `estimate_fn` that gradex.select expects: (k, n) bool subsets -> (k,) estimated loss."""
+    """The `estimate_fn` that gradex.search expects: (k, n) bool subsets -> (k,) estimated loss."""
     return lambda subsets: estimate(problem, subsets, l2, refinements, batch, tol=tol, weighting=weighting).loss

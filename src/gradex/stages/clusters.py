@@ -22,7 +22,7 @@ import numpy as np
 from gradex import config as config_mod
 from gradex import ledger
 from gradex.atomic import write_json
-from gradex.clusters import candidates
+from gradex.clustering import candidates
 from gradex.config import ConfigError
 from gradex.data import read_examples
 from gradex.launch import main_first
@@ -73,7 +73,7 @@ def embedding_features(run: Run, positions: Sequence[int]) -> np.ndarray:
 def clusters(run: Run, force: bool = False) -> dict | None:
     """Cluster the unlabelled examples into data.clusters.k sources (clusters/clusters.json); None
     without data.clusters. Reads the store (or theta*, for embeddings): the stage graph runs them first."""
-    from gradex.clusters import cluster, describe, normalize
+    from gradex.clustering import cluster, describe, normalize
 
     cfg = run.cfg
     c = cfg.data.clusters

@@ -44,7 +44,7 @@ def _similarity(run: Run, kind: str) -> dict[str, float]:
 
 def candidate_mixes(run: Run, body: dict, seeds: int, extra: dict[str, list[str]] | None = None) -> tuple[list, dict]:
     """The mixes compare fine-tunes: the selection, other selection methods, baselines, named mixes,
-    those that are the same sources at every seed merged into one (gradex.compare.merge_same).
+    those that are the same sources at every seed merged into one (gradex.comparison.merge_same).
 
     The size-matched baselines (random, the similarity top-k) take the selection's size; an empty
     selection (the target alone) would make them the target alone too, so they take one source
@@ -53,7 +53,7 @@ def candidate_mixes(run: Run, body: dict, seeds: int, extra: dict[str, list[str]
 
     Returns (mixes, similarity scores per similarity baseline)."""
     from gradex.baselines import random_mix, top_k
-    from gradex.compare import SELECTED, Mix, merge_same
+    from gradex.comparison import SELECTED, Mix, merge_same
 
     c = run.cfg
     chosen = body["selected"]
@@ -113,7 +113,7 @@ def proportion_mixes(run: Run, body: dict, seeds: int) -> list:
     """What proportions are measured against (select.method weights): the best subset, the selection
     in equal shares, and all sources in equal shares (all sources pooled as they are, their natural
     proportions, is the `all` baseline)."""
-    from gradex.compare import Mix
+    from gradex.comparison import Mix
 
     target = run.cfg.data.target.name
     own = [target] if run.train_indices([]) else []  # no target train of its own under clusters from target_train
@@ -139,7 +139,7 @@ def forward_finetunes(fn, n: int) -> int:
     a forward search on these estimates evaluates (the target alone, then every candidate of every
     round until no addition helps). The estimates stand in for the real losses, so the count is
     what a search of this shape needs, not a replay of one."""
-    from gradex import select as select_mod
+    from gradex import search
 
     seen = 0
 
@@ -148,7 +148,7 @@ def forward_finetunes(fn, n: int) -> int:
         seen += len(subsets)
         return fn(subsets)
 
-    select_mod.forward(counting, n)
+    search.forward(counting, n)
     return seen
 
 
@@ -196,7 +196,7 @@ def _tables(run: Run, cfg: Config, body: dict, final: dict, candidates: list, si
     """compare.json and compare.parquet from the fine-tunes' results (rank 0, under a launch)."""
     import pandas as pd
 
-    from gradex import compare as cmp
+    from gradex import comparison
 
     path = run.dir / "compare.json"
     fn, _, _ = estimator(run, stage="compare")
@@ -207,7 +207,7 @@ def _tables(run: Run, cfg: Config, body: dict, final: dict, candidates: list, si
         of = proportion_estimator(run)
         for r in weighted:
             r["estimate"] = of(r["proportions"])
-    summary = cmp.summarize(candidates, rows)
+    summary = comparison.summarize(candidates, rows)
     metric = final["test"]["metric"]
     meta = ledger.read(run.dir / "meta")
     grads = ledger.read(run.dir / "store")
@@ -223,12 +223,12 @@ def _tables(run: Run, cfg: Config, body: dict, final: dict, candidates: list, si
     finetune_seconds = round(sum(trained) / len(trained), 3)
     result = {"fingerprint": fingerprint, "seeds": k, "recipe": recipe_summary(run), "metric": metric, "test_examples": final["test"]["examples"],
               "selection": {"method": cfg.select.method, "selected": body["selected"], "reason": body["reason"]},
-              "similarity": similarity, "mixes": summary, "estimate_check": cmp.estimate_check(rows),
-              "verdict": cmp.verdict(summary, metric.replace("_", " ")),
+              "similarity": similarity, "mixes": summary, "estimate_check": comparison.estimate_check(rows),
+              "verdict": comparison.verdict(summary, metric.replace("_", " ")),
               "cost": {"stages_seconds": stage_seconds, "selection_seconds": selection_seconds,
                        "ran_on": model_stages_ran_on(run.dir, final),
                        "finetune_seconds": finetune_seconds,
-                       **cmp.price(selection_seconds, finetune_seconds, forward_finetunes(fn, len(run.sources)))},
+                       **comparison.price(selection_seconds, finetune_seconds, forward_finetunes(fn, len(run.sources)))},
               "rows": rows}
     # one unit: the parquet first, then the JSON with the parquet's hash (_current checks both)
     table = [{**r, "proportions": json.dumps(r["proportions"]) if r["proportions"] is not None else None} for r in rows]

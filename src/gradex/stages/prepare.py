@@ -58,7 +58,7 @@ def _prepare(cfg: Config, force: bool = False) -> Run:
     tokens = tokenize(tokenizer, examples)
     check_lengths(examples, tokens, cfg.model.max_length)
     from gradex.evaluate import scoring
-    from gradex.clusters import check_clusterable
+    from gradex.clustering import check_clusterable
 
     check_clusterable(cfg, examples)  # k clusters need k examples, known before anything is trained
     check_proportions(cfg, examples, tokens)

@@ -1,4 +1,4 @@
-"""select: choose sources by their estimates (gradex.select's methods on the run's estimator);
+"""select: choose sources by their estimates (gradex.search's methods on the run's estimator);
 writes selection.json and adds the estimates to estimates.parquet (keyed: stages.estimate.save_estimates)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""gradex.select recovers known answers: an exactly additive estimator, and a real Problem."""
+"""gradex.search recovers known answers: an exactly additive estimator, and a real Problem."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from gradex.estimate import calibrate_l2, estimator
-from gradex.select import (Selection, backward, best, effects, ensemble, exhaustive, forward, random_size_subsets,
+from gradex.search import (Selection, backward, best, effects, ensemble, exhaustive, forward, random_size_subsets,
                            sample_subsets)
 from gradex.testing import synthetic_problem
 
