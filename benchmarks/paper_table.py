@@ -167,7 +167,9 @@ def summary(results: dict) -> dict:
                 out[f"{name}_{mix}_acc_mean"] = m["acc"]["mean"]
                 if mix == "gradex":
                     continue
-                same = "gradex" in m["same_mix"] or tab["mixes"]["gradex"] is m
+                # a mix merged with gradex's names it, or is named by it (read back from JSON, both
+                # names hold equal entries, not one object)
+                same = "gradex" in m["same_mix"] or mix in tab["mixes"]["gradex"]["same_mix"]
                 out[f"{name}_{mix}_same_mix_as_gradex"] = same
                 for what in ("acc", "loss"):
                     diff = m.get(f"{what}_diff") or {}
