@@ -10,11 +10,12 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
+import torch
 import yaml
 
 from gradex.config import Config, ConfigError
 from gradex.data import Example, Tokenized
-from gradex.estimate.proportions import counts
+from gradex.estimate.proportions import counts, feasible
 
 MIXTURE = "mixture.yaml"  # in the run directory, written by select under select.method weights
 
@@ -32,22 +33,20 @@ def check(cfg: Config, sizes: dict[str, int], budget: int) -> None:
     (the target's and every source's training examples) and this budget of examples; an error naming
     the key otherwise. Called at prepare, before anything is trained, and again at select (clusters
     are only known then)."""
-    from gradex.estimate.proportions import feasible
-
-    import torch
-
     s = cfg.select
     names = list(sizes)
     unknown = sorted(set(s.prior) - set(names))
     if unknown:
         raise ConfigError(f"select.prior: unknown name(s) {unknown}; the target and the sources are {names}")
     upper = torch.tensor(caps([sizes[n] for n in names], budget, s.max_repeats), dtype=torch.float64)
+    if float(upper.sum()) < 1 - 1e-9:
+        raise ConfigError(f"select.max_repeats {s.max_repeats:g}: no proportions fit a budget of {budget} examples "
+                          f"(the caps sum to {float(upper.sum()):.4f} < 1): raise max_repeats, or lower the budget "
+                          f"(finetune.max_steps)")
     prior = torch.tensor([s.prior.get(n, 0.0) for n in names], dtype=torch.float64) if s.prior else None
     why = feasible(upper, prior, s.max_shift)
     if why is not None:
-        raise ConfigError(f"select.max_repeats {s.max_repeats:g}: no proportions fit a budget of {budget} examples "
-                          f"({why}): raise max_repeats, or lower the budget (finetune.max_steps)"
-                          if "caps sum" in why else f"select.max_shift: {why}")
+        raise ConfigError(f"select.max_shift: {why}")
 
 
 def sample(rows: dict[str, list[int]], shares: dict[str, float], total: int, seed: int) -> list[int]:
