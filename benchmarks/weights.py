@@ -194,8 +194,8 @@ def coverage(cfg: config_mod.Config, resamples: int, seed: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), default=list(SCENARIOS))
-    ap.add_argument("--coverage", choices=sorted(SCENARIOS), default="default",
-                    help="the scenario of the coverage check (it builds a second store there)")
+    ap.add_argument("--coverage", choices=[*sorted(SCENARIOS), "none"], default="default",
+                    help="the scenario of the coverage check (it builds a second store there); none: no check")
     ap.add_argument("--seed-from", action="append", default=[], metavar="NAME=DIR",
                     help="seed scenario NAME's run directory from run directory DIR (see above)")
     ap.add_argument("--seeds", type=int, default=3)

@@ -19,7 +19,8 @@ from gradex.config import ConfigError, LoraConfig, ModelConfig, TrainConfig
 from gradex.data import ENCODER_DECODER, Example, collate, generated_answer, prompt_ids, tokenize
 from gradex.gradients import GradientComputer, make_projector
 from gradex.model import (answer_logits, encoder_decoder_batch, example_outputs, is_encoder_decoder, language_model,
-                          load_base, load_model, load_tokenizer, make_trainable, save_model, trainable)
+                          load_base, load_tokenizer, make_trainable, trainable)
+from gradex.saved import load_model, save_model
 
 T5_LORA = ["q", "k", "v", "o"]
 CHARS = "0123456789+-*=:QA"
