@@ -67,13 +67,24 @@ def budget_examples(run: Run) -> int:
     return budget_steps(run) * run.cfg.finetune.batch_size
 
 
+def bounds(run: Run, sizes: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The proportions' caps (select.max_repeats) for these group sizes and budget, and the prior
+    (select.prior) by group, or None: what `optimize` takes, for the selection and its resamples alike."""
+    from gradex.proportions import caps
+
+    c = run.cfg.select
+    upper = torch.tensor(caps(sizes.tolist(), budget, c.max_repeats), dtype=torch.float64)
+    prior = torch.tensor([c.prior.get(n, 0.0) for n in group_names(run)], dtype=torch.float64) if c.prior else None
+    return upper, prior
+
+
 def weights(run: Run, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
     """select.method weights: the proportions with the lowest estimate (gradex.estimate.proportions),
     from natural proportions, equal shares and the best subset's natural proportions, within
     select.max_repeats and select.prior / max_shift; the body of selection.json."""
     from gradex import search
     from gradex.estimate.proportions import fit, natural, optimize, rounded, sizes
-    from gradex.proportions import caps, check, mixture
+    from gradex.proportions import check, mixture
     from gradex.surrogate import regularization
 
     t0 = time.perf_counter()
@@ -84,14 +95,13 @@ def weights(run: Run, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
     n_g = sizes(prob)
     budget = budget_examples(run)
     check(run.cfg, dict(zip(names, (int(v) for v in n_g))), budget)
-    upper = torch.tensor(caps(n_g.tolist(), budget, c.max_repeats), dtype=torch.float64)
+    upper, prior = bounds(run, n_g, budget)
     members = torch.zeros(len(names), dtype=torch.bool)
     members[0] = True
     members[[j + 1 for j in best.selected]] = True
     starts = {"best subset": natural(prob, members)} if float(n_g[members].sum()) > 0 else {}
     if n_g[0] > 0:
         starts["target alone"] = natural(prob, torch.arange(len(names)) == 0)
-    prior = torch.tensor([c.prior.get(n, 0.0) for n in names], dtype=torch.float64) if c.prior else None
     found = optimize(prob, l2, upper=upper, starts=starts, prior=prior, max_shift=c.max_shift)
     p = rounded(found.p, c.min_share, upper)
     loss = fit(prob, p, l2).loss
@@ -140,15 +150,12 @@ def weight_stability(run: Run, body: dict, l2: float) -> dict:
     """The proportions re-found on select.bootstrap resamples of the store's rows, each from the
     proportions found on the store itself (gradex.stability.proportions)."""
     from gradex.estimate.proportions import fit, optimize, rounded, sizes
-    from gradex.proportions import caps
     from gradex.stability import proportions
 
     c, names = run.cfg.select, group_names(run)
     prob = problem(run)
     chosen = torch.tensor([body["proportions"][n] for n in names], dtype=torch.float64)
-    upper = torch.tensor(caps(sizes(prob).tolist(), body["mixture"]["budget_examples"], c.max_repeats),
-                         dtype=torch.float64)
-    prior = torch.tensor([c.prior.get(n, 0.0) for n in names], dtype=torch.float64) if c.prior else None
+    upper, prior = bounds(run, sizes(prob), body["mixture"]["budget_examples"])
 
     def again(resampled) -> torch.Tensor:
         found = optimize(resampled, l2, upper=upper, starts={"found": chosen}, prior=prior, max_shift=c.max_shift,
