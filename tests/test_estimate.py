@@ -379,3 +379,30 @@ def test_an_exact_fit_stopped_by_its_cap_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnconvergedFit)  # the default cap converges: no warning
         exact_fit(small, members, 1.0)
+
+
+def test_lower_triangles_unpack_to_the_lower_half():
+    from gradex.estimate.solver import lower, unpack_lower
+
+    A = torch.randn(3, 7, 7)
+    assert torch.equal(unpack_lower(lower(A), 7), A.tril())
+
+
+def test_factored_one_step_at_many_sources_matches_a_dense_solve():
+    """With many sources per dimension `_Systems` factors every subset's system from the packed lower
+    triangles; the one Newton step must equal z_all + (H_S + 2 l2 I)^-1 (b_S - 2 l2 z_all), solved
+    here in float64 by numpy from the same group sums."""
+    from gradex.estimate.problem import full_membership
+    from gradex.estimate.solver import _anchor
+
+    prob = random_problem(seed=3, n_sources=40, per_source=30, n_target=60, d=12)
+    subsets = random_subsets(40, 16, seed=5)
+    z = solve(prob, subsets, L2, refinements=0).double()
+    an = _anchor(prob, L2)
+    members = full_membership(prob, subsets).double()
+    H = an["H"].view(-1, 12, 12)
+    for k in range(len(subsets)):
+        A = torch.einsum("g,gij->ij", members[k], H) + 2 * L2 * torch.eye(12, dtype=torch.float64)
+        rhs = members[k] @ an["b"] - 2 * L2 * an["z"]
+        want = an["z"] + torch.from_numpy(np.linalg.solve(A.numpy(), rhs.numpy()))
+        assert rel(z[k], want) < 1e-5

@@ -62,8 +62,30 @@ def _anchor(problem: Problem, l2: float) -> dict:
         z = exact_fit(problem, members, l2, z0, carry=problem._cache.setdefault("carry", {}))
         H, b = group_sums(problem, z)
         found = {"l2": l2, "z": z, "H": H, "H32": H.float(), "b": b}
+        found["lower32"] = lower(found["H32"].view(-1, problem.dim, problem.dim))
         problem._cache["anchor"] = found
     return found
+
+
+def lower(H: torch.Tensor) -> torch.Tensor:
+    """The lower triangles of a batch of symmetric (..., d, d) matrices, row by row: (..., d(d+1)/2).
+
+    Why: a subset's system is a sum of its groups' matrices, and forming it is the costliest part of
+    a direct solve at many sources; summing only the triangle Cholesky reads halves that product."""
+    d = H.shape[-1]
+    rows, cols = torch.tril_indices(d, d)
+    return H.reshape(*H.shape[:-2], d * d)[..., rows * d + cols].contiguous()
+
+
+def unpack_lower(P: torch.Tensor, d: int) -> torch.Tensor:
+    """(m, d(d+1)/2) lower triangles (as `lower` packs them) -> (m, d, d), zero above the diagonal.
+    A copy per row of the triangle: ~20x faster here than one scatter of every entry (measured)."""
+    A = P.new_zeros(P.shape[0], d, d)
+    at = 0
+    for i in range(d):
+        A[:, i, :i + 1] = P[:, at:at + i + 1]
+        at += i + 1
+    return A
 
 
 def _group_blocks(problem: Problem, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -127,9 +149,13 @@ class _Systems:
     CG iteration would cost more than forming H_S.
     """
 
-    def __init__(self, H: torch.Tensor, members: torch.Tensor, l2: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, H: torch.Tensor, members: torch.Tensor, l2: torch.Tensor, dtype: torch.dtype,
+                 packed: torch.Tensor | None = None):
         n1, d = H.shape[0], H.shape[-1]
         self.H, self.dtype = H.to(dtype), dtype
+        # the groups' lower triangles (`lower`), for forming the systems that are factored; built on
+        # first need where not given
+        self.packed = None if packed is None else packed.to(dtype)
         self.l2 = l2.to(dtype)[:, None]  # (m, 1): each subset's own regularization
         self.m = members.shape[0]
         self.members = members
@@ -223,8 +249,11 @@ class _Systems:
         add) bounds the speed of convergence, not the answer."""
         members = self.members[rows].to(self.dtype)
         members[:, self.every] = 0  # held by every subset: in self.base
-        A = (members @ self.H.reshape(self.H.shape[0], -1)).view(-1, *self.H.shape[1:])
-        A += self.base
+        # Cholesky reads the lower triangle only: form that alone (half the product), then add base
+        if self.packed is None:
+            self.packed = lower(self.H)
+        A = unpack_lower(members @ self.packed, self.H.shape[-1])
+        A += self.base.tril()
         A.diagonal(dim1=1, dim2=2).add_(2.0 * self.l2[rows])
         L = cholesky(A)
         self.L = L if self.L is None else torch.cat([self.L, L])
@@ -278,9 +307,10 @@ def solve_flagged(problem: Problem, subsets: torch.Tensor, l2: float, refinement
     if m == 0:
         return torch.zeros(0, d, dtype=dtype), torch.zeros(0, dtype=torch.bool)
     an = _anchor(problem, l2)
-    H = (an["H32"] if dtype == torch.float32 else an["H"].to(dtype)).view(-1, d, d)
+    f32 = dtype == torch.float32
+    H = (an["H32"] if f32 else an["H"].to(dtype)).view(-1, d, d)
     l2s = subset_l2(problem, subsets, l2, weighting)
-    systems = _Systems(H, members, l2s, dtype)
+    systems = _Systems(H, members, l2s, dtype, packed=an["lower32"] if f32 else None)
     # -grad_S(z_all): sums of many small terms, so float64 until here
     B = (members.double() @ an["b"] - 2.0 * l2s[:, None] * an["z"]).to(dtype)
     l2s = l2s.to(dtype)[:, None]
