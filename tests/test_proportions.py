@@ -74,6 +74,25 @@ def test_a_prior_and_max_shift_bound_the_distance(problem):
     assert float((free.p - prior).abs().sum()) / 2 > 0.1  # and here it binds
 
 
+def test_a_floor_on_the_target_binds_and_holds(problem):
+    """select.target_floor's mechanism: the target's share never falls below its floor; where the free
+    optimum lies below it, the floored one sits on it, and is no better than the free one."""
+    free = optimize(problem, L2)
+    floor = min(0.9, float(free.p[0]) + 0.3)
+    lower = torch.zeros(problem.n_sources + 1, dtype=torch.float64)
+    lower[0] = floor
+    found = optimize(problem, L2, lower=lower)
+    assert float(found.p[0]) >= floor - 1e-9 and float(found.p.sum()) == pytest.approx(1.0)
+    assert float(found.p[0]) == pytest.approx(floor, abs=1e-6)  # it binds
+    assert free.loss <= found.loss + 1e-9
+    # rounding keeps a floored share even below min_share, and only raises it
+    p = torch.tensor([0.004, 0.992, 0.004], dtype=torch.float64)
+    out = rounded(p, 0.01, lower=torch.tensor([0.004, 0.0, 0.0], dtype=torch.float64))
+    assert out[0] >= 0.004 and out[2] == 0
+    assert "floor lies above its cap" in feasible(torch.ones(3, dtype=torch.float64) * 0.5,
+                                                   lower=torch.tensor([0.6, 0.0, 0.0], dtype=torch.float64))
+
+
 def test_infeasible_caps_are_refused_with_the_reason(problem):
     upper = torch.full((problem.n_sources + 1,), 0.1, dtype=torch.float64)
     assert "sum to 0.6" in feasible(upper)
@@ -133,6 +152,10 @@ def test_weights_end_to_end_select_finetune_compare_and_the_mixture(tmp_path, ti
     assert all(shares[n] * budget <= 2.0 * sizes[n] + 1e-6 for n in sizes)  # max_repeats
     assert all(v == 0 or v >= cfg.select.min_share for v in shares.values())
     assert body["estimate"] <= body["best_subset"]["estimate"] + 1e-9 or body["caps"]  # the best subset is a start
+    # select.target_floor (on by default): the target keeps at least its share in the best subset
+    floor = sizes["add"] / sum(sizes[n] for n in ["add", *body["best_subset"]["selected"]])
+    assert body["target_floor"] == pytest.approx(min(floor, body["caps"]["add"]))
+    assert shares["add"] >= body["target_floor"] - 1e-9
     assert set(body["stability"]["proportion_interval"]) == set(sizes)
     on_disk = yaml.safe_load((cfg.run_dir / "mixture.yaml").read_text())
     assert on_disk["probabilities"] == pytest.approx([shares[n] for n in on_disk["datasets"]])

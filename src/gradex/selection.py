@@ -67,15 +67,21 @@ def budget_examples(run: Run) -> int:
     return budget_steps(run) * run.cfg.finetune.batch_size
 
 
-def bounds(run: Run, sizes: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The proportions' caps (select.max_repeats) for these group sizes and budget, and the prior
-    (select.prior) by group, or None: what `optimize` takes, for the selection and its resamples alike."""
+def bounds(run: Run, sizes: torch.Tensor, budget: int,
+           target_floor: float | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The proportions' caps (select.max_repeats) for these group sizes and budget, the prior
+    (select.prior) by group or None, and the floors (the target's share, within its cap) or None:
+    what `optimize` takes, for the selection and its resamples alike."""
     from gradex.proportions import caps
 
     c = run.cfg.select
     upper = torch.tensor(caps(sizes.tolist(), budget, c.max_repeats), dtype=torch.float64)
     prior = torch.tensor([c.prior.get(n, 0.0) for n in group_names(run)], dtype=torch.float64) if c.prior else None
-    return upper, prior
+    lower = None
+    if target_floor:
+        lower = torch.zeros_like(upper)
+        lower[0] = min(target_floor, float(upper[0]))
+    return upper, prior, lower
 
 
 def weights(run: Run, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
@@ -95,15 +101,21 @@ def weights(run: Run, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
     n_g = sizes(prob)
     budget = budget_examples(run)
     check(run.cfg, dict(zip(names, (int(v) for v in n_g))), budget)
-    upper, prior = bounds(run, n_g, budget)
     members = torch.zeros(len(names), dtype=torch.bool)
     members[0] = True
     members[[j + 1 for j in best.selected]] = True
-    starts = {"best subset": natural(prob, members)} if float(n_g[members].sum()) > 0 else {}
+    best_p = natural(prob, members) if float(n_g[members].sum()) > 0 else None
+    # select.target_floor: the target's train split keeps at least its share in the best subset. Why:
+    # the estimates are a model around theta*, and a mix that drops the target's own examples lies
+    # farthest from what they were checked on. On the corrupted example the unfloored optimum put
+    # 100% on add4 and lost to the best subset {add4} by 0.042 test loss (3 seeds, equal steps).
+    floor = float(best_p[0]) if c.target_floor and best_p is not None and n_g[0] > 0 else None
+    upper, prior, lower = bounds(run, n_g, budget, floor)
+    starts = {"best subset": best_p} if best_p is not None else {}
     if n_g[0] > 0:
         starts["target alone"] = natural(prob, torch.arange(len(names)) == 0)
-    found = optimize(prob, l2, upper=upper, starts=starts, prior=prior, max_shift=c.max_shift)
-    p = rounded(found.p, c.min_share, upper)
+    found = optimize(prob, l2, upper=upper, starts=starts, prior=prior, max_shift=c.max_shift, lower=lower)
+    p = rounded(found.p, c.min_share, upper, lower)
     loss = fit(prob, p, l2).loss
     shares = {n: float(v) for n, v in zip(names, p.tolist())}
     every = fit(prob, natural(prob), l2).loss
@@ -117,6 +129,7 @@ def weights(run: Run, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
             "mode": run.cfg.estimate.mode, "worse_than_target": loss > best.baseline,
             "proportions": shares, "mixture": mixture(shares, budget, run.cfg.finetune.seed),
             "caps": dict(zip(names, upper.tolist())) if c.max_repeats is not None else None,
+            "target_floor": None if lower is None else float(lower[0]),
             "best_subset": {"selected": subset, "estimate": best.estimate}, "natural_estimate": every,
             "optimizer": {"start": found.start, "starts": found.starts, "fits": found.evaluations, "l2": l2},
             "seconds": round(time.perf_counter() - t0, 3)}
@@ -155,12 +168,12 @@ def weight_stability(run: Run, body: dict, l2: float) -> dict:
     c, names = run.cfg.select, group_names(run)
     prob = problem(run)
     chosen = torch.tensor([body["proportions"][n] for n in names], dtype=torch.float64)
-    upper, prior = bounds(run, sizes(prob), body["mixture"]["budget_examples"])
+    upper, prior, lower = bounds(run, sizes(prob), body["mixture"]["budget_examples"], body.get("target_floor"))
 
     def again(resampled) -> torch.Tensor:
         found = optimize(resampled, l2, upper=upper, starts={"found": chosen}, prior=prior, max_shift=c.max_shift,
-                         default_starts=False)
-        return rounded(found.p, c.min_share, upper)
+                         default_starts=False, lower=lower)
+        return rounded(found.p, c.min_share, upper, lower)
 
     return proportions(prob, again, chosen, lambda p, q: fit(p, q, l2).loss, c.bootstrap, c.seed, names)
 

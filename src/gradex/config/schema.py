@@ -271,6 +271,9 @@ class SelectConfig:
     # (the target's name and the sources'; the shares sum to 1)
     prior: dict[str, float] = field(default_factory=dict, metadata=LATER)
     max_shift: float | None = field(default=None, metadata=LATER)
+    # weights: the target's train split keeps at least the share it has in the best subset, so the
+    # proportions never move off the target's own examples (docs/method.md, section 8); false: no floor
+    target_floor: bool = field(default=True, metadata=LATER)
 
 
 @dataclass

@@ -140,24 +140,35 @@ class Optimum:
     evaluations: int  # fits, over all starts
 
 
-def feasible(upper: torch.Tensor, prior: torch.Tensor | None = None, max_shift: float | None = None) -> str | None:
-    """Why no proportions meet the caps (and the distance from the prior), or None when some do."""
+def feasible(upper: torch.Tensor, prior: torch.Tensor | None = None, max_shift: float | None = None,
+             lower: torch.Tensor | None = None) -> str | None:
+    """Why no proportions meet the caps and floors (and the distance from the prior), or None when some do."""
     if float(upper.sum()) < 1 - 1e-9:
         return f"the caps sum to {float(upper.sum()):.4f} < 1"
+    if lower is not None:
+        if float(lower.sum()) > 1 + 1e-9:
+            return f"the floors sum to {float(lower.sum()):.4f} > 1"
+        if bool((lower > upper + 1e-12).any()):
+            return "a floor lies above its cap"
     if prior is not None and max_shift is not None:
-        over = float((prior - upper).clamp_min(0).sum())  # the least shift the caps force on the prior
-        if over > max_shift + 1e-9:
-            return f"the caps force a shift of at least {over:.4f} from the prior, above max_shift {max_shift:g}"
+        # the least total variation that brings the prior into the box: the mass above the caps must
+        # leave and the mass missing below the floors must arrive, one move each where they pair
+        over = float((prior - upper).clamp_min(0).sum())
+        under = 0.0 if lower is None else float((lower - prior).clamp_min(0).sum())
+        if max(over, under) > max_shift + 1e-9:
+            return (f"the caps and floors force a shift of at least {max(over, under):.4f} from the prior, "
+                    f"above max_shift {max_shift:g}")
     return None
 
 
 def optimize(problem: Problem, l2: float, upper: torch.Tensor | None = None,
              starts: dict[str, torch.Tensor] | None = None, prior: torch.Tensor | None = None,
              max_shift: float | None = None, tol: float = 1e-10, max_iter: int = 200,
-             default_starts: bool = True) -> Optimum:
+             default_starts: bool = True, lower: torch.Tensor | None = None) -> Optimum:
     """Proportions on the simplex with the lowest estimate L(p).
 
     upper: (n+1,) caps on each share (a source's examples may repeat only so often in the budget);
+    lower: (n+1,) floors (the target's share in the best subset: `gradex.selection.weights`);
     prior and max_shift: the total variation distance sum |p - prior| / 2 at most max_shift.
     L is not convex in p (each fit is, the loss of its fit need not be), so SLSQP runs from several
     starts: natural proportions, equal shares, and the given `starts` (a subset's natural
@@ -172,7 +183,8 @@ def optimize(problem: Problem, l2: float, upper: torch.Tensor | None = None,
     if k == 0:
         raise ValueError("proportions of a pool with no training examples")
     ub = torch.ones_like(n_g) if upper is None else torch.as_tensor(upper, dtype=torch.float64).clamp(0, 1)
-    why = feasible(ub[live], None if prior is None else prior[live], max_shift)
+    lb = torch.zeros_like(n_g) if lower is None else torch.as_tensor(lower, dtype=torch.float64).clamp(0, 1)
+    why = feasible(ub[live], None if prior is None else prior[live], max_shift, lb[live])
     if why is not None:
         raise ValueError(f"no proportions meet the constraints: {why}")
     evaluations = 0
@@ -194,7 +206,7 @@ def optimize(problem: Problem, l2: float, upper: torch.Tensor | None = None,
         grad[:k] = found.gradient[live].numpy()
         return found.loss, grad
 
-    bounds = [(0.0, float(u)) for u in ub[live]]
+    bounds = [(float(lo), float(u)) for lo, u in zip(lb[live], ub[live])]
     constraints = [{"type": "eq", "fun": lambda x: np.array([x[:k].sum() - 1.0]),
                     "jac": lambda x: np.concatenate([np.ones(k), np.zeros(len(x) - k)])[None]}]
     if prior is not None and max_shift is not None:
@@ -214,7 +226,7 @@ def optimize(problem: Problem, l2: float, upper: torch.Tensor | None = None,
         candidates["prior"] = prior
     results: dict[str, tuple[float, torch.Tensor]] = {}
     for name, p0 in candidates.items():
-        x0 = _into(p0[live].numpy(), ub[live].numpy())
+        x0 = _into(p0[live].numpy(), ub[live].numpy(), lb[live].numpy())
         if prior is not None and max_shift is not None:
             x0 = _toward(x0, prior[live].numpy(), max_shift)
             x0 = np.concatenate([x0, np.abs(x0 - prior[live].numpy())])
@@ -222,7 +234,7 @@ def optimize(problem: Problem, l2: float, upper: torch.Tensor | None = None,
         with np.errstate(all="ignore"):
             res = minimize(objective, x0, jac=True, method="SLSQP", bounds=bounds, constraints=constraints,
                            options={"ftol": tol, "maxiter": max_iter})
-        p = _into(np.asarray(res.x[:k]), ub[live].numpy())
+        p = _into(np.asarray(res.x[:k]), ub[live].numpy(), lb[live].numpy())
         if prior is not None and max_shift is not None:
             p = _toward(p, prior[live].numpy(), max_shift)
         results[name] = (fit(problem, full(p), l2).loss, full(p))
@@ -232,17 +244,18 @@ def optimize(problem: Problem, l2: float, upper: torch.Tensor | None = None,
                    starts={name: v for name, (v, _) in results.items()}, evaluations=evaluations)
 
 
-def _into(x: np.ndarray, ub: np.ndarray) -> np.ndarray:
-    """The point of {0 <= x <= ub, sum x = 1} closest to x (Euclidean), by bisection on the shift:
+def _into(x: np.ndarray, ub: np.ndarray, lb: np.ndarray | None = None) -> np.ndarray:
+    """The point of {lb <= x <= ub, sum x = 1} closest to x (Euclidean), by bisection on the shift:
     SLSQP's answer is feasible only to its tolerance, and a start need not be feasible at all."""
-    lo, hi = float((x - ub).min()) - 1, float(x.max()) + 1
+    lb = np.zeros_like(ub) if lb is None else lb
+    lo, hi = float((x - ub).min()) - 1, float((x - lb).max()) + 1
     for _ in range(200):
         mid = (lo + hi) / 2
-        if np.clip(x - mid, 0, ub).sum() > 1:
+        if np.clip(x - mid, lb, ub).sum() > 1:
             lo = mid
         else:
             hi = mid
-    out = np.clip(x - (lo + hi) / 2, 0, ub)
+    out = np.clip(x - (lo + hi) / 2, lb, ub)
     return out / out.sum()
 
 
@@ -256,13 +269,17 @@ def _toward(x: np.ndarray, q: np.ndarray, max_shift: float) -> np.ndarray:
     return q + lam * (x - q)
 
 
-def rounded(p: torch.Tensor, floor: float, upper: torch.Tensor | None = None) -> torch.Tensor:
+def rounded(p: torch.Tensor, floor: float, upper: torch.Tensor | None = None,
+            lower: torch.Tensor | None = None) -> torch.Tensor:
     """Proportions with every share below `floor` set to 0 and the rest renormalized within the caps
     `upper`: a source given half a percent is noise of the optimizer, not a recommendation to read.
+    A share with a floor of its own (`lower` > 0) is kept, and renormalizing only raises it.
     Where the kept shares cannot absorb the dropped ones within their caps, p is returned as it is."""
     if not 0 <= floor < 1:
         raise ValueError(f"floor must be in [0, 1), got {floor}")
     keep = p >= floor
+    if lower is not None:
+        keep |= torch.as_tensor(lower, dtype=torch.float64) > 0
     if not bool(keep.any()):
         keep = p == p.max()
     ub = torch.ones_like(p) if upper is None else torch.as_tensor(upper, dtype=torch.float64)

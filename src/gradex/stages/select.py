@@ -24,7 +24,13 @@ def inputs(run: Run) -> dict[str, str | None]:
     c = run.cfg
     found = {"config": config_mod.fingerprint(c.estimate, c.select, weighting(run)),
              "data": run.output("data"), "store": run.output("store")}
+    if c.select.method == "weights":  # proportions found before the target's floor are stale
+        found["weights"] = WEIGHTS_FORMAT
     return {**found, "clusters": run.output("clusters")} if c.data.clusters else found
+
+
+# bump when the weights method changes its answer for the same settings (2: select.target_floor)
+WEIGHTS_FORMAT = 2
 
 
 @writes
