@@ -9,7 +9,9 @@ examples, and 512 target validation rows) is written, then memory-mapped and tim
     build     the estimation problem (gradex.estimate.Problem and the all-sources l2 calibration),
     estimate  1,000 random subsets of half the sources in one batch (subsets per second),
     one-step  the same subsets by the first Newton step alone (estimate.refinements = 0), with its
-              relative difference from the refined estimates,
+              relative difference from the refined estimates, and again with the factored systems
+              formed whole rather than from their lower triangles (the earlier way; ratio and the
+              largest relative difference of the two),
     ensemble  the paper's ensemble selection with the default number of subsets (max(400, 4 n)),
     forward   forward stepwise over all n sources (each round's candidates in one batch).
 The timings of the 1,000 subsets are medians of 3 repeats; build, ensemble and forward run once. The
@@ -83,7 +85,7 @@ def cell(n: int, big_n: int, d: int) -> dict:
     import torch
 
     from gradex import search
-    from gradex.estimate import Problem, calibrate_l2, estimate
+    from gradex.estimate import Problem, calibrate_l2, estimate, solver
 
     with tempfile.TemporaryDirectory(prefix="gradex-scale-") as tmp:
         out = Path(tmp)
@@ -120,6 +122,19 @@ def cell(n: int, big_n: int, d: int) -> dict:
             times.append(time.perf_counter() - t0)
         one_step_s = statistics.median(times)
         one_step_err = ((one_step - refined).abs() / refined.abs()).double()
+        # The same one step with the factored systems formed whole (the earlier way), in this run:
+        # the ratio of the two is what summing only their lower triangles buys.
+        solver.LOWER_ONLY = False
+        try:
+            times = []
+            for _ in range(REPEATS):
+                t0 = time.perf_counter()
+                whole = estimate(prob, subsets, l2, refinements=0, weighting="mean").loss
+                times.append(time.perf_counter() - t0)
+        finally:
+            solver.LOWER_ONLY = True
+        whole_s = statistics.median(times)
+        whole_diff = float(((whole - one_step).abs() / one_step.abs()).max())
 
         m = search.default_subsets(n)
         t0 = time.perf_counter()
@@ -134,6 +149,8 @@ def cell(n: int, big_n: int, d: int) -> dict:
             "calibrate_s": round(calibrate_s, 3), "build_s": round(build_s, 3), "estimate_s": round(estimate_s, 3),
             "subsets_per_s": round(SUBSETS / estimate_s, 1),
             "one_step_subsets_per_s": round(SUBSETS / one_step_s, 1),
+            "one_step_whole_systems_subsets_per_s": round(SUBSETS / whole_s, 1),
+            "one_step_lower_vs_whole": round(whole_s / one_step_s, 2), "one_step_lower_vs_whole_max_rel_diff": whole_diff,
             "one_step_rel_error_mean": float(one_step_err.mean()), "one_step_rel_error_max": float(one_step_err.max()),
             "ensemble_subsets": m, "ensemble_s": round(ensemble_s, 3),
             "forward_s": round(forward_s, 3), "forward_rounds": len(fwd.history),
@@ -181,13 +198,15 @@ def main(argv: list[str] | None = None) -> dict:
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             cells.append(row)
             print(f"n={n:>5} N={big_n:>8}: build {row['build_s']:8.2f} s  {row['subsets_per_s']:9.1f} subsets/s "
-                  f"(one step {row['one_step_subsets_per_s']:.1f}/s, error {row['one_step_rel_error_mean']:.1e})  "
+                  f"(one step {row['one_step_subsets_per_s']:.1f}/s, error {row['one_step_rel_error_mean']:.1e}, "
+                  f"{row['one_step_lower_vs_whole']:.2f}x the whole systems)  "
                   f"ensemble {row['ensemble_s']:7.2f} s  forward {row['forward_s']:8.2f} s ({row['forward_rounds']} "
                   f"rounds)  peak {row['peak_rss_gb']:.2f} GB", flush=True)
     line: dict = {}
     for r in cells:
         key = f"n{r['n']}_N{label(r['N'])}"
-        for fig in ("build_s", "subsets_per_s", "one_step_subsets_per_s", "ensemble_s", "forward_s", "peak_rss_gb"):
+        for fig in ("build_s", "subsets_per_s", "one_step_subsets_per_s", "one_step_lower_vs_whole", "ensemble_s",
+                    "forward_s", "peak_rss_gb"):
             if fig in r:
                 line[f"{key}_{fig}"] = r[fig]
     growth = {}

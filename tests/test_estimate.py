@@ -388,12 +388,16 @@ def test_lower_triangles_unpack_to_the_lower_half():
     assert torch.equal(unpack_lower(lower(A), 7), A.tril())
 
 
-def test_factored_one_step_at_many_sources_matches_a_dense_solve():
-    """With many sources per dimension `_Systems` factors every subset's system from the packed lower
-    triangles; the one Newton step must equal z_all + (H_S + 2 l2 I)^-1 (b_S - 2 l2 z_all), solved
-    here in float64 by numpy from the same group sums."""
+@pytest.mark.parametrize("lower_only", [True, False])
+def test_factored_one_step_at_many_sources_matches_a_dense_solve(monkeypatch, lower_only):
+    """With many sources per dimension `_Systems` factors every subset's system, formed from the
+    packed lower triangles or whole; the one Newton step must equal z_all + (H_S + 2 l2 I)^-1
+    (b_S - 2 l2 z_all), solved here in float64 by numpy from the same group sums."""
+    from gradex.estimate import solver as solver_mod
     from gradex.estimate.problem import full_membership
     from gradex.estimate.solver import _anchor
+
+    monkeypatch.setattr(solver_mod, "LOWER_ONLY", lower_only)
 
     prob = random_problem(seed=3, n_sources=40, per_source=30, n_target=60, d=12)
     subsets = random_subsets(40, 16, seed=5)

@@ -36,6 +36,20 @@ def test_ledger_sha256_streams_files_and_folders(tmp_path):
     assert ledger.sha256(tmp_path / "d") != before  # a new (even empty) file changes a folder's hash
 
 
+def test_a_keyed_record_is_current_only_for_its_key(tmp_path):
+    """The one check behind fine-tunes, similarity caches and the final model's record."""
+    path = tmp_path / "result.json"
+    assert ledger.kept(path, "k1") is None  # missing
+    written = ledger.keep(path, "k1", {"loss": 0.5, "key": "ignored"})
+    assert written == {"key": "k1", "loss": 0.5} and list(json.loads(path.read_text())) == ["key", "loss"]
+    assert ledger.kept(path, "k1") == written
+    assert ledger.kept(path, "k2") is None  # written for other inputs
+    path.write_text('{"key": "k1", "loss"')  # cut short by a crash
+    assert ledger.kept(path, "k1") is None
+    path.write_text('["k1"]')
+    assert ledger.kept(path, "k1") is None
+
+
 def test_status_of_a_fresh_and_of_a_selected_run(cfg):
     assert {s for s, _ in states(cfg).values()} == {"missing"}
     pipeline.select(cfg)

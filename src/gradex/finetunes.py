@@ -5,12 +5,12 @@ model's record for the stages downstream of it."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
 from gradex import config as config_mod
-from gradex.atomic import read_json, write_json
+from gradex import ledger
+from gradex.atomic import read_json
 from gradex.launch import barrier, distributed, on_main
 from gradex.saved import save_model
 from gradex.run import Run
@@ -141,8 +141,9 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
     done = where / "result.json"
     _, world = distributed()
     barrier(world)  # every process sees the same files: none is still writing this fine-tune's
-    if done.exists():
-        return json.loads(done.read_text())
+    found = ledger.kept(done, key)
+    if found is not None:
+        return found
     model = run.meta_model() if run.cfg.finetune.init == "theta_star" else run.fresh_model(seed=recipe.seed)
     idx = mix_indices(run, members, seed, proportions)
     t0 = time.perf_counter()
@@ -160,12 +161,12 @@ def finetune_mix(run: Run, members: list[str], seed: int = 0, desc: str = "finet
                                          run.precision, desc=f"{desc} {split}", output=run.cfg.gradients.output,
                                          scoring=target_scoring(run))
                    for split in ("validation", "test")}
-        result = {"key": key, "members": [s for s in run.sources if s in set(members)], "seed": seed,
+        result = {"members": [s for s in run.sources if s in set(members)], "seed": seed,
                   **({"proportions": proportions} if proportions is not None else {}),
                   "init": run.cfg.finetune.init, "steps": len(history), "examples": len(idx),
                   "seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1), **run.compute,
                   "adapter": str((where / "model").relative_to(run.dir)), **metrics}
-        write_json(done, result)
+        result = ledger.keep(done, key, result)
         (where / "checkpoint.pt").unlink(missing_ok=True)
         return result
 

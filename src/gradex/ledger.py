@@ -6,6 +6,10 @@ Every stage directory holds one record, `stage.json`:
      "inputs": {"config": "<hash of the config parts it used>", "data": "<hash of the examples>"},
      "outputs": {"theta*": "<hash of the adapter>"}, ...timings and counts}
 
+Work finer than a stage (a fine-tune of a mix, a similarity cache, the final model's record) is a
+keyed record: one JSON object whose "key" is the hash of everything its result depends on
+(`kept`, `keep`). Its body is current exactly when its key equals the current one.
+
 A stage's inputs are the hashes of its config parts and of every artifact it read, taken from the
 upstream records' outputs (or, for prepare, from the data files themselves). A stage is done when
 its recorded inputs equal the current ones; so editing a data file, forcing an upstream stage that
@@ -88,3 +92,22 @@ def state(where: Path, current: dict[str, Any]) -> tuple[str, str]:
     if record.get("status") != "done":
         return "running", "started and not finished (interrupted, or running now); a re-run resumes it"
     return "done", ""
+
+
+def kept(path: Path, key: str) -> dict | None:
+    """The keyed record at `path` when it was written for `key`; None when it is missing, unreadable
+    (it is then recomputed and replaced: gradex wrote it) or was written for another key."""
+    import json
+
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) and body.get("key") == key else None
+
+
+def keep(path: Path, key: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Write `body` as the keyed record for `key` at `path` (the key first, as `kept` reads it)."""
+    record = {"key": key, **{k: v for k, v in body.items() if k != "key"}}
+    write_json(path, record)
+    return record

@@ -199,8 +199,7 @@ def status(cfg: Config) -> list[dict]:
         rows.append({"stage": "finetune", "state": "missing", "why": "not run yet"})
     elif not upstream_ok or selection is None:
         rows.append({"stage": "finetune", "state": "stale", "why": "an upstream stage is not done"})
-    elif read_json(final, "gradex finetune --force").get("key") != finetune_key(run, selection["selected"], 0,
-                                                                              selection.get("proportions")):
+    elif ledger.kept(final, finetune_key(run, selection["selected"], 0, selection.get("proportions"))) is None:
         rows.append({"stage": "finetune", "state": "stale", "why": "changed: the selection, the data, theta* or the "
                                                                    "finetune recipe"})
     else:
@@ -219,8 +218,9 @@ def status(cfg: Config) -> list[dict]:
                      "only the fine-tunes that changed"})
     tunes = sorted(p for p in (run.dir / "finetunes").glob("*") if p.is_dir())
     if tunes:  # every fine-tune of a mix, cached by key (final/, compare, validate share them)
-        done = sum((p / "result.json").exists() for p in tunes)
-        partial = sum(not (p / "result.json").exists() and (p / "checkpoint.pt").exists() for p in tunes)
+        finished = {p for p in tunes if ledger.kept(p / "result.json", p.name) is not None}  # its folder is its key
+        done = len(finished)
+        partial = sum(p not in finished and (p / "checkpoint.pt").exists() for p in tunes)
         rows.append({"stage": "fine-tunes", "state": "cached", "why": f"{done} done in finetunes/"
                      + (f", {partial} interrupted (resumed from their checkpoints when asked for again)" if partial else "")})
     have = (run.dir / "report.html").exists()

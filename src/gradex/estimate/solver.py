@@ -129,6 +129,10 @@ def _gradient(blocks: list[tuple[torch.Tensor, torch.Tensor]], members: torch.Te
     return G
 
 
+# Form the factored systems from the groups' lower triangles (True), or whole (False: the earlier way,
+# which benchmarks/scale.py times beside it in the same run).
+LOWER_ONLY = True
+
 # Factor a batch's systems directly once its subsets hold, on average, d / DIRECT_GROUPS_PER_DIM
 # groups beyond the ones they all share (see _Systems).
 DIRECT_GROUPS_PER_DIM = 4
@@ -249,11 +253,14 @@ class _Systems:
         add) bounds the speed of convergence, not the answer."""
         members = self.members[rows].to(self.dtype)
         members[:, self.every] = 0  # held by every subset: in self.base
-        # Cholesky reads the lower triangle only: form that alone (half the product), then add base
-        if self.packed is None:
-            self.packed = lower(self.H)
-        A = unpack_lower(members @ self.packed, self.H.shape[-1])
-        A += self.base.tril()
+        if LOWER_ONLY:  # Cholesky reads the lower triangle only: form that alone (half the product)
+            if self.packed is None:
+                self.packed = lower(self.H)
+            A = unpack_lower(members @ self.packed, self.H.shape[-1])
+            A += self.base.tril()
+        else:
+            A = (members @ self.H.reshape(self.H.shape[0], -1)).view(-1, *self.H.shape[1:])
+            A += self.base
         A.diagonal(dim1=1, dim2=2).add_(2.0 * self.l2[rows])
         L = cholesky(A)
         self.L = L if self.L is None else torch.cat([self.L, L])

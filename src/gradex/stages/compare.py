@@ -31,13 +31,12 @@ def _similarity(run: Run, kind: str) -> dict[str, float]:
     # the clusters relabel the examples: the same data under other clusters is other sources
     key = config_mod.fingerprint(kind, inputs, *([run.output("clusters")] if run.cfg.data.clusters else []))
     path = run.dir / "compare" / f"{kind}.json"
-    if path.exists() and json.loads(path.read_text())["key"] == key:
-        return json.loads(path.read_text())["scores"]
+    found = ledger.kept(path, key)
+    if found is not None:
+        return found["scores"]
 
     def compute() -> dict[str, float]:
-        scores = similarity_scores(kind, run)
-        write_json(path, {"key": key, "scores": scores})
-        return scores
+        return ledger.keep(path, key, {"scores": similarity_scores(kind, run)})["scores"]
 
     return on_main(compute)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 
-from gradex.atomic import replacing_dir, write_json
+from gradex import ledger
+from gradex.atomic import replacing_dir
 from gradex.finetunes import finetune_key, finetune_mix, recipe_summary
 from gradex.launch import on_main
 from gradex.run import FINAL, Run, log
@@ -29,11 +30,11 @@ def finetune(run: Run, force: bool = False) -> dict:
     previous = out / "metrics.json"
 
     def copy_final() -> dict:
-        stale = not previous.exists() or json.loads(previous.read_text()).get("key") != key
+        stale = ledger.kept(previous, key) is None
         if force or stale or not (run.dir / FINAL).exists():
             with replacing_dir(run.dir / FINAL) as tmp:
                 shutil.copytree(run.dir / result["adapter"], tmp, dirs_exist_ok=True)
-            write_json(previous, {**result, "recipe": recipe_summary(run)})
+            ledger.keep(previous, key, {**result, "recipe": recipe_summary(run)})
             log(f"fine-tuned the selection ({len(members)} sources, {result['examples']} examples) in "
                 f"{result['steps']} steps: test {result['test']['metric']} {result['test']['score']:.3f}, "
                 f"test loss {result['test']['loss']:.4f}")
