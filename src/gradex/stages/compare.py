@@ -175,7 +175,7 @@ def compare(run: Run, force: bool = False, seeds: int | None = None,
     path = run.dir / "compare.json"
     if not force and _current(run, fingerprint):
         return json.loads(path.read_text())
-    todo = len({key for key in keys.values() if not (run.dir / "finetunes" / key / "result.json").exists()})
+    todo = len({key for key in keys.values() if ledger.kept(run.dir / "finetunes" / key / "result.json", key) is None})
     log(f"compare: {len(candidates)} mixes x {k} seed(s) = {len(jobs)} fine-tunes, {todo} to train "
         f"({recipe_summary(run)['description']})")
     rows = []
