@@ -288,7 +288,10 @@ def rounded(p: torch.Tensor, floor: float, upper: torch.Tensor | None = None,
         return p
     kept = torch.where(keep, p, torch.zeros_like(p))
     kept = kept / kept.sum()
-    return kept if bool((kept <= ub + 1e-12).all()) else torch.from_numpy(_into(kept.numpy(), ub.numpy()))
+    if bool((kept <= ub + 1e-12).all()):
+        return kept
+    lb = None if lower is None else torch.as_tensor(lower, dtype=torch.float64).numpy()
+    return torch.from_numpy(_into(kept.numpy(), ub.numpy(), lb))
 
 
 def counts(p: torch.Tensor | list[float], total: int) -> list[int]:
