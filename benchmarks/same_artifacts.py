@@ -1,0 +1,60 @@
+"""Whether two run directories of the same config hold the same artifacts: the check that a refactor
+changed no result (issue "One stage graph").
+
+    python benchmarks/same_artifacts.py RUN_A RUN_B
+
+RUN_A and RUN_B are the run directories of one config made by two versions of gradex (e.g. one from a
+`git worktree` of the older commit, with its src/ first on PYTHONPATH). Prints, for each, the hashes of
+the prepared examples, theta*, every file of the store, and selection.json, whole and without its
+timings (the only fields two runs of the same work may differ in), and which differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from gradex.ledger import sha256  # noqa: E402
+
+
+def without_timings(value: object) -> object:
+    """A JSON value without the keys that time work (`seconds`, `*_seconds`, per-second rates)."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items()
+                if k != "seconds" and not k.endswith("_seconds") and "per_second" not in k}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def hashes(run: Path) -> dict[str, str]:
+    out = {"data/examples.jsonl": sha256(run / "data" / "examples.jsonl"), "meta/theta_star": sha256(run / "meta" / "theta_star")}
+    for f in sorted((run / "store").iterdir()):
+        if f.is_file() and f.name != "stage.json":
+            out[f"store/{f.name}"] = sha256(f)
+            if f.suffix == ".json":
+                body = without_timings(json.loads(f.read_text()))
+                out[f"store/{f.name} without timings"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    out["store (the ledger's output)"] = json.loads((run / "store" / "stage.json").read_text())["outputs"]["store"]
+    out["selection.json"] = sha256(run / "selection.json")
+    body = without_timings(json.loads((run / "selection.json").read_text()))
+    out["selection.json without timings"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs=2, type=Path)
+    args = ap.parse_args(argv)
+    a, b = (hashes(r) for r in args.runs)
+    for name in a:
+        print(f"{name:40s} {a[name]}  {b.get(name)}  {'same' if a[name] == b.get(name) else 'DIFFERENT'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
