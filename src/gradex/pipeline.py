@@ -199,11 +199,11 @@ def status(cfg: Config) -> list[dict]:
         rows.append({"stage": "finetune", "state": "missing", "why": "not run yet"})
     elif not upstream_ok or selection is None:
         rows.append({"stage": "finetune", "state": "stale", "why": "an upstream stage is not done"})
-    elif ledger.kept(final, finetune_key(run, selection["selected"], 0, selection.get("proportions"))) is None:
+    elif (record := ledger.kept(final, finetune_key(run, selection["selected"], 0, selection.get("proportions")))) is None:
         rows.append({"stage": "finetune", "state": "stale", "why": "changed: the selection, the data, theta* or the "
                                                                    "finetune recipe"})
     else:
-        rows.append({"stage": "finetune", "state": "done", "why": ran_on(read_json(final, "gradex finetune --force")) or ""})
+        rows.append({"stage": "finetune", "state": "done", "why": ran_on(record) or ""})
     path = run.dir / "compare.json"
     if not path.exists():
         rows.append({"stage": "compare", "state": "missing", "why": "not run yet"})

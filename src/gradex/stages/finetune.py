@@ -3,7 +3,6 @@ shared by every stage that needs one; the finetune stage (the final model, final
 
 from __future__ import annotations
 
-import json
 import shutil
 
 from gradex import ledger
@@ -30,15 +29,15 @@ def finetune(run: Run, force: bool = False) -> dict:
     previous = out / "metrics.json"
 
     def copy_final() -> dict:
-        stale = ledger.kept(previous, key) is None
-        if force or stale or not (run.dir / FINAL).exists():
+        record = ledger.kept(previous, key)
+        if force or record is None or not (run.dir / FINAL).exists():
             with replacing_dir(run.dir / FINAL) as tmp:
                 shutil.copytree(run.dir / result["adapter"], tmp, dirs_exist_ok=True)
-            ledger.keep(previous, key, {**result, "recipe": recipe_summary(run)})
+            record = ledger.keep(previous, key, {**result, "recipe": recipe_summary(run)})
             log(f"fine-tuned the selection ({len(members)} sources, {result['examples']} examples) in "
                 f"{result['steps']} steps: test {result['test']['metric']} {result['test']['score']:.3f}, "
                 f"test loss {result['test']['loss']:.4f}")
-        return json.loads(previous.read_text())
+        return record
 
     return on_main(copy_final)
 
