@@ -1,15 +1,16 @@
 """Proportions (select.method weights) at equal steps against the best subset, the selection in equal
 shares and all sources, and a check of their error bars' coverage.
 
-    python benchmarks/weights.py                                  # default, corrupted, tasks; coverage on default
+    python benchmarks/weights.py                                  # every scenario; coverage on default
     python benchmarks/weights.py --scenarios corrupted tasks --coverage corrupted
 
-Scenarios: the packaged examples `default` and `corrupted`, and `tasks` (benchmarks/scenarios/tasks.yaml,
-issue "The paper's own experiment": 54 whole BIG-bench tasks as sources); their runs in runs/weights/.
-A run directory of the same scenario made by another benchmark (`--seed-from NAME=DIR`, by default
-runs/paper-table/tasks-cpu for tasks when it exists) seeds the new one with copies of its prepared
-data, theta*, store and fine-tunes: the ledger finds their inputs unchanged, so only what proportions
-change is computed again.
+Scenarios: the packaged examples `default` and `corrupted`, and issue "The paper's own experiment"'s
+real ones at benchmarks/paper_table.py's CPU sizes: `tasks` (benchmarks/scenarios/tasks.yaml, 54 whole
+BIG-bench tasks as sources) and `strategyqa` (8 clusters of its train split); their runs in
+runs/weights/. A run directory of the same scenario made by another benchmark (`--seed-from NAME=DIR`,
+by default runs/paper-table/<name>-cpu for the real ones when it exists) seeds the new one with copies
+of its prepared data, theta*, store, clusters and fine-tunes: the ledger finds their inputs unchanged,
+so only what proportions change is computed again.
 
 Per scenario: every stage with `select.method=weights`, then `gradex.pipeline.compare` at `--seeds`
 seeds: the proportions
@@ -57,20 +58,25 @@ from gradex.atomic import write_json
 from gradex.comparison import SELECTED, format_table
 
 from machine import cpu_model  # benchmarks/machine.py, beside this script
+from paper_table import SCENARIOS as PAPER_SCENARIOS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "weights.json"
-SCENARIOS = {"default": config_mod.EXAMPLES_DIR / "default.yaml",
-             "corrupted": config_mod.EXAMPLES_DIR / "corrupted.yaml",
-             "tasks": ROOT / "benchmarks" / "scenarios" / "tasks.yaml"}
-SEEDED = {"tasks": ROOT / "runs" / "paper-table" / "tasks-cpu"}  # benchmarks/paper_table.py's run, CPU size
+# (config, overrides): the packaged examples as they ship, and issue "The paper's own experiment"'s
+# real scenarios at benchmarks/paper_table.py's CPU sizes
+SCENARIOS = {"default": (config_mod.EXAMPLES_DIR / "default.yaml", []),
+             "corrupted": (config_mod.EXAMPLES_DIR / "corrupted.yaml", []),
+             **{name: (spec["config"], spec["cpu"]) for name, spec in PAPER_SCENARIOS.items()}}
+# benchmarks/paper_table.py's runs, CPU size
+SEEDED = {name: ROOT / "runs" / "paper-table" / f"{name}-cpu" for name in PAPER_SCENARIOS}
 AGAINST = {"best": "gradex[best]", "all": "all", "uniform": "uniform", "all_uniform": "all[uniform]"}
 
 
 def scenario_config(name: str, runs_dir: Path, extra: list[str]) -> config_mod.Config:
     # the proportions' own comparison: no baselines but all sources (natural proportions)
-    return config_mod.load(SCENARIOS[name], ["select.method=weights", "compare.baselines=[all]", *extra,
-                                             f"runs_dir={runs_dir}", f"name={name}"])
+    path, sized = SCENARIOS[name]
+    return config_mod.load(path, [*sized, "select.method=weights", "compare.baselines=[all]", *extra,
+                                  f"runs_dir={runs_dir}", f"name={name}"])
 
 
 def seeded(cfg: config_mod.Config, source: Path) -> None:
@@ -80,7 +86,7 @@ def seeded(cfg: config_mod.Config, source: Path) -> None:
         return
     cfg.run_dir.mkdir(parents=True)
     for item in source.iterdir():
-        if item.name in ("data", "meta", "store", "finetunes", "config.yaml", ".gradex-run"):
+        if item.name in ("data", "meta", "store", "clusters", "finetunes", "config.yaml", ".gradex-run"):
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, cfg.run_dir / item.name)
 
 

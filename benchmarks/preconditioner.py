@@ -1,0 +1,135 @@
+"""Adam's preconditioner from the meta-train's own optimizer state (`gradients.preconditioner meta`)
+against the separate pass (`adam`, the default): the store's cost and `gradex validate`'s agreement
+(issue "Side by side with the peer libraries", item 2).
+
+    python benchmarks/preconditioner.py                     # the default example, 12 subsets x 2 seeds
+    python benchmarks/preconditioner.py --subsets 8 --seed-from runs/default
+
+Two run directories of one config, `adam` and `meta` under --runs-dir, differ only in
+gradients.preconditioner. Both start from copies of one prepared data, theta* (with the meta-train's
+saved moments) and fine-tunes (--seed-from, by default runs/default when it exists), so the ledger
+keeps those and only the stores are built, here, one after the other, each timed in this process (the
+ratio is of one run on one host). Then `gradex validate` on `adam`; its real fine-tunes (validate/
+runs.jsonl, keyed by what shapes a fine-tune, which the preconditioner does not) are copied to `meta`,
+whose validate re-estimates the same subsets and trains nothing.
+
+The gate, as the issue words it ("no worse than the separate pass, beyond seed noise"):
+- error: meta's mean relative error at most adam's plus the seed noise (the mean relative difference
+  of one subset's real loss over two seeds);
+- ranking: the two estimators rank the subsets alike at least as well as two seeds of the real
+  fine-tunes rank them alike (Spearman of meta's estimates with adam's >= Spearman of seed 0's real
+  losses with seed 1's), so a difference in Spearman with the truth is within what seeds move.
+Also the paired 95% Student-t interval over subsets of meta's relative error minus adam's.
+
+Writes benchmarks/results/preconditioner.json; prints its flat `summary` last: `meta_vs_adam_store_seconds`
+(ratio, < 1 = meta cheaper), `{adam,meta}_spearman`, `{adam,meta}_error`, `seed_noise`,
+`estimates_spearman`, `seeds_spearman`, `error_diff_ci`, `gate` (true when both conditions hold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+from gradex import config as config_mod
+from gradex import ledger
+from gradex import pipeline
+from gradex.atomic import write_json
+from gradex.diagnostics import summary as validation_summary
+from gradex.diagnostics import validate
+
+from machine import cpu_model  # benchmarks/machine.py, beside this script
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "preconditioner.json"
+KINDS = ("adam", "meta")
+
+
+def seeded(run_dir: Path, source: Path) -> None:
+    """Start an absent run directory from copies of `source`'s prepared data, theta* and fine-tunes."""
+    if run_dir.exists() or not source.is_dir():
+        return
+    run_dir.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.name in ("data", "meta", "finetunes", "config.yaml", ".gradex-run"):
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, run_dir / item.name)
+
+
+def relative_errors(result: dict) -> dict[tuple[str, ...], float]:
+    return {tuple(r["members"]): abs(r["estimate"] - r["real"]) / r["real"] for r in result["rows"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, default=config_mod.EXAMPLES_DIR / "default.yaml")
+    ap.add_argument("--subsets", type=int, default=12)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "preconditioner")
+    ap.add_argument("--seed-from", type=Path, default=ROOT / "runs" / "default",
+                    help="a run directory of the same config whose data, theta* and fine-tunes to start from")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    if args.seeds < 2:
+        ap.error("--seeds: at least 2, for the seed noise the gate is measured against")
+    cfgs = {kind: config_mod.load(args.config, [*args.overrides, f"runs_dir={args.runs_dir}", f"name={kind}",
+                                                f"gradients.preconditioner={kind}"]) for kind in KINDS}
+    for cfg in cfgs.values():
+        seeded(cfg.run_dir, args.seed_from)
+    store_seconds = {}
+    for kind, cfg in cfgs.items():  # one after the other, nothing else running: a ratio of one run
+        t0 = time.perf_counter()
+        pipeline.gradients(cfg)
+        store_seconds[kind] = round(time.perf_counter() - t0, 1)
+        print(f"gradients ({kind}): {store_seconds[kind]} s", file=sys.stderr, flush=True)
+    results = {"adam": validate(cfgs["adam"], k=args.subsets, seeds=args.seeds)}
+    rows = cfgs["adam"].run_dir / "validate" / "runs.jsonl"
+    (cfgs["meta"].run_dir / "validate").mkdir(exist_ok=True)
+    shutil.copy2(rows, cfgs["meta"].run_dir / "validate" / "runs.jsonl")  # the same real fine-tunes
+    results["meta"] = validate(cfgs["meta"], k=args.subsets, seeds=args.seeds)
+
+    adam, meta = (relative_errors(results[k]) for k in KINDS)
+    keys = sorted(adam)
+    diff = np.array([meta[k] - adam[k] for k in keys])
+    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+    estimates = {kind: {tuple(r["members"]): r["estimate"] for r in results[kind]["rows"]} for kind in KINDS}
+    by_seed = [[r["seeds"][s] for r in results["adam"]["rows"]] for s in (0, 1)]
+    estimates_spearman = float(stats.spearmanr([estimates["adam"][k] for k in keys],
+                                               [estimates["meta"][k] for k in keys]).statistic)
+    seeds_spearman = float(stats.spearmanr(*by_seed).statistic)
+    noise = results["adam"]["seed_noise"]
+    error_ok = results["meta"]["mean_abs_rel_error"] <= results["adam"]["mean_abs_rel_error"] + noise
+    summary = {
+        "meta_vs_adam_store_seconds": round(store_seconds["meta"] / store_seconds["adam"], 3),
+        **{f"{k}_store_seconds": store_seconds[k] for k in KINDS},
+        **{f"{k}_spearman": round(results[k]["spearman"], 4) for k in KINDS},
+        **{f"{k}_error": round(results[k]["mean_abs_rel_error"], 5) for k in KINDS},
+        "seed_noise": round(noise, 5),
+        "estimates_spearman": round(estimates_spearman, 4), "seeds_spearman": round(seeds_spearman, 4),
+        "error_diff_mean": round(float(diff.mean()), 5),
+        "error_diff_ci": [round(float(diff.mean() - half), 5), round(float(diff.mean() + half), 5)],
+        "gate": bool(error_ok and estimates_spearman >= seeds_spearman),
+    }
+    body = {"command": " ".join(["python", "benchmarks/preconditioner.py", *(sys.argv[1:] if argv is None else argv)]),
+            "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+                        "torch": torch.__version__, "python": platform.python_version(),
+                        "precision": ledger.read(cfgs["adam"].run_dir / "store").get("precision")},
+            "subsets": args.subsets, "seeds": args.seeds, "store_seconds": store_seconds,
+            "validation": {k: validation_summary(results[k]) | {"rows": results[k]["rows"]} for k in KINDS},
+            "summary": summary}
+    write_json(RESULTS, body)
+    print(json.dumps(summary))
+    return body
+
+
+if __name__ == "__main__":
+    main()
