@@ -9,9 +9,10 @@ Two run directories of one config, `adam` and `meta` under --runs-dir, differ on
 gradients.preconditioner. Both start from copies of one prepared data, theta* (with the meta-train's
 saved moments) and fine-tunes (--seed-from, by default runs/default when it exists), so the ledger
 keeps those and only the stores are built, here, one after the other (the ratio is of one run on one
-host; each store's seconds are its gradients stage's record, which a resumed run keeps). Then `gradex validate` on `adam`; its real fine-tunes (validate/
-runs.jsonl, keyed by what shapes a fine-tune, which the preconditioner does not) are copied to `meta`,
-whose validate re-estimates the same subsets and trains nothing.
+host; each store's seconds are its gradients stage's record, which a resumed run keeps). Then
+`gradex validate` on `adam`; its real fine-tunes (validate/rows/, keyed by what shapes a fine-tune,
+which the preconditioner does not) are copied to `meta`, whose validate re-estimates the same
+subsets and trains nothing.
 
 The gate, as the issue words it ("no worse than the separate pass, beyond seed noise"):
 - error: meta's mean relative error at most adam's plus the seed noise (the mean relative difference
@@ -92,9 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
         store_seconds[kind] = ledger.read(cfg.run_dir / "store")["seconds"]
         print(f"gradients ({kind}): {store_seconds[kind]} s", file=sys.stderr, flush=True)
     results = {"adam": validate(cfgs["adam"], k=args.subsets, seeds=args.seeds)}
-    rows = cfgs["adam"].run_dir / "validate" / "runs.jsonl"
-    (cfgs["meta"].run_dir / "validate").mkdir(exist_ok=True)
-    shutil.copy2(rows, cfgs["meta"].run_dir / "validate" / "runs.jsonl")  # the same real fine-tunes
+    # the same real fine-tunes: validate's rows are keyed by what shapes a fine-tune, not by the store
+    shutil.copytree(cfgs["adam"].run_dir / "validate" / "rows", cfgs["meta"].run_dir / "validate" / "rows",
+                    dirs_exist_ok=True)
     results["meta"] = validate(cfgs["meta"], k=args.subsets, seeds=args.seeds)
 
     adam, meta = (relative_errors(results[k]) for k in KINDS)

@@ -69,23 +69,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     base = config_mod.load(args.config, args.overrides)
-    runs = base.run_dir / "validate" / "runs.jsonl"
     names = args.only.split(",") if args.only else list(VARIANTS)
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
-    if not runs.exists():
-        ap.error(f"{runs} not found: run `gradex validate --subsets {args.subsets} --seeds {args.seeds}` with the "
-                 f"same config first")
     results = {}
     for name in names:
         cfg = variant_config(base, args, name)
-        key = diagnostics.recipe_key(pipeline.Run(cfg), "finetune")  # validate's truth: the deployed recipe
-        have = [json.loads(line) for line in runs.read_text().splitlines()]
-        have = {(tuple(r["members"]), r["seed"]) for r in have if r["fingerprint"] == key and "output_change" in r}
-        missing = args.subsets * args.seeds - len(have)
+        # validate's truth: the deployed recipe, which no variant changes (its rows are keyed by it)
+        missing = diagnostics.missing_rows(pipeline.Run(cfg), args.subsets, args.seeds)
         if missing > 0:
-            sys.exit(f"{runs}: {missing} of {args.subsets} x {args.seeds} real fine-tunes are missing; run "
+            sys.exit(f"{cfg.run_dir / 'validate'}: {missing} of {args.subsets} x {args.seeds} real fine-tunes are missing; run "
                      f"`gradex validate --subsets {args.subsets} --seeds {args.seeds}` with the same config first")
         t0 = time.perf_counter()
         found = diagnostics.validate(cfg, args.subsets, args.seeds)

@@ -55,7 +55,7 @@ CASES = {
     "select": (["select"], ["select", "selection.json"], "log:select: running", 1.0),
     "finetune": (["finetune"], ["finetunes", "final"], "file:finetunes/*", 4.0),
     "evaluate": (["evaluate"], ["finetunes", "final"], "file:finetunes/*/model", 1.0),
-    "validate": (["validate", "--subsets", "2", "--seeds", "1"], ["validate", "finetunes"], "file:validate", 6.0),
+    "validate": (["validate", "--subsets", "2", "--seeds", "1"], ["validate", "finetunes"], "file:finetunes/*", 6.0),
 }
 TRIES = 8  # a kill that lands after the command ended is tried again, with half the wait
 
@@ -159,8 +159,10 @@ def _same_artifacts(stage: str, cfg, reference) -> None:
             assert found[0][split]["score"] == found[1][split]["score"]
             assert found[0][split]["loss"] == pytest.approx(found[1][split]["loss"], rel=1e-5)
     elif stage == "validate":
-        rows = [[json.loads(line) for line in (d / "validate" / "runs.jsonl").read_text().splitlines()] for d in (a, b)]
+        rows = [sorted((json.loads(p.read_text()) for p in (d / "validate" / "rows").iterdir()), key=lambda r: r["key"])
+                for d in (a, b)]
         assert len(rows[0]) == len(rows[1]) == VALIDATE["k"] * VALIDATE["seeds"]
+        assert [x["key"] for x in rows[0]] == [y["key"] for y in rows[1]]
         for x, y in zip(rows[0], rows[1]):
             assert (x["members"], x["seed"], x["steps"]) == (y["members"], y["seed"], y["steps"])
             assert x["losses"] == pytest.approx(y["losses"], rel=1e-5)

@@ -221,7 +221,7 @@ def test_estimate_named_subsets_linear_and_reconstruct(cfg, capsys):
 
 
 def test_validate_and_check_linearity_on_tiny_model(cfg):
-    from gradex import diagnostics
+    from gradex import diagnostics, ledger
 
     cfg.refit.max_steps = 2
     result = diagnostics.validate(cfg, k=3, seeds=2, recipe="refit")
@@ -230,24 +230,32 @@ def test_validate_and_check_linearity_on_tiny_model(cfg):
     assert [r["output_change"] for r in result["sweep"] if r["in_use"]] == list(diagnostics.SWEEP)
     assert {r["weighting"] for r in result["sweep"] if r["in_use"]} == {"mean"}  # refit capped by max_steps: equal steps
     assert result["real_output_change"] > 0
-    runs_path = cfg.run_dir / "validate" / "runs.jsonl"
-    runs = [json.loads(line) for line in runs_path.read_text().splitlines()]
+    rows_dir = cfg.run_dir / "validate" / "rows"
+
+    def rows() -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(rows_dir.iterdir())]
+
+    runs = rows()
     assert len(runs) == 6 and all((cfg.run_dir / r["adapter"]).exists() for r in runs)
+    # each row is the keyed record of its recipe, members and seed
+    assert all(ledger.kept(rows_dir / f"{r['key']}.json", diagnostics.row_path(pipeline.Run(cfg), "refit", r["members"],
+                                                                              r["seed"])[1]) for r in runs)
     assert all(set(r["losses"]) == set(r["output_change"]) == {"ce", "mean-logodds"} for r in runs)
     assert (cfg.run_dir / "validation.json").exists() and (cfg.run_dir / "validation.png").exists()
     # real fine-tunes are keyed by members and seed: fewer subsets reuse them, more add only new ones
     fewer = diagnostics.validate(cfg, k=2, seeds=2, recipe="refit")
-    assert len(runs_path.read_text().splitlines()) == 6
+    assert len(rows()) == 6
     first = {tuple(r["members"]): r["seeds"] for r in result["rows"]}
     assert all(first[tuple(r["members"])] == r["seeds"] for r in fewer["rows"])
     more = diagnostics.validate(cfg, k=4, seeds=2, recipe="refit")
-    assert len(runs_path.read_text().splitlines()) == 8 and more["subsets"] == 4
+    assert len(rows()) == 8 and more["subsets"] == 4
+    assert diagnostics.missing_rows(pipeline.Run(cfg), 4, 2, "refit") == 0
+    assert diagnostics.missing_rows(pipeline.Run(cfg), 5, 2, "refit") == 2
     assert all(first[tuple(r["members"])] == r["seeds"] for r in more["rows"] if tuple(r["members"]) in first)
     # the default truth is the deployed recipe: the same fine-tunes that final/ and compare use
     deployed = diagnostics.validate(cfg, k=2, seeds=1)
     assert deployed["recipe"] == "finetune" and "equal budget" in deployed["recipe_description"]
-    steps = {json.loads(line)["steps"] for line in runs_path.read_text().splitlines()
-             if json.loads(line)["recipe"] == "finetune"}
+    steps = {r["steps"] for r in rows() if r["recipe"] == "finetune"}
     assert steps == {pipeline.budget_steps(pipeline.Run(cfg))}
     for row in deployed["rows"]:
         entry = cfg.run_dir / "finetunes" / pipeline.finetune_key(pipeline.Run(cfg), row["members"], 0) / "result.json"
@@ -311,7 +319,7 @@ def test_compare_caches_fine_tunes_labels_unequal_budgets_and_checks_named_mixes
         assert r["estimate"] == pytest.approx(direct, rel=1e-6)
     trained = sorted(p.name for p in (cfg.run_dir / "finetunes").iterdir())
     again = pipeline.compare(cfg, seeds=2, mixes={"mine": ["mul"]})
-    assert again["fingerprint"] == first["fingerprint"]
+    assert again["key"] == first["key"]
     assert sorted(p.name for p in (cfg.run_dir / "finetunes").iterdir()) == trained  # nothing retrained
     # the epochs recipe: each mix takes epochs over its own data, and the table says it is unequal
     cfg.finetune.budget = "epochs"

@@ -350,7 +350,7 @@ def test_compare_json_and_parquet_are_one_unit(tmp_path):
 
     run = types.SimpleNamespace(dir=tmp_path)
     write_parquet(tmp_path / "compare.parquet", pd.DataFrame({"mix": ["all"], "test_loss": [1.0]}))
-    write_json(tmp_path / "compare.json", {"fingerprint": "f", "parquet_sha256": ledger.sha256(tmp_path / "compare.parquet")})
+    write_json(tmp_path / "compare.json", {"key": "f", "parquet_sha256": ledger.sha256(tmp_path / "compare.parquet")})
     assert _current(run, "f") and not _current(run, "g")
     write_parquet(tmp_path / "compare.parquet", pd.DataFrame({"mix": ["all"], "test_loss": [2.0]}))  # cut before the JSON
     assert not _current(run, "f")

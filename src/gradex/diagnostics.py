@@ -12,7 +12,6 @@ noise of real fine-tuning, and the error of a constant predictor (theta*'s own l
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -23,7 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradex.atomic import replacing, write_bytes, write_json
+from gradex import ledger
+from gradex.atomic import replacing, write_json
 from gradex.config import Config, TrainConfig, fingerprint
 from gradex.data import batches
 from gradex.evaluate import loss_from_outputs, outputs
@@ -34,7 +34,7 @@ from gradex.pipeline import require
 from gradex.run import Run, log
 from gradex.saved import save_model
 from gradex.finetunes import finetune_mix, finetune_recipe, recipe_summary
-from gradex.surrogate import estimator, make_run_projector, problem, weighting
+from gradex.surrogate import estimator, make_run_projector, member_mask, problem, weighting
 from gradex.train import train
 from gradex.writer import writes
 
@@ -181,7 +181,7 @@ def random_subsets(n: int, k: int, seed: int) -> torch.Tensor:
     return torch.tensor(sorted(seen), dtype=torch.bool)
 
 
-ROWS_FORMAT = 2  # validate/runs.jsonl rows record the loss under every output definition
+ROWS_FORMAT = 3  # validate/rows/<key>.json record the loss under every output definition
 CHANGE_SAMPLE = 128  # training examples per refit on which the real output change is measured
 SWEEP = (0.1, 0.2, 0.3, 0.5, 1.0)  # output_change values validate re-estimates with (linear mode)
 RECIPES = ("finetune", "refit")
@@ -199,6 +199,24 @@ def recipe_key(run: Run, recipe: str) -> str:
     if recipe == "refit":
         return fingerprint(run.data_key(), run.output("theta*"), run.cfg.refit, MEASURE, ROWS_FORMAT)
     return fingerprint(finetune_recipe(run)[0], MEASURE, ROWS_FORMAT)
+
+
+def row_path(run: Run, recipe: str, names: list[str], seed: int) -> tuple[Path, str]:
+    """Where validate keeps the real fine-tune of target + `names` at `seed`, and its key: the
+    recipe's key (what the fine-tune depends on), the members and the seed, never a position in a list."""
+    key = fingerprint(recipe_key(run, recipe), sorted(names), seed)
+    return run.dir / "validate" / "rows" / f"{key}.json", key
+
+
+def subsets(run: Run, k: int) -> list[list[str]]:
+    """The k random subsets validate fine-tunes (the same k first ones for any larger k)."""
+    members = random_subsets(len(run.sources), k, run.cfg.select.seed + 1000)
+    return [[n for n, m in zip(run.sources, row.tolist()) if m] for row in members]
+
+
+def missing_rows(run: Run, k: int, seeds: int, recipe: str = "finetune") -> int:
+    """How many of validate's k subsets x seeds real fine-tunes have no current row yet."""
+    return sum(ledger.kept(*row_path(run, recipe, names, s)) is None for names in subsets(run, k) for s in range(seeds))
 
 
 def _real_finetune(run: Run, recipe: str, names: list[str], seed: int, out: Path, key: str) -> tuple[torch.nn.Module, dict]:
@@ -220,7 +238,7 @@ def _real_finetune(run: Run, recipe: str, names: list[str], seed: int, out: Path
 
 @writes
 def validate(cfg: Config, k: int = 20, seeds: int = 2, recipe: str = "finetune") -> dict:
-    """Fine-tune k subsets x seeds for real; compare with estimates. Resumes from validate/runs.jsonl.
+    """Fine-tune k subsets x seeds for real; compare with estimates. Resumes from validate/rows/.
 
     recipe: `finetune` (default), the fine-tune `gradex run` deploys (finetune.init, the equal step
     budget), so the check is of what the user gets; or `refit`, a fine-tune from theta* with the
@@ -242,31 +260,27 @@ def validate(cfg: Config, k: int = 20, seeds: int = 2, recipe: str = "finetune")
 def _validate(run: Run, k: int, seeds: int, recipe: str) -> dict:
     cfg = run.cfg
     out = run.dir / "validate"
-    out.mkdir(parents=True, exist_ok=True)
-    done_path = out / "runs.jsonl"
     key = recipe_key(run, recipe)
-    lines = done_path.read_text().splitlines() if done_path.exists() else []  # every recipe's rows
-    done = [d for d in map(json.loads, lines) if d["fingerprint"] == key]
-    members = random_subsets(len(run.sources), k, cfg.select.seed + 1000)
-    names_of = [[n for n, m in zip(run.sources, row.tolist()) if m] for row in members]
+    names_of = subsets(run, k)
+    members = member_mask(run.sources, names_of)
     equal_steps = None if recipe == "finetune" else cfg.refit.max_steps is not None  # refit: epochs unless capped
     fn, _, l2 = estimator(run, equal_steps)
     est = dict(zip(map(tuple, names_of), fn(members).tolist()))
     base = run.meta_model()
     theta = trainable_vector(base)
     reference = _Reference(run, base)
-    finished = {(tuple(d["members"]), d["seed"]) for d in done}
-    jobs = [(names, s) for names in names_of for s in range(seeds) if (tuple(names), s) not in finished]
+    # one keyed record per real fine-tune, written whole once it is measured: a kill loses at most
+    # the one in progress, and a changed estimator (which no key holds) never retrains one
+    rows = {(tuple(names), s): row_path(run, recipe, names, s) for names in names_of for s in range(seeds)}
+    done = {job: ledger.kept(path, row_key) for job, (path, row_key) in rows.items()}
+    jobs = [job for job, row in done.items() if row is None]
     for names, s in tqdm(jobs, desc=f"validate ({recipe}: real fine-tunes)"):
-        model, info = _real_finetune(run, recipe, names, s, out, key)
-        row = {"fingerprint": key, "recipe": recipe, "seed": s, "members": names,
-               **reference.measure(model, names, s),
-               "step": ((trainable_vector(model) - theta).norm() / theta.norm()).item(), **info}
-        lines.append(json.dumps(row))
-        write_bytes(done_path, ("\n".join(lines) + "\n").encode())  # whole or not at all: a kill cannot cut a row
-        done.append(row)
-    wanted = set(est)
-    done = [d for d in done if tuple(d["members"]) in wanted and d["seed"] < seeds]
+        model, info = _real_finetune(run, recipe, list(names), s, out, key)
+        path, row_key = rows[(names, s)]
+        done[(names, s)] = ledger.keep(path, row_key, {
+            "recipe": recipe, "seed": s, "members": list(names), **reference.measure(model, list(names), s),
+            "step": ((trainable_vector(model) - theta).norm() / theta.norm()).item(), **info})
+    done = list(done.values())
     output = cfg.gradients.output
     result = {"recipe": recipe, "recipe_description": recipe_label(run, recipe),
               **_compare(done, est, reference.theta_losses[output], l2, output)}

@@ -8,7 +8,7 @@ import shutil
 
 from gradex import config as config_mod
 from gradex import ledger
-from gradex.atomic import write_json, write_parquet
+from gradex.atomic import write_parquet
 from gradex.config import Config
 from gradex.launch import on_main
 from gradex.run import Run, log, model_stages_ran_on
@@ -130,7 +130,7 @@ def proportion_mixes(run: Run, body: dict, seeds: int) -> list:
     return out
 
 
-COMPARE_FORMAT = 5  # bump when compare.json changes shape, so cached results are recomputed
+COMPARE_FORMAT = 6  # bump when compare.json changes shape, so cached results are recomputed
 
 
 def forward_finetunes(fn, n: int) -> int:
@@ -220,7 +220,7 @@ def _tables(run: Run, cfg: Config, body: dict, final: dict, candidates: list, si
     # target_train) trains none and says nothing of a fine-tune's cost
     trained = [r["seconds"] for r in rows if r["steps"]] or [0.0]
     finetune_seconds = round(sum(trained) / len(trained), 3)
-    result = {"fingerprint": fingerprint, "seeds": k, "recipe": recipe_summary(run), "metric": metric, "test_examples": final["test"]["examples"],
+    result = {"seeds": k, "recipe": recipe_summary(run), "metric": metric, "test_examples": final["test"]["examples"],
               "selection": {"method": cfg.select.method, "selected": body["selected"], "reason": body["reason"]},
               "similarity": similarity, "mixes": summary, "estimate_check": comparison.estimate_check(rows),
               "verdict": comparison.verdict(summary, metric.replace("_", " ")),
@@ -233,19 +233,13 @@ def _tables(run: Run, cfg: Config, body: dict, final: dict, candidates: list, si
     table = [{**r, "proportions": json.dumps(r["proportions"]) if r["proportions"] is not None else None} for r in rows]
     write_parquet(run.dir / "compare.parquet", pd.DataFrame(table))  # proportions as JSON: one column type
     result["parquet_sha256"] = ledger.sha256(run.dir / "compare.parquet")
-    write_json(path, result)
-    return result
+    return ledger.keep(path, fingerprint, result)
 
 
 def _current(run: Run, fingerprint: str) -> bool:
     """Whether compare.json and compare.parquet hold the comparison of `fingerprint`, both of them
     (a write cut between the two leaves a parquet the JSON does not name: the tables are made again,
     from the cached fine-tunes)."""
-    path, table = run.dir / "compare.json", run.dir / "compare.parquet"
-    if not path.exists() or not table.exists():
-        return False
-    try:
-        body = json.loads(path.read_text())
-    except ValueError:  # cut short: made again
-        return False
-    return body.get("fingerprint") == fingerprint and body.get("parquet_sha256") == ledger.sha256(table)
+    table = run.dir / "compare.parquet"
+    body = ledger.kept(run.dir / "compare.json", fingerprint)  # None when missing, cut short or of another key
+    return body is not None and table.exists() and body.get("parquet_sha256") == ledger.sha256(table)
