@@ -39,6 +39,17 @@ cosine is about 1/sqrt(d) = 0.06). A library that cannot run here is recorded wi
 its ratios None. `summary`: gradex_vs_<peer> = gradex examples/s / the peer's (> 1: gradex faster),
 memory_vs_<peer> = the peer's pass peak RSS / gradex's. Writes benchmarks/results/peers.json (not with
 --quick, unless --out); the last printed line is the JSON.
+
+DSIR, the cheap alternative for the selection itself, is timed apart, on a run gradex has made:
+
+    .venv/bin/python benchmarks/peers.py --dsir runs/default [--repeats R]
+
+It scores the run's sources by DSIR (gradex.baselines.dsir_scores: the authors' data-selection
+package, hashed n-grams of every source's training texts against the target's validation texts, as
+compare's `dsir` baseline), R times in this process, and sets the median beside the seconds gradex's
+own selection took in that run (meta-train + gradients + select, from its ledger: the same host, not
+the same process). It adds `dsir` to peers.json and `dsir_seconds`, `gradex_selection_seconds`,
+`selection_vs_dsir` (gradex's seconds / DSIR's) to its summary, keeping everything else.
 """
 
 from __future__ import annotations
@@ -566,6 +577,8 @@ def main() -> None:
     parser.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=list(LIBRARIES))
     parser.add_argument("--out", type=Path, default=None, help=f"results file (default {RESULTS.relative_to(ROOT)}, "
                                                               f"none with --quick)")
+    parser.add_argument("--dsir", type=Path, metavar="RUN_DIR", help="time DSIR's selection on a run gradex made, "
+                                                                      "beside gradex's own (see the top); nothing else")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tag", default="0", help=argparse.SUPPRESS)
@@ -575,6 +588,9 @@ def main() -> None:
         return
     n = args.examples or (8 if args.quick else 64)
     repeats = args.repeats or (1 if args.quick else 3)
+    if args.dsir is not None:
+        dsir_main(args.dsir, repeats, args.out or RESULTS)
+        return
     if n < 2 or repeats < 1 or args.seq_len <= ANSWER:
         parser.error("need --examples >= 2, --repeats >= 1 and --seq-len > 4")
     libraries = list(dict.fromkeys(args.libraries))
@@ -643,6 +659,47 @@ def main() -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(body, indent=2) + "\n")
     print(json.dumps(body))
+
+
+def dsir_cost(run_dir: Path, repeats: int) -> dict[str, Any]:
+    """DSIR's wall time for the selection of the run in `run_dir`, beside gradex's own (see the top)."""
+    from gradex import config as config_mod
+    from gradex import ledger, pipeline
+    from gradex.baselines import dsir_inputs, dsir_scores
+
+    if not (run_dir / "select" / "stage.json").exists():
+        sys.exit(f"peers: --dsir {run_dir}: no finished select there; run `gradex select` on its config first")
+    run = pipeline.Run(config_mod.load(run_dir / "config.yaml"))
+    pool, groups, sources, target = dsir_inputs(run)
+    seconds = []
+    with tempfile.TemporaryDirectory(prefix="gradex-dsir-") as tmp:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            scores = dsir_scores(pool, groups, sources, target, Path(tmp) / "dsir")
+            seconds.append(time.perf_counter() - t0)
+    stages = {name: ledger.read(run_dir / where).get("seconds")
+              for name, where in (("meta-train", "meta"), ("gradients", "store"), ("select", "select"))}
+    gradex = sum(stages.values())
+    dsir = statistics.median(seconds)
+    return {"run_dir": str(run_dir), "pool_examples": len(pool), "target_examples": len(target),
+            "sources": len(sources), "repeats": repeats, "seconds": [round(t, 3) for t in seconds],
+            "median_seconds": round(dsir, 3), "gradex_stages_seconds": stages,
+            "gradex_selection_seconds": round(gradex, 1), "selection_vs_dsir": round(gradex / dsir, 1),
+            "top_source_by_dsir": max(scores, key=scores.get),
+            "timed": "DSIR: writing its JSONL inputs, fitting both n-gram models and weighting the pool, in this "
+                     "process; gradex: the run's ledger seconds of meta-train, gradients and select"}
+
+
+def dsir_main(run_dir: Path, repeats: int, out: Path) -> None:
+    body = json.loads(out.read_text()) if out.exists() else {"summary": {}}
+    found = dsir_cost(run_dir, repeats)
+    body["dsir"] = {**found, "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+                    "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()}}
+    body["summary"].update(dsir_seconds=found["median_seconds"], gradex_selection_seconds=found["gradex_selection_seconds"],
+                           selection_vs_dsir=found["selection_vs_dsir"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(body, indent=2) + "\n")
+    print(json.dumps(body["dsir"]))
 
 
 if __name__ == "__main__":

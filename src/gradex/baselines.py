@@ -168,10 +168,17 @@ def similarity_scores(kind: str, run: Any) -> dict[str, float]:
         model.eval()
         features = mean_hidden_states(model, run.tokens, idx, run.pad_id)
         return mean_cosines(features, [group(i) for i in idx], run.sources, reference)
-    if kind == "dsir":  # the texts the model reads: the (templated) prompt, then the answer
-        pool = [i for i in run.train_indices(run.sources) if run.examples[i].source != target]
-        texts = [run.examples[i].prompt + run.examples[i].answer for i in pool]
-        held = [run.examples[i].prompt + run.examples[i].answer for i in run.indices("validation")]
-        return dsir_scores(texts, [run.examples[i].source for i in pool], run.sources, held,
-                           run.dir / "compare" / "dsir")
+    if kind == "dsir":
+        return dsir_scores(*dsir_inputs(run), run.dir / "compare" / "dsir")
     raise ValueError(f"unknown similarity {kind!r}")
+
+
+def dsir_inputs(run: Any) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(pool, groups, sources, target) of `dsir_scores` for a run: the texts the model reads (the
+    templated prompt, then the answer) of every source's training examples, and of the target's
+    validation examples."""
+    target = run.cfg.data.target.name
+    pool = [i for i in run.train_indices(run.sources) if run.examples[i].source != target]
+    texts = [run.examples[i].prompt + run.examples[i].answer for i in pool]
+    held = [run.examples[i].prompt + run.examples[i].answer for i in run.indices("validation")]
+    return texts, [run.examples[i].source for i in pool], list(run.sources), held
