@@ -213,7 +213,8 @@ class GradientConfig:
     projection: Literal["sparse", "hashed", "dense", "none"] = "sparse"
     # adam: project D^(1/2) g, D = Adam's preconditioner 1/(sqrt(v)+eps) at theta*, v measured on
     # `preconditioner_batches` minibatches of the refit recipe | meta: v from the meta-train's last
-    # optimizer state, no pass of its own (not yet validated against adam: docs/method.md, section 2)
+    # optimizer state, no pass of its own (as good as adam on the default's validate, half the
+    # gradient stage; not yet confirmed elsewhere: docs/method.md, section 2)
     # | none: project g itself
     preconditioner: Literal["adam", "meta", "none"] = "adam"
     preconditioner_batches: int = 64
