@@ -49,20 +49,11 @@ from gradex.diagnostics import summary as validation_summary
 from gradex.diagnostics import validate
 
 from machine import cpu_model  # benchmarks/machine.py, beside this script
+from weights import seeded
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "preconditioner.json"
 KINDS = ("adam", "meta")
-
-
-def seeded(run_dir: Path, source: Path) -> None:
-    """Start an absent run directory from copies of `source`'s prepared data, theta* and fine-tunes."""
-    if run_dir.exists() or not source.is_dir():
-        return
-    run_dir.mkdir(parents=True)
-    for item in source.iterdir():
-        if item.name in ("data", "meta", "finetunes", "config.yaml", ".gradex-run"):
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, run_dir / item.name)
 
 
 def relative_errors(result: dict) -> dict[tuple[str, ...], float]:
@@ -84,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfgs = {kind: config_mod.load(args.config, [*args.overrides, f"runs_dir={args.runs_dir}", f"name={kind}",
                                                 f"gradients.preconditioner={kind}"]) for kind in KINDS}
     for cfg in cfgs.values():
-        seeded(cfg.run_dir, args.seed_from)
+        seeded(cfg.run_dir, args.seed_from, items=("data", "meta", "finetunes"))  # not the store: built and timed here
     store_seconds = {}
     for kind, cfg in cfgs.items():  # one after the other, nothing else running: a ratio of one run
         pipeline.gradients(cfg)

@@ -79,15 +79,17 @@ def scenario_config(name: str, runs_dir: Path, extra: list[str]) -> config_mod.C
                                   f"runs_dir={runs_dir}", f"name={name}"])
 
 
-def seeded(cfg: config_mod.Config, source: Path) -> None:
-    """Start an absent run directory from copies of another run's prepared data, theta*, store and
-    fine-tunes (the same scenario: the ledger keeps what its inputs say is current)."""
-    if cfg.run_dir.exists() or not source.is_dir():
+def seeded(run_dir: Path, source: Path,
+           items: tuple[str, ...] = ("data", "meta", "store", "clusters", "finetunes")) -> None:
+    """Start an absent run directory from copies of another run's `items` (by default its prepared
+    data, theta*, store, clusters and fine-tunes), its config and its marker (the same scenario: the
+    ledger keeps what its inputs say is current)."""
+    if run_dir.exists() or not source.is_dir():
         return
-    cfg.run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True)
     for item in source.iterdir():
-        if item.name in ("data", "meta", "store", "clusters", "finetunes", "config.yaml", ".gradex-run"):
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, cfg.run_dir / item.name)
+        if item.name in (*items, "config.yaml", ".gradex-run"):
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, run_dir / item.name)
 
 
 def compare(name: str, cfg: config_mod.Config, seeds: int) -> tuple[dict, dict]:
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.scenarios:
         cfg = scenario_config(name, args.runs_dir, args.overrides)
         if name in sources:
-            seeded(cfg, sources[name])
+            seeded(cfg.run_dir, sources[name])
         flat, detail = compare(name, cfg, args.seeds)
         summary.update(flat)
         detail["own_selection"] = selection_stability(cfg)

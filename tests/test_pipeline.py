@@ -238,8 +238,9 @@ def test_validate_and_check_linearity_on_tiny_model(cfg):
     runs = rows()
     assert len(runs) == 6 and all((cfg.run_dir / r["adapter"]).exists() for r in runs)
     # each row is the keyed record of its recipe, members and seed
-    assert all(ledger.kept(rows_dir / f"{r['key']}.json", diagnostics.row_path(pipeline.Run(cfg), "refit", r["members"],
-                                                                              r["seed"])[1]) for r in runs)
+    refit_key = diagnostics.recipe_key(pipeline.Run(cfg), "refit")
+    assert all(ledger.kept(rows_dir / f"{r['key']}.json",
+                           diagnostics.row_path(pipeline.Run(cfg), refit_key, r["members"], r["seed"])[1]) for r in runs)
     assert all(set(r["losses"]) == set(r["output_change"]) == {"ce", "mean-logodds"} for r in runs)
     assert (cfg.run_dir / "validation.json").exists() and (cfg.run_dir / "validation.png").exists()
     # real fine-tunes are keyed by members and seed: fewer subsets reuse them, more add only new ones

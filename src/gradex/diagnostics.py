@@ -201,10 +201,11 @@ def recipe_key(run: Run, recipe: str) -> str:
     return fingerprint(finetune_recipe(run)[0], MEASURE, ROWS_FORMAT)
 
 
-def row_path(run: Run, recipe: str, names: list[str], seed: int) -> tuple[Path, str]:
+def row_path(run: Run, recipe_hash: str, names: list[str], seed: int) -> tuple[Path, str]:
     """Where validate keeps the real fine-tune of target + `names` at `seed`, and its key: the
-    recipe's key (what the fine-tune depends on), the members and the seed, never a position in a list."""
-    key = fingerprint(recipe_key(run, recipe), sorted(names), seed)
+    recipe's key (`recipe_hash`, from `recipe_key`: what the fine-tune depends on), the members and
+    the seed, never a position in a list."""
+    key = fingerprint(recipe_hash, sorted(names), seed)
     return run.dir / "validate" / "rows" / f"{key}.json", key
 
 
@@ -216,7 +217,8 @@ def subsets(run: Run, k: int) -> list[list[str]]:
 
 def missing_rows(run: Run, k: int, seeds: int, recipe: str = "finetune") -> int:
     """How many of validate's k subsets x seeds real fine-tunes have no current row yet."""
-    return sum(ledger.kept(*row_path(run, recipe, names, s)) is None for names in subsets(run, k) for s in range(seeds))
+    key = recipe_key(run, recipe)
+    return sum(ledger.kept(*row_path(run, key, names, s)) is None for names in subsets(run, k) for s in range(seeds))
 
 
 def _real_finetune(run: Run, recipe: str, names: list[str], seed: int, out: Path, key: str) -> tuple[torch.nn.Module, dict]:
@@ -271,7 +273,7 @@ def _validate(run: Run, k: int, seeds: int, recipe: str) -> dict:
     reference = _Reference(run, base)
     # one keyed record per real fine-tune, written whole once it is measured: a kill loses at most
     # the one in progress, and a changed estimator (which no key holds) never retrains one
-    rows = {(tuple(names), s): row_path(run, recipe, names, s) for names in names_of for s in range(seeds)}
+    rows = {(tuple(names), s): row_path(run, key, names, s) for names in names_of for s in range(seeds)}
     done = {job: ledger.kept(path, row_key) for job, (path, row_key) in rows.items()}
     jobs = [job for job, row in done.items() if row is None]
     for names, s in tqdm(jobs, desc=f"validate ({recipe}: real fine-tunes)"):
