@@ -172,9 +172,8 @@ def compare(run: Run, force: bool = False, seeds: int | None = None,
         on_main(lambda: [shutil.rmtree(run.dir / "finetunes" / key, ignore_errors=True)
                          for key in set(keys.values()) - {final["key"]}])
     fingerprint = config_mod.fingerprint(sorted(keys.items()), [m.__dict__ for m in candidates], COMPARE_FORMAT)
-    path = run.dir / "compare.json"
-    if not force and _current(run, fingerprint):
-        return json.loads(path.read_text())
+    if not force and (cached := _current(run, fingerprint)) is not None:
+        return cached
     todo = len({key for key in keys.values() if ledger.kept(run.dir / "finetunes" / key / "result.json", key) is None})
     log(f"compare: {len(candidates)} mixes x {k} seed(s) = {len(jobs)} fine-tunes, {todo} to train "
         f"({recipe_summary(run)['description']})")
@@ -236,10 +235,10 @@ def _tables(run: Run, cfg: Config, body: dict, final: dict, candidates: list, si
     return ledger.keep(path, fingerprint, result)
 
 
-def _current(run: Run, fingerprint: str) -> bool:
-    """Whether compare.json and compare.parquet hold the comparison of `fingerprint`, both of them
-    (a write cut between the two leaves a parquet the JSON does not name: the tables are made again,
-    from the cached fine-tunes)."""
+def _current(run: Run, fingerprint: str) -> dict | None:
+    """compare.json's body when it and compare.parquet hold the comparison of `fingerprint`, both of
+    them (a write cut between the two leaves a parquet the JSON does not name: the tables are made
+    again, from the cached fine-tunes); None otherwise."""
     table = run.dir / "compare.parquet"
     body = ledger.kept(run.dir / "compare.json", fingerprint)  # None when missing, cut short or of another key
-    return body is not None and table.exists() and body.get("parquet_sha256") == ledger.sha256(table)
+    return body if body is not None and table.exists() and body.get("parquet_sha256") == ledger.sha256(table) else None
