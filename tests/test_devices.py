@@ -303,3 +303,22 @@ def test_a_whole_run_in_gpu_precisions(tmp_path, tiny_model_dir, precision):
     assert all(device.startswith("cuda") for device, _ in ran.values())
     assert ran["meta-train"][1] == ran["finetune"][1] == precision
     assert ran["gradients"][1] == ("fp32" if precision == "fp16" else precision)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_cli_destroys_the_process_group_it_ran_under(tmp_path, tiny_model_dir, fails):
+    """A launched command ends its process group, on success and on error alike: a group left to the
+    interpreter's teardown aborted rank 0 after its work was done ("terminate called without an active
+    exception", measured 7 of 12 two-process launches of a bare all-reduce; 0 of 12 when destroyed)."""
+    import torch.distributed as dist
+
+    from gradex.cli import main
+
+    path = write_config(tiny_run_config(tmp_path, tiny_model_dir), tmp_path / "cfg.yaml")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert main(["config", str(tmp_path / "missing.yaml") if fails else str(path)]) == (2 if fails else 0)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -12,6 +12,7 @@ from pathlib import Path
 from gradex import graph, pipeline
 from gradex.config import EXAMPLES_DIR, Config, ConfigError, load, load_received
 from gradex.config import dumps as config_dumps
+from gradex.device import end_launch
 
 # The stages with a plain verb (`gradex meta-train [--force]`), from the stage graph; estimate and
 # compare take options of their own (below), and evaluate names the finetune stage's metrics.
@@ -287,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gradex: error: {type(err).__name__}: {err} (run with --debug for the traceback; finished work "
               "is kept)", file=sys.stderr)
         return 1
+    finally:
+        end_launch()
     return 0
 
 

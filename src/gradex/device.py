@@ -70,6 +70,14 @@ def process_state(cpu: bool | None = None) -> Any:
     return PartialState(cpu=not has_accelerator() if cpu is None else cpu)
 
 
+def end_launch() -> None:
+    """Destroy this process's process group, if a launch made one. Without it, gloo's worker threads can
+    outlive the interpreter's teardown and abort the process (SIGABRT, "terminate called without an
+    active exception") after the command has finished, failing the launch at random."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _plain(device: torch.device) -> torch.device:
     """cpu:0 (accelerate's name under a launch) is the device CPU tensors report as cpu."""
     return torch.device("cpu") if device.type == "cpu" else device
