@@ -4,6 +4,7 @@ against the separate pass (`adam`, the default): the store's cost and `gradex va
 
     python benchmarks/preconditioner.py                     # the default example, 12 subsets x 2 seeds
     python benchmarks/preconditioner.py --subsets 8 --seed-from runs/default
+    python benchmarks/preconditioner.py --config src/gradex/examples/corrupted.yaml --seed-from runs/corrupted
 
 Two run directories of one config, `adam` and `meta` under --runs-dir, differ only in
 gradients.preconditioner. Both start from copies of one prepared data, theta* (with the meta-train's
@@ -22,7 +23,8 @@ The gate, as the issue words it ("no worse than the separate pass, beyond seed n
   losses with seed 1's), so a difference in Spearman with the truth is within what seeds move.
 Also the paired 95% Student-t interval over subsets of meta's relative error minus adam's.
 
-Writes benchmarks/results/preconditioner.json; prints its flat `summary` last: `meta_vs_adam_store_seconds`
+Writes benchmarks/results/preconditioner.json (preconditioner-<name>.json for another --config, e.g.
+preconditioner-corrupted.json); prints its flat `summary` last: `meta_vs_adam_store_seconds`
 (ratio, < 1 = meta cheaper), `{adam,meta}_spearman`, `{adam,meta}_error`, `seed_noise`,
 `estimates_spearman`, `seeds_spearman`, `error_diff_ci`, `gate` (true when both conditions hold).
 """
@@ -52,7 +54,7 @@ from machine import cpu_model  # benchmarks/machine.py, beside this script
 from weights import seeded
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "preconditioner.json"
+RESULTS = ROOT / "benchmarks" / "results"
 KINDS = ("adam", "meta")
 
 
@@ -65,14 +67,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--config", type=Path, default=config_mod.EXAMPLES_DIR / "default.yaml")
     ap.add_argument("--subsets", type=int, default=12)
     ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "preconditioner")
+    ap.add_argument("--runs-dir", type=Path, default=None,
+                    help="where the adam and meta run directories go (default runs/preconditioner, or "
+                         "runs/preconditioner-<name> for another scenario)")
     ap.add_argument("--seed-from", type=Path, default=ROOT / "runs" / "default",
                     help="a run directory of the same config whose data, theta* and fine-tunes to start from")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     if args.seeds < 2:
         ap.error("--seeds: at least 2, for the seed noise the gate is measured against")
-    cfgs = {kind: config_mod.load(args.config, [*args.overrides, f"runs_dir={args.runs_dir}", f"name={kind}",
+    name = config_mod.load(args.config, args.overrides).name  # the scenario (its two runs are named adam and meta)
+    suffix = "" if name == "default" else f"-{name}"
+    runs_dir = args.runs_dir or ROOT / "runs" / f"preconditioner{suffix}"
+    cfgs = {kind: config_mod.load(args.config, [*args.overrides, f"runs_dir={runs_dir}", f"name={kind}",
                                                 f"gradients.preconditioner={kind}"]) for kind in KINDS}
     for cfg in cfgs.values():
         seeded(cfg.run_dir, args.seed_from, items=("data", "meta", "finetunes"))  # not the store: built and timed here
@@ -118,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
             "subsets": args.subsets, "seeds": args.seeds, "store_seconds": store_seconds,
             "validation": {k: validation_summary(results[k]) | {"rows": results[k]["rows"]} for k in KINDS},
             "summary": summary}
-    write_json(RESULTS, body)
+    write_json(RESULTS / f"preconditioner{suffix}.json", body)
     print(json.dumps(summary))
     return body
 
