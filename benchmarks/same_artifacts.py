@@ -6,7 +6,9 @@ changed no result (issue "One stage graph").
 RUN_A and RUN_B are the run directories of one config made by two versions of gradex (e.g. one from a
 `git worktree` of the older commit, with its src/ first on PYTHONPATH). Prints, for each, the hashes of
 the prepared examples, theta*, every file of the store, and selection.json, whole and without its
-timings (the only fields two runs of the same work may differ in), and which differ.
+timings (the only fields two runs of the same work may differ in), compare's rows (what each
+fine-tune trained on and what it measured; columns a later version added, like `proportions`, and
+the timings are left out), and which differ.
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from gradex.ledger import sha256  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+# compare.parquet's columns that say what a fine-tune trained on and what it measured
+COMPARE_ROWS = ("mix", "kind", "seed", "members", "size", "steps", "examples", "key", "estimate",
+                "validation_loss", "test_loss", "test_score", "test_no_match")
 
 
 def without_timings(value: object) -> object:
@@ -43,6 +51,9 @@ def hashes(run: Path) -> dict[str, str]:
     out["selection.json"] = sha256(run / "selection.json")
     body = without_timings(json.loads((run / "selection.json").read_text()))
     out["selection.json without timings"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    if (run / "compare.parquet").exists():
+        rows = pd.read_parquet(run / "compare.parquet")[list(COMPARE_ROWS)]
+        out["compare rows"] = hashlib.sha256(rows.to_json(orient="records", double_precision=15).encode()).hexdigest()[:16]
     return out
 
 
