@@ -1,6 +1,6 @@
-"""Adam's preconditioner from the meta-train's own optimizer state (`gradients.preconditioner meta`)
-against the separate pass (`adam`, the default): the store's cost and `gradex validate`'s agreement
-(issue "Side by side with the peer libraries", item 2).
+"""Adam's preconditioner from the meta-train's own optimizer state (`gradients.preconditioner meta`,
+the default since it passed on the default and on corrupted) against the separate pass (`adam`): the
+store's cost and `gradex validate`'s agreement (issue "Side by side with the peer libraries", item 2).
 
     python benchmarks/preconditioner.py                     # the default example, 12 subsets x 2 seeds
     python benchmarks/preconditioner.py --subsets 8 --seed-from runs/default

@@ -36,6 +36,7 @@ def reference(tmp_path_factory, tiny_model_dir):
     """A run never interrupted: every stage through validate."""
     cfg = tiny_run_config(tmp_path_factory.mktemp("reference"), tiny_model_dir)
     cfg.meta.epochs = 3  # long enough to be killed in the middle of
+    cfg.gradients.preconditioner = "adam"  # the pass of its own, so the "preconditioner" case has one to kill
     pipeline.select(cfg)
     pipeline.estimate(cfg, [["mul"], ["add_more", "sub"]])
     pipeline.finetune(cfg)

@@ -116,6 +116,7 @@ def test_gradients_stage_projects_adam_preconditioned_gradients(cfg):
 
     from gradex.gradients import Store, preconditioner
 
+    cfg.gradients.preconditioner = "adam"  # the pass of its own (the default, meta, is checked below)
     store = Store.open(pipeline.gradients(cfg))
     assert store.manifest["projector"]["preconditioner"] == "adam" and store.manifest["output"] == "ce"
     moments = preconditioner.load(store.path / pipeline.PRECONDITIONER_FILE)

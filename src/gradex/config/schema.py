@@ -211,12 +211,12 @@ class GradientConfig:
     # sketch, buckets computed on the fly: for full fine-tuning of big models) | dense (Rademacher
     # +-1/sqrt(d)) | none
     projection: Literal["sparse", "hashed", "dense", "none"] = "sparse"
-    # adam: project D^(1/2) g, D = Adam's preconditioner 1/(sqrt(v)+eps) at theta*, v measured on
-    # `preconditioner_batches` minibatches of the refit recipe | meta: v from the meta-train's last
-    # optimizer state, no pass of its own (as good as adam on the default's validate, half the
-    # gradient stage; not yet confirmed elsewhere: docs/method.md, section 2)
-    # | none: project g itself
-    preconditioner: Literal["adam", "meta", "none"] = "adam"
+    # project D^(1/2) g, D = Adam's preconditioner 1/(sqrt(v)+eps) at theta*, with v:
+    # meta = from the meta-train's last optimizer state, no pass of its own (as good as adam in
+    # `validate` on the default and on corrupted, the gradient stage in half to two thirds the time:
+    # docs/method.md, section 2) | adam = measured on `preconditioner_batches` minibatches of the
+    # refit recipe at theta* | none: project g itself
+    preconditioner: Literal["adam", "meta", "none"] = "meta"
     preconditioner_batches: int = 64
     dim: int = 256
     seed: int = 0
