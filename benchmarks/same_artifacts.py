@@ -5,10 +5,10 @@ changed no result (issue "One stage graph").
 
 RUN_A and RUN_B are the run directories of one config made by two versions of gradex (e.g. one from a
 `git worktree` of the older commit, with its src/ first on PYTHONPATH). Prints, for each, the hashes of
-the prepared examples, theta*, every file of the store, and selection.json, whole and without its
-timings (the only fields two runs of the same work may differ in), compare's rows (what each
-fine-tune trained on and what it measured; columns a later version added, like `proportions`, and
-the timings are left out), and which differ.
+the prepared examples, theta*, the clusters (with data.clusters), every file of the store, and
+selection.json, whole and without its timings (the only fields two runs of the same work may differ
+in), compare's rows (what each fine-tune trained on and what it measured; columns a later version
+added, like `proportions`, and the timings are left out), and which differ.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ def without_timings(value: object) -> object:
 
 def hashes(run: Path) -> dict[str, str]:
     out = {"data/examples.jsonl": sha256(run / "data" / "examples.jsonl"), "meta/theta_star": sha256(run / "meta" / "theta_star")}
+    if (run / "clusters" / "clusters.json").exists():  # data.clusters: the sources the clusters made
+        body = without_timings(json.loads((run / "clusters" / "clusters.json").read_text()))
+        out["clusters/clusters.json without timings"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     for f in sorted((run / "store").iterdir()):
         if f.is_file() and f.name != "stage.json":
             out[f"store/{f.name}"] = sha256(f)
