@@ -13,6 +13,7 @@ from gradex import graph, pipeline
 from gradex.config import EXAMPLES_DIR, Config, ConfigError, load, load_received
 from gradex.config import dumps as config_dumps
 from gradex.device import end_launch
+from gradex.launch import launched
 
 # The stages with a plain verb (`gradex meta-train [--force]`), from the stage graph; estimate and
 # compare take options of their own (below), and evaluate names the finetune stage's metrics.
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         code = _command(parser().parse_args(argv))
     finally:
         end_launch()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched():
         # a launched process leaves without the interpreter's teardown: C++ threads of torch.distributed
         # that outlive it abort the process ("terminate called without an active exception", SIGABRT)
         # after its work is done, and the launcher then fails the whole launch (seen in CI, and here in 2 of

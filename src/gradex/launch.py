@@ -34,12 +34,17 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def launched() -> bool:
+    """Whether a launcher (torchrun, accelerate launch) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def distributed() -> tuple[int, int]:
     """(rank, world size) of the processes this part of the run is shared by: (0, 1) when launched alone
     or inside a part rank 0 runs by itself. Starts accelerate's process state under a launch."""
     if _alone:
         return 0, 1
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not launched():
         return 0, 1
     from gradex.device import process_state
 
