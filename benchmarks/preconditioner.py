@@ -62,6 +62,33 @@ def relative_errors(result: dict) -> dict[tuple[str, ...], float]:
     return {tuple(r["members"]): abs(r["estimate"] - r["real"]) / r["real"] for r in result["rows"]}
 
 
+def agreement(results: dict, base: str, other: str) -> dict:
+    """validate's verdict on two estimators of the same subsets and real fine-tunes: each one's Spearman
+    and error, the seed noise, the paired 95% interval of other's relative error minus base's, and the
+    gate "no worse beyond seed noise": other's error at most base's plus the seed noise, and the two
+    estimators rank the subsets alike at least as well as two seeds of the real fine-tunes do."""
+    errors = {k: relative_errors(results[k]) for k in (base, other)}
+    keys = sorted(errors[base])
+    diff = np.array([errors[other][k] - errors[base][k] for k in keys])
+    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+    estimates = {kind: {tuple(r["members"]): r["estimate"] for r in results[kind]["rows"]} for kind in (base, other)}
+    by_seed = [[r["seeds"][s] for r in results[base]["rows"]] for s in (0, 1)]
+    estimates_spearman = float(stats.spearmanr([estimates[base][k] for k in keys],
+                                               [estimates[other][k] for k in keys]).statistic)
+    seeds_spearman = float(stats.spearmanr(*by_seed).statistic)
+    noise = results[base]["seed_noise"]
+    error_ok = results[other]["mean_abs_rel_error"] <= results[base]["mean_abs_rel_error"] + noise
+    return {
+        **{f"{k}_spearman": round(results[k]["spearman"], 4) for k in (base, other)},
+        **{f"{k}_error": round(results[k]["mean_abs_rel_error"], 5) for k in (base, other)},
+        "seed_noise": round(noise, 5),
+        "estimates_spearman": round(estimates_spearman, 4), "seeds_spearman": round(seeds_spearman, 4),
+        "error_diff_mean": round(float(diff.mean()), 5),
+        "error_diff_ci": [round(float(diff.mean() - half), 5), round(float(diff.mean() + half), 5)],
+        "gate": bool(error_ok and estimates_spearman >= seeds_spearman),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, default=config_mod.EXAMPLES_DIR / "default.yaml")
@@ -96,27 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
                     dirs_exist_ok=True)
     results["meta"] = validate(cfgs["meta"], k=args.subsets, seeds=args.seeds)
 
-    adam, meta = (relative_errors(results[k]) for k in KINDS)
-    keys = sorted(adam)
-    diff = np.array([meta[k] - adam[k] for k in keys])
-    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
-    estimates = {kind: {tuple(r["members"]): r["estimate"] for r in results[kind]["rows"]} for kind in KINDS}
-    by_seed = [[r["seeds"][s] for r in results["adam"]["rows"]] for s in (0, 1)]
-    estimates_spearman = float(stats.spearmanr([estimates["adam"][k] for k in keys],
-                                               [estimates["meta"][k] for k in keys]).statistic)
-    seeds_spearman = float(stats.spearmanr(*by_seed).statistic)
-    noise = results["adam"]["seed_noise"]
-    error_ok = results["meta"]["mean_abs_rel_error"] <= results["adam"]["mean_abs_rel_error"] + noise
     summary = {
         "meta_vs_adam_store_seconds": round(store_seconds["meta"] / store_seconds["adam"], 3),
         **{f"{k}_store_seconds": store_seconds[k] for k in KINDS},
-        **{f"{k}_spearman": round(results[k]["spearman"], 4) for k in KINDS},
-        **{f"{k}_error": round(results[k]["mean_abs_rel_error"], 5) for k in KINDS},
-        "seed_noise": round(noise, 5),
-        "estimates_spearman": round(estimates_spearman, 4), "seeds_spearman": round(seeds_spearman, 4),
-        "error_diff_mean": round(float(diff.mean()), 5),
-        "error_diff_ci": [round(float(diff.mean() - half), 5), round(float(diff.mean() + half), 5)],
-        "gate": bool(error_ok and estimates_spearman >= seeds_spearman),
+        **agreement(results, "adam", "meta"),
     }
     body = {"command": " ".join(["python", "benchmarks/preconditioner.py", *(sys.argv[1:] if argv is None else argv)]),
             "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),

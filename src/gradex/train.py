@@ -20,7 +20,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
@@ -31,8 +31,11 @@ from gradex.config import TrainConfig
 from gradex.data import Batch, Tokenized, collate
 from gradex.device import accelerator, autocast, device_of, step_done
 from gradex.launch import barrier, distributed
-from gradex.model import answer_logits, trainable
+from gradex.model import answer_logits, token_nll, trainable
 from gradex.tensorfile import json_tensor, load_tensors, save_tensors, tensor_json
+
+if TYPE_CHECKING:
+    from gradex.gradients.collect import Collector
 
 CHECKPOINT_FORMAT = 2  # a tensor file (gradex.tensorfile); 1 was a pickled dict, no longer read
 
@@ -83,9 +86,15 @@ class AnswerLoss(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.keep_sums = False  # a Collector rescales each example's row by its own cross-entropy
+        self.sums: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
-        logits, targets, _ = answer_logits(self.model, Batch(input_ids, attention_mask, answer_mask, torch.empty(0)))
+        logits, targets, rows = answer_logits(self.model, Batch(input_ids, attention_mask, answer_mask, torch.empty(0)))
+        if self.keep_sums:  # beside the loss, not instead of it: the steps stay the same bit for bit
+            with torch.no_grad():
+                nll = token_nll(logits.detach(), targets)
+                self.sums = torch.zeros(input_ids.shape[0], device=nll.device, dtype=nll.dtype).index_add_(0, rows, nll)
         return nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
@@ -107,9 +116,11 @@ def shares(chunk: list[int], rank: int, world: int, micro: int | None) -> list[t
 def train(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int], recipe: TrainConfig,
           pad_id: int, precision: str = "bf16", checkpoint: Path | None = None, desc: str = "train",
           save_every: int = 20, progress: bool = True,
-          on_step: Callable[[int], None] | None = None) -> list[dict]:
+          on_step: Callable[[int], None] | None = None, collector: "Collector | None" = None) -> list[dict]:
     """Train in place; return the per-step log. With `checkpoint`, resume from and save to it (rank 0
-    writes it). `on_step(k)` is called after the k-th optimizer step (diagnostics take snapshots there)."""
+    writes it). `on_step(k)` is called after the k-th optimizer step (diagnostics take snapshots there).
+    `collector` (gradex.gradients.collect) takes each example's projected gradient from the backward
+    of the steps it wants, without changing them."""
     device = device_of(model)
     rank, world = distributed()
     accelerate = accelerator(precision, device)
@@ -141,16 +152,22 @@ def train(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int],
         count = answer_tokens(tokens, chunk)
         pieces = shares(chunk, rank, world, recipe.micro_batch_size)
         total = torch.zeros((), device=device)
+        collecting = collector is not None and collector.wants(step)
+        loss_of.keep_sums = collecting
         for k, (rows, weight) in enumerate(pieces):
             batch = collate([tokens[i] for i in rows], rows, pad_id).to(device)
             sync = contextlib.nullcontext() if k == len(pieces) - 1 or world == 1 else accelerate.no_sync(ddp)
             # x world: DDP averages the processes' gradients, and the batch's loss is their sum. (A
             # tensor, not a Python float: the lazy device's backward fails on a float64 scalar.)
             scale = torch.tensor(weight * world / count, device=device)
+            if collecting:
+                collector.begin_piece(batch, opt)
             with sync:
                 with autocast(precision, device):
                     piece = ddp(batch.input_ids, batch.attention_mask, batch.answer_mask)
                 accelerate.backward(piece * scale)
+            if collecting:
+                collector.end_piece(batch, loss_of.sums, float(scale))
             total = total + piece.detach() * weight
         stepper.step()
         sched.step()

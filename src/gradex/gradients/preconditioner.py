@@ -81,6 +81,19 @@ def from_checkpoint(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor]
     return out
 
 
+def from_optimizer(opt: torch.optim.Optimizer, named: Sequence[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{parameter name: Adam's bias-corrected second moment} from a live optimizer's state, as
+    `from_checkpoint` reads it from a saved one (`named`: (name, parameter) in the optimizer's order)."""
+    beta2 = float(opt.param_groups[0]["betas"][1])
+    out = {}
+    for name, p in named:
+        state = opt.state[p]
+        if "exp_avg_sq" not in state:
+            raise ValueError(f"from_optimizer: no second moment for {name!r} yet (no step taken)")
+        out[name] = (state["exp_avg_sq"].detach().float() / (1 - beta2 ** float(state["step"]))).clone()
+    return out
+
+
 def save(moments: dict[str, torch.Tensor], path: Path) -> None:
     save_tensors(moments, path)
 
