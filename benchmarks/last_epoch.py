@@ -159,7 +159,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.seeds < 2:
         ap.error("--seeds: at least 2, for the seed noise the gate is measured against")
-    name = config_mod.load(args.config, args.overrides).name
+    given = config_mod.load(args.config, args.overrides)
+    if given.gradients.output != "ce":
+        ap.error(f"gradients.output {given.gradients.output}: the Collector rescales to the \"ce\" output only")
+    name = given.name
     suffix = "" if name == "default" else f"-{name}"
     runs_dir = args.runs_dir or ROOT / "runs" / f"last-epoch{suffix}"
     cfgs = {kind: config_mod.load(args.config, [*args.overrides, f"runs_dir={runs_dir}", f"name={kind}"])

@@ -97,3 +97,10 @@ def test_ce_slope_is_autograds_slope_of_the_clamped_log_odds() -> None:
 def test_a_model_that_drops_activations_is_refused() -> None:
     with pytest.raises(ValueError, match="drops activations"):
         Collector(build("gpt2", "lora", ["c_attn"]), lambda opt: None, range(1))
+
+
+def test_an_encoder_decoder_is_refused() -> None:
+    from test_t5 import tiny_t5
+
+    with pytest.raises(ValueError, match="causal language models only"):
+        Collector(tiny_t5(64), lambda opt: None, range(1))

@@ -31,7 +31,7 @@ from torch import nn
 from gradex.data import Batch
 from gradex.gradients.compute import GradientComputer
 from gradex.gradients.projectors import Projector
-from gradex.model import CE_FLOOR, EPS, is_conv1d
+from gradex.model import CE_FLOOR, EPS, is_conv1d, is_encoder_decoder, language_model
 
 
 def ce_slope(ce: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ def dropout_in(model: nn.Module) -> str | None:
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
             return f"{name or 'the model'} (p={module.p})"
-    config = getattr(model, "config", None)
+    config = getattr(language_model(model), "config", None)
     rate = getattr(config, "attention_dropout", 0.0) or 0.0
     return f"config.attention_dropout={rate}" if float(rate) > 0 else None
 
@@ -61,6 +61,8 @@ class Collector:
     `end_piece` after its backward; `rows` gives the result."""
 
     def __init__(self, model: nn.Module, projector: Callable[[torch.optim.Optimizer], Projector], steps: range):
+        if is_encoder_decoder(model):  # end_piece counts a causal LM's answer tokens
+            raise ValueError("collector: causal language models only (an encoder-decoder scores its answer otherwise)")
         computer = GradientComputer(model, "hooks")  # every trainable parameter in a linear layer, or an error
         dropout = dropout_in(model)
         if dropout:
