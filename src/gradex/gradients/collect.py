@@ -14,8 +14,9 @@ training loss's gradient to u_s's:
     u_b = -log(expm1(CE_b / n_b))  =>  grad u_b = du/dce(CE_b / n_b) / (n_b * scale) * grad(scale * CE_b)
 
 P is linear, so the rescaling after projection is exact. What is approximate is where: row b is
-example b's gradient at the parameters of the step that saw it, not at theta*; the last epoch's
-learning rate is the schedule's lowest, and `gradex validate` measures what that costs. The
+example b's gradient at the parameters of the step that saw it, not at theta*. benchmarks/last_epoch.py
+measured what that costs with `gradex validate`: the store at half the pass's cost, but estimates that
+err beyond the seed noise on both scenarios tried, so the gradients stage keeps its pass. The
 projector's preconditioner must not move while rows are formed (rows projected with different
 scales would not share one geometry), so it is fixed when the first collected step starts.
 """
