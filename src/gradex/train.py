@@ -20,7 +20,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -33,9 +33,6 @@ from gradex.device import accelerator, autocast, device_of, step_done
 from gradex.launch import barrier, distributed
 from gradex.model import answer_logits, token_nll, trainable
 from gradex.tensorfile import json_tensor, load_tensors, save_tensors, tensor_json
-
-if TYPE_CHECKING:
-    from gradex.gradients.collect import Collector
 
 CHECKPOINT_FORMAT = 2  # a tensor file (gradex.tensorfile); 1 was a pickled dict, no longer read
 
@@ -78,6 +75,17 @@ def epoch_batches(tokens: Sequence[Tokenized], indices: Sequence[int], batch_siz
     return out
 
 
+class Collecting(Protocol):
+    """What `train` calls on a collector (gradex.gradients.collect.Collector): whether it wants a step,
+    then before each piece's forward and after its backward."""
+
+    def wants(self, step: int) -> bool: ...
+
+    def begin_piece(self, batch: Batch, opt: torch.optim.Optimizer) -> None: ...
+
+    def end_piece(self, batch: Batch, ce_sums: torch.Tensor, scale: float) -> None: ...
+
+
 class AnswerLoss(nn.Module):
     """The summed cross-entropy of a batch's answer tokens: the module DistributedDataParallel wraps,
     since DDP synchronizes gradients around its own forward (the LM head runs at answer positions
@@ -116,7 +124,7 @@ def shares(chunk: list[int], rank: int, world: int, micro: int | None) -> list[t
 def train(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequence[int], recipe: TrainConfig,
           pad_id: int, precision: str = "bf16", checkpoint: Path | None = None, desc: str = "train",
           save_every: int = 20, progress: bool = True,
-          on_step: Callable[[int], None] | None = None, collector: "Collector | None" = None) -> list[dict]:
+          on_step: Callable[[int], None] | None = None, collector: Collecting | None = None) -> list[dict]:
     """Train in place; return the per-step log. With `checkpoint`, resume from and save to it (rank 0
     writes it). `on_step(k)` is called after the k-th optimizer step (diagnostics take snapshots there).
     `collector` (gradex.gradients.collect) takes each example's projected gradient from the backward
