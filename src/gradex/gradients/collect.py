@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from gradex.data import Batch
-from gradex.gradients.compute import GradientComputer
+from gradex.gradients.compute import GradientComputer, layer_gradients
 from gradex.gradients.projectors import Projector
-from gradex.model import CE_FLOOR, EPS, is_conv1d, is_encoder_decoder, language_model
+from gradex.model import CE_FLOOR, EPS, is_encoder_decoder, language_model
 
 
 def ce_slope(ce: torch.Tensor) -> torch.Tensor:
@@ -95,14 +95,8 @@ class Collector:
 
     def _project(self, module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
         bsz = self._acc.shape[0]
-        w_name, b_name = self.hooked[module]
-        x = x.reshape(bsz, -1, x.shape[-1]).float()
-        dy = dy.detach().reshape(bsz, -1, dy.shape[-1]).float()
-        if w_name is not None:  # Linear weight (out, in): dy^T x; Conv1D weight (in, out): x^T dy
-            gw = torch.bmm(x.transpose(1, 2), dy) if is_conv1d(module) else torch.bmm(dy.transpose(1, 2), x)
-            self.projector.add(self._acc, w_name, gw.reshape(bsz, -1))
-        if b_name is not None:
-            self.projector.add(self._acc, b_name, dy.sum(1))
+        for name, g in layer_gradients(module, self.hooked[module], x, dy.detach(), bsz):
+            self.projector.add(self._acc, name, g.reshape(bsz, -1))
 
     def end_piece(self, batch: Batch, ce_sums: torch.Tensor, scale: float) -> None:
         """After the piece's backward: rescale its rows from the loss's gradient to u_s's, and keep them.

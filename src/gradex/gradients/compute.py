@@ -141,16 +141,8 @@ class GradientComputer:
             dy, grads[i], calls[i] = grads[i], None, None  # free each layer's tensors as soon as it is done
             acc = pending.setdefault(module, {})
             if dy is not None:
-                w_name, b_name = self.hooked[module]
-                x = x.reshape(bsz, -1, x.shape[-1]).float()
-                dy = dy.reshape(bsz, -1, dy.shape[-1]).float()
-                if w_name is not None:
-                    # Linear weight (out, in): dy^T x; Conv1D weight (in, out): x^T dy
-                    gw = torch.bmm(x.transpose(1, 2), dy) if is_conv1d(module) else torch.bmm(dy.transpose(1, 2), x)
-                    acc[w_name] = acc[w_name] + gw if w_name in acc else gw
-                if b_name is not None:
-                    gb = dy.sum(1)
-                    acc[b_name] = acc[b_name] + gb if b_name in acc else gb
+                for name, g in layer_gradients(module, self.hooked[module], x, dy, bsz):
+                    acc[name] = acc[name] + g if name in acc else g
             if last_call[module] == i:  # hand over this layer's per-example gradients now: never all at once
                 for name, g in pending.pop(module).items():
                     sink(name, g.reshape(bsz, -1))
@@ -186,6 +178,22 @@ class GradientComputer:
         for (name, _), r in zip(self.params, rows):
             sink(name, torch.stack(r))
         return torch.stack(us)
+
+
+def layer_gradients(module: nn.Module, names: tuple[str | None, str | None], x: torch.Tensor, dy: torch.Tensor,
+                    bsz: int) -> list[tuple[str, torch.Tensor]]:
+    """(name, per-example gradients (B, ...) fp32) of a linear layer's trainable weight and bias, from
+    its input x and its output's gradient dy: example b's weight gradient is sum_t dy[b, t] x[b, t]^T,
+    one bmm for the batch (`names`: the weight's and the bias's parameter names, None if frozen)."""
+    w_name, b_name = names
+    x = x.reshape(bsz, -1, x.shape[-1]).float()
+    dy = dy.reshape(bsz, -1, dy.shape[-1]).float()
+    out = []
+    if w_name is not None:  # Linear weight (out, in): dy^T x; Conv1D weight (in, out): x^T dy
+        out.append((w_name, torch.bmm(x.transpose(1, 2), dy) if is_conv1d(module) else torch.bmm(dy.transpose(1, 2), x)))
+    if b_name is not None:
+        out.append((b_name, dy.sum(1)))
+    return out
 
 
 def single_example(batch: Batch, b: int) -> Batch:
