@@ -19,7 +19,9 @@ has trained; what `pass`'s validate trains is copied to `last_epoch`'s, which th
   validation rows too).
 
 Cost, in this one process: the last epoch's seconds minus the epoch before it (the same examples,
-the same number of steps), plus the offsets' forward and the validation rows, against the pass's.
+the same number of steps), plus the offsets' forward and the validation rows, against the pass's. A
+second run keeps `pass`'s store and the seconds its ledger recorded, and trains `last_epoch` again:
+remove --runs-dir for a ratio of one process.
 Agreement: preconditioner.py's gate (error within seed noise of the pass's, ranking within what seeds
 move), and whether `gradex select` picks the same.
 
@@ -50,7 +52,7 @@ from gradex.diagnostics import validate
 from gradex.gradients import GradientComputer, Preconditioned, compute_store, make_projector, preconditioner
 from gradex.gradients.collect import Collector
 from gradex.gradients.store import _shard_path
-from gradex.model import at_ce_floor, trainable, trainable_vector
+from gradex.model import at_ce_floor, example_outputs, trainable, trainable_vector
 from gradex.run import Run
 from gradex.stages.gradients import _extra, store_sha256
 from gradex.surrogate import PRECONDITIONER_FILE
@@ -71,9 +73,9 @@ def by_length(run: Run, indices: list[int], batch_size: int) -> list[list[int]]:
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
 
-def collected_meta_train(run: Run) -> tuple[torch.nn.Module, Collector, dict, list[dict]]:
+def collected_meta_train(run: Run) -> tuple[torch.nn.Module, Collector, dict, list[float]]:
     """The meta-train again, collecting in its last epoch: (theta*'s model, the collector, the moments
-    the projector was preconditioned with, the step log)."""
+    the projector was preconditioned with, each epoch's seconds)."""
     cfg = run.cfg
     model = run.fresh_model(seed=cfg.meta.seed)
     idx = run.train_indices(run.trained_sources)
@@ -89,7 +91,7 @@ def collected_meta_train(run: Run) -> tuple[torch.nn.Module, Collector, dict, li
     log = train(model, run.tokens, idx, cfg.meta, run.pad_id, run.precision, None, desc="meta-train (collecting)",
                 collector=collector)
     model.eval()
-    return model, collector, moments, log
+    return model, collector, moments, epoch_seconds(log, per_epoch)
 
 
 def epoch_seconds(log: list[dict], per_epoch: int) -> list[float]:
@@ -110,7 +112,9 @@ def build_store(run: Run, model: torch.nn.Module, collector: Collector, moments:
     t0 = time.perf_counter()
     with torch.no_grad():
         for rows in by_length(run, idx, g.batch_size):
-            out = computer._fp32_outputs(collate([run.tokens[i] for i in rows], rows, run.pad_id))
+            # fp32, as the pass's offsets are in every precision (GradientComputer._fp32_outputs says why)
+            batch = collate([run.tokens[i] for i in rows], rows, run.pad_id).to(run.device)
+            out = example_outputs(model, batch, g.output).float()
             u.update(zip(rows, out.tolist()))
     offsets_seconds = time.perf_counter() - t0
     x.update(zip(idx, collector.rows(idx)))
@@ -176,13 +180,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"gradients (pass): {pass_seconds} s", file=sys.stderr, flush=True)
 
     run = pipeline.prepare(cfgs["last_epoch"])
-    model, collector, moments, log = collected_meta_train(run)
+    model, collector, moments, epochs = collected_meta_train(run)
     same_theta = torch.equal(trainable_vector(model), trainable_vector(run.meta_model()))
     if not same_theta:
         raise SystemExit("the collecting meta-train did not reach the seeded theta*: collecting changed a step "
                          "(or the seed run was trained on another host kind)")
-    per_epoch = math.ceil(len(run.train_indices(run.trained_sources)) / run.cfg.meta.batch_size)
-    epochs = epoch_seconds(log, per_epoch)
     with writing(run.dir):
         built = build_store(run, model, collector, moments)
     collect_seconds = epochs[-1] - epochs[-2]
