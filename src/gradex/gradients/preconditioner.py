@@ -63,6 +63,11 @@ def adam_scales(moments: dict[str, torch.Tensor], eps: float = ADAM_EPS) -> dict
     return {name: (v.sqrt() + eps).rsqrt() for name, v in moments.items()}
 
 
+def bias_corrected(v: torch.Tensor, step: float, beta2: float) -> torch.Tensor:
+    """Adam's second moment as its update uses it, v / (1 - beta2^t): fp32, a tensor of its own."""
+    return (v.detach().float() / (1 - beta2 ** float(step))).clone(memory_format=torch.contiguous_format)
+
+
 def from_checkpoint(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """{parameter name: Adam's bias-corrected second moment v / (1 - beta2^t)} from the last optimizer
     state of a training run (a gradex.train checkpoint; `names`: its trainable parameters, in order).
@@ -76,8 +81,7 @@ def from_checkpoint(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor]
     beta2 = float(groups[0]["betas"][1])
     out = {}
     for i, name in enumerate(names):
-        v, step = tensors[f"opt.{i}.exp_avg_sq"], float(tensors[f"opt.{i}.step"])
-        out[name] = (v.float() / (1 - beta2 ** step)).contiguous()
+        out[name] = bias_corrected(tensors[f"opt.{i}.exp_avg_sq"], float(tensors[f"opt.{i}.step"]), beta2)
     return out
 
 
@@ -90,7 +94,7 @@ def from_optimizer(opt: torch.optim.Optimizer, named: Sequence[tuple[str, torch.
         state = opt.state[p]
         if "exp_avg_sq" not in state:
             raise ValueError(f"from_optimizer: no second moment for {name!r} yet (no step taken)")
-        out[name] = (state["exp_avg_sq"].detach().float() / (1 - beta2 ** float(state["step"]))).clone()
+        out[name] = bias_corrected(state["exp_avg_sq"], float(state["step"]), beta2)
     return out
 
 
