@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -15,3 +16,13 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def describe(**extra: object) -> dict:
+    """The host as every benchmark records it (platform, CPU, cores, torch and its threads, Python),
+    plus what the caller adds (the precision a stage ran in, the load before and after)."""
+    import torch  # here: a script that never loads torch can still use cpu_model
+
+    return {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), **extra}
