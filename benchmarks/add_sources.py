@@ -25,21 +25,20 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 from scipy import stats
 
 from gradex import config as config_mod
 from gradex import ledger, pipeline
 from gradex.added import ADDED_FILE
+
+from machine import describe  # benchmarks/machine.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("data", "meta", "store")  # what the reference's estimator reads
@@ -175,8 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(format_row(row), flush=True)
     body = {"benchmark": "add-sources", "reference": str(Path(args.reference)), "sources": names,
             "subsets_per_run": len(ref_est), "command": " ".join(["python", "benchmarks/add_sources.py", *(argv or sys.argv[1:])]),
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "python": platform.python_version()},
+            "machine": describe(),
             "caveat": "one dropped source per row and one theta* seed per run: how far the estimates of a source "
                       "added at a theta* that never saw it move from those of a theta* trained with it, on this "
                       "default; not a distribution over sources or seeds",

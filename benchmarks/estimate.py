@@ -37,7 +37,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -53,6 +52,8 @@ from gradex.estimate import TOL, Problem, calibrate_l2, estimate, linear_loss
 from gradex.search import sample_subsets
 
 from gradex.testing import exact_solve, synthetic_problem
+
+from machine import describe  # benchmarks/machine.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 TIGHT = 1e-5  # also measured: the solver run to float32 precision
@@ -180,9 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tol": TOL,
         "tight": {"tol": TIGHT, "subsets_per_s": round(rate_tight, 1), "speedup": round(rate_tight / sk_rate, 1),
                   "max_rel_diff_vs_oracle": float(f"{vs_oracle_tight['max_rel_loss_diff']:.3e}")},
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "loadavg_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)]},
+        "machine": describe(loadavg_1min_before_after=[round(load_before[0], 2), round(load_after[0], 2)]),
         "command": " ".join(["python", "benchmarks/estimate.py", *(sys.argv[1:] if argv is None else argv)]),
         "quick": args.quick,
         "problem": {"N": int(problem.x.shape[0]), "d": problem.dim, "n_sources": n, "V": int(problem.x_val.shape[0]),

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import shlex
 import statistics
@@ -48,6 +46,8 @@ from gradex.data import Tokenized, collate
 from gradex.gradients import compute_store, make_projector
 from gradex.device import autocast, peak_memory_gb, resolve_device, resolve_precision
 from gradex.model import example_outputs, load_base, make_trainable, trainable, training_loss
+
+from machine import describe  # benchmarks/machine.py, beside this script
 
 BATCH = 8
 ANSWER = 4
@@ -257,9 +257,7 @@ def main() -> None:
         "accelerator": {"device": str(device), "precision": precision,
                         "name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                         "lora_layer_batch_gradients_gb": lora_layer_gb},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version()},
+        "machine": describe(),
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "quick": args.quick,
     }

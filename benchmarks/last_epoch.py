@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
 import sys
 import time
@@ -59,7 +57,7 @@ from gradex.surrogate import PRECONDITIONER_FILE
 from gradex.train import total_steps, train
 from gradex.writer import writing
 
-from machine import cpu_model  # benchmarks/machine.py, beside this script
+from machine import describe  # benchmarks/machine.py, beside this script
 from preconditioner import agreement
 from weights import seeded
 
@@ -206,9 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         "same_selection": selected["pass"] == selected["last_epoch"],
     }
     body = {"command": " ".join(["python", "benchmarks/last_epoch.py", *(sys.argv[1:] if argv is None else argv)]),
-            "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-                        "torch": torch.__version__, "python": platform.python_version(),
-                        "precision": {"meta-train": run.precision, "gradients": run.gradient_precision}},
+            "machine": describe(precision={"meta-train": run.precision, "gradients": run.gradient_precision}),
             "subsets": args.subsets, "seeds": args.seeds, "theta_star_identical": same_theta,
             "epoch_seconds": epochs, "store": built, "selected": selected,
             "validation": {k: validation_summary(results[k]) | {"rows": results[k]["rows"]} for k in KINDS},

@@ -33,14 +33,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import stats
 
 from gradex import config as config_mod
@@ -50,7 +47,7 @@ from gradex.atomic import write_json
 from gradex.diagnostics import summary as validation_summary
 from gradex.diagnostics import validate
 
-from machine import cpu_model  # benchmarks/machine.py, beside this script
+from machine import describe  # benchmarks/machine.py, beside this script
 from weights import seeded
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,9 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         **agreement(results, "adam", "meta"),
     }
     body = {"command": " ".join(["python", "benchmarks/preconditioner.py", *(sys.argv[1:] if argv is None else argv)]),
-            "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-                        "torch": torch.__version__, "python": platform.python_version(),
-                        "precision": ledger.read(cfgs["adam"].run_dir / "store").get("precision")},
+            "machine": describe(precision=ledger.read(cfgs["adam"].run_dir / "store").get("precision")),
             "subsets": args.subsets, "seeds": args.seeds, "store_seconds": store_seconds,
             "validation": {k: validation_summary(results[k]) | {"rows": results[k]["rows"]} for k in KINDS},
             "summary": summary}

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from machine import cpu_model  # benchmarks/machine.py, beside this script
+from machine import describe  # benchmarks/machine.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 N_VAL = 512
@@ -158,12 +156,6 @@ def cell(n: int, big_n: int, d: int) -> dict:
             "peak_rss_gb": round(peak, 3)}
 
 
-def torch_version() -> str:
-    import torch
-
-    return torch.__version__
-
-
 def slope(xs: list[float], ys: list[float]) -> float | None:
     pts = [(math.log(a), math.log(b)) for a, b in zip(xs, ys) if a > 0 and b > 0]
     if len(pts) < 2:
@@ -217,8 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         growth[f"{fig}_vs_n"] = slope([r["n"] for r in top_big], [r[fig] for r in top_big])
     line.update({f"exponent_{k}": v for k, v in growth.items()})
     body = {"command": " ".join(["python", "benchmarks/scale.py", *(sys.argv[1:] if argv is None else argv)]),
-            "machine": {"platform": platform.platform(), "processor": cpu_model(), "cpu_count": os.cpu_count(),
-                        "python": platform.python_version(), "torch": torch_version()},
+            "machine": describe(),
             "cells": cells, "growth_exponents": growth}
     out = ROOT / "benchmarks" / "results" / (f"scale-{args.tag}.json" if args.tag else "scale.json")
     out.parent.mkdir(parents=True, exist_ok=True)

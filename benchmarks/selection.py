@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 from gradex import config as config_mod
 from gradex import pipeline
 from gradex.comparison import SELECTED, format_table
+
+from machine import describe  # benchmarks/machine.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ("default", "corrupted")
@@ -105,8 +105,7 @@ def main() -> None:
         line.update(got)
     out = ROOT / "benchmarks" / "results" / f"selection{'-' + args.tag if args.tag else ''}.json"
     body = {"command": "python benchmarks/selection.py " + " ".join(sys.argv[1:]),
-            "machine": {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count(),
-                        "torch": torch.__version__, "python": platform.python_version()},
+            "machine": describe(),
             "seeds": args.seeds, "overrides": args.overrides, "methods": args.methods, "candidates": args.candidates,
             "summary": line, "scenarios": details}
     out.write_text(json.dumps(body, indent=2))

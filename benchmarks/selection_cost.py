@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import shutil
 import statistics
@@ -36,11 +34,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from gradex import config as config_mod
 from gradex import ledger, pipeline
 from gradex.stages.compare import forward_finetunes
+
+from machine import describe  # benchmarks/machine.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,8 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
             base[f"n{big}"] = got
     body = {"command": " ".join(["python", "benchmarks/selection_cost.py", *(sys.argv[1:] if argv is None else argv)]),
             "stages_timed": "from the run's ledger (--reuse)" if args.reuse else "in this process",
-            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                        "python": platform.python_version(), "precision": run.precision},
+            "machine": describe(precision=run.precision),
             "note": ("by_finetuning_seconds is an extrapolation: forward_finetunes (the subsets a forward search "
                      "on gradex's estimates evaluates) times the mean measured fine-tune (training only; a real "
                      "search would also evaluate each one). The n100/n1000 figures extrapolate further (see "

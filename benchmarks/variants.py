@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 from gradex import config as config_mod
 from gradex import diagnostics, pipeline
+
+from machine import describe  # benchmarks/machine.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ("data", "meta", "validate")  # what every variant takes from the base run
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(line, flush=True)
     out = ROOT / "benchmarks" / "results" / ("variants.json" if base.name == "default" else f"variants-{base.name}.json")
     body = {"command": " ".join(["python", "benchmarks/variants.py", *(sys.argv[1:] if argv is None else argv)]),
-            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
+            "machine": describe(),
             "run": str(base.run_dir), "variants": results}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(body, indent=2) + "\n")
