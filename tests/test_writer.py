@@ -109,6 +109,28 @@ def test_a_lock_held_elsewhere_refuses_every_writer_and_no_reader(selected, tmp_
     assert pipeline.status(selected)[0]["stage"] == "prepare"  # no writer now
 
 
+def test_a_writer_refused_while_the_holder_is_starting_waits_for_its_name(tmp_path):
+    """The holder takes the lock, then writes who it is: a process refused in between names it anyway
+    (it waits for the record), instead of "a process that is starting"."""
+    run = tmp_path / "runs" / "x"
+    with writing(run):
+        pass
+    starting = ("import fcntl, json, os, sys, time\n"
+                "fd = os.open(sys.argv[1], os.O_RDWR)\nos.ftruncate(fd, 0)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+                "print('locked', flush=True); time.sleep(0.5)\n"
+                "os.pwrite(fd, json.dumps({'pid': os.getpid(), 'command': 'starting'}).encode(), 0)\n"
+                "time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", starting, str(run / LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=f"another gradex process \\(pid {child.pid} .*: starting"):
+            with writing(run):
+                pass
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_the_lock_is_reentrant_within_a_process(tmp_path):
     run = tmp_path / "runs" / "x"
     with writing(run):

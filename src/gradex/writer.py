@@ -67,6 +67,15 @@ def holder(path: Path) -> dict:
     return found if isinstance(found, dict) else {}
 
 
+def holder_said(path: Path, wait: float = 2.0) -> dict:
+    """The lock holder's record, waiting up to `wait` seconds for it: a holder writes it just after it
+    takes the lock, so a process refused in between would otherwise name no one."""
+    deadline = time.monotonic() + wait
+    while not (who := holder(path)).get("pid") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return who
+
+
 def writer_now(path: Path) -> dict | None:
     """The process writing the run at `path` now ({} if it has not said who it is yet), or None when
     none is; asked without writing anything (a shared lock on a read-only descriptor, given back at
@@ -131,7 +140,7 @@ def _acquire(path: Path) -> int:
                           f"writable and give the copy (--run-dir)") from err
     if not _try_lock(fd):
         os.close(fd)
-        who = holder(path)
+        who = holder_said(path)
         since = (f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(who['since']))}"
                  if isinstance(who.get("since"), (int, float)) else "")
         by = (f"pid {who.get('pid')} on {who.get('host')}: {who.get('command')}{since}" if who.get("pid")
