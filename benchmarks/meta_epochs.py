@@ -48,17 +48,11 @@ from gradex.diagnostics import validate
 from gradex.finetunes import finetune_mix
 
 from machine import describe  # benchmarks/machine.py, beside this script
-from preconditioner import relative_errors
+from preconditioner import paired_interval, relative_errors
 from weights import seeded
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def paired_interval(diff: np.ndarray) -> list[float]:
-    """The 95% Student-t interval of a paired difference's mean."""
-    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
-    return [round(float(diff.mean() - half), 5), round(float(diff.mean() + half), 5)]
 
 
 def cost(cfg: config_mod.Config) -> dict:

@@ -59,6 +59,12 @@ def relative_errors(result: dict) -> dict[tuple[str, ...], float]:
     return {tuple(r["members"]): abs(r["estimate"] - r["real"]) / r["real"] for r in result["rows"]}
 
 
+def paired_interval(diff: np.ndarray) -> list[float]:
+    """The 95% Student-t interval of a paired difference's mean."""
+    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+    return [round(float(diff.mean() - half), 5), round(float(diff.mean() + half), 5)]
+
+
 def agreement(results: dict, base: str, other: str) -> dict:
     """validate's verdict on two estimators of the same subsets and real fine-tunes: each one's Spearman
     and error, the seed noise, the paired 95% interval of other's relative error minus base's, and the
@@ -67,7 +73,6 @@ def agreement(results: dict, base: str, other: str) -> dict:
     errors = {k: relative_errors(results[k]) for k in (base, other)}
     keys = sorted(errors[base])
     diff = np.array([errors[other][k] - errors[base][k] for k in keys])
-    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
     estimates = {kind: {tuple(r["members"]): r["estimate"] for r in results[kind]["rows"]} for kind in (base, other)}
     by_seed = [[r["seeds"][s] for r in results[base]["rows"]] for s in (0, 1)]
     estimates_spearman = float(stats.spearmanr([estimates[base][k] for k in keys],
@@ -81,7 +86,7 @@ def agreement(results: dict, base: str, other: str) -> dict:
         "seed_noise": round(noise, 5),
         "estimates_spearman": round(estimates_spearman, 4), "seeds_spearman": round(seeds_spearman, 4),
         "error_diff_mean": round(float(diff.mean()), 5),
-        "error_diff_ci": [round(float(diff.mean() - half), 5), round(float(diff.mean() + half), 5)],
+        "error_diff_ci": paired_interval(diff),
         "gate": bool(error_ok and estimates_spearman >= seeds_spearman),
     }
 
