@@ -38,7 +38,6 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -53,7 +52,7 @@ from gradex.search import sample_subsets
 
 from gradex.testing import exact_solve, synthetic_problem
 
-from machine import describe  # benchmarks/machine.py, beside this script
+from machine import command, describe  # benchmarks/machine.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 TIGHT = 1e-5  # also measured: the solver run to float32 precision
@@ -182,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tight": {"tol": TIGHT, "subsets_per_s": round(rate_tight, 1), "speedup": round(rate_tight / sk_rate, 1),
                   "max_rel_diff_vs_oracle": float(f"{vs_oracle_tight['max_rel_loss_diff']:.3e}")},
         "machine": describe(loadavg_1min_before_after=[round(load_before[0], 2), round(load_after[0], 2)]),
-        "command": " ".join(["python", "benchmarks/estimate.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command("estimate.py", argv),
         "quick": args.quick,
         "problem": {"N": int(problem.x.shape[0]), "d": problem.dim, "n_sources": n, "V": int(problem.x_val.shape[0]),
                     "m": m, "subset_size": int(subsets[0].sum()), "p": p_dim, "theta_norm": theta_norm,

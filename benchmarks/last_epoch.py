@@ -45,7 +45,6 @@ from gradex import config as config_mod
 from gradex import ledger, pipeline
 from gradex.atomic import write_json, replacing
 from gradex.data import collate
-from gradex.diagnostics import summary as validation_summary
 from gradex.diagnostics import validate
 from gradex.gradients import GradientComputer, Preconditioned, compute_store, make_projector, preconditioner
 from gradex.gradients.collect import Collector
@@ -57,8 +56,8 @@ from gradex.surrogate import PRECONDITIONER_FILE
 from gradex.train import total_steps, train
 from gradex.writer import writing
 
-from machine import describe  # benchmarks/machine.py, beside this script
-from preconditioner import agreement
+from machine import command, describe  # benchmarks/machine.py, beside this script
+from preconditioner import agreement, validations
 from weights import seeded
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,11 +202,11 @@ def main(argv: list[str] | None = None) -> dict:
         **agreement(results, "pass", "last_epoch"),
         "same_selection": selected["pass"] == selected["last_epoch"],
     }
-    body = {"command": " ".join(["python", "benchmarks/last_epoch.py", *(sys.argv[1:] if argv is None else argv)]),
+    body = {"command": command("last_epoch.py", argv),
             "machine": describe(precision={"meta-train": run.precision, "gradients": run.gradient_precision}),
             "subsets": args.subsets, "seeds": args.seeds, "theta_star_identical": same_theta,
             "epoch_seconds": epochs, "store": built, "selected": selected,
-            "validation": {k: validation_summary(results[k]) | {"rows": results[k]["rows"]} for k in KINDS},
+            "validation": validations(results),
             "summary": summary}
     write_json(RESULTS / f"last-epoch{suffix}.json", body)
     print(json.dumps(summary))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
 
 
@@ -26,3 +27,9 @@ def describe(**extra: object) -> dict:
     return {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), **extra}
+
+
+def command(script: str, argv: list[str] | None) -> str:
+    """The command line a result was made by, as its reader would type it again: `python
+    benchmarks/<script> ARGS` (argv as main() was given it, else the process's own)."""
+    return " ".join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])

@@ -43,12 +43,11 @@ from gradex import config as config_mod
 from gradex import ledger
 from gradex import pipeline
 from gradex.atomic import write_json
-from gradex.diagnostics import summary as validation_summary
 from gradex.diagnostics import validate
 from gradex.finetunes import finetune_mix
 
-from machine import describe  # benchmarks/machine.py, beside this script
-from preconditioner import paired_interval, relative_errors
+from machine import command, describe  # benchmarks/machine.py, beside this script
+from preconditioner import paired_interval, relative_errors, validations
 from weights import seeded
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,10 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{arm}_seeds_spearman": round(seeds_spearman(results[arm]), 4), f"{arm}_selected": selected[arm]}
     for arm in others:
         summary |= {f"{arm}_{k}": v for k, v in against(results[first], results[arm]).items()}
-    body = {"command": " ".join(["python", "benchmarks/meta_epochs.py", *(sys.argv[1:] if argv is None else argv)]),
+    body = {"command": command("meta_epochs.py", argv),
             "machine": describe(precision=costs[first]["precision"]),
             "subsets": args.subsets, "seeds": args.seeds, "cost": costs, "selected": selected,
-            "validation": {arm: validation_summary(results[arm]) | {"rows": results[arm]["rows"]} for arm in arms},
+            "validation": validations(results),
             "summary": summary}
     write_json(RESULTS / f"meta-epochs{suffix}.json", body)
     print(json.dumps(summary))

@@ -47,7 +47,7 @@ from gradex.atomic import write_json
 from gradex.diagnostics import summary as validation_summary
 from gradex.diagnostics import validate
 
-from machine import describe  # benchmarks/machine.py, beside this script
+from machine import command, describe  # benchmarks/machine.py, beside this script
 from weights import seeded
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +63,11 @@ def paired_interval(diff: np.ndarray) -> list[float]:
     """The 95% Student-t interval of a paired difference's mean."""
     half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
     return [round(float(diff.mean() - half), 5), round(float(diff.mean() + half), 5)]
+
+
+def validations(results: dict) -> dict:
+    """Each estimator's validate result as the benchmark saves it: the summary and every row."""
+    return {k: validation_summary(r) | {"rows": r["rows"]} for k, r in results.items()}
 
 
 def agreement(results: dict, base: str, other: str) -> dict:
@@ -130,10 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
         **{f"{k}_store_seconds": store_seconds[k] for k in KINDS},
         **agreement(results, "adam", "meta"),
     }
-    body = {"command": " ".join(["python", "benchmarks/preconditioner.py", *(sys.argv[1:] if argv is None else argv)]),
+    body = {"command": command("preconditioner.py", argv),
             "machine": describe(precision=ledger.read(cfgs["adam"].run_dir / "store").get("precision")),
             "subsets": args.subsets, "seeds": args.seeds, "store_seconds": store_seconds,
-            "validation": {k: validation_summary(results[k]) | {"rows": results[k]["rows"]} for k in KINDS},
+            "validation": validations(results),
             "summary": summary}
     write_json(RESULTS / f"preconditioner{suffix}.json", body)
     print(json.dumps(summary))

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from machine import describe  # benchmarks/machine.py, beside this script
+from machine import command, describe  # benchmarks/machine.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 N_VAL = 512
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         growth[f"{fig}_vs_N"] = slope([r["N"] for r in top_n], [r[fig] for r in top_n])
         growth[f"{fig}_vs_n"] = slope([r["n"] for r in top_big], [r[fig] for r in top_big])
     line.update({f"exponent_{k}": v for k, v in growth.items()})
-    body = {"command": " ".join(["python", "benchmarks/scale.py", *(sys.argv[1:] if argv is None else argv)]),
+    body = {"command": command("scale.py", argv),
             "machine": describe(),
             "cells": cells, "growth_exponents": growth}
     out = ROOT / "benchmarks" / "results" / (f"scale-{args.tag}.json" if args.tag else "scale.json")

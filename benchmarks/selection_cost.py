@@ -39,7 +39,7 @@ from gradex import config as config_mod
 from gradex import ledger, pipeline
 from gradex.stages.compare import forward_finetunes
 
-from machine import describe  # benchmarks/machine.py, beside this script
+from machine import command, describe  # benchmarks/machine.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         if got:
             line[f"n{big}_speedup"] = got["speedup"]
             base[f"n{big}"] = got
-    body = {"command": " ".join(["python", "benchmarks/selection_cost.py", *(sys.argv[1:] if argv is None else argv)]),
+    body = {"command": command("selection_cost.py", argv),
             "stages_timed": "from the run's ledger (--reuse)" if args.reuse else "in this process",
             "machine": describe(precision=run.precision),
             "note": ("by_finetuning_seconds is an extrapolation: forward_finetunes (the subsets a forward search "

@@ -24,7 +24,7 @@ from pathlib import Path
 from gradex import config as config_mod
 from gradex import diagnostics, pipeline
 
-from machine import describe  # benchmarks/machine.py, beside this script
+from machine import command, describe  # benchmarks/machine.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ("data", "meta", "validate")  # what every variant takes from the base run
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{best['output_change']} (spearman {best['spearman']:.3f})")
         print(line, flush=True)
     out = ROOT / "benchmarks" / "results" / ("variants.json" if base.name == "default" else f"variants-{base.name}.json")
-    body = {"command": " ".join(["python", "benchmarks/variants.py", *(sys.argv[1:] if argv is None else argv)]),
+    body = {"command": command("variants.py", argv),
             "machine": describe(),
             "run": str(base.run_dir), "variants": results}
     out.parent.mkdir(parents=True, exist_ok=True)
