@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -124,6 +125,30 @@ def test_a_writer_refused_while_the_holder_is_starting_waits_for_its_name(tmp_pa
     try:
         assert child.stdout.readline().strip() == "locked"
         with pytest.raises(ConfigError, match=f"another gradex process \\(pid {child.pid} .*: starting"):
+            with writing(run):
+                pass
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_released_lock_names_no_one_and_a_gone_holder_is_never_named(tmp_path):
+    """A new holder takes the lock before it writes who it is. Between the two, a refused process must
+    not name the last holder: a writer that finished cleared its record, and one that was killed (it
+    could not) is known gone by its pid."""
+    run = tmp_path / "runs" / "x"
+    with writing(run):
+        assert json.loads((run / LOCK).read_text())["pid"] == os.getpid()
+    assert (run / LOCK).read_text() == ""  # released: the record is cleared
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = {"pid": int(gone.stdout), "host": socket.gethostname(), "command": "gradex run (killed)"}
+    (run / LOCK).write_text(json.dumps(dead))
+    silent = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+              "print('locked', flush=True); time.sleep(60)\n")  # holds the lock and never says who it is
+    child = subprocess.Popen([sys.executable, "-c", silent, str(run / LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match="another gradex process \\(a process that is starting\\)"):
             with writing(run):
                 pass
     finally:

@@ -2,7 +2,8 @@
 
 Every command that writes a run directory (each stage, `gradex run`, add-sources, the diagnostics, an
 export into the run) holds the run's lock, `<run dir>/.gradex.lock`, while it runs. A second writer is
-refused at once, told the holder's pid and command (the holder writes them into the lock file).
+refused at once, told the holder's pid and command (the holder writes them into the lock file and clears
+them when it lets go).
 Readers (`gradex status`, `gradex report`) take no lock. The lock is re-entrant within a process (a
 stage runs its upstream stages under the lock it already holds), and under a launch rank 0 alone
 takes it (only rank 0 writes run-level files, gradex.launch); the operating system releases it when
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
+from gradex.atomic import running
 from gradex.config import ConfigError
 from gradex.graph import LEDGERED
 from gradex.ledger import RECORD
@@ -69,11 +71,20 @@ def holder(path: Path) -> dict:
 
 def holder_said(path: Path, wait: float = 2.0) -> dict:
     """The lock holder's record, waiting up to `wait` seconds for it: a holder writes it just after it
-    takes the lock, so a process refused in between would otherwise name no one."""
+    takes the lock, so a process refused in between would otherwise name no one, or (where the last
+    holder was killed before it could clear its record) a process that is gone."""
     deadline = time.monotonic() + wait
-    while not (who := holder(path)).get("pid") and time.monotonic() < deadline:
+    while not _said(who := holder(path)) and time.monotonic() < deadline:
         time.sleep(0.02)
-    return who
+    return who if _said(who) else {}
+
+
+def _said(who: dict) -> bool:
+    """Whether a lock record names a holder that may be alive: a pid, not one known gone on this host."""
+    pid = who.get("pid")
+    if not isinstance(pid, int):
+        return False
+    return who.get("host") != socket.gethostname() or pid == os.getpid() or running(pid)
 
 
 def writer_now(path: Path) -> dict | None:
@@ -178,7 +189,9 @@ def writing(run_dir: Path) -> Iterator[None]:
             fd, depth = _held.pop(key)
             if depth > 1:
                 _held[key] = (fd, depth - 1)
-            else:
+            else:  # clear the record while still holding the lock, so it never names a finished writer
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
                 os.close(fd)  # closing the last descriptor releases the lock
 
 
