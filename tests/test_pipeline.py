@@ -346,3 +346,32 @@ def test_a_store_with_a_non_finite_row_is_refused_by_name(cfg):
     with pytest.raises(FloatingPointError, match=r"store: 1 row\(s\) are not finite, e.g. the row of an example of "
                                                  r"'\w+' \((train|validation)\); rebuild it with `gradex gradients --force`"):
         pipeline.estimate(cfg, [["mul"]])
+
+
+def test_gradients_offsets_choose_the_rows_whose_offsets_come_from_an_fp32_forward(tmp_path, tiny_model_dir):
+    """gradients.offsets under bf16: by default (pass) the store keeps the pass's own offsets; `fp32`
+    takes every row's from an fp32 forward; `validation` only the target's validation rows'. A change
+    of the setting re-runs the gradient pass alone (theta* is kept), and the gradients are the same."""
+    import dataclasses
+
+    from gradex import ledger
+    from gradex.gradients import Store
+
+    base = tiny_run_config(tmp_path, tiny_model_dir)
+    bf16 = dataclasses.replace(base, model=dataclasses.replace(base.model, precision="bf16"))
+    stores = {}
+    for setting in ("pass", "fp32", "validation"):
+        cfg = dataclasses.replace(bf16, gradients=dataclasses.replace(bf16.gradients, offsets=setting))
+        pipeline.gradients(cfg)
+        stores[setting] = Store.open(cfg.run_dir / "store")
+        if setting == "pass":
+            assert cfg.gradients == bf16.gradients  # the default
+            theta = ledger.read(cfg.run_dir / "meta")
+    assert theta and ledger.read(bf16.run_dir / "meta") == theta  # not trained again
+    own, exact, mixed = stores["pass"], stores["fp32"], stores["validation"]
+    validation = np.isin(mixed.index, pipeline.Run(bf16).indices("validation"))
+    assert validation.sum() == 16 and np.array_equal(mixed.index, exact.index) and np.array_equal(mixed.x, exact.x)
+    assert np.array_equal(own.x, exact.x)
+    assert np.allclose(mixed.u[validation], exact.u[validation], atol=1e-5)
+    assert np.array_equal(mixed.u[~validation], own.u[~validation])
+    assert np.abs(own.u - exact.u).max() > 1e-4  # bf16 hidden states move the offsets

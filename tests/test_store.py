@@ -168,6 +168,30 @@ def test_store_counts_examples_at_the_ce_floor(tmp_path: Path) -> None:
     assert other.manifest["ce_floor"] is None and other.manifest["ce_clipped"] is None
 
 
+def test_bf16_offsets_come_from_an_fp32_forward_for_the_rows_asked(tmp_path: Path) -> None:
+    """Under bf16 the offsets of the rows in fp32_offsets are an fp32 store's (default: every row's); the
+    other rows keep the bf16 pass's own outputs; the gradients do not depend on the choice."""
+    model, toks = tiny_model(), tiny_tokens(17)
+    indices = list(range(17))
+    asked = [1, 4, 5, 12, 16]
+
+    def store(name: str, precision: str = "bf16", rows=None) -> Store:
+        return compute_store(model, toks, indices, pad_id=0, out_dir=tmp_path / name, precision=precision,
+                             projector=make_projector("sparse", dim=16, seed=3), batch_size=4, chunk_size=6,
+                             progress=False, fp32_offsets=rows)
+
+    exact, every, own, mixed = store("fp32", "fp32"), store("every"), store("own", rows=[]), store("mixed", rows=asked)
+    assert np.array_equal(every.x, own.x) and np.array_equal(every.x, mixed.x)
+    assert np.allclose(every.u, exact.u, atol=1e-5)
+    moved = np.abs(own.u - exact.u)
+    assert moved.max() > 1e-4 and moved.max() < 0.1  # bf16 hidden states move the outputs, a little
+    others = [i for i in indices if i not in asked]
+    assert np.allclose(mixed.u[asked], exact.u[asked], atol=1e-5) and np.array_equal(mixed.u[others], own.u[others])
+    # only a store that limits the fp32 forward records it: one planned before the option keeps its plan
+    assert json.loads((tmp_path / "every" / "plan.json").read_text()).keys() < \
+        json.loads((tmp_path / "mixed" / "plan.json").read_text()).keys()
+
+
 def _poison(model, marker: int, gradient_only: bool) -> None:
     """Hooks that turn the gradient (or the forward value) of every example holding token `marker`
     into NaN, at layer 0's q_proj: 0 * sqrt(y - y) is 0 forward and 0 * inf = NaN backward."""

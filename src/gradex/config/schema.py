@@ -218,6 +218,12 @@ class GradientConfig:
     # refit recipe at theta* | none: project g itself
     preconditioner: Literal["adam", "meta", "none"] = "meta"
     preconditioner_batches: int = 64
+    # Where the offsets u_s come from when the pass runs in bf16 (in fp32 every setting is the same
+    # store): pass = the pass's own bf16 forward | validation = a second, fp32 forward for the target's
+    # validation rows, whose offsets the estimates are read at | fp32 = that forward for every row.
+    # The fp32 forward took 44-47% of the pass, and `validate` found the estimates the same on the
+    # default and on corrupted (benchmarks/offsets.py; docs/method.md, section 2)
+    offsets: Literal["pass", "validation", "fp32"] = "pass"
     dim: int = 256
     seed: int = 0
     batch_size: int = 8

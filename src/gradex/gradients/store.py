@@ -26,7 +26,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from gradex.config import fingerprint
 from gradex.data import Tokenized, collate
 from gradex.gradients.compute import GradientComputer
 from gradex.gradients.projectors import Projector
-from gradex.device import device_of, step_done
+from gradex.device import device_of, resolve_precision, step_done
 from gradex.launch import barrier, distributed
 from gradex.model import CE_FLOOR, at_ce_floor
 
@@ -105,7 +105,8 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
                   out_dir: str | Path, projector: Projector, batch_size: int = 8, chunk_size: int = 64,
                   precision: str = "bf16", manifest_extra: dict | None = None, method: str = "auto",
                   progress: bool = True, output: str = "ce",
-                  describe: Callable[[int], str] = dataset_position) -> Store:
+                  describe: Callable[[int], str] = dataset_position,
+                  fp32_offsets: Collection[int] | None = None) -> Store:
     """Project the per-example gradients of u_s for tokens[i], i in `indices`, into a store at `out_dir`.
 
     `projector` is bound to the model's trainable parameters here if it is not bound yet.
@@ -114,6 +115,9 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
     A NaN or inf gradient or output is an error naming the example, `describe(i)` (the caller knows
     its source and split). Resumes from finished chunks; under WORLD_SIZE > 1 every rank must call
     it with the same arguments.
+    Under bf16 or fp16 the offsets u come from a second, fp32 forward (GradientComputer.fp32_outputs
+    says why); `fp32_offsets`, when given, limits that forward to those dataset positions, and the
+    other rows keep the pass's own outputs.
     """
     out_dir = Path(out_dir)
     started = time.perf_counter()
@@ -146,6 +150,9 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
         "parameters_sha256": fingerprint(computer.layout),
         "extra": json.loads(json.dumps(extra, sort_keys=True, default=str)),
     }
+    if fp32_offsets is not None:  # only then: a store planned before this option keeps its plan
+        fp32_offsets = frozenset(int(i) for i in fp32_offsets)
+        plan["fp32_offsets_sha256"] = fingerprint(sorted(fp32_offsets))
 
     if rank == 0:
         out_dir.joinpath("shards").mkdir(parents=True, exist_ok=True)
@@ -170,7 +177,8 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
                disable=not progress or rank != 0, dynamic_ncols=True)
     for c in mine:
         t0 = time.perf_counter()
-        x, u = _compute_chunk(computer, projector, tokens, chunks[c], pad_id, batch_size, precision, bar, describe)
+        x, u = _compute_chunk(computer, projector, tokens, chunks[c], pad_id, batch_size, precision, bar, describe,
+                              fp32_offsets)
         seconds = time.perf_counter() - t0
         path = _shard_path(out_dir, c)
         clipped = int(at_ce_floor(torch.from_numpy(u)).sum()) if output == "ce" else 0
@@ -187,16 +195,22 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
 
 def _compute_chunk(computer: GradientComputer, projector: Projector, tokens: Sequence[Tokenized], chunk: list[int],
                    pad_id: int, batch_size: int, precision: str, bar: Any,
-                   describe: Callable[[int], str] = dataset_position) -> tuple[np.ndarray, np.ndarray]:
-    """x (k, d), u (k,) for one chunk, in chunk order; batches are formed by length to cut padding."""
+                   describe: Callable[[int], str] = dataset_position,
+                   fp32_offsets: frozenset[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """x (k, d), u (k,) for one chunk, in chunk order; batches are formed by length to cut padding.
+    With `fp32_offsets`, only those rows' offsets come from an fp32 forward (compute_store)."""
     order = sorted(range(len(chunk)), key=lambda i: len(tokens[chunk[i]].ids))
     x = np.zeros((len(chunk), projector.dim), dtype=np.float32)
     u = np.zeros(len(chunk), dtype=np.float32)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         batch = collate([tokens[chunk[i]] for i in rows], [chunk[i] for i in rows], pad_id)
-        xb, ub = computer.projected(batch, projector, precision)
+        xb, ub = computer.projected(batch, projector, precision, fp32_outputs=fp32_offsets is None)
         xb, ub = xb.cpu(), ub.cpu()
+        exact = [j for j, i in enumerate(rows) if chunk[i] in fp32_offsets] if fp32_offsets is not None else []
+        if exact and resolve_precision(precision, device_of(computer.model)) != "fp32":
+            picked = [chunk[rows[j]] for j in exact]
+            ub[exact] = computer.fp32_outputs(collate([tokens[i] for i in picked], picked, pad_id)).cpu()
         step_done(device_of(computer.model))
         _check_finite(xb, ub, [chunk[i] for i in rows], describe)
         x[rows] = xb.numpy()

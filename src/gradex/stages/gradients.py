@@ -73,10 +73,12 @@ def gradients(run: Run, force: bool = False) -> Path:
             barrier(world)
         projector = make_run_projector(run, model)
         # the examples theta* was trained on; the added sources' rows come after them (extend_store)
-        idx = run.train_indices(run.trained_sources) + run.indices("validation")
+        validation = run.indices("validation")
+        idx = run.train_indices(run.trained_sources) + validation
         compute_store(model, run.tokens, idx, run.pad_id, out, projector, batch_size=cfg.gradients.batch_size,
                       chunk_size=cfg.gradients.chunk_size, precision=run.gradient_precision, manifest_extra=_extra(run, model),
-                      output=cfg.gradients.output, describe=_describer(run))
+                      output=cfg.gradients.output, describe=_describer(run),
+                      fp32_offsets=fp32_offsets(cfg.gradients.offsets, validation))
         run.mark("gradients", status="running", base_inputs=run.base_inputs())
     added = extend_store(run, model)
     n = json.loads((out / "manifest.json").read_text())["n"]
@@ -85,6 +87,12 @@ def gradients(run: Run, force: bool = False) -> Path:
              added=[{k: e[k] for k in ("source", "examples", "rows")} for e in added],
              outputs={"store": store_sha256(out)})
     return out
+
+
+def fp32_offsets(setting: str, validation: list[int]) -> list[int] | None:
+    """The rows whose offsets come from an fp32 forward (gradients.offsets), as compute_store takes
+    them: None for every row, else these (the validation rows, or none)."""
+    return None if setting == "fp32" else (validation if setting == "validation" else [])
 
 
 def meta_moments(run: Run) -> Path:
@@ -168,7 +176,7 @@ def extend_store(run: Run, model: torch.nn.Module | None = None) -> list[dict]:
             f"theta* (not trained on them)")
         compute_store(model, run.tokens, idx, run.pad_id, side, projector, batch_size=g.batch_size,
                       chunk_size=g.chunk_size, precision=run.gradient_precision, manifest_extra=_extra(run, model),
-                      output=g.output, describe=_describer(run))
+                      output=g.output, describe=_describer(run), fp32_offsets=fp32_offsets(g.offsets, []))
         for e in new_entries:
             e["seconds"] = round((time.perf_counter() - t0) * e["examples"] / len(idx), 1)
     if rank == 0:
