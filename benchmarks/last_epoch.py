@@ -109,7 +109,7 @@ def build_store(run: Run, model: torch.nn.Module, collector: Collector, moments:
     t0 = time.perf_counter()
     with torch.no_grad():
         for rows in by_length(run, idx, g.batch_size):
-            # fp32, as the pass's offsets are in every precision (GradientComputer._fp32_outputs says why)
+            # fp32, as the pass's offsets are in every precision (GradientComputer.fp32_outputs says why)
             batch = collate([run.tokens[i] for i in rows], rows, run.pad_id).to(run.device)
             out = example_outputs(model, batch, g.output).float()
             u.update(zip(rows, out.tolist()))
