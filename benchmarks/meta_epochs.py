@@ -4,6 +4,7 @@ most 2.0 all-sources fine-tunes").
 
     python benchmarks/meta_epochs.py                        # the default example, 8 subsets x 2 seeds
     python benchmarks/meta_epochs.py --epochs 3 2 --subsets 8
+    python benchmarks/meta_epochs.py --epochs 3 2 --lrs 0.001 0.002 --runs-dir runs/meta-lr --seed-from runs/meta-epochs/meta3
 
 The meta-train is 3 epochs of the training examples; the all-sources fine-tune is 56 steps (2 epochs),
 so the meta-train alone costs 1.5 fine-tunes and the selection can not reach 2.0 (BENCHMARKS.md, "Why
@@ -14,6 +15,10 @@ one after the other in this process (its prepared data copied from the first arm
   seconds of its own all-sources fine-tune (seed 0, what `compare` calls "all"), both from the ledger;
 - `gradex validate` with the deployed recipe on the same subsets (drawn by select.seed, not by
   theta*) against its own real fine-tunes.
+--lrs gives each arm its meta.lr (a shorter meta-train may make up with a larger step); an arm whose lr
+is not the config's is named `meta<E>-lr<LR>`. --seed-from starts the first arm from copies of an
+earlier run of it (data, theta*, fine-tunes, validate's rows): only its store, select and estimates
+are made again, and its costs are that run's, recorded in its ledger.
 
 The gate, for an arm against the first one (the default), "no worse beyond seed noise":
 - error: its mean relative error at most the first arm's plus the first arm's seed noise;
@@ -22,7 +27,8 @@ The gate, for an arm against the first one (the default), "no worse beyond seed 
 Also the paired 95% Student-t intervals over subsets of the relative error's difference, and of the
 real fine-tunes' validation loss (the user's result: a less trained theta* may fine-tune worse).
 
-Writes benchmarks/results/meta-epochs.json (meta-epochs-<name>.json for another --config); prints its
+Writes benchmarks/results/meta-epochs.json (meta-epochs-<name>.json for another --config; meta-lr.json
+and meta-lr-<name>.json with --lrs); prints its
 flat `summary` last: per arm `meta<E>_overhead_vs_finetune`, `_meta_seconds`, `_store_seconds`,
 `_finetune_seconds`, `_spearman`, `_error`, `_seed_noise`, `_seeds_spearman`, `_selected`; per other arm
 `meta<E>_error_diff_ci`, `_real_loss_diff_ci` (its real loss minus the first arm's, > 0 = worse),
@@ -88,6 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--config", type=Path, default=config_mod.EXAMPLES_DIR / "default.yaml")
     ap.add_argument("--epochs", type=int, nargs="+", default=[3, 2],
                     help="meta.epochs of each arm, the first the one the others are gated against")
+    ap.add_argument("--lrs", type=float, nargs="+", default=None,
+                    help="meta.lr of each arm, in --epochs' order (default: the config's for every arm)")
+    ap.add_argument("--seed-from", type=Path, default=None,
+                    help="an earlier run of the first arm to start it from (its costs are that run's)")
     ap.add_argument("--subsets", type=int, default=8)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--runs-dir", type=Path, default=None,
@@ -96,14 +106,24 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.seeds < 2:
         ap.error("--seeds: at least 2, for the seed noise the gate is measured against")
-    if len(args.epochs) < 2 or len(set(args.epochs)) != len(args.epochs) or min(args.epochs) < 1:
-        ap.error(f"--epochs {args.epochs}: two or more distinct positive counts")
-    name = config_mod.load(args.config, args.overrides).name
-    suffix = "" if name == "default" else f"-{name}"
+    if len(args.epochs) < 2 or min(args.epochs) < 1:
+        ap.error(f"--epochs {args.epochs}: two or more positive counts")
+    base = config_mod.load(args.config, args.overrides)
+    lrs = args.lrs or [base.meta.lr] * len(args.epochs)
+    if len(lrs) != len(args.epochs):
+        ap.error(f"--lrs {lrs}: one per arm of --epochs {args.epochs}")
+    suffix = "" if base.name == "default" else f"-{base.name}"
     runs_dir = args.runs_dir or ROOT / "runs" / f"meta-epochs{suffix}"
-    arms = {f"meta{e}": config_mod.load(args.config, [*args.overrides, f"runs_dir={runs_dir}", f"name=meta{e}",
-                                                      f"meta.epochs={e}"]) for e in args.epochs}
+    arms = {}
+    for e, lr in zip(args.epochs, lrs):
+        arm = f"meta{e}" if lr == base.meta.lr else f"meta{e}-lr{lr:g}"
+        arms[arm] = config_mod.load(args.config, [*args.overrides, f"runs_dir={runs_dir}", f"name={arm}",
+                                                  f"meta.epochs={e}", f"meta.lr={lr}"])
+    if len(arms) != len(args.epochs):
+        ap.error(f"--epochs {args.epochs} --lrs {lrs}: two arms are the same")
     first, *others = arms
+    if args.seed_from is not None:
+        seeded(arms[first].run_dir, args.seed_from, items=("data", "meta", "finetunes", "validate"))
     pipeline.prepare(arms[first])
     for arm in others:
         seeded(arms[arm].run_dir, arms[first].run_dir, items=("data",))
@@ -126,12 +146,14 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{arm}_seeds_spearman": round(seeds_spearman(results[arm]), 4), f"{arm}_selected": selected[arm]}
     for arm in others:
         summary |= {f"{arm}_{k}": v for k, v in against(results[first], results[arm]).items()}
-    body = {"command": command("meta_epochs.py", argv),
+    body = {"command": command("meta_epochs.py", argv), "lrs": dict(zip(arms, lrs)),
+            "seed_from": str(args.seed_from) if args.seed_from else None,
             "machine": describe(precision=costs[first]["precision"]),
             "subsets": args.subsets, "seeds": args.seeds, "cost": costs, "selected": selected,
             "validation": validations(results),
             "summary": summary}
-    write_json(RESULTS / f"meta-epochs{suffix}.json", body)
+    # arms with their own meta.lr are another measurement: they do not replace the epochs-only one
+    write_json(RESULTS / (f"meta-lr{suffix}.json" if args.lrs else f"meta-epochs{suffix}.json"), body)
     print(json.dumps(summary))
     return body
 
