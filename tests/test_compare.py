@@ -173,3 +173,30 @@ def test_an_empty_selection_is_compared_with_single_sources_and_no_mix_is_traine
     keys = {r["key"] for r in result["rows"]}
     assert len(keys) == len({(frozenset(r["members"]), r["seed"]) for r in result["rows"]}) == len(result["rows"])
     assert {p.name for p in (cfg.run_dir / "finetunes").iterdir()} == keys
+
+
+def test_representations_run_in_the_precision_asked_and_average_in_fp32():
+    """The oracle: the decoder's last hidden layer under torch.autocast, averaged over each example's
+    tokens by hand. bf16 gives other numbers than fp32 (so the precision was used), close to them."""
+    from conftest import byte_tokenizer, tiny_llama
+
+    from gradex.baselines import mean_hidden_states
+    from gradex.data import Example, tokenize
+
+    tok = byte_tokenizer()
+    model = tiny_llama(len(tok)).eval()
+    examples = [Example("s", "train", f"Q: What is {a} plus {b}?\nA:", f" {a + b}") for a, b in
+                [(12, 7), (305, 91), (4, 4000), (66, 6)]]
+    tokens = tokenize(tok, examples)
+    got = {p: mean_hidden_states(model, tokens, [2, 0, 3, 1], tok.pad_token_id, batch_size=3, precision=p)
+           for p in ("fp32", "bf16")}
+    for precision, dtype, tol in (("fp32", None, 1e-5), ("bf16", torch.bfloat16, 5e-4)):
+        want = []
+        for i in (2, 0, 3, 1):
+            with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                hidden = model.model(input_ids=torch.tensor([tokens[i].ids])).last_hidden_state[0]
+            want.append(hidden.float().mean(0))
+        assert got[precision].dtype == np.float32
+        np.testing.assert_allclose(got[precision], torch.stack(want).numpy(), rtol=tol, atol=tol)
+    assert np.abs(got["fp32"] - got["bf16"]).max() > 3 * 5e-4  # bf16 rounds: beyond the tolerance above
+    np.testing.assert_allclose(got["bf16"], got["fp32"], rtol=0.05, atol=0.05)

@@ -26,8 +26,8 @@ def _similarity(run: Run, kind: str) -> dict[str, float]:
         inputs = run.output("store")
     elif kind == "dsir":  # the example texts alone
         inputs = (run.data_key(), DSIR_SETTINGS)
-    else:
-        inputs = (run.data_key(), run.cfg.model)
+    else:  # representation: the base model, in the precision this host runs it
+        inputs = (run.data_key(), run.cfg.model, run.precision)
     # the clusters relabel the examples: the same data under other clusters is other sources
     key = config_mod.fingerprint(kind, inputs, *([run.output("clusters")] if run.cfg.data.clusters else []))
     path = run.dir / "compare" / f"{kind}.json"
