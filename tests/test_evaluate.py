@@ -210,3 +210,25 @@ def test_options_metric_through_a_whole_run(tmp_path, tiny_model_dir, cot_bigben
     rows = {r["stage"]: r for r in pipeline.status(cfg)}
     assert rows["prepare"]["state"] == "done"
     assert pipeline.finetune_key(pipeline.Run(cfg), [], 0) not in keys
+
+
+def test_generation_calls_group_by_length_within_the_token_budget():
+    lengths = [5, 12, 3, 12, 7, 40]
+    calls = ev.generation_calls(lengths, max_new_tokens=4, budget=48)
+    assert sorted(i for c in calls for i in c) == list(range(len(lengths)))  # every row once
+    for call in calls:  # within the budget, unless a row alone exceeds it
+        assert len(call) == 1 or len(call) * (max(lengths[i] for i in call) + 4) <= 48
+    assert calls == [[2, 0, 4], [1, 3], [5]]  # by length: 3, 5, 7 (3 x 11 = 33), 12, 12 (2 x 16), 40 alone
+
+
+def test_generations_in_one_call_equal_each_prompt_generated_alone():
+    """The oracle: each prompt generated on its own (no padding, one call each). Prompts of many lengths
+    in few calls, left-padded and reordered by length, come back the same and in the examples' order."""
+    tok = byte_tokenizer()
+    model = tiny_llama(len(tok)).eval()
+    examples = [cot(p, "Yes.") for p in ("Q: zebra 91?\nA:", "Hello", "Q: {}[]() a much longer prompt, this one?\nA:",
+                                          "what!", "Q: 7*8?\nA:", "no")]
+    alone = [ev.generate_answers(model, tok, [e], 6, precision="fp32", budget=1)[0] for e in examples]
+    assert len(set(alone)) > 1  # the prompts lead to different generations: the order is tested
+    assert ev.generate_answers(model, tok, examples, 6, precision="fp32") == alone
+    assert ev.generate_answers(model, tok, examples, 6, precision="fp32", budget=120) == alone

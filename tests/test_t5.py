@@ -315,7 +315,7 @@ def test_generation_returns_decoder_tokens_only(tiny_t5_dir):
     model = make_trainable(load_base(cfg), cfg)
     train(model, tokens, range(len(tokens)), TrainConfig(max_steps=40, batch_size=8, lr=0.05, warmup=0.0),
           tok.pad_token_id, precision="fp32", progress=False)
-    assert generate_answers(model, tok, examples[:5], max_new_tokens=4, precision="fp32", batch_size=3) == ["42"] * 5
+    assert generate_answers(model, tok, examples[:5], max_new_tokens=4, precision="fp32", budget=30) == ["42"] * 5
     mc = [Example("t", "test", "7+7=", " 42", choices=("14", "42", "7"))]
     assert choose(model, tok, mc, precision="fp32") == ["42"]
 
