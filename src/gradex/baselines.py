@@ -170,7 +170,7 @@ def similarity_scores(kind: str, run: Any) -> dict[str, float]:
         idx = run.train_indices(run.sources) + run.indices("validation")
         model = load_base(run.cfg.model).to(run.device)
         model.eval()
-        # in the run's precision, as every other forward of it: on a bf16 host 0.62x the fp32 time, with
+        # in the run's precision, as the run's other forwards: on a bf16 host 0.62x the fp32 time, with
         # the same order of sources on the default, corrupted and strategyqa (cosines within 2.4e-4)
         features = mean_hidden_states(model, run.tokens, idx, run.pad_id, precision=run.precision)
         return mean_cosines(features, [group(i) for i in idx], run.sources, reference)
