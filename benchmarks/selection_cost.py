@@ -1,11 +1,16 @@
-"""What gradex's selection costs against selecting by real fine-tuning, on the embedded default.
+"""What gradex's selection costs against selecting by real fine-tuning, on the embedded default or a
+config of your own.
 
     python benchmarks/selection_cost.py                     # fresh run directory runs/selection-cost
     python benchmarks/selection_cost.py --sizes 0 1 3 6 10  # the subset sizes whose fine-tunes are timed
     python benchmarks/selection_cost.py --reuse             # keep runs/selection-cost, stage times from its ledger
+    python benchmarks/selection_cost.py --config src/gradex/examples/strategyqa.yaml --tag strategyqa-k100 \
+        --set data.clusters.k=100 --set select.method=forward --sizes 1 5 20 50 100
+                                                            # a real pool of 100 sources (clusters of StrategyQA):
+                                                            # runs/selection-cost-strategyqa-k100, results/selection-cost-strategyqa-k100.json
 
 1. gradex's selection, timed in this process from a fresh run directory: prepare, meta-train
-   (theta*), the gradient pass (Adam's preconditioner first), and select (estimates + selection).
+   (theta*), the gradient pass, the clusters (with data.clusters), and select (estimates + selection).
 2. Real fine-tunes with the deployed `finetune` recipe (the same steps for every mix) of subsets of
    the given sizes (0 = the target alone; members drawn at random, seeded), each timed (training,
    and training + evaluation).
@@ -15,7 +20,7 @@
    estimates stand in for the real losses), so its time is an EXTRAPOLATION: that count times the
    mean measured fine-tune. `speedup` = that time / the selection's measured time;
    `overhead_vs_finetune` = the selection's time / the all-sources fine-tune's training time.
-4. The same formula for n = 100 and n = 1,000 sources, from the scale benchmark's figures
+4. The same formula for n = 100 and n = 1,000 sources (those above the pool's own n), from the scale benchmark's figures
    (benchmarks/results/scale.json: the estimate-and-select cost and forward's rounds at that n)
    with the model stages scaled by the number of examples (per_source examples per source, the
    recipe's epochs): every input of the extrapolation is written next to it.
@@ -52,8 +57,9 @@ def forward_count(n: int, rounds: int) -> int:
 
 def timed_selection(cfg: config_mod.Config) -> dict:
     stages = {}
+    clusters = [("clusters", pipeline.clusters)] if cfg.data.clusters is not None else []
     for name, stage in (("prepare", pipeline.prepare), ("meta-train", pipeline.meta_train),
-                        ("gradients", pipeline.gradients), ("select", pipeline.select)):
+                        ("gradients", pipeline.gradients), *clusters, ("select", pipeline.select)):
         t0 = time.perf_counter()
         stage(cfg)
         stages[name] = round(time.perf_counter() - t0, 2)
@@ -102,6 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[0, 1, 3, 6, 10],
                     help="subset sizes whose fine-tunes are timed (at least 5; 0 = the target alone)")
+    ap.add_argument("--config", default=None, help="a gradex config (default: the embedded default)")
+    ap.add_argument("--tag", default=None, help="names the run directory (selection-cost-TAG) and the results "
+                                               "(results/selection-cost-TAG.json)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--runs-dir", default=str(ROOT / "runs"))
     ap.add_argument("--seed", type=int, default=0, help="which members the timed subsets get")
@@ -111,10 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if len(args.sizes) < 5:
         ap.error("--sizes: time at least 5 fine-tunes")
-    cfg = config_mod.load(None, [*args.overrides, f"runs_dir={args.runs_dir}", "name=selection-cost"])
+    run_name = "selection-cost" + (f"-{args.tag}" if args.tag else "")
+    cfg = config_mod.load(args.config, [*args.overrides, f"runs_dir={args.runs_dir}", f"name={run_name}"])
     if args.reuse:
+        clusters = [("clusters", "clusters")] if cfg.data.clusters is not None else []
         stages = {name: ledger.read(cfg.run_dir / d).get("seconds") for name, d in
-                  (("meta-train", "meta"), ("gradients", "store"), ("select", "select"))}
+                  (("meta-train", "meta"), ("gradients", "store"), *clusters, ("select", "select"))}
         if None in stages.values():
             ap.error(f"--reuse: {cfg.run_dir} has no complete meta-train, gradients and select to reuse")
         pipeline.select(cfg)  # done: returns at once
@@ -134,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     all_seconds = everything[0]["train_seconds"] if everything else None
     by_finetuning = count * finetune_seconds
     recorded = {stage: ledger.read(cfg.run_dir / d).get("seconds") for stage, d in
-                (("meta", "meta"), ("store", "store"), ("select", "select"))}
+                (("meta", "meta"), ("store", "store"), ("clusters", "clusters"), ("select", "select"))
+                if (cfg.run_dir / d).exists()}
     base = {"n": n, "stages": stages, "finetune_seconds": finetune_seconds}
     scale_path = ROOT / "benchmarks" / "results" / "scale.json"
     scale_cells = json.loads(scale_path.read_text())["cells"] if scale_path.exists() else []
@@ -142,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
             "finetunes_timed": len(rows), "forward_finetunes": count,
             "by_finetuning_seconds": round(by_finetuning, 1), "speedup": round(by_finetuning / selection_seconds, 2),
             "overhead_vs_finetune": round(selection_seconds / all_seconds, 2) if all_seconds else None}
-    for big in (100, 1000):
+    for big in (b for b in (100, 1000) if b > n):
         got = at_scale(big, base, scale_cells)
         if got:
             line[f"n{big}_speedup"] = got["speedup"]
@@ -156,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "at_scale in the script)."),
             "stages_seconds": stages, "ledger_seconds": recorded, "finetunes": rows,
             "extrapolations": {k: v for k, v in base.items() if k.startswith("n") and k != "n"}, **line}
-    out = ROOT / "benchmarks" / "results" / "selection-cost.json"
+    out = ROOT / "benchmarks" / "results" / f"{run_name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(body, indent=2) + "\n")
     print(json.dumps(line))
