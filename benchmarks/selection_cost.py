@@ -19,7 +19,10 @@ config of your own.
    would run is taken from forward stepwise on gradex's estimates over the same sources (the
    estimates stand in for the real losses), so its time is an EXTRAPOLATION: that count times the
    mean measured fine-tune. `speedup` = that time / the selection's measured time;
-   `overhead_vs_finetune` = the selection's time / the all-sources fine-tune's training time.
+   `overhead_vs_finetune` = the selection's time / the all-sources fine-tune's training time;
+   `one_round_speedup` = n x the mean measured fine-tune / the selection's time: the first round alone
+   (n single-source fine-tunes), which every forward search trains, so a lower bound that assumes
+   nothing of how many rounds a real search would run.
 4. The same formula for n = 100 and n = 1,000 sources (those above the pool's own n), from the scale benchmark's figures
    (benchmarks/results/scale.json: the estimate-and-select cost and forward's rounds at that n)
    with the model stages scaled by the number of examples (per_source examples per source, the
@@ -153,7 +156,10 @@ def main(argv: list[str] | None = None) -> dict:
     line = {"selection_seconds": round(selection_seconds, 1), "finetune_seconds_mean": round(finetune_seconds, 1),
             "finetunes_timed": len(rows), "forward_finetunes": count,
             "by_finetuning_seconds": round(by_finetuning, 1), "speedup": round(by_finetuning / selection_seconds, 2),
-            "overhead_vs_finetune": round(selection_seconds / all_seconds, 2) if all_seconds else None}
+            "overhead_vs_finetune": round(selection_seconds / all_seconds, 2) if all_seconds else None,
+            # no extrapolation of the search's shape: any forward search by real fine-tuning trains at
+            # least its first round, one fine-tune per source
+            "one_round_finetunes": n, "one_round_speedup": round(n * finetune_seconds / selection_seconds, 2)}
     for big in (b for b in (100, 1000) if b > n):
         got = at_scale(big, base, scale_cells)
         if got:
