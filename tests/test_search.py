@@ -216,3 +216,16 @@ def test_best_is_exhaustive_up_to_the_limit_and_forward_beyond_it():
     large = best(fn, 6, limit=4)
     assert large.method == "forward" and large.selected == forward(fn, 6).selected == small.selected
     assert "too many to estimate all 2^6 subsets" in large.reason
+
+
+def test_stepwise_reasons_name_the_sources_in_the_order_they_moved():
+    """Issue 17 saw a selection's reason say '#43' for a source; given names, every stepwise reason names
+    them, in the order of the history (forward: added best first; backward: dropped worst first)."""
+    names = [f"task-{c}" for c in "abcdefghij"]
+    added = [names[i] for i in (0, 3, 7)]
+    dropped = [names[i] for i in (1, 4, 8, 6, 2, 9, 5)]
+    assert f"in order {added};" in forward(Additive(), N, names=names).reason
+    assert f"in order {dropped};" in backward(Additive(), N, names=names).reason
+    large = best(Additive(), N, limit=4, names=names)
+    assert large.method == "forward" and f"in order {added};" in large.reason
+    assert "#" not in large.reason and "in order ['#0', '#3', '#7'];" in forward(Additive(), N).reason

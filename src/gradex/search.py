@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -105,8 +105,9 @@ def default_subsets(n: int) -> int:
     return max(400, 4 * n)
 
 
-def _fmt(i: int) -> str:
-    return f"#{i}"
+def _fmt(i: int, names: Sequence[str] | None) -> str:
+    """A source as a reason names it: by its name when the caller gave them, else by its column."""
+    return names[i] if names is not None else f"#{i}"
 
 
 def ensemble(estimate_fn: EstimateFn, n: int, m: int, alpha: float, seed: int,
@@ -201,28 +202,29 @@ def _stepwise(estimate_fn: EstimateFn, n: int, current: list[int], adding: bool,
     return current, cur, scores, history
 
 
-def forward(estimate_fn: EstimateFn, n: int, limit: int | None = None) -> Selection:
+def forward(estimate_fn: EstimateFn, n: int, limit: int | None = None, names: Sequence[str] | None = None) -> Selection:
     """Greedy forward stepwise: from the target alone, add the source that lowers f_hat most
-    (see `_stepwise`); stops when no addition lowers f_hat, or at `limit` sources."""
+    (see `_stepwise`); stops when no addition lowers f_hat, or at `limit` sources. `names`: the
+    sources' names, for the reason."""
     base = float(_call(estimate_fn, torch.zeros(1, n, dtype=torch.bool))[0])
     current, cur, scores, history = _stepwise(estimate_fn, n, [], True, base, limit)
     stop = ("every source added" if len(current) == n else f"stopped at the limit of {limit} source(s)"
             if history and history[-1]["action"] == "add" else "stopped: no addition lowers the estimate")
     reason = (f"forward stepwise from the target alone: added {len(current)} source(s) in order "
-              f"{[_fmt(i) for i in current]}; estimated loss {base:.6g} -> {cur:.6g}; " + stop)
+              f"{[_fmt(i, names) for i in current]}; estimated loss {base:.6g} -> {cur:.6g}; " + stop)
     return Selection(method="forward", scores=scores, selected=sorted(current), estimate=cur, baseline=base,
                      history=history, reason=reason)
 
 
-def backward(estimate_fn: EstimateFn, n: int) -> Selection:
+def backward(estimate_fn: EstimateFn, n: int, names: Sequence[str] | None = None) -> Selection:
     """Greedy backward stepwise: from all sources, drop the one whose removal lowers f_hat most
-    (mirror image of `forward`); score_i > 0 means source i is harmful."""
+    (mirror image of `forward`); score_i > 0 means source i is harmful. `names`: as `forward`'s."""
     first = torch.zeros(2, n, dtype=torch.bool)
     first[0] = True
     start, base = _call(estimate_fn, first).tolist()
     current, cur, scores, history = _stepwise(estimate_fn, n, list(range(n)), False, start)
     reason = (f"backward stepwise from all {n} sources: dropped {n - len(current)} source(s) in order "
-              f"{[_fmt(h['source']) for h in history if h['action'] == 'drop']}; estimated loss "
+              f"{[_fmt(h['source'], names) for h in history if h['action'] == 'drop']}; estimated loss "
               f"{start:.6g} -> {cur:.6g} (target alone {base:.6g}); "
               + ("every source dropped" if not current else "stopped: no removal lowers the estimate"))
     return Selection(method="backward", scores=scores, selected=sorted(current), estimate=cur, baseline=base,
@@ -261,13 +263,13 @@ def exhaustive(estimate_fn: EstimateFn, n: int, limit: int = EXHAUSTIVE_LIMIT) -
                      baseline=float(loss[0]), history=history, reason=reason)
 
 
-def best(estimate_fn: EstimateFn, n: int, limit: int = EXHAUSTIVE_LIMIT) -> Selection:
+def best(estimate_fn: EstimateFn, n: int, limit: int = EXHAUSTIVE_LIMIT, names: Sequence[str] | None = None) -> Selection:
     """The subset with the lowest estimate: every subset when n <= limit (`exhaustive`), else forward
     stepwise, which found the same subset as the exhaustive search on both shipped examples. The
     Selection is named by the rule that ran."""
     if n <= limit:
         return exhaustive(estimate_fn, n, limit)
-    sel = forward(estimate_fn, n)
+    sel = forward(estimate_fn, n, names=names)
     return dataclasses.replace(sel, reason=f"{n} sources are too many to estimate all 2^{n} subsets (limit "
                                            f"{limit}), so: " + sel.reason)
 

@@ -32,7 +32,7 @@ def selection(run: Run, method: str, fn: Callable[[torch.Tensor], torch.Tensor] 
     if method == "ensemble":
         sel = search.ensemble(fn, n, m, sc.alpha, sc.seed, top_k=sc.top_k)
     elif method == "best":
-        sel = search.best(fn, n)
+        sel = search.best(fn, n, names=run.sources)
     elif method == "effects":
         sel = search.effects(fn, n, m, sc.seed)
     elif method == "exhaustive":
@@ -40,8 +40,8 @@ def selection(run: Run, method: str, fn: Callable[[torch.Tensor], torch.Tensor] 
             raise config_mod.ConfigError(f"select.method: exhaustive search needs at most "
                                          f"{search.EXHAUSTIVE_LIMIT} sources, this run has {n}; use forward")
         sel = search.exhaustive(fn, n)
-    else:
-        sel = getattr(search, method)(fn, n)
+    else:  # forward, backward
+        sel = getattr(search, method)(fn, n, names=run.sources)
     body = sel.to_dict()
     body.update({"sources": run.sources, "selected": [run.sources[j] for j in sel.selected],
                  "source_scores": dict(zip(run.sources, sel.scores)), "mode": run.cfg.estimate.mode,
