@@ -20,20 +20,25 @@ config of your own.
    estimates stand in for the real losses), so its time is an EXTRAPOLATION: that count times the
    mean measured fine-tune. `speedup` = that time / the selection's measured time;
    `overhead_vs_finetune` = the selection's time / the all-sources fine-tune's training time;
-   `one_round_speedup` = n x the mean measured fine-tune / the selection's time: the first round alone
-   (n single-source fine-tunes), which every forward search trains, so a lower bound that assumes
-   nothing of how many rounds a real search would run.
-4. The same formula for n = 100 and n = 1,000 sources (those above the pool's own n), from the scale benchmark's figures
+   `by_size_speedup`: the same search, each subset costed at its size (`by_size`: the measured mean at
+   each size timed, interpolated), since a mix's fine-tune costs more as it grows, and
+   `by_size_speedup_after_round` the same had a real search stopped after round r;
+   `one_round_speedup` = n x the mean measured single-source fine-tune (of every fine-tune, when no
+   size is 1) / the selection's time: the first round alone (n single-source fine-tunes), which every
+   forward search trains, so a lower bound that assumes nothing of how many rounds a real search runs.
+4. The same formula for n = 100 and n = 1,000 sources (those above the pool's own n; not for clusters,
+   whose examples do not grow with n), from the scale benchmark's figures
    (benchmarks/results/scale.json: the estimate-and-select cost and forward's rounds at that n)
    with the model stages scaled by the number of examples (per_source examples per source, the
    recipe's epochs): every input of the extrapolation is written next to it.
 
-Writes benchmarks/results/selection-cost.json and prints one JSON line last.
+Writes benchmarks/results/selection-cost.json (selection-cost-TAG.json with --tag) and prints one JSON line last.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import random
 import shutil
@@ -42,6 +47,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 
 from gradex import config as config_mod
 from gradex import ledger, pipeline
@@ -56,6 +62,35 @@ def forward_count(n: int, rounds: int) -> int:
     """Fine-tunes a forward search over n sources trains when it adds `rounds - 1` sources and then
     stops: the target alone, then n, n - 1, ... candidates, one round more than it adds."""
     return 1 + sum(n - k for k in range(min(rounds, n)))
+
+
+def forward_sizes(fn, n: int) -> dict[int, int]:
+    """How many subsets of each size a forward search on these estimates evaluates (its rounds grow
+    the subsets one source at a time): the shape `forward_finetunes` counts, by size."""
+    from gradex import search
+
+    sizes: collections.Counter = collections.Counter()
+
+    def counting(subsets):
+        sizes.update(int(k) for k in subsets.sum(1).tolist())
+        return fn(subsets)
+
+    search.forward(counting, n)
+    return dict(sorted(sizes.items()))
+
+
+def by_size(sizes: dict[int, int], rows: list[dict]) -> dict[int, float]:
+    """The search's fine-tuning seconds, had it stopped after each round r (its subsets of at most r
+    sources), with each subset costed at its size: the mean measured training time at each size timed,
+    linearly interpolated between them (held at the ends). A step's cost follows the mix, and a mix of
+    fewer examples than a batch trains smaller batches."""
+    timed: dict[int, list[float]] = collections.defaultdict(list)
+    for r in rows:
+        timed[r["size"]].append(r["train_seconds"])
+    xs = sorted(timed)
+    ys = [statistics.mean(timed[x]) for x in xs]
+    return {r: float(sum(count * np.interp(size, xs, ys) for size, count in sizes.items() if size <= r))
+            for r in sizes if r > 0}
 
 
 def timed_selection(cfg: config_mod.Config) -> dict:
@@ -147,6 +182,11 @@ def main(argv: list[str] | None = None) -> dict:
     everything = [r for r in rows if r["size"] == n]
     all_seconds = everything[0]["train_seconds"] if everything else None
     by_finetuning = count * finetune_seconds
+    shape = forward_sizes(fn, n)
+    rounds = by_size(shape, rows)
+    sized = rounds[max(rounds)] if rounds else by_finetuning
+    singles = [r["train_seconds"] for r in rows if r["size"] == 1]
+    single = statistics.mean(singles) if singles else finetune_seconds
     recorded = {stage: ledger.read(cfg.run_dir / d).get("seconds") for stage, d in
                 (("meta", "meta"), ("store", "store"), ("clusters", "clusters"), ("select", "select"))
                 if (cfg.run_dir / d).exists()}
@@ -157,10 +197,16 @@ def main(argv: list[str] | None = None) -> dict:
             "finetunes_timed": len(rows), "forward_finetunes": count,
             "by_finetuning_seconds": round(by_finetuning, 1), "speedup": round(by_finetuning / selection_seconds, 2),
             "overhead_vs_finetune": round(selection_seconds / all_seconds, 2) if all_seconds else None,
+            "forward_subsets_by_size": shape, "by_size_finetuning_seconds": round(sized, 1),
+            "by_size_speedup": round(sized / selection_seconds, 2),
+            "by_size_speedup_after_round": {r: round(v / selection_seconds, 2) for r, v in rounds.items()},
             # no extrapolation of the search's shape: any forward search by real fine-tuning trains at
-            # least its first round, one fine-tune per source
-            "one_round_finetunes": n, "one_round_speedup": round(n * finetune_seconds / selection_seconds, 2)}
-    for big in (b for b in (100, 1000) if b > n):
+            # least its first round, one fine-tune per source, at what single sources cost (a step's cost
+            # follows the mix's example lengths), else at the mean of every fine-tune timed
+            "one_round_finetunes": n, "one_round_finetune_seconds": round(single, 1),
+            "one_round_speedup": round(n * single / selection_seconds, 2)}
+    # at_scale grows the model stages with the sources (per_source examples each): not a clustered pool's
+    for big in (b for b in (100, 1000) if b > n and cfg.data.clusters is None):
         got = at_scale(big, base, scale_cells)
         if got:
             line[f"n{big}_speedup"] = got["speedup"]
