@@ -5,7 +5,7 @@ config of your own.
     python benchmarks/selection_cost.py --sizes 0 1 3 6 10  # the subset sizes whose fine-tunes are timed
     python benchmarks/selection_cost.py --reuse             # keep runs/selection-cost, stage times from its ledger
     python benchmarks/selection_cost.py --config src/gradex/examples/strategyqa.yaml --tag strategyqa-k100 \
-        --set data.clusters.k=100 --set select.method=forward --sizes 1 5 20 50 100
+        --set data.clusters.k=100 --set select.method=forward --sizes 1 5 20 50 100 1 1 1 1
                                                             # a real pool of 100 sources (clusters of StrategyQA):
                                                             # runs/selection-cost-strategyqa-k100, results/selection-cost-strategyqa-k100.json
 
