@@ -82,14 +82,13 @@ def mean_hidden_states(model: torch.nn.Module, tokens: Sequence[Tokenized], indi
     rows = []
     for batch in tqdm(list(batches(tokens, list(indices), batch_size, pad_id)), desc=desc, leave=False):
         batch = batch.to(device)
-        if is_encoder_decoder(lm):
-            prompts = encoder_decoder_batch(lm, batch)
-            ids, attention = prompts.input_ids, prompts.attention_mask
-            with autocast(precision, device):
+        with autocast(precision, device):
+            if is_encoder_decoder(lm):
+                prompts = encoder_decoder_batch(lm, batch)
+                ids, attention = prompts.input_ids, prompts.attention_mask
                 hidden = lm.get_encoder()(input_ids=ids, attention_mask=attention).last_hidden_state
-        else:
-            attention = batch.attention_mask
-            with autocast(precision, device):
+            else:
+                attention = batch.attention_mask
                 hidden = lm.base_model(input_ids=batch.input_ids, attention_mask=attention).last_hidden_state
         hidden = hidden.float()
         mask = attention[..., None].to(hidden.dtype)
