@@ -138,17 +138,23 @@ def forward_finetunes(fn, n: int) -> int:
     a forward search on these estimates evaluates (the target alone, then every candidate of every
     round until no addition helps). The estimates stand in for the real losses, so the count is
     what a search of this shape needs, not a replay of one."""
+    return sum(forward_subsets_by_size(fn, n).values())
+
+
+def forward_subsets_by_size(fn, n: int) -> dict[int, int]:
+    """The subsets of `forward_finetunes`, counted by their number of sources (round r's have r)."""
+    from collections import Counter
+
     from gradex import search
 
-    seen = 0
+    sizes: Counter = Counter()
 
     def counting(subsets):
-        nonlocal seen
-        seen += len(subsets)
+        sizes.update(int(k) for k in subsets.sum(1).tolist())
         return fn(subsets)
 
     search.forward(counting, n)
-    return seen
+    return dict(sorted(sizes.items()))
 
 
 @writes
