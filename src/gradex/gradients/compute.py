@@ -30,7 +30,7 @@ from torch import nn
 
 from gradex.data import Batch
 from gradex.device import autocast, device_of, resolve_precision
-from gradex.model import example_outputs, is_conv1d, trainable
+from gradex.model import evaluating, example_outputs, is_conv1d, trainable
 from gradex.gradients.projectors import Projector
 
 Sink = Callable[[str, torch.Tensor], None]  # (parameter name, per-example gradients (B, n_param) fp32)
@@ -79,15 +79,11 @@ class GradientComputer:
         """Feed every trainable parameter's per-example gradients (B, n_param) to `sink`; return u (B,) fp32,
         from an fp32 forward (`fp32_outputs`) or from the pass's own forward in `precision`."""
         batch = batch.to(device_of(self.model))  # computed where the model is
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with evaluating(self.model):
             u = self._loop(batch, sink, precision) if self.method == "loop" else self._hooks(batch, sink, precision)
-            if fp32_outputs and resolve_precision(precision, device_of(self.model)) != "fp32":
-                u = self.fp32_outputs(batch)
-            return u
-        finally:
-            self.model.train(was_training)
+        if fp32_outputs and resolve_precision(precision, device_of(self.model)) != "fp32":
+            u = self.fp32_outputs(batch)
+        return u
 
     @torch.no_grad()
     def fp32_outputs(self, batch: Batch) -> torch.Tensor:
@@ -97,13 +93,8 @@ class GradientComputer:
         on SmolLM2-135M at the default's theta*). Gradients only set directions and stay bf16 (with fp32
         logits). The store leaves it out by default (gradients.offsets: pass): it took 44-47% of the
         pass, and `validate` found the estimates the same without it."""
-        batch = batch.to(device_of(self.model))
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            return example_outputs(self.model, batch, self.output).float()
-        finally:
-            self.model.train(was_training)
+        with evaluating(self.model):
+            return example_outputs(self.model, batch.to(device_of(self.model)), self.output).float()
 
     def projected(self, batch: Batch, projector: Projector, precision: str = "bf16",
                   fp32_outputs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from gradex.data import Tokenized, collate
 from gradex.device import autocast, device_of, step_done
-from gradex.model import trainable, training_loss
+from gradex.model import evaluating, trainable, training_loss
 from gradex.tensorfile import load_tensors, save_tensors
 from gradex.train import epoch_batches
 
@@ -42,9 +42,7 @@ def second_moments(model: nn.Module, tokens: Sequence[Tokenized], indices: Seque
         raise ValueError("second_moments: no training examples")
     sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params}
     device = device_of(model)
-    was_training = model.training
-    model.eval()  # no dropout: the moments of the model the fine-tune starts from
-    try:
+    with evaluating(model):  # no dropout: the moments of the model the fine-tune starts from
         for chunk in tqdm(plan, desc="preconditioner", disable=not progress, leave=False):
             batch = collate([tokens[i] for i in chunk], chunk, pad_id).to(device)
             with torch.enable_grad(), autocast(precision, device):
@@ -53,8 +51,6 @@ def second_moments(model: nn.Module, tokens: Sequence[Tokenized], indices: Seque
             for (name, _), g in zip(params, grads):
                 sums[name] += g.float().square()
             step_done(device)
-    finally:
-        model.train(was_training)
     return {name: s / len(plan) for name, s in sums.items()}
 
 
