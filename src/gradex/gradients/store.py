@@ -198,16 +198,17 @@ def _compute_chunk(computer: GradientComputer, projector: Projector, tokens: Seq
                    describe: Callable[[int], str] = dataset_position,
                    fp32_offsets: frozenset[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """x (k, d), u (k,) for one chunk, in chunk order; batches are formed by length to cut padding.
-    With `fp32_offsets`, only those rows' offsets come from an fp32 forward (compute_store)."""
+    Under bf16 or fp16 the rows' offsets (those in `fp32_offsets`, every row when it is None) come from
+    an fp32 forward of those rows (compute_store)."""
     order = sorted(range(len(chunk)), key=lambda i: len(tokens[chunk[i]].ids))
     x = np.zeros((len(chunk), projector.dim), dtype=np.float32)
     u = np.zeros(len(chunk), dtype=np.float32)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         batch = collate([tokens[chunk[i]] for i in rows], [chunk[i] for i in rows], pad_id)
-        xb, ub = computer.projected(batch, projector, precision, fp32_outputs=fp32_offsets is None)
+        xb, ub = computer.projected(batch, projector, precision, fp32_outputs=False)
         xb, ub = xb.cpu(), ub.cpu()
-        exact = [j for j, i in enumerate(rows) if chunk[i] in fp32_offsets] if fp32_offsets is not None else []
+        exact = [j for j, i in enumerate(rows) if fp32_offsets is None or chunk[i] in fp32_offsets]
         if exact and resolve_precision(precision, device_of(computer.model)) != "fp32":
             picked = [chunk[rows[j]] for j in exact]
             ub[exact] = computer.fp32_outputs(collate([tokens[i] for i in picked], picked, pad_id)).cpu()
