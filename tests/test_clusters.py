@@ -86,6 +86,36 @@ def test_config_keys_and_errors(tmp_path):
         config.from_dict(bad)
 
 
+def test_auto_weighting_is_sum_for_clusters_of_the_target_and_follows_the_budget_otherwise():
+    """estimate.weighting auto: sum where every source is a cluster of the target's train split (more
+    of the target's own examples fine-tunes better, BENCHMARKS.md), else mean under equal steps and
+    sum under epochs; a weighting that is set is kept; proportions refuse auto on such clusters."""
+    from types import SimpleNamespace
+
+    from gradex.surrogate import weighting
+
+    def resolved(extra: dict) -> str:
+        spec = {"data": {"target": {"name": "t", "path": "t.jsonl"}, "sources": [{"name": "s", "path": "s.jsonl"}]}}
+        for key, value in extra.items():
+            section, name = key.split(".", 1)
+            if section == "data":
+                spec["data"][name] = value
+            else:
+                spec.setdefault(section, {})[name] = value
+        return weighting(SimpleNamespace(cfg=config.from_dict(spec)))
+
+    own = {"from": "target_train", "k": 2}
+    assert resolved({"data.clusters": own}) == "sum"
+    assert resolved({"data.clusters": own, "finetune.budget": "equal"}) == "sum"
+    assert resolved({"data.clusters": own, "estimate.weighting": "mean"}) == "mean"
+    assert resolved({"data.clusters": {"from": "pool", "k": 2}}) == "mean"  # other sources' examples: equal steps
+    assert resolved({}) == "mean"
+    assert resolved({"finetune.budget": "epochs"}) == "sum"
+    with pytest.raises(config.ConfigError, match="estimate.weighting mean"):
+        config.from_dict({"data": {"target": {"name": "t", "path": "t.jsonl"}, "clusters": own},
+                          "select": {"method": "weights"}})
+
+
 def test_empty_target_group_estimates_theta_star_for_the_empty_subset():
     """With every target train example in a cluster, group 0 is empty: the empty subset's estimate
     is theta*'s own loss (z = 0) under both weightings, and the others match the exact oracle."""
@@ -203,7 +233,8 @@ def test_target_train_clusters_empty_target_mix_is_theta_star(tmp_path, tiny_mod
     assert run.train_indices([]) == []  # the target has no train examples of its own
     rows = {r["mix"]: r for r in result["rows"]}
     assert rows["target"]["steps"] == 0 and rows["target"]["examples"] == 0
-    assert rows["all"]["examples"] == len(run.indices("train", "cluster-000")) + \
+    everything = next(r for r in result["rows"] if r["size"] == 3)  # "all", or the selection when it is the same mix
+    assert everything["examples"] == len(run.indices("train", "cluster-000")) + \
         len(run.indices("train", "cluster-001")) + len(run.indices("train", "cluster-002"))
     # the empty mix is theta* itself: its measured validation loss is theta*'s, and its estimate z = 0
     from gradex.evaluate import Scoring, evaluate, generate_answers, loss_from_outputs, outputs

@@ -243,7 +243,8 @@ class EstimateConfig:
     step_size: float | None = None
     l2: float | None = None
     # How the modelled fine-tune weighs a subset's examples: sum (a fixed number of epochs over each
-    # mix) | mean (the same number of optimizer steps for every mix) | auto: what finetune.budget
+    # mix) | mean (the same number of optimizer steps for every mix) | auto: sum where the sources are
+    # clusters of the target's train split (data.clusters from target_train), else what finetune.budget
     # deploys (equal -> mean, epochs -> sum). See docs/method.md, section 3.
     weighting: Literal["auto", "sum", "mean"] = "auto"
     refinements: int = 8  # at most this many refinement steps after the first Newton step ...

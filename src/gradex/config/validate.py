@@ -173,9 +173,11 @@ def _validate_weights(cfg: Config) -> None:
         raise ConfigError("select.method weights: needs estimate.mode linear (the proportions' gradient is the "
                           "linear estimate's)")
     equal = cfg.finetune.budget == "equal" or cfg.finetune.max_steps is not None
-    if uses and (cfg.estimate.weighting == "sum" or (cfg.estimate.weighting == "auto" and not equal)):
+    own = cfg.data.clusters is not None and cfg.data.clusters.from_ == "target_train"  # auto is sum there
+    if uses and (cfg.estimate.weighting == "sum" or (cfg.estimate.weighting == "auto" and (not equal or own))):
         raise ConfigError("select.method weights: proportions share a fixed budget of steps; set finetune.budget "
-                          "equal (or finetune.max_steps) and estimate.weighting auto or mean")
+                          "equal (or finetune.max_steps) and estimate.weighting mean (or auto, which is sum "
+                          "for data.clusters from target_train)")
 
 
 def check_source(src: SourceConfig, where: str) -> None:
