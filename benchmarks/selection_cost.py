@@ -23,14 +23,14 @@ config of your own.
    `by_size_speedup`: the same search, each subset costed at its size (`by_size`: the measured mean at
    each size timed, interpolated), since a mix's fine-tune costs more as it grows, and
    `by_size_speedup_after_round` the same had a real search stopped after round r;
-   `one_round_speedup` = n x the mean measured single-source fine-tune (each source once; of every
-   fine-tune, when no size is 1) / the selection's time: the first round alone (n single-source fine-tunes), which every
+   `one_round_speedup` = n x the mean measured single-source fine-tune (of every fine-tune, when no
+   size is 1) / the selection's time: the first round alone (n single-source fine-tunes), which every
    forward search trains, so a lower bound that assumes nothing of how many rounds a real search runs.
    Whether a real search goes past that round: with the target alone timed (size 0),
    `singles_below_target_alone` counts the single sources timed whose fine-tune ends below the target
    alone in validation loss (a real search adds one of those, then trains a second round).
    Where the target alone trains nothing (data.clusters from target_train: it is theta*, evaluated),
-   it is costed at 0 s and left out of the mean fine-tune.
+   it is costed at 0 s and left out of the mean fine-tune. A mix the seeded draws repeat counts once.
 4. The same formula for n = 100 and n = 1,000 sources (those above the pool's own n; not for clusters,
    whose examples do not grow with n), from the scale benchmark's figures
    (benchmarks/results/scale.json: the estimate-and-select cost and forward's rounds at that n)
@@ -75,7 +75,7 @@ def by_size(sizes: dict[int, int], rows: list[dict]) -> dict[int, float]:
     linearly interpolated between them (held at the ends). A step's cost follows the mix, and a mix of
     fewer examples than a batch trains smaller batches."""
     timed: dict[int, list[float]] = collections.defaultdict(list)
-    for r in {tuple(r["members"]): r for r in rows}.values():  # a mix drawn twice counts once
+    for r in rows:
         timed[r["size"]].append(r["train_seconds"])
     xs = sorted(timed)
     ys = [statistics.mean(timed[x]) for x in xs]
@@ -170,15 +170,16 @@ def main(argv: list[str] | None = None) -> dict:
     shape = forward_subsets_by_size(fn, n)  # the subsets a forward search on the estimates evaluates
     count = sum(shape.values())
     rows = timed_finetunes(run, args.sizes, args.seed)
-    trained = [r for r in rows if r["steps"] > 0] or rows  # theta* evaluated is no fine-tune
+    unique = list({tuple(r["members"]): r for r in rows}.values())  # a seeded draw may repeat a mix: once each
+    trained = [r for r in unique if r["steps"] > 0] or unique  # theta* evaluated is no fine-tune
     finetune_seconds = statistics.mean(r["train_seconds"] for r in trained)
     everything = [r for r in rows if r["size"] == n]
     all_seconds = everything[0]["train_seconds"] if everything else None
     by_finetuning = count * finetune_seconds
-    rounds = by_size(shape, rows)
+    rounds = by_size(shape, unique)
     sized = rounds[max(rounds)] if rounds else by_finetuning
-    distinct = {r["members"][0]: r for r in rows if r["size"] == 1}  # a seeded draw may repeat a source
-    singles = [r["train_seconds"] for r in distinct.values()]
+    distinct = [r for r in unique if r["size"] == 1]
+    singles = [r["train_seconds"] for r in distinct]
     single = statistics.mean(singles) if singles else finetune_seconds
     recorded = {stage: ledger.read(cfg.run_dir / d).get("seconds") for stage, d in
                 (("meta", "meta"), ("store", "store"), ("clusters", "clusters"), ("select", "select"))
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     alone = next((r["validation_loss"] for r in rows if r["size"] == 0), None)
     if alone is not None and distinct:
         line |= {"target_alone_validation_loss": round(alone, 4), "singles_timed": len(distinct),
-                 "singles_below_target_alone": sum(r["validation_loss"] < alone for r in distinct.values())}
+                 "singles_below_target_alone": sum(r["validation_loss"] < alone for r in distinct)}
     # at_scale grows the model stages with the sources (per_source examples each): not a clustered pool's
     for big in (b for b in (100, 1000) if b > n and cfg.data.clusters is None):
         got = at_scale(big, base, scale_cells)
