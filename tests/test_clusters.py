@@ -90,10 +90,6 @@ def test_auto_weighting_is_sum_for_clusters_of_the_target_and_follows_the_budget
     """estimate.weighting auto: sum where every source is a cluster of the target's train split (more
     of the target's own examples fine-tunes better, BENCHMARKS.md), else mean under equal steps and
     sum under epochs; a weighting that is set is kept; proportions refuse auto on such clusters."""
-    from types import SimpleNamespace
-
-    from gradex.surrogate import weighting
-
     def resolved(extra: dict) -> str:
         spec = {"data": {"target": {"name": "t", "path": "t.jsonl"}, "sources": [{"name": "s", "path": "s.jsonl"}]}}
         for key, value in extra.items():
@@ -102,7 +98,7 @@ def test_auto_weighting_is_sum_for_clusters_of_the_target_and_follows_the_budget
                 spec["data"][name] = value
             else:
                 spec.setdefault(section, {})[name] = value
-        return weighting(SimpleNamespace(cfg=config.from_dict(spec)))
+        return config.from_dict(spec).resolved_weighting()
 
     own = {"from": "target_train", "k": 2}
     assert resolved({"data.clusters": own}) == "sum"

@@ -34,7 +34,7 @@ from gradex.pipeline import require
 from gradex.run import Run, log
 from gradex.saved import save_model
 from gradex.finetunes import finetune_mix, finetune_recipe, recipe_summary
-from gradex.surrogate import estimator, make_run_projector, member_mask, problem, weighting
+from gradex.surrogate import estimator, make_run_projector, member_mask, problem
 from gradex.train import train
 from gradex.writer import writes
 
@@ -287,7 +287,7 @@ def _validate(run: Run, k: int, seeds: int, recipe: str) -> dict:
     result = {"recipe": recipe, "recipe_description": recipe_label(run, recipe),
               **_compare(done, est, reference.theta_losses[output], l2, output)}
     if cfg.estimate.mode == "linear":
-        result["sweep"] = _sweep(run, members, done, output, weighting(run, equal_steps))
+        result["sweep"] = _sweep(run, members, done, output, run.cfg.resolved_weighting(equal_steps))
     for path in (run.dir / "validation.json", run.dir / f"validation-{recipe}.json"):
         write_json(path, result)
     _plot_validation(result, run.dir / "validation.png")

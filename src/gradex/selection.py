@@ -13,7 +13,7 @@ import torch
 from gradex import config as config_mod
 from gradex.atomic import read_json
 from gradex.run import CLUSTERS, Run
-from gradex.surrogate import estimator, problem, weighting
+from gradex.surrogate import estimator, problem
 
 
 def selection(run: Run, method: str, fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
@@ -143,7 +143,7 @@ def stability(run: Run, body: dict, l2: float) -> dict:
     if body["method"] == "weights":
         return weight_stability(run, body, l2)
     c, names = run.cfg, run.sources
-    weights = weighting(run)
+    weights = run.cfg.resolved_weighting()
     # one refinement, not estimate.refinements: measured on the strategyqa example (8 clusters, 30
     # resamples), the shares moved by one selection in 240 and the whole took 0.57x the time
     refinements = min(1, c.estimate.refinements)

@@ -69,31 +69,16 @@ def regularization(run: Run, prob) -> float:
 
 
 def weighting(run: Run, equal_steps: bool | None = None) -> str:
-    """`estimate.weighting` with `auto` resolved to the weighting that models the deployed fine-tune:
-    sum where the sources are clusters of the target's own train split, else mean when every mix gets
-    the same number of steps (default: as the finetune budget says), else sum.
-
-    Why sum for clusters of the target (data.clusters from target_train), whatever the budget: every
-    source is then target data, and real fine-tunes of a subset ended lower the more of it they held,
-    which the mean weighting (a fixed budget shared by the subset's examples) cannot show. `validate`
-    at equal steps ranked subsets at Spearman 0.923 (sum) against 0.776 (mean) on StrategyQA, where
-    this was found, and 0.923 against 0.406 on goal_inference's clusters, where it was confirmed
-    (BENCHMARKS.md, "Clusters of the target's own examples")."""
-    if run.cfg.estimate.weighting != "auto":
-        return run.cfg.estimate.weighting
-    clusters = run.cfg.data.clusters
-    if clusters is not None and clusters.from_ == "target_train":
-        return "sum"
-    if equal_steps is None:
-        equal_steps = run.cfg.finetune.budget == "equal" or run.cfg.finetune.max_steps is not None
-    return "mean" if equal_steps else "sum"
+    """The run's resolved estimate.weighting (`Config.resolved_weighting`, where the rule and its reasons
+    are), kept for library callers that hold a Run: gradex.pipeline exports it."""
+    return run.cfg.resolved_weighting(equal_steps)
 
 
 def estimator(run: Run, equal_steps: bool | None = None,
               stage: str = "select") -> tuple[Callable[[torch.Tensor], torch.Tensor], list[dict], float]:
     """A function subsets (k, n) bool -> estimated target validation loss (k,), and its record.
 
-    equal_steps: whether the modelled fine-tune gives every mix the same steps (`weighting`). Every
+    equal_steps: whether the modelled fine-tune gives every mix the same steps (`Config.resolved_weighting`). Every
     call appends one row per subset to the record (members, estimate, implied step, mode, seconds,
     and the `stage` that asked), which becomes estimates.parquet.
     """
@@ -104,7 +89,7 @@ def estimator(run: Run, equal_steps: bool | None = None,
     rows: list[dict] = []
     names = run.sources
     mode = run.cfg.estimate.mode
-    weights = weighting(run, equal_steps)
+    weights = run.cfg.resolved_weighting(equal_steps)
     fingerprint = run.fp("select")
     reconstruct = Reconstructor(run) if mode == "reconstruct" else None
 

@@ -172,9 +172,7 @@ def _validate_weights(cfg: Config) -> None:
     if uses and cfg.estimate.mode != "linear":
         raise ConfigError("select.method weights: needs estimate.mode linear (the proportions' gradient is the "
                           "linear estimate's)")
-    equal = cfg.finetune.budget == "equal" or cfg.finetune.max_steps is not None
-    own = cfg.data.clusters is not None and cfg.data.clusters.from_ == "target_train"  # auto is sum there
-    if uses and (cfg.estimate.weighting == "sum" or (cfg.estimate.weighting == "auto" and (not equal or own))):
+    if uses and cfg.resolved_weighting() == "sum":
         raise ConfigError("select.method weights: proportions share a fixed budget of steps; set finetune.budget "
                           "equal (or finetune.max_steps) and estimate.weighting mean (or auto, which is sum "
                           "for data.clusters from target_train)")

@@ -14,7 +14,7 @@ from gradex.proportions import MIXTURE, mixture_yaml
 from gradex.run import Run, log
 from gradex.selection import selected_clusters, selection, stability
 from gradex.stability import stability_lines
-from gradex.surrogate import estimator, save_estimates, weighting
+from gradex.surrogate import estimator, save_estimates
 from gradex.writer import writes
 
 
@@ -22,7 +22,7 @@ def inputs(run: Run) -> dict[str, str | None]:
     """select's ledger inputs: the estimate and select settings, the weighting, the data, the store
     (and the clusters, which are the sources, with data.clusters)."""
     c = run.cfg
-    found = {"config": config_mod.fingerprint(c.estimate, c.select, weighting(run)),
+    found = {"config": config_mod.fingerprint(c.estimate, c.select, c.resolved_weighting()),
              "data": run.output("data"), "store": run.output("store")}
     if c.select.method == "weights":  # proportions found before the target's floor are stale
         found["weights"] = WEIGHTS_FORMAT
