@@ -48,10 +48,10 @@ from gradex.data import collate
 from gradex.diagnostics import validate
 from gradex.gradients import GradientComputer, Preconditioned, compute_store, make_projector, preconditioner
 from gradex.gradients.collect import Collector
-from gradex.gradients.store import _shard_path
+from gradex.gradients.store import shard_path
 from gradex.model import at_ce_floor, example_outputs, trainable, trainable_vector
 from gradex.run import Run
-from gradex.stages.gradients import _extra, store_sha256
+from gradex.stages.gradients import store_identity, store_sha256
 from gradex.surrogate import PRECONDITIONER_FILE
 from gradex.train import total_steps, train
 from gradex.writer import writing
@@ -130,14 +130,14 @@ def build_store(run: Run, model: torch.nn.Module, collector: Collector, moments:
     chunks = [everything[lo:lo + g.chunk_size] for lo in range(0, len(everything), g.chunk_size)]
     for c, chunk in enumerate(chunks):
         uc = np.asarray([u[i] for i in chunk], dtype=np.float32)
-        with replacing(_shard_path(out_dir, c)) as fh:
+        with replacing(shard_path(out_dir, c)) as fh:
             np.savez(fh, x=torch.stack([x[i] for i in chunk]).numpy().astype(np.float32), u=uc,
                      index=np.asarray(chunk, dtype=np.int64), seconds=np.float64(0.0),
                      method=np.str_("collected" if chunk[0] in collector.x else "hooks"),
                      clipped=np.int64(int(at_ce_floor(torch.from_numpy(uc)).sum())))
     preconditioner.save(moments, out_dir / PRECONDITIONER_FILE)
     compute_store(model, run.tokens, everything, run.pad_id, out_dir, projector, batch_size=g.batch_size,
-                  chunk_size=g.chunk_size, precision=run.gradient_precision, manifest_extra=_extra(run, model),
+                  chunk_size=g.chunk_size, precision=run.gradient_precision, manifest_extra=store_identity(run, model),
                   output=g.output, progress=False)  # every chunk is there: it only merges them
     seconds = offsets_seconds + validation_seconds
     run.mark("gradients", examples=len(everything), seconds=round(seconds, 1), base_inputs=run.base_inputs(),

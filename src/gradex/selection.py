@@ -95,7 +95,7 @@ def weights(run: Run, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
 
     t0 = time.perf_counter()
     c, names = run.cfg.select, group_names(run)
-    best = search.best(fn, len(run.sources))
+    best = search.best(fn, len(run.sources), names=run.sources)
     prob = problem(run)
     l2 = regularization(run, prob)
     n_g = sizes(prob)

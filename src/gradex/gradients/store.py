@@ -91,7 +91,9 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
         np.save(fh, array)
 
 
-def _shard_path(out_dir: Path, chunk: int) -> Path:
+def shard_path(out_dir: Path, chunk: int) -> Path:
+    """Where chunk `chunk` of a store's pass is kept until the pass joins its shards (a resumed pass
+    skips the chunks whose shard exists)."""
     return out_dir / "shards" / f"chunk-{chunk:06d}.npz"
 
 
@@ -170,7 +172,7 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
         return Store.open(out_dir)
 
     chunks = [indices[lo:lo + chunk_size] for lo in range(0, len(indices), chunk_size)]
-    mine = [c for c in range(len(chunks)) if c % world == rank and not _shard_path(out_dir, c).exists()]
+    mine = [c for c in range(len(chunks)) if c % world == rank and not shard_path(out_dir, c).exists()]
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc="gradients", unit="ex",
@@ -180,7 +182,7 @@ def compute_store(model: nn.Module, tokens: Sequence[Tokenized], indices: Sequen
         x, u = _compute_chunk(computer, projector, tokens, chunks[c], pad_id, batch_size, precision, bar, describe,
                               fp32_offsets)
         seconds = time.perf_counter() - t0
-        path = _shard_path(out_dir, c)
+        path = shard_path(out_dir, c)
         clipped = int(at_ce_floor(torch.from_numpy(u)).sum()) if output == "ce" else 0
         with replacing(path) as fh:
             np.savez(fh, x=x, u=u, index=np.asarray(chunks[c], dtype=np.int64), seconds=np.float64(seconds),
@@ -265,7 +267,7 @@ def _merge(out_dir: Path, chunks: list[list[int]], plan: dict, extra: dict, worl
     with replacing_path(out_dir / "x.npy") as tmp_x:  # a memory map is written through its file name
         x = preallocated(tmp_x, (n, d))
         for c, chunk in enumerate(chunks):
-            path = _shard_path(out_dir, c)
+            path = shard_path(out_dir, c)
             if not path.exists():
                 raise RuntimeError(f"{path}: chunk {c} is missing after every rank finished; re-run to compute it")
             with np.load(path) as shard:

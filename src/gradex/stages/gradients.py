@@ -76,7 +76,7 @@ def gradients(run: Run, force: bool = False) -> Path:
         validation = run.indices("validation")
         idx = run.train_indices(run.trained_sources) + validation
         compute_store(model, run.tokens, idx, run.pad_id, out, projector, batch_size=cfg.gradients.batch_size,
-                      chunk_size=cfg.gradients.chunk_size, precision=run.gradient_precision, manifest_extra=_extra(run, model),
+                      chunk_size=cfg.gradients.chunk_size, precision=run.gradient_precision, manifest_extra=store_identity(run, model),
                       output=cfg.gradients.output, describe=_describer(run),
                       fp32_offsets=fp32_offsets(cfg.gradients.offsets, validation))
         run.mark("gradients", status="running", base_inputs=run.base_inputs())
@@ -105,7 +105,7 @@ def meta_moments(run: Run) -> Path:
     return path
 
 
-def _extra(run: Run, model: torch.nn.Module) -> dict:
+def store_identity(run: Run, model: torch.nn.Module) -> dict:
     """The caller's part of a store's identity (compute_store's manifest_extra): the model and theta*."""
     return {"model": run.cfg.model.name, "finetune": run.cfg.model.finetune, "adapter_sha256": run.output("theta*"),
             "theta_norm": trainable_vector(model).norm().item()}
@@ -175,7 +175,7 @@ def extend_store(run: Run, model: torch.nn.Module | None = None) -> list[dict]:
         log(f"gradients: {len(idx)} examples of the added source(s) {[e['source'] for e in todo]}, at the existing "
             f"theta* (not trained on them)")
         compute_store(model, run.tokens, idx, run.pad_id, side, projector, batch_size=g.batch_size,
-                      chunk_size=g.chunk_size, precision=run.gradient_precision, manifest_extra=_extra(run, model),
+                      chunk_size=g.chunk_size, precision=run.gradient_precision, manifest_extra=store_identity(run, model),
                       output=g.output, describe=_describer(run), fp32_offsets=fp32_offsets(g.offsets, []))
         for e in new_entries:
             e["seconds"] = round((time.perf_counter() - t0) * e["examples"] / len(idx), 1)
