@@ -146,7 +146,7 @@ def test_answer_pattern_extraction():
     assert extract_answer("answer:", re.compile(r"answer:(\d+)?")) == ""  # a group that took no part
 
 
-def test_bigbench_output_regex_is_the_default_pattern():
+def test_bigbench_output_regex_is_the_default_pattern(real_bigbench):
     from gradex.data import answer_pattern
 
     task = config.SourceConfig(name="add3", bigbench="arithmetic/3_digit_addition")

