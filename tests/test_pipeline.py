@@ -282,8 +282,18 @@ def test_gradients_stage_under_a_two_process_launch_equals_one_process(cfg, tmp_
 
     import numpy as np
 
+    import torch
+
     pipeline.meta_train(cfg)
-    single = pipeline.gradients(cfg)
+    # the one-process pass with each rank's thread count (OMP_NUM_THREADS=1 below): MKL's AVX2 kernels
+    # round differently by thread count (an Intel host, MKL_ENABLE_INSTRUCTIONS=AVX2: 849 of 3,200
+    # entries off by up to 3.8e-6 at 2 threads against 1), and the launch must not change a byte
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = pipeline.gradients(cfg)
+    finally:
+        torch.set_num_threads(threads)
     reference = {name: np.load(single / f"{name}.npy") for name in ("x", "u", "index")}
     path = write_config(cfg, cfg.run_dir.parent / "cfg.yaml")
     bin_dir = Path(sys.executable).parent
