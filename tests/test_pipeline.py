@@ -24,6 +24,9 @@ def cfg(tmp_path, tiny_model_dir):
 def test_run_writes_every_artifact_and_skips_unchanged_stages(cfg, capsys):
     summary = pipeline.run_all(cfg)
     run_dir = cfg.run_dir
+    store = json.loads((run_dir / "store" / "manifest.json").read_text())
+    assert (f"gradex: projected gradients of {store['n']} examples (d=32, fp32) in "
+            in capsys.readouterr().err)  # every stage says when it is done, the gradient pass too
     for path in ("config.yaml", "data/manifest.json", "meta/theta_star/adapter_model.safetensors", "meta/log.jsonl", "store/manifest.json",
                  "estimates.parquet", "selection.json", "final/selected/adapter_config.json", "final/metrics.json", "compare.json",
                  "compare.parquet", "summary.json"):

@@ -81,8 +81,12 @@ def gradients(run: Run, force: bool = False) -> Path:
                       fp32_offsets=fp32_offsets(cfg.gradients.offsets, validation))
         run.mark("gradients", status="running", base_inputs=run.base_inputs())
     added = extend_store(run, model)
-    n = json.loads((out / "manifest.json").read_text())["n"]
-    run.mark("gradients", examples=n, seconds=round(time.perf_counter() - t0, 1), base_inputs=run.base_inputs(),
+    manifest = json.loads((out / "manifest.json").read_text())
+    n, seconds = manifest["n"], time.perf_counter() - t0
+    clipped = manifest.get("ce_clipped") or 0  # examples at the CE floor: a zero gradient each (gradex.model)
+    log(f"projected gradients of {n} examples (d={manifest['dim']}, {run.gradient_precision}) in {seconds:.0f} s"
+        + (f"; {clipped} at the CE floor (zero gradient)" if clipped else "") + f": {out}")
+    run.mark("gradients", examples=n, seconds=round(seconds, 1), base_inputs=run.base_inputs(),
              device=str(run.device), precision=run.gradient_precision,
              added=[{k: e[k] for k in ("source", "examples", "rows")} for e in added],
              outputs={"store": store_sha256(out)})
