@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from gradex.estimate import Estimates, Problem, linear_loss
 
@@ -71,7 +72,8 @@ def bootstrap(problem: Problem, fit: Fit, choose: Choose, chosen: list[int], res
     scores = np.full((resamples, n), math.nan)
     estimates = np.full(resamples, math.nan)
     empty = 0
-    for b in range(resamples):
+    # a bar: with many subsets each resample is a whole search (the strategyqa example: 50 x 4.5 s)
+    for b in tqdm(range(resamples), desc="bootstrap", unit="resample", leave=False):
         p = resample(problem, gen)
         selected, score = choose(lambda subsets, p=p: fit(p, subsets).loss)
         picked[b, selected] = True
@@ -144,7 +146,7 @@ def proportions(problem: Problem, optimize: Callable[[Problem], torch.Tensor], c
     gen = torch.Generator().manual_seed(seed)
     found = np.zeros((resamples, problem.n_sources + 1))
     estimates = np.full(resamples, math.nan)
-    for b in range(resamples):
+    for b in tqdm(range(resamples), desc="bootstrap", unit="resample", leave=False):
         p = resample(problem, gen)
         found[b] = optimize(p).numpy()
         estimates[b] = loss(p, chosen)
