@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from pathlib import Path
@@ -46,18 +47,27 @@ def trained_like(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(scope="session")
-def real_bigbench() -> None:
-    """BIG-bench's real tasks: the pinned bigbench==1.0.0 sdist from the package index (or the copy
-    GRADEX_BIGBENCH names). Where this machine's index cannot serve it (seen: one that lists bigbench
-    0.0.1 only) the tests that need it are skipped, saying so; any other failure fails them."""
+@functools.cache
+def bigbench_unavailable() -> str | None:
+    """Why BIG-bench's real tasks cannot be had here (the pinned bigbench==1.0.0 sdist from the package
+    index, or the copy GRADEX_BIGBENCH names), or None when they can. Seen: an index that lists bigbench
+    0.0.1 only. Only an AssetError counts; any other failure is raised."""
     from gradex.assets import bigbench_tasks
     from gradex.errors import AssetError
 
     try:
         bigbench_tasks(["arithmetic/3_digit_addition"])
     except AssetError as err:
-        pytest.skip(f"BIG-bench's tasks cannot be had here: {err}")
+        return str(err)
+    return None
+
+
+@pytest.fixture()
+def real_bigbench() -> None:
+    """For a test that reads real BIG-bench tasks: skipped, saying why, where they cannot be had."""
+    why = bigbench_unavailable()
+    if why is not None:
+        pytest.skip(f"BIG-bench's tasks cannot be had here: {why}")
 
 
 @pytest.fixture(scope="session")

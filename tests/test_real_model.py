@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import bigbench_unavailable
 from gradex import config, pipeline
 from gradex.cli import format_summary
 
@@ -38,13 +39,15 @@ SIZES = {
 
 # The oracle computes in the precision the run used.
 @pytest.mark.parametrize("precision", list(SIZES))
-def test_default_pipeline_small(tmp_path, precision, bigbench_here):
+def test_default_pipeline_small(tmp_path, precision):
     cfg = config.load(overrides=[
         f"runs_dir={tmp_path}", "name=small", f"model.precision={precision}", *SIZES[precision],
         "select.subsets=16", "gradients.dim=64",
     ])
     cfg.data.sources = [s for s in cfg.data.sources if s.name in ("add2", "add3_plus_one", "plural")]
-    if not bigbench_here:
+    why = bigbench_unavailable()
+    if why is not None:
+        warnings.warn(f"the real default runs on stand-in files, not BIG-bench: {why}")
         stand_in_files(cfg, tmp_path / "data")
     summary = pipeline.run_all(cfg)
     text = format_summary(summary)
@@ -65,20 +68,6 @@ def test_default_pipeline_small(tmp_path, precision, bigbench_here):
     chosen = next(r for r in rows if r["mix"] == "selected")
     assert chosen["key"] == final["key"] and chosen["test_loss"] == final["test"]["loss"]
     assert (tmp_path / "small" / "report.html").exists()
-
-
-@pytest.fixture(scope="module")
-def bigbench_here() -> bool:
-    """Whether BIG-bench's real tasks can be had here (the pinned sdist, or GRADEX_BIGBENCH's copy)."""
-    from gradex.assets import bigbench_tasks
-    from gradex.errors import AssetError
-
-    try:
-        bigbench_tasks(["arithmetic/3_digit_addition"])
-    except AssetError as err:
-        warnings.warn(f"the real default runs on stand-in files, not BIG-bench: {err}")
-        return False
-    return True
 
 
 NOUNS = ["cat", "dog", "box", "bus", "tree", "car", "book", "dish", "hat", "lamp", "desk", "fox", "cup", "bird",
