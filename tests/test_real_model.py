@@ -9,14 +9,13 @@ the real model is tested end to end on every host.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import warnings
 from pathlib import Path
 
 import pytest
 
-from conftest import bigbench_unavailable
+from conftest import bigbench_unavailable, write_jsonl
 from gradex import config, pipeline
 from gradex.cli import format_summary
 
@@ -89,8 +88,7 @@ def stand_in_files(cfg: config.Config, folder: Path) -> None:
     folder.mkdir(parents=True)
 
     def local(src):
-        path = folder / f"{src.name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows[src.name]))
+        path = write_jsonl(folder / f"{src.name}.jsonl", rows[src.name])
         return dataclasses.replace(src, bigbench=None, path=str(path))
 
     cfg.data.target = dataclasses.replace(local(cfg.data.target), answer_pattern=r"[-+]?\d+")
