@@ -50,7 +50,7 @@ def trained_like(model: torch.nn.Module) -> torch.nn.Module:
 @functools.cache
 def bigbench_unavailable() -> str | None:
     """Why BIG-bench's real tasks cannot be had here (the pinned bigbench==1.0.0 sdist from the package
-    index, or the copy GRADEX_BIGBENCH names), or None when they can. Seen: an index that lists bigbench
+    index, BIG-bench's repository on the web, or the copy GRADEX_BIGBENCH names), or None when they can. Seen: an index that lists bigbench
     0.0.1 only. Only an AssetError counts; any other failure is raised."""
     from gradex.assets import bigbench_tasks
     from gradex.errors import AssetError

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import byte_tokenizer, write_jsonl
-from gradex import cli, config, data
+from gradex import cli, config, data, ledger
 from gradex.config import ConfigError
 
 
@@ -159,8 +159,10 @@ def test_bad_settings_name_the_key(tmp_path, tiny_model_dir, capsys, where, key,
 def fake_bigbench(tmp_path, monkeypatch) -> None:
     """A cache holding a small stand-in for the bigbench sdist (the real one is 358 MB)."""
     cache = tmp_path / "cache"
-    tasks = {"arithmetic/3_digit_addition": {"examples": [{"input": "1 + 2 =", "target": "3"}]},
-             "arithmetic/2_digit_addition": {"examples": [{"input": "10 + 20 =", "target": "30"}]},
+    tasks = {"arithmetic/3_digit_addition": {"examples": [{"input": f"{i} + 200 =", "target": str(i + 200)}
+                                                          for i in range(100, 112)]},
+             "arithmetic/2_digit_addition": {"examples": [{"input": f"{i} + 20 =", "target": str(i + 20)}
+                                                          for i in range(10, 22)]},
              "arithmetic": {"name": "arithmetic"}}  # a parent task: its examples live in its subtasks
     (cache / "downloads" / "bigbench").mkdir(parents=True)
     with tarfile.open(cache / "downloads" / "bigbench" / "bigbench-1.0.0.tar.gz", "w:gz") as tar:
@@ -224,11 +226,10 @@ def test_a_local_copy_of_bigbench_is_read_in_place_and_an_edit_reruns_prepare(tm
     assert f"GRADEX_BIGBENCH={tmp_path}: not a copy of BIG-bench" in prepare_fails(tmp_path, raw, capsys)
 
 
-def test_an_index_without_bigbench_is_one_line_naming_the_source_and_what_to_do(tmp_path, tiny_model_dir, capsys,
-                                                                              monkeypatch):
-    """A package index that cannot serve bigbench==1.0.0 (seen: one that lists 0.0.1 only): exit 2, one
-    line naming the source that asked, what pip and the index said, and how to supply the tasks
-    instead. An empty local index stands in for it, so no network is needed."""
+@pytest.fixture()
+def no_bigbench_index(tmp_path, monkeypatch) -> Path:
+    """A package index that cannot serve bigbench==1.0.0 (seen: one that lists 0.0.1 only), and an empty
+    cache. An empty local index stands in for it, so no network is needed; returns the cache."""
     index = tmp_path / "index"
     index.mkdir()
     monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")  # no machine-wide extra index or find-links
@@ -237,13 +238,84 @@ def test_an_index_without_bigbench_is_one_line_naming_the_source_and_what_to_do(
     monkeypatch.setenv("PIP_INDEX_URL", index.as_uri())
     monkeypatch.setenv("GRADEX_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("GRADEX_BIGBENCH", raising=False)
+    return tmp_path / "cache"
+
+
+def test_an_index_without_bigbench_is_one_line_naming_the_source_and_what_to_do(tmp_path, tiny_model_dir, capsys,
+                                                                              monkeypatch, no_bigbench_index):
+    """Neither the index nor the web (here a closed local port) can serve the tasks: exit 2, one line
+    naming the source that asked, what the index and the web each said, and how to supply the tasks."""
+    monkeypatch.setenv("GRADEX_BIGBENCH_URL", "http://127.0.0.1:1/tasks/")
     raw = make_raw(tmp_path, tiny_model_dir)
     raw["data"]["sources"].append({"name": "bb", "bigbench": "arithmetic/2_digit_addition"})
     err = prepare_fails(tmp_path, raw, capsys)
     assert err.startswith("gradex: error: source 'bb': cannot download bigbench==1.0.0: pip: ")
+    assert "; nor fetched from http://127.0.0.1:1/tasks/arithmetic/2_digit_addition/task.json: " in err
     assert "set GRADEX_BIGBENCH to a copy of BIG-bench" in err
-    assert f"put the bigbench-1.0.0 sdist in {tmp_path / 'cache' / 'downloads' / 'bigbench'}" in err
-    assert not any((tmp_path / "cache" / "downloads" / "bigbench").iterdir())  # nothing half-downloaded kept
+    assert f"put the bigbench-1.0.0 sdist in {no_bigbench_index / 'downloads' / 'bigbench'}" in err
+    assert not any((no_bigbench_index / "downloads" / "bigbench").iterdir())  # nothing half-downloaded kept
+    assert not (no_bigbench_index / "bigbench-web").exists()
+
+
+@pytest.fixture()
+def served(tmp_path):
+    """An HTTP server on a local port over tmp_path/www, standing in for BIG-bench's repository on the
+    web; yields (its base URL, the paths it was asked for)."""
+    import functools
+    import http.server
+    import threading
+
+    asked: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    (tmp_path / "www").mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=tmp_path / "www"))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", asked
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_index_without_bigbench_fetches_the_tasks_from_the_web_once(tmp_path, tiny_model_dir, capsys,
+                                                                       monkeypatch, no_bigbench_index, served):
+    """Where the index cannot serve the package, each needed task.json is fetched from BIG-bench's
+    repository (GRADEX_BIGBENCH_URL: here a local server) into the cache, once; the fetched files are
+    in prepare's ledger inputs (the web's copy is not the pinned package and can change); a task the
+    repository lacks is a one-line error naming its address."""
+    from gradex import pipeline
+
+    base, asked = served
+    sums = [{"input": f"{i} + {i} =", "target": str(2 * i)} for i in range(12)]
+    bigbench_folder(tmp_path / "www", {"arithmetic/2_digit_addition": {"examples": sums}})
+    monkeypatch.setenv("GRADEX_BIGBENCH_URL", base + "bigbench/benchmark_tasks")
+    raw = make_raw(tmp_path, tiny_model_dir)
+    raw["data"]["sources"].append({"name": "bb", "bigbench": "arithmetic/2_digit_addition"})
+    cfg = config.from_dict(raw)
+    pipeline.prepare(cfg)
+    assert asked == ["/bigbench/benchmark_tasks/arithmetic/2_digit_addition/task.json"]
+    read = [e for e in pipeline.Run(cfg).examples if e.source == "bb"]
+    assert sorted((e.prompt, e.answer.strip()) for e in read) == sorted((r["input"], r["target"]) for r in sums)
+    fetched = no_bigbench_index / "bigbench-web" / "arithmetic" / "2_digit_addition" / "task.json"
+    assert json.loads(fetched.read_text()) == {"examples": sums}
+    assert not (no_bigbench_index / "bigbench").exists()  # the package's cache holds only the package's
+    record = ledger.read(pipeline.Run(cfg).dir / "data")
+    assert record["inputs"][f"file {fetched}"] == ledger.sha256(fetched)
+    # a second prepare (and a second read) asks the web for nothing
+    assert {r["stage"]: r["state"] for r in pipeline.status(cfg)}["prepare"] == "done"
+    pipeline.prepare(config.from_dict(raw))
+    assert len(asked) == 1
+    raw["data"]["sources"][1]["bigbench"] = "arithmetic/2_digit_additon"
+    err = prepare_fails(tmp_path, raw, capsys)
+    assert err == (f"gradex: error: source 'bb': BIG-bench has no JSON task 'arithmetic/2_digit_additon' "
+                   f"({base}bigbench/benchmark_tasks/arithmetic/2_digit_additon/task.json: 404 Not Found)")
 
 
 def test_misspelt_choices_field_is_an_error(tmp_path, tiny_model_dir):

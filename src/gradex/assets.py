@@ -8,8 +8,12 @@ Set GRADEX_CACHE to move the cache (default ~/.cache/gradex).
 Where the index cannot serve one (seen: an index that lists bigbench 0.0.1 only), the error says how
 to supply it: the distribution's file placed in the cache's downloads folder, or, for BIG-bench, a
 copy of its tasks named by GRADEX_BIGBENCH (a checkout of github.com/google/BIG-bench, or its
-bigbench/benchmark_tasks folder), read in place and never cached (its files are hashed into the run's
-ledger instead, so an edited task re-runs prepare).
+bigbench/benchmark_tasks folder), read in place and never cached. Before that error, BIG-bench's
+needed task.json files are fetched one by one from the repository itself (GitHub's raw files of
+google/BIG-bench, branch main; GRADEX_BIGBENCH_URL names another base, a mirror) into the cache's
+bigbench-web folder: a few MB instead of the 358 MB sdist. Tasks read from a copy or from the web can
+differ from the pinned package's, so their files are hashed into the run's ledger (an edited or
+re-fetched task re-runs prepare); the package's are not (a pinned version cannot change).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BIGBENCH_PACKAGE = "bigbench==1.0.0"
 BIGBENCH_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 BIGBENCH_ENV = "GRADEX_BIGBENCH"  # a local copy of BIG-bench's tasks, instead of the package
+BIGBENCH_URL_ENV = "GRADEX_BIGBENCH_URL"  # where <task>/task.json is fetched when the package cannot be had
+BIGBENCH_WEB = "https://raw.githubusercontent.com/google/BIG-bench/main/bigbench/benchmark_tasks/"
 
 
 def cache_dir() -> Path:
@@ -40,7 +46,7 @@ def cache_dir() -> Path:
     return root
 
 
-def _pip_download(requirement: str, dest: Path, instead: str) -> Path:
+def _pip_download(requirement: str, dest: Path, instead: str = "") -> Path:
     """Download one distribution (no dependencies) into `dest` and return its file.
 
     pip first, so a configured index or mirror is honoured; pip >= 25 refuses the bigbench sdist
@@ -60,7 +66,7 @@ def _pip_download(requirement: str, dest: Path, instead: str) -> Path:
                 files = [_pypi_download(requirement, Path(tmp))]
             except OSError as err:
                 raise AssetError(f"cannot download {requirement}: pip: {_first_error(result.stderr)}; the index's "
-                                 f"Simple API: {_one_line(err)}; {instead}") from err
+                                 f"Simple API: {_one_line(err)}" + (f"; {instead}" if instead else "")) from err
         target = dest / files[0].name
         shutil.move(str(files[0]), target)
     return target
@@ -141,33 +147,81 @@ def bigbench_task(task: str) -> dict:
 
 
 def bigbench_tasks(tasks: list[str]) -> dict[str, dict]:
-    """Several tasks at once: one pass over the 358 MB tarball extracts every missing one."""
+    """Several tasks at once: one pass over the 358 MB tarball extracts every missing one. Where the
+    index cannot serve the tarball, the missing tasks are fetched from the web (`_web_tasks`)."""
     local = bigbench_copy()
     if local is not None:
         return _local_tasks(local, tasks)
-    root = cache_dir() / "bigbench"
-    paths = {t: root / t.strip("/") / "task.json" for t in tasks}
-    cached = {t: _cached(p) for t, p in paths.items()}
-    missing = {f"{BIGBENCH_PREFIX}{t.strip('/')}/task.json": t for t, body in cached.items() if body is None}
+    found = {t: _first_cached(_packaged(t), _fetched(t)) for t in tasks}
+    missing = {f"{BIGBENCH_PREFIX}{t.strip('/')}/task.json": t for t, body in found.items() if body is None}
+    if not missing:
+        return found
+    downloads = cache_dir() / "downloads" / "bigbench"
+    try:
+        sdist = _pip_download(BIGBENCH_PACKAGE, downloads)
+    except AssetError as no_package:
+        return {**found, **_web_tasks(sorted(missing.values()), no_package, downloads)}
+    known: list[str] = []  # every JSON task's name, for the error below; the pass reads them anyway
+    with tarfile.open(sdist) as tar:
+        for member in tar:
+            if member.name.startswith(BIGBENCH_PREFIX) and member.name.endswith("/task.json"):
+                known.append(member.name[len(BIGBENCH_PREFIX):-len("/task.json")])
+            task = missing.pop(member.name, None)
+            if task is None:
+                continue
+            body = tar.extractfile(member).read()
+            write_bytes(_packaged(task), body)  # whole or absent: never cut short
+            found[task] = json.loads(body)
+            if not missing:
+                break
     if missing:
-        downloads = cache_dir() / "downloads" / "bigbench"
-        sdist = _pip_download(BIGBENCH_PACKAGE, downloads,
-                              f"set {BIGBENCH_ENV} to a copy of BIG-bench (a checkout of github.com/google/BIG-bench, "
-                              f"or its bigbench/benchmark_tasks folder), or put the bigbench-1.0.0 sdist in {downloads}")
-        known: list[str] = []  # every JSON task's name, for the error below; the pass reads them anyway
-        with tarfile.open(sdist) as tar:
-            for member in tar:
-                if member.name.startswith(BIGBENCH_PREFIX) and member.name.endswith("/task.json"):
-                    known.append(member.name[len(BIGBENCH_PREFIX):-len("/task.json")])
-                task = missing.pop(member.name, None)
-                if task is None:
-                    continue
-                write_bytes(paths[task], tar.extractfile(member).read())  # whole or absent: never cut short
-                if not missing:
-                    break
-        if missing:
-            raise FileNotFoundError(_unknown_tasks(sorted(missing.values()), sorted(known)))
-    return {t: cached[t] if cached[t] is not None else json.loads(p.read_text()) for t, p in paths.items()}
+        raise FileNotFoundError(_unknown_tasks(sorted(missing.values()), sorted(known)))
+    return found
+
+
+def _packaged(task: str) -> Path:
+    """Where a task extracted from the pinned package is cached."""
+    return cache_dir() / "bigbench" / task.strip("/") / "task.json"
+
+
+def _fetched(task: str) -> Path:
+    """Where a task fetched from the web is cached: apart from the package's, since it may differ."""
+    return cache_dir() / "bigbench-web" / task.strip("/") / "task.json"
+
+
+def _web_tasks(tasks: list[str], no_package: AssetError, downloads: Path) -> dict[str, dict]:
+    """Fetch each task's task.json from BIG-bench's repository (or GRADEX_BIGBENCH_URL) into the cache.
+    A task the repository lacks is a FileNotFoundError naming its address; a repository that cannot be
+    reached is an AssetError saying what the index and the web each said, and how else to supply it."""
+    import urllib.error
+    import urllib.request
+
+    base = os.environ.get(BIGBENCH_URL_ENV) or BIGBENCH_WEB
+    base = base if base.endswith("/") else base + "/"
+    print(f"gradex: the index has no {BIGBENCH_PACKAGE}; fetching {len(tasks)} task(s) from {base} (once) ...",
+          file=sys.stderr)
+    found = {}
+    for task in tasks:
+        url = f"{base}{task.strip('/')}/task.json"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp:
+                body = resp.read()
+            found[task] = json.loads(body)
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                raise FileNotFoundError(f"BIG-bench has no JSON task {task!r} ({url}: 404 Not Found)") from err
+            raise _unreachable(no_package, url, err, downloads) from err
+        except (OSError, ValueError) as err:  # URLError and timeouts are OSErrors; a page that is not JSON
+            raise _unreachable(no_package, url, err, downloads) from err
+        write_bytes(_fetched(task), body)  # whole or absent: never cut short
+    return found
+
+
+def _unreachable(no_package: AssetError, url: str, err: Exception, downloads: Path) -> AssetError:
+    reason = getattr(err, "reason", None) or err
+    return AssetError(f"{no_package}; nor fetched from {url}: {_one_line(reason)}; set {BIGBENCH_ENV} to a copy of "
+                      f"BIG-bench (a checkout of github.com/google/BIG-bench, or its bigbench/benchmark_tasks "
+                      f"folder), or put the bigbench-1.0.0 sdist in {downloads}")
 
 
 def bigbench_copy() -> Path | None:
@@ -185,10 +239,13 @@ def bigbench_copy() -> Path | None:
 
 
 def bigbench_file(task: str) -> Path | None:
-    """The task.json a BIG-bench task is read from in the GRADEX_BIGBENCH copy (None without one):
-    hashed into the ledger, since unlike the pinned package a local copy can change."""
+    """The task.json a BIG-bench task is read from where it is not the pinned package's: in the
+    GRADEX_BIGBENCH copy, or as fetched from the web. Hashed into the ledger, since either can change."""
     local = bigbench_copy()
-    return None if local is None else local / task.strip("/") / "task.json"
+    if local is not None:
+        return local / task.strip("/") / "task.json"
+    fetched = _fetched(task)
+    return fetched if fetched.exists() and not _packaged(task).exists() else None
 
 
 def _local_tasks(root: Path, tasks: list[str]) -> dict[str, dict]:
@@ -206,6 +263,15 @@ def _local_tasks(root: Path, tasks: list[str]) -> dict[str, dict]:
         known = sorted(str(p.parent.relative_to(root)) for p in root.rglob("task.json"))
         raise FileNotFoundError(_unknown_tasks(missing, known) + f" in {BIGBENCH_ENV}={root}")
     return found
+
+
+def _first_cached(*paths: Path) -> dict | None:
+    """The first of these cached tasks that can be read, or None."""
+    for path in paths:
+        body = _cached(path)
+        if body is not None:
+            return body
+    return None
 
 
 def _cached(path: Path) -> dict | None:

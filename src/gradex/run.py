@@ -157,8 +157,9 @@ class Run:
     # ------------------------------------------------------------------ the ledger
     @cached_property
     def data_files(self) -> dict[str, str]:
-        """The hash of every data file the config names (bigbench tasks come from the pinned package; a hub
-        dataset is named by its id and revision in the config, which is why pinning one matters)."""
+        """The hash of every data file the config names (a BIG-bench task from the pinned package is not
+        hashed, one from a local copy or the web is: gradex.assets.bigbench_file; a hub dataset is named
+        by its id and revision in the config, which is why pinning one matters)."""
         d = self.cfg.data
         return source_files([d.target, *d.sources], [d.sources_file] if d.sources_file else [])
 
@@ -249,7 +250,7 @@ def model_stages_ran_on(run_dir: Path, final: dict | None = None) -> dict[str, s
 
 def source_files(sources: list, extra: list[str] | None = None) -> dict[str, str]:
     """The hash of every local file the sources read (`path`, an `hf` source's local files, a BIG-bench
-    task's task.json where GRADEX_BIGBENCH names a local copy), and of `extra` files, keyed
+    task's task.json where it is read from a local copy or as fetched from the web), and of `extra` files, keyed
     "file <path>": what makes prepare's (or add-sources') output stale."""
     from gradex.assets import bigbench_file
     from gradex.data import hf_local_files

@@ -54,6 +54,7 @@ def _prepare(cfg: Config, force: bool = False) -> Run:
             check_proportions(cfg, run.examples, run.tokens)  # the select settings may have changed since: said before training
         return run
     examples = load_examples(cfg)
+    run.__dict__.pop("data_files", None)  # hashed again: a BIG-bench task fetched just now is one of them
     tokenizer = load_tokenizer(cfg.model)
     tokens = tokenize(tokenizer, examples)
     check_lengths(examples, tokens, cfg.model.max_length)
