@@ -185,6 +185,25 @@ def test_unknown_bigbench_task_names_the_closest(tmp_path, tiny_model_dir, capsy
         load(raw)
 
 
+def test_the_sources_bigbench_tasks_are_read_in_one_pass_over_the_package(tmp_path, tiny_model_dir, monkeypatch,
+                                                                           fake_bigbench):
+    """The 358 MB tarball is read once for all the sources' tasks, not once per source; each task's rows
+    are its own."""
+    from gradex import assets, pipeline
+
+    opened = []
+    real_open = assets.tarfile.open
+    monkeypatch.setattr(assets.tarfile, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    raw = make_raw(tmp_path, tiny_model_dir)
+    raw["data"]["sources"] += [{"name": "add3", "bigbench": "arithmetic/3_digit_addition"},
+                               {"name": "add2", "bigbench": "arithmetic/2_digit_addition"}]
+    cfg = config.from_dict(raw)
+    pipeline.prepare(cfg)
+    assert len(opened) == 1
+    read = {s: sorted(e.answer.strip() for e in pipeline.Run(cfg).examples if e.source == s) for s in ("add2", "add3")}
+    assert read == {"add2": sorted(str(i + 20) for i in range(10, 22)), "add3": sorted(str(i + 200) for i in range(100, 112))}
+
+
 def bigbench_folder(root: Path, tasks: dict[str, dict]) -> Path:
     """A folder laid out as a BIG-bench checkout: bigbench/benchmark_tasks/<task>/task.json."""
     for name, spec in tasks.items():

@@ -17,7 +17,7 @@ import numpy as np
 
 from gradex.config import Config, ConfigError, DataConfig, SourceConfig, TargetConfig
 from gradex.data.examples import SPLITS, Example, Examples
-from gradex.data.readers import Row, read_rows, hf_label
+from gradex.data.readers import Row, fetch_bigbench, read_rows, hf_label
 
 
 def _check_text(value: Any, at: str, column: str) -> None:
@@ -183,6 +183,8 @@ def load_examples(cfg: Config) -> Examples:
     sizes = {s: getattr(target, s) for s in SPLITS}
     total = sum(sizes.values())
     where = f"target {target.name!r}"
+    sources = expand_sources(data)
+    fetch_bigbench([(where, target), *((f"source {s.name!r}", s) for s in sources)])
     pool = _shuffled_rows(target, where, data.seed)
     if len(pool) < total:
         raise ConfigError(f"{where}: has {len(pool)} examples, but train+validation+test ask for {total}")
@@ -210,7 +212,7 @@ def load_examples(cfg: Config) -> Examples:
     # the target's unused rows (after its test split) can stand in for dropped train rows
     train, leaked = _take(target, where, pool[:sizes["train"]] + pool[total:], sizes["train"], held_keys, drop)
     out, leaks = [*train, *held], {target.name: leaked}
-    for src in expand_sources(data):
+    for src in sources:
         at = f"source {src.name!r}"
         examples, leaks[src.name] = _take(src, at, _shuffled_rows(src, at, data.seed), src.limit or data.per_source,
                                           held_keys, drop)

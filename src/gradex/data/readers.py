@@ -209,6 +209,24 @@ def _file_rows(path: Path, where: str) -> list[Row]:
     raise ConfigError(f"{where}: {path}: unknown file type {path.suffix!r} (use .jsonl, .csv, .parquet or a datasets folder)")
 
 
+def fetch_bigbench(named: list[tuple[str, SourceConfig]]) -> None:
+    """Every BIG-bench task these sources name (each with where it is named), in one go: one pass over
+    the package's tarball, or one round of fetches from the web, instead of one per source. Where the
+    tasks cannot be had at all it is said here, naming the first source that asked; an unknown task is
+    left to its source's own read, which names it and the closest known."""
+    from gradex.assets import bigbench_tasks
+
+    tasks = [(where, src.bigbench) for where, src in named if src.bigbench is not None]
+    if len(tasks) < 2:
+        return
+    try:
+        bigbench_tasks([task for _, task in tasks])
+    except AssetError as err:
+        raise AssetError(f"{tasks[0][0]}: {err}") from err
+    except FileNotFoundError:
+        pass
+
+
 def _bigbench_rows(task: str, where: str) -> list[Row]:
     from gradex.assets import bigbench_task
 
