@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gradex.estimate import Estimates, Problem, estimate
-from gradex.stability import STABLE, bootstrap, resample, separation, stability, stability_lines
+from gradex.stability import FLIPS, STABLE, bootstrap, resample, separation, stability, stability_lines
 
 
 def _problem(groups: list[list[float]], v: int = 8, d: int = 4, seed: int = 0) -> Problem:
@@ -74,7 +74,23 @@ def test_an_empty_selection_is_as_stable_as_the_resamples_that_kept_it_empty():
     assert found["stability"] == pytest.approx(20 / 27, abs=0.075)  # 3 standard errors at 300 resamples
     assert found["share"][1] == pytest.approx(7 / 27, abs=0.075)
     assert found["share"][0] == found["share"][2] == 0.0
-    assert found["uncertain"] == ([1] if found["share"][1] > 1 - STABLE else [])  # left out, yet often selected
+    assert found["uncertain"] == ([1] if found["share"][1] > FLIPS else [])  # left out, yet often selected
+
+
+def test_a_source_that_flips_in_exactly_a_fifth_of_the_resamples_is_not_uncertain():
+    """"More than 20%" on both sides, at the default 50 resamples: a selected source dropped in 10 of 50
+    and a left-out one picked in 10 of 50 are stable; 11 of 50 is not."""
+    p = _problem([[0.0] * 4, [-1.0], [1.0]])
+    for flips, uncertain in ((10, []), (11, [0, 1])):
+        calls = iter(range(50))
+
+        def choose(fn, flips=flips):
+            b = next(calls)  # resamples b < flips drop source 0 (selected) and pick source 1 (left out)
+            return ([1] if b < flips else [0]), [0.0, 0.0]
+
+        found = bootstrap(p, _mean_u, choose, chosen=[0], resamples=50, seed=0)
+        assert found["share"] == [1 - flips / 50, flips / 50]
+        assert found["uncertain"] == uncertain
 
 
 def test_separation_compares_the_selection_with_its_best_one_source_change():

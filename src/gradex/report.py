@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from gradex.atomic import write_bytes
 from gradex.config import ConfigError
-from gradex.stability import STABLE, stability_lines
+from gradex.stability import FLIPS, STABLE, stability_lines
 from gradex.comparison import SELECTED, shown
 from gradex.comparison import fmt_interval as interval_text
 from gradex.comparison import fmt_number as num
@@ -170,7 +170,7 @@ def _scores(run_dir: Path, selection: dict | None) -> str:
                  f"group's training examples and the target's validation examples, drawn with replacement); "
                  f"<em>selected in</em> is the share of resamples that selected the source, and a source is "
                  f"uncertain when that share is below {STABLE:.0%} for a selected source or above "
-                 f"{1 - STABLE:.0%} for one left out.")
+                 f"{FLIPS:.0%} for one left out.")
         note += "".join(f"</p>\n<p class=\"warning\">{_e(line)}" for line in stability_lines(selection))
     table = _table(header, rows, marked={i for i, s in enumerate(sources) if s in chosen})
     intro = ("The score of a source is the estimated change of the target validation loss when it is included: "

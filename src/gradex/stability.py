@@ -4,7 +4,7 @@ A resample draws with replacement each group's training rows within the group (t
 rows and every source's, so each keeps its size) and the target's validation rows. The regularization
 stays the run's l2, so the spread is the data's. Per source it gives how often the source is
 selected and its score's percentile interval; the selection gets an interval on its estimate.
-A source whose inclusion flips in more than `1 - STABLE` of the resamples is marked uncertain.
+A source whose inclusion flips in more than `FLIPS` (20%) of the resamples is marked uncertain.
 
 Separately, the target's validation split alone: the fit z of a subset never reads the validation
 rows, so resampling only those rows needs no new fit, and says whether the split is large enough to
@@ -25,7 +25,10 @@ from tqdm.auto import tqdm
 
 from gradex.estimate import Estimates, Problem, linear_loss
 
-STABLE = 0.8  # a selected source chosen in fewer resamples than this (or an unselected one in more than 1 - this) is uncertain
+FLIPS = 0.2  # a source whose inclusion flips in more than this share of the resamples is uncertain
+# a selected source chosen in fewer resamples than this is uncertain; 1 - 0.2 is 0.8 exactly, while
+# 1 - 0.8 is 0.19999999999999996, which would flag a left-out source chosen in exactly 20%
+STABLE = 1 - FLIPS
 
 Fit = Callable[[Problem, torch.Tensor], Estimates]  # (problem, (k, n) bool subsets) -> their estimates
 Choose = Callable[[Callable[[torch.Tensor], torch.Tensor]], tuple[list[int], list[float]]]  # estimate fn -> (selected, scores)
@@ -81,7 +84,7 @@ def bootstrap(problem: Problem, fit: Fit, choose: Choose, chosen: list[int], res
         estimates[b] = float(fit(p, mask).loss[0])
         empty += not selected
     share = picked.mean(0)
-    uncertain = [j for j in range(n) if (share[j] < STABLE if j in chosen else share[j] > 1 - STABLE)]
+    uncertain = [j for j in range(n) if (share[j] < STABLE if j in chosen else share[j] > FLIPS)]
     # an empty selection is as stable as the resamples that also left every source out
     stability = float(min(share[j] for j in chosen)) if chosen else empty / resamples
     return {"resamples": resamples, "seed": seed, "level": level, "share": share.tolist(),
@@ -141,7 +144,7 @@ def proportions(problem: Problem, optimize: Callable[[Problem], torch.Tensor], c
     """The proportions `optimize` finds ((n+1,) shares, group 0 the target's), re-found on `resamples`
     bootstrap resamples of `problem`, by name (names[0] the target's): each share's percentile
     interval, how often each source gets a share at all (`share`, as for a selection), the sources
-    whose inclusion flips in more than 1 - STABLE of the resamples, and the interval of the chosen
+    whose inclusion flips in more than FLIPS of the resamples, and the interval of the chosen
     proportions' estimate `loss(resample, chosen)`."""
     gen = torch.Generator().manual_seed(seed)
     found = np.zeros((resamples, problem.n_sources + 1))
@@ -153,7 +156,7 @@ def proportions(problem: Problem, optimize: Callable[[Problem], torch.Tensor], c
     given = (found > 0).mean(0)
     kept = chosen.numpy() > 0
     sources = range(1, problem.n_sources + 1)
-    uncertain = [names[g] for g in sources if (given[g] < STABLE if kept[g] else given[g] > 1 - STABLE)]
+    uncertain = [names[g] for g in sources if (given[g] < STABLE if kept[g] else given[g] > FLIPS)]
     held = [given[g] for g in sources if kept[g]]
     return {"resamples": resamples, "seed": seed, "level": level,
             "share": {names[g]: float(given[g]) for g in sources},
