@@ -142,6 +142,23 @@ def test_identical_mixes_are_one_mix_shown_once_and_never_called_a_tie():
     assert lines[1].index("(sd)", lines[1].index("accuracy")) + 4 == lines[2].index(")", lines[2].index(")") + 1) + 1
 
 
+@pytest.mark.parametrize("init, start", [("theta_star", "theta* itself"), ("base", "the base model itself")])
+def test_the_target_alone_of_clusters_of_the_target_says_what_model_it_is(init, start):
+    """With every target train example in a cluster the target alone trains nothing: its note names the
+    model finetune_mix starts from (theta* or the base model, by finetune.init)."""
+    from types import SimpleNamespace
+
+    from gradex.stages.compare import candidate_mixes
+
+    cfg = SimpleNamespace(select=SimpleNamespace(method="forward", seed=0),
+                          compare=SimpleNamespace(methods=["forward"], baselines=["target"], mixes={}),
+                          data=SimpleNamespace(clusters=SimpleNamespace(from_="target_train")),
+                          finetune=SimpleNamespace(init=init))
+    mixes, _ = candidate_mixes(SimpleNamespace(cfg=cfg, sources=["c0", "c1"]), {"selected": ["c0"]}, 2)
+    target = next(m for m in mixes if m.name == "target")
+    assert target.members == [[], []] and target.note.startswith(f"{start}, no fine-tune: every target train")
+
+
 def test_an_empty_selection_is_compared_with_single_sources_and_no_mix_is_trained_twice(tmp_path, tiny_model_dir):
     """The target alone (an empty selection) against the best single source by estimate, the top
     source by gradient similarity and a random single source; identical mixes fine-tuned once."""

@@ -265,7 +265,7 @@ def price(selection_seconds: float | None, finetune_seconds: float, forward_fine
 
 
 def _significant(ratio: float, digits: int = 3) -> float:
-    """A ratio to `digits` significant figures: 0.3035 stays 0.304 (two decimals would make it 0.3,
+    """A ratio to `digits` significant figures: 0.3036 becomes 0.304 (two decimals would make it 0.3,
     1.2% off), 31.46 becomes 31.5."""
     return float(f"{ratio:.{digits}g}")
 

@@ -84,7 +84,8 @@ def candidate_mixes(run: Run, body: dict, seeds: int, extra: dict[str, list[str]
             mixes.append(Mix("all", "baseline", [list(run.sources)] * seeds, "every source"))
         elif b == "target":
             own = c.data.clusters is not None and c.data.clusters.from_ == "target_train"
-            mixes.append(Mix("target", "baseline", [[]] * seeds, "theta* itself, no fine-tune: every target train "
+            start = "theta*" if c.finetune.init == "theta_star" else "the base model"  # what finetune_mix starts from
+            mixes.append(Mix("target", "baseline", [[]] * seeds, f"{start} itself, no fine-tune: every target train "
                              "example is in a cluster (data.clusters.from target_train)" if own else "the target alone"))
         elif b == "random":
             draws = [random_mix(run.sources, k, f"{c.select.seed}:random:{s}") for s in range(seeds)]
