@@ -280,6 +280,29 @@ def test_fp16_gradient_passes_run_in_fp32(tmp_path, tiny_model_dir):
         assert run.gradient_precision == used
 
 
+@pytest.mark.parametrize("kind", ["sparse", "dense", "hashed", "preconditioned"])
+def test_an_unbound_projector_moved_to_the_models_device_gives_the_cpu_store(tmp_path, kind):
+    """compute_store binds an unbound projector itself, after moving it to the model's device: the
+    projector's state is then made there, and the store equals the CPU's."""
+    from gradients_helper import tiny_model, tiny_tokens
+    from gradex.gradients import GradientComputer, Preconditioned, compute_store, make_projector
+
+    def projector():
+        if kind != "preconditioned":
+            return make_projector(kind, dim=8, seed=3)
+        layout = GradientComputer(tiny_model(), "auto").layout
+        scales = {n: torch.linspace(0.5, 2.0, math.prod(shape)) for n, shape in layout}
+        return Preconditioned(make_projector("sparse", dim=8, seed=3), scales)
+
+    stores = {}
+    for where in ("cpu", "lazy"):
+        device = lazy_device() if where == "lazy" else torch.device("cpu")
+        stores[where] = compute_store(tiny_model().to(device), tiny_tokens(6), list(range(6)), pad_id=0,
+                                      out_dir=tmp_path / where, projector=projector().to(device), batch_size=3,
+                                      chunk_size=3, precision="fp32", progress=False)
+    assert torch.allclose(torch.from_numpy(stores["lazy"].x[:]), torch.from_numpy(stores["cpu"].x[:]), atol=1e-5)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")
 def test_every_stage_runs_on_a_cuda_gpu(tmp_path, tiny_model_dir):

@@ -63,7 +63,8 @@ class Projector(ABC):
         device = torch.device(device)
         if device != self.device:
             self.device = device
-            self._moved()
+            if self.layout:  # an unbound projector has no state yet: bind makes it on this device
+                self._moved()
         return self
 
     def _moved(self) -> None:
@@ -78,6 +79,7 @@ class Projector(ABC):
         self.input_dim = sum(math.prod(shape) for _, shape in self.layout)
         self._sizes = {name: math.prod(shape) for name, shape in self.layout}
         self._bound()
+        self._moved()  # what _bound made (or was given, like a preconditioner's scales) lives on self.device
         return self
 
     def _bound(self) -> None:
