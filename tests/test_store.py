@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from gradex.gradients import GradientComputer, Store, compute_store, make_projector
+from gradex.gradients.store import extend
 from gradex.data import collate
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -166,6 +167,12 @@ def test_store_counts_examples_at_the_ce_floor(tmp_path: Path) -> None:
     other = compute_store(model, toks, indices, pad_id=0, out_dir=tmp_path / "m", output="mean-logodds",
                           projector=make_projector("sparse", dim=16, seed=3), precision="fp32", progress=False)
     assert other.manifest["ce_floor"] is None and other.manifest["ce_clipped"] is None
+    # rows joined later (add-sources) are counted too: the unsolved half first, the greedy half added
+    kw = dict(pad_id=0, projector=make_projector("sparse", dim=16, seed=3), precision="fp32", progress=False)
+    half = compute_store(model, toks, indices[8:], out_dir=tmp_path / "half", **kw)
+    compute_store(model, toks, indices[:8], out_dir=tmp_path / "side", **kw)
+    merged = extend(tmp_path / "half", tmp_path / "side", len(half), [])
+    assert merged.manifest["ce_clipped"] == int(floored.sum())
 
 
 def test_bf16_offsets_come_from_an_fp32_forward_for_the_rows_asked(tmp_path: Path) -> None:

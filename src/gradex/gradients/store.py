@@ -361,9 +361,12 @@ def extend(path: str | Path, side: str | Path | None, keep: int, added: list[dic
     x.flush()
     del x
     tail = [more] if more is not None else []
-    np.save(pending / "u.npy", np.concatenate([base.u[:keep], *(m.u for m in tail)]).astype(np.float32))
+    u = np.concatenate([base.u[:keep], *(m.u for m in tail)]).astype(np.float32)
+    np.save(pending / "u.npy", u)
     np.save(pending / "index.npy", np.concatenate([base.index[:keep], *(m.index for m in tail)]).astype(np.int64))
     manifest = {**base.manifest, "n": n, "base_n": base_n, "added": added}
+    if manifest.get("ce_floor") is not None:  # the rows kept and joined, not the base's own count
+        manifest["ce_clipped"] = int(at_ce_floor(torch.from_numpy(u)).sum())
     manifest["timings"] = {**base.manifest.get("timings", {}), "added_merge_seconds": round(time.perf_counter() - t0, 3)}
     if more is not None:
         manifest["timings"]["added_compute_seconds"] = more.manifest["timings"]["compute_seconds"]
