@@ -435,8 +435,8 @@ KINDS = {"sparse": SparseProjector, "hashed": HashedProjector, "dense": DensePro
 
 
 def make_projector(kind: str, params: nn.Module | Layout | None = None, dim: int = 256, seed: int = 0) -> Projector:
-    """A projector of the given kind (sparse | dense | none), bound to `params` when given: a model
-    (its trainable parameters, in trainable() order) or a layout [(name, shape), ...]."""
+    """A projector of the given kind (sparse | hashed | dense | none), bound to `params` when given: a
+    model (its trainable parameters, in trainable() order) or a layout [(name, shape), ...]."""
     if kind not in KINDS:
         raise ValueError(f"gradients.projection: unknown kind {kind!r}; choose one of {sorted(KINDS)}")
     projector = KINDS[kind](dim, seed)
