@@ -374,6 +374,8 @@ def test_an_exact_fit_stopped_by_its_cap_warns():
     members = torch.ones(4, dtype=torch.bool)
     with pytest.warns(UnconvergedFit, match="stopped after 1 steps"):
         exact_fit(small, members, 1.0, max_iter=1)
+    with pytest.warns(UnconvergedFit, match="stopped after 0 steps, Newton decrement nan"):  # none computed
+        exact_fit(small, members, 1.0, max_iter=0)
     import warnings
 
     with warnings.catch_warnings():
@@ -410,3 +412,29 @@ def test_factored_one_step_at_many_sources_matches_a_dense_solve(monkeypatch, lo
         rhs = members[k] @ an["b"] - 2 * L2 * an["z"]
         want = an["z"] + torch.from_numpy(np.linalg.solve(A.numpy(), rhs.numpy()))
         assert rel(z[k], want) < 1e-5
+
+
+def test_a_system_conjugate_gradients_cannot_finish_is_solved_by_its_factor_in_the_same_call():
+    """Systems whose groups span 7 decades of curvature at a tiny l2: CG stops at its iteration cap,
+    and those subsets get a Cholesky factor. The answer of that very call must already be the
+    factor's, equal to a dense solve (numpy, float64), never CG's unfinished iterate."""
+    from gradex.estimate.solver import _Systems
+
+    gen = torch.Generator().manual_seed(0)
+    d, groups = 48, 5
+    H = []
+    for _ in range(groups):
+        Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+        curvature = torch.logspace(-4, 3, d, dtype=torch.float64)[torch.randperm(d, generator=gen)]
+        H.append((Q * curvature) @ Q.T)
+    H = torch.stack(H)
+    members = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 0, 0, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    l2 = torch.full((4,), 1e-4, dtype=torch.float64)
+    G = torch.randn(4, d, generator=gen, dtype=torch.float64)
+    systems = _Systems(H, members, l2, torch.float64)
+    V = systems.solve(G, rtol=1e-5)
+    assert bool(systems.direct.any())  # CG did give up on some: what this test is about
+    for k in range(4):
+        A = H[members[k]].sum(0) + 2 * l2[k] * torch.eye(d, dtype=torch.float64)
+        want = torch.from_numpy(np.linalg.solve(A.numpy(), G[k].numpy()))
+        assert rel(V[k], want) < 1e-6

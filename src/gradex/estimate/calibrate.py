@@ -91,7 +91,7 @@ def exact_fit(problem: Problem, members: torch.Tensor, l2: float, z0: torch.Tens
     fresh = H is None
     f, g, Hn = _pass(problem, rows, z, l2, True, fresh, hd)
     H = Hn if fresh else H.to(hd)
-    last_dec = math.inf
+    last_dec, dec = math.inf, math.nan
     for _ in range(max_iter):
         if not math.isfinite(f):
             raise FloatingPointError(f"exact fit at l2={l2:.3g}: the objective is {f} (non-finite gradients in "

@@ -230,6 +230,7 @@ class _Systems:
             V[live], ok = self._cg(G[live], which, rtol, max_iter)
             if not bool(ok.all()):
                 self._factor(rows[live[~ok]])
+                direct = self.direct[rows]  # the rows just factored are solved by it now, not CG's last iterate
         if bool(direct.any()):
             d = direct.nonzero().squeeze(1)
             slots = self._slot[rows[d]]
