@@ -70,6 +70,22 @@ def test_ensemble_recovers_additive_answer():
     json.dumps(sel.to_dict(), allow_nan=False)
 
 
+def test_ensemble_surrogate_is_the_least_squares_fit_with_an_intercept():
+    """Oracle: numpy's least squares on [1, indicators], its beta centered (only differences are
+    identifiable with fixed-size subsets), on a noisy additive f_hat with a random subset sample."""
+    fn = Additive(noise=0.3)
+    sel = ensemble(fn, N, m=60, alpha=0.5, seed=3)
+    subsets = sample_subsets(N, 60, 0.5, 3)
+    loss = Additive(noise=0.3)(subsets).numpy()
+    design = np.hstack([np.ones((60, 1)), subsets.numpy().astype(float)])
+    coef, *_ = np.linalg.lstsq(design, loss, rcond=None)
+    r2 = 1 - ((loss - design @ coef) ** 2).sum() / ((loss - loss.mean()) ** 2).sum()
+    beta = coef[1:] - coef[1:].mean()
+    assert sel.surrogate["r2"] == pytest.approx(r2, abs=1e-12)
+    np.testing.assert_allclose(sel.surrogate["beta"], beta, atol=1e-12)
+    assert sel.surrogate["intercept"] == pytest.approx(coef[0] + coef[1:].mean() * 5, abs=1e-12)  # 5 sources each
+
+
 def test_ensemble_scores_are_in_minus_out_means():
     fn = Additive()
     sel = ensemble(fn, N, m=64, alpha=0.5, seed=3)
@@ -111,6 +127,7 @@ def test_forward_stops_at_its_limit_with_the_best_additions_so_far():
     assert "stopped at the limit of 2 source(s)" in sel.reason
     unlimited = forward(Additive(), N, limit=N)
     assert unlimited.selected == HELPFUL and "no addition lowers" in unlimited.reason
+    assert "stopped at the limit of 0 source(s)" in forward(Additive(), N, limit=0).reason  # nothing was tried
 
 
 def test_forward_stops_at_once_when_nothing_helps():

@@ -130,17 +130,18 @@ def ensemble(estimate_fn: EstimateFn, n: int, m: int, alpha: float, seed: int,
     for i in range(n):
         inside, outside = loss[mem[:, i]], loss[~mem[:, i]]
         scores.append(float(inside.mean() - outside.mean()) if len(inside) and len(outside) else float("nan"))
-    # Every sampled subset has the same size, so sum_i 1[i in S] is constant and only differences
-    # of the beta_i are identifiable: regress on centered indicators, whose minimum-norm solution
-    # is the sum-zero beta (intercept = mean loss). beta_i < 0: i is better than the average source.
-    k = mem.sum(1, keepdims=True)
-    centered = mem.astype(np.float64) - k / n
-    beta, *_ = np.linalg.lstsq(centered, loss - loss.mean(), rcond=None)
+    # Least squares with an intercept: the indicators centered by column (each source's share of the
+    # subsets), so the intercept drops out. Every sampled subset has the same size, so
+    # sum_i 1[i in S] is constant and only differences of the beta_i are identifiable: the
+    # minimum-norm solution is the sum-zero beta. beta_i < 0: i is better than the average source.
+    share = mem.mean(0)
+    beta, *_ = np.linalg.lstsq(mem.astype(np.float64) - share, loss - loss.mean(), rcond=None)
     beta -= beta.mean()  # the null direction when sizes are fixed; a no-op otherwise up to rounding
-    resid = loss - loss.mean() - centered @ beta
+    intercept = float(loss.mean() - share @ beta)
+    resid = loss - intercept - mem @ beta
     ss_tot = float(((loss - loss.mean()) ** 2).sum())
     r2 = 1.0 - float((resid ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
-    surrogate = {"intercept": float(loss.mean()), "beta": [float(b) for b in beta], "r2": r2,
+    surrogate = {"intercept": intercept, "beta": [float(b) for b in beta], "r2": r2,
                  "subsets": m, "subset_size": int(mem[0].sum()),
                  "note": "beta centered to sum 0: with fixed-size subsets only differences are identifiable"}
 
@@ -209,7 +210,7 @@ def forward(estimate_fn: EstimateFn, n: int, limit: int | None = None, names: Se
     base = float(_call(estimate_fn, torch.zeros(1, n, dtype=torch.bool))[0])
     current, cur, scores, history = _stepwise(estimate_fn, n, [], True, base, limit)
     stop = ("every source added" if len(current) == n else f"stopped at the limit of {limit} source(s)"
-            if history and history[-1]["action"] == "add" else "stopped: no addition lowers the estimate")
+            if limit is not None and len(current) >= limit else "stopped: no addition lowers the estimate")
     reason = (f"forward stepwise from the target alone: added {len(current)} source(s) in order "
               f"{[_fmt(i, names) for i in current]}; estimated loss {base:.6g} -> {cur:.6g}; " + stop)
     return Selection(method="forward", scores=scores, selected=sorted(current), estimate=cur, baseline=base,
