@@ -76,6 +76,9 @@ CONFIG_CASES = [
      "finetune.max_tokens: a positive equal budget in tokens, instead of max_steps"),
     ("weights under an epochs budget", ["select.method=weights", "finetune.budget=epochs"],
      "select.method weights: proportions share a fixed budget of steps"),
+    ("weights under an epochs budget, mean weighting",  # was accepted, then a TypeError in prepare
+     ["select.method=weights", "finetune.budget=epochs", "estimate.weighting=mean"],
+     "select.method weights: proportions share a fixed budget of steps, and finetune.budget epochs gives each"),
 ]
 
 

@@ -176,6 +176,21 @@ def test_yaml_numbers_in_any_notation_and_overrides_that_name_the_key(tmp_path):
         config.load(overrides=["data.sources=[{name: add2, bigbench: arithmetic/2_digit_addition, limit: 0}]"])
 
 
+def test_yaml_anchors_and_merge_keys_and_overrides_into_an_empty_section(tmp_path):
+    """What yaml.safe_load reads, gradex reads: a merge key (`<<: *recipe`) is not a repeated key; and
+    `--set` fills a section the file leaves empty (`select:` with nothing under it), as the file alone does."""
+    path = tmp_path / "c.yaml"
+    data = ("data: {target: {name: add3, bigbench: arithmetic/3_digit_addition}, "
+            "sources: [{name: add2, bigbench: arithmetic/2_digit_addition}]}\n")
+    path.write_text(data + "meta: &recipe {epochs: 2, lr: 0.002}\nfinetune:\n  <<: *recipe\n  epochs: 1\nselect:\n")
+    cfg = config.load(path, overrides=["select.method=forward"])
+    assert (cfg.meta.epochs, cfg.meta.lr) == (2, 0.002) and (cfg.finetune.epochs, cfg.finetune.lr) == (1, 0.002)
+    assert cfg.select.method == "forward"
+    path.write_text(data + "finetune:\n  <<: {epochs: 3}\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match="line 5: the key 'lr' is given twice"):
+        config.load(path)
+
+
 def test_the_resolved_config_loads_back_as_it_is(tmp_path):
     cfg = config.load(overrides=["meta.epochs=1", "compare.mixes={mine: [add2, add4]}"])
     config.dump(cfg, tmp_path / "config.yaml")

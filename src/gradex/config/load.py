@@ -101,7 +101,9 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         node = raw
         *parents, leaf = key.split(".")
         for depth, part in enumerate(parents):
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or a section left empty (`select:` with nothing under it)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {'.'.join(parents[:depth + 1])} is a value, not a section")
         if not all(part.strip() for part in key.split(".")):
@@ -126,6 +128,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged by the safe loader below
+                continue
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, typing.Hashable) and key in seen:
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: the key {key!r} is given twice")

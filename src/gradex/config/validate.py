@@ -172,6 +172,10 @@ def _validate_weights(cfg: Config) -> None:
     if uses and cfg.estimate.mode != "linear":
         raise ConfigError("select.method weights: needs estimate.mode linear (the proportions' gradient is the "
                           "linear estimate's)")
+    f = cfg.finetune
+    if uses and f.budget == "epochs" and f.max_steps is None and f.max_tokens is None:  # no fixed budget to share
+        raise ConfigError("select.method weights: proportions share a fixed budget of steps, and finetune.budget "
+                          "epochs gives each mix its own; set finetune.budget equal (or finetune.max_steps)")
     if uses and cfg.resolved_weighting() == "sum":
         raise ConfigError("select.method weights: proportions share a fixed budget of steps; set finetune.budget "
                           "equal (or finetune.max_steps) and estimate.weighting mean (or auto, which is sum "
