@@ -74,6 +74,39 @@ def test_a_prior_and_max_shift_bound_the_distance(problem):
     assert float((free.p - prior).abs().sum()) / 2 > 0.1  # and here it binds
 
 
+def test_rounding_never_leaves_max_shift_of_the_prior(problem):
+    """An optimum on the max_shift boundary that gives a small share to a source: dropping that share
+    (select.min_share) would move the mix off the boundary, past max_shift, so the proportions stay
+    as the optimizer found them. Oracle: the total variation distance to the prior."""
+    prior = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.195, 0.005], dtype=torch.float64)
+    found = optimize(problem, L2, prior=prior, max_shift=0.05)
+    assert float((found.p - prior).abs().sum()) / 2 == pytest.approx(0.05, abs=1e-6)  # it binds
+    assert bool(((found.p > 0) & (found.p < 0.01)).any())  # a share min_share would drop
+    assert float((rounded(found.p, 0.01) - prior).abs().sum()) / 2 > 0.05 + 1e-6  # what dropping it does
+    assert torch.equal(rounded(found.p, 0.01, prior=prior, max_shift=0.05), found.p)
+    inside = rounded(found.p, 0.01, prior=prior, max_shift=0.2)  # room to spare: rounded as ever
+    assert torch.equal(inside, rounded(found.p, 0.01)) and not torch.equal(inside, found.p)
+
+
+def test_a_prior_share_on_a_group_without_examples_is_refused(problem):
+    """The target's group is empty under data.clusters from target_train: a prior share there could
+    never be drawn, and max_shift, measured over the groups with examples, would not see it."""
+    from dataclasses import replace
+
+    from gradex.config import Config, ConfigError
+    from gradex.proportions import check
+
+    keep = problem.group != 0
+    empty = replace(problem, x=problem.x[keep], u=problem.u[keep], group=problem.group[keep])
+    prior = torch.tensor([0.4, 0.15, 0.15, 0.15, 0.15, 0.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="a group with no training examples"):
+        optimize(empty, L2, prior=prior, max_shift=0.1)
+    cfg = Config()
+    cfg.select.prior, cfg.select.max_shift = {"t": 0.4, "a": 0.6}, 0.1
+    with pytest.raises(ConfigError, match=r"select.prior: \['t'\] have no training examples"):
+        check(cfg, {"t": 0, "a": 30}, 32)
+
+
 def test_a_floor_on_the_target_binds_and_holds(problem):
     """select.target_floor's mechanism: the target's share never falls below its floor; where the free
     optimum lies below it, the floored one sits on it, and is no better than the free one."""
@@ -104,6 +137,7 @@ def test_counts_sum_to_the_budget_by_largest_remainder():
     assert counts([0.5, 0.25, 0.25], 10) == [5, 3, 2]  # 2.5 and 2.5: the first remainder wins the tie
     assert sum(counts([1 / 3] * 3, 100)) == 100
     assert counts([1.0, 0.0], 7) == [7, 0]
+    assert sum(counts([0.25, 0.25, 0.25, 0.2500009], 2_000_000)) == 2_000_000  # a sum 1e-6 off 1, at a large total
 
 
 def test_rounding_drops_shares_below_the_floor():

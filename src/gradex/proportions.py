@@ -43,6 +43,10 @@ def check(cfg: Config, sizes: dict[str, int], budget: int) -> None:
         raise ConfigError(f"select.max_repeats {s.max_repeats:g}: no proportions fit a budget of {budget} examples "
                           f"(the caps sum to {float(upper.sum()):.4f} < 1): raise max_repeats, or lower the budget "
                           f"(finetune.max_steps)")
+    empty = sorted(n for n in names if sizes[n] == 0 and s.prior.get(n, 0.0) > 0)
+    if empty:  # optimize leaves empty groups out, and max_shift would then measure nothing about them
+        raise ConfigError(f"select.prior: {empty} have no training examples (under data.clusters from target_train "
+                          f"the target's are all in the clusters), so no mix can hold their share; give it to others")
     prior = torch.tensor([s.prior.get(n, 0.0) for n in names], dtype=torch.float64) if s.prior else None
     why = feasible(upper, prior, s.max_shift)
     if why is not None:

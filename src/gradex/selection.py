@@ -115,7 +115,7 @@ def weights(run: Run, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
     if n_g[0] > 0:
         starts["target alone"] = natural(prob, torch.arange(len(names)) == 0)
     found = optimize(prob, l2, upper=upper, starts=starts, prior=prior, max_shift=c.max_shift, lower=lower)
-    p = rounded(found.p, c.min_share, upper, lower)
+    p = rounded(found.p, c.min_share, upper, lower, prior, c.max_shift)
     loss = fit(prob, p, l2).loss
     shares = {n: float(v) for n, v in zip(names, p.tolist())}
     every = fit(prob, natural(prob), l2).loss
@@ -173,7 +173,7 @@ def weight_stability(run: Run, body: dict, l2: float) -> dict:
     def again(resampled) -> torch.Tensor:
         found = optimize(resampled, l2, upper=upper, starts={"found": chosen}, prior=prior, max_shift=c.max_shift,
                          default_starts=False, lower=lower)
-        return rounded(found.p, c.min_share, upper, lower)
+        return rounded(found.p, c.min_share, upper, lower, prior, c.max_shift)
 
     return proportions(prob, again, chosen, lambda p, q: fit(p, q, l2).loss, c.bootstrap, c.seed, names)
 

@@ -184,6 +184,8 @@ def optimize(problem: Problem, l2: float, upper: torch.Tensor | None = None,
         raise ValueError("proportions of a pool with no training examples")
     ub = torch.ones_like(n_g) if upper is None else torch.as_tensor(upper, dtype=torch.float64).clamp(0, 1)
     lb = torch.zeros_like(n_g) if lower is None else torch.as_tensor(lower, dtype=torch.float64).clamp(0, 1)
+    if prior is not None and bool((torch.as_tensor(prior, dtype=torch.float64)[n_g == 0] > 0).any()):
+        raise ValueError("the prior gives a share to a group with no training examples")
     why = feasible(ub[live], None if prior is None else prior[live], max_shift, lb[live])
     if why is not None:
         raise ValueError(f"no proportions meet the constraints: {why}")
@@ -270,11 +272,14 @@ def _toward(x: np.ndarray, q: np.ndarray, max_shift: float) -> np.ndarray:
 
 
 def rounded(p: torch.Tensor, floor: float, upper: torch.Tensor | None = None,
-            lower: torch.Tensor | None = None) -> torch.Tensor:
+            lower: torch.Tensor | None = None, prior: torch.Tensor | None = None,
+            max_shift: float | None = None) -> torch.Tensor:
     """Proportions with every share below `floor` set to 0 and the rest renormalized within the caps
     `upper`: a source given half a percent is noise of the optimizer, not a recommendation to read.
     A share with a floor of its own (`lower` > 0) is kept, and renormalizing only raises it.
-    Where the kept shares cannot absorb the dropped ones within their caps, p is returned as it is."""
+    Where the kept shares cannot absorb the dropped ones within their caps, or the rounded shares
+    would lie further than `max_shift` from `prior` (an optimum on that boundary moves off it), p is
+    returned as it is: the constraints the user set outrank tidy numbers."""
     if not 0 <= floor < 1:
         raise ValueError(f"floor must be in [0, 1), got {floor}")
     keep = p >= floor
@@ -288,10 +293,12 @@ def rounded(p: torch.Tensor, floor: float, upper: torch.Tensor | None = None,
         return p
     kept = torch.where(keep, p, torch.zeros_like(p))
     kept = kept / kept.sum()
-    if bool((kept <= ub + 1e-12).all()):
-        return kept
-    lb = None if lower is None else torch.as_tensor(lower, dtype=torch.float64).numpy()
-    return torch.from_numpy(_into(kept.numpy(), ub.numpy(), lb))
+    if not bool((kept <= ub + 1e-12).all()):
+        lb = None if lower is None else torch.as_tensor(lower, dtype=torch.float64).numpy()
+        kept = torch.from_numpy(_into(kept.numpy(), ub.numpy(), lb))
+    if prior is not None and max_shift is not None and float((kept - prior).abs().sum()) / 2 > max_shift + 1e-9:
+        return p
+    return kept
 
 
 def counts(p: torch.Tensor | list[float], total: int) -> list[int]:
@@ -299,7 +306,7 @@ def counts(p: torch.Tensor | list[float], total: int) -> list[int]:
     p = np.asarray(p, dtype=np.float64)
     if total < 0 or not math.isclose(float(p.sum()), 1.0, abs_tol=1e-6):
         raise ValueError("counts: proportions must sum to 1 and the total be non-negative")
-    raw = p * total
+    raw = p / p.sum() * total  # exactly 1, or the floors alone can pass `total` (a sum of 1 + 1e-7 at 10^7)
     out = np.floor(raw).astype(np.int64)
     short = total - int(out.sum())
     order = np.argsort(-(raw - out), kind="stable")
