@@ -12,7 +12,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from gradex.estimate import Problem, calibrate_l2, estimate, estimator, implied_step, linear_loss, solve
+from gradex.estimate import (Problem, calibrate_l2, estimate, estimator, implied_step, linear_loss, solve,
+                             solve_flagged)
 from gradex.testing import exact_solve, synthetic_problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -438,3 +439,20 @@ def test_a_system_conjugate_gradients_cannot_finish_is_solved_by_its_factor_in_t
         A = H[members[k]].sum(0) + 2 * l2[k] * torch.eye(d, dtype=torch.float64)
         want = torch.from_numpy(np.linalg.solve(A.numpy(), G[k].numpy()))
         assert rel(V[k], want) < 1e-6
+
+
+def test_a_subset_flagged_converged_is_within_a_few_tol_of_the_exact_fit():
+    """The refinement stops when its error left, estimated from its contraction, is below tol. One
+    secant-scaled step that lands near the optimum makes the next update small and a single ratio
+    tiny: judged on it alone, subsets stopped at up to 66x tol on these small, stiff problems (l2 far
+    below their curvature). Oracle: scipy's exact fit of each subset."""
+    subsets = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    tol, worst, flagged = 1e-6, 0.0, 0
+    for seed in range(6):
+        for l2, n_target in ((0.5, 1), (0.5, 60), (5.0, 1)):
+            p = random_problem(seed=seed, n_sources=3, per_source=50, n_target=n_target, d=6, n_val=30)
+            z, converged = solve_flagged(p, subsets, l2, 8, dtype=torch.float64, tol=tol)
+            for k in converged.nonzero().squeeze(1).tolist():
+                worst = max(worst, rel(z[k], exact_solve(p, subsets[k], l2)) / tol)
+                flagged += 1
+    assert flagged >= 60 and worst < 10

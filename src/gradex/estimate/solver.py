@@ -319,7 +319,9 @@ def solve_flagged(problem: Problem, subsets: torch.Tensor, l2: float, refinement
     solves limits the speed, not the answer. A subset leaves the refinement once its error left,
     estimated from its last two updates, is below `tol` relative (float32 noise is ~1e-6); later
     full-data gradients are computed for the remaining subsets only. The estimate is optimistic
-    (measured errors in z were 2-5x `tol`), which is why the documented accuracy is a measured one.
+    (measured errors in z of subsets flagged converged: 3.9x `tol` at most on benchmarks/estimate.py's
+    problem, under 10x on small stiff ones in the tests), which is why the documented accuracy is a
+    measured one.
     All m subsets are in memory at once: (N_i, m) margins per group; `estimate` batches for you.
     `weighting` sets each subset's own l2 from the all-sources one (`subset_l2`).
     """
@@ -353,6 +355,7 @@ def solve_flagged(problem: Problem, subsets: torch.Tensor, l2: float, refinement
     # shrinks (or grows) as the margins move. Step 0 is the Newton step from z_all, where G = -B.
     D_prev, G_prev, t = -D0, -B, torch.ones(m, 1, dtype=dtype)
     last = D0.norm(dim=1)  # size of the previous update
+    slow = torch.zeros(m, dtype=dtype)  # the contraction the previous refinement measured
     active = torch.arange(m)  # subsets still refined: each full-data gradient costs only theirs
     for _ in range(refinements):
         Za = Z[active]
@@ -368,10 +371,13 @@ def solve_flagged(problem: Problem, subsets: torch.Tensor, l2: float, refinement
         Za = Za - ta * D
         Z[active], D_prev[active], G_prev[active], t[active] = Za, D, G, ta
         # Linear convergence: with contraction rho ~ |update| / |previous update| the error left
-        # is ~ rho / (1 - rho) |update|. A subset is done once that is below tol (relative).
+        # is ~ rho / (1 - rho) |update|. A subset is done once that is below tol (relative). rho is
+        # the slower of the last two contractions: one secant-scaled step that lands near the optimum
+        # makes the next update small and a single ratio tiny, which stopped subsets at up to 150x tol.
         upd = (ta * D).norm(dim=1)
-        rho = upd / last[active].clamp_min(1e-30)
-        last[active] = upd
+        measured = upd / last[active].clamp_min(1e-30)
+        rho = torch.maximum(measured, slow[active])
+        last[active], slow[active] = upd, measured
         left = torch.where(rho < 0.5, rho / (1 - rho) * upd, torch.full_like(upd, math.inf))
         active = active[left > tol * Za.norm(dim=1)]
         if active.numel() == 0:
