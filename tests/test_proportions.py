@@ -220,6 +220,24 @@ def test_weights_end_to_end_select_finetune_compare_and_the_mixture(tmp_path, ti
     assert status["fine-tunes"]["why"] == f"{len({r['key'] for r in result['rows']})} done in finetunes/"
 
 
+def test_a_target_floor_a_prior_cannot_reach_within_max_shift_names_both(tmp_path, tiny_model_dir):
+    """The floor (the target's share in the best subset) is known only at select: a prior that gives
+    the target nothing, within a max_shift below that floor, is a ConfigError naming
+    select.target_floor, not a bare ValueError from the optimizer."""
+    from conftest import tiny_run_config
+    from gradex import pipeline
+    from gradex.config import ConfigError
+
+    cfg = tiny_run_config(tmp_path, tiny_model_dir)
+    cfg.select.method, cfg.select.bootstrap = "weights", 0
+    cfg.select.prior, cfg.select.max_shift = {"add": 0.0, "add_more": 0.4, "mul": 0.3, "sub": 0.3}, 0.1
+    with pytest.raises(ConfigError, match=r"select.target_floor: the target keeps at least its share in the best "
+                                          r"subset \(0\.\d+\), and then the caps and floors force a shift of at least"):
+        pipeline.select(cfg)
+    cfg.select.target_floor = False  # what the error says to do
+    assert pipeline.select(cfg)["proportions"]["add"] <= 0.1 + 1e-6
+
+
 def test_a_budget_in_tokens_sets_the_steps_of_every_fine_tune(tmp_path, tiny_model_dir):
     """finetune.max_tokens: steps = tokens / (batch_size x the all-sources mix's mean example length),
     rounded up, counted here from the prepared tokens."""

@@ -89,7 +89,7 @@ def weights(run: Run, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
     from natural proportions, equal shares and the best subset's natural proportions, within
     select.max_repeats and select.prior / max_shift; the body of selection.json."""
     from gradex import search
-    from gradex.estimate.proportions import fit, natural, optimize, rounded, sizes
+    from gradex.estimate.proportions import feasible, fit, natural, optimize, rounded, sizes
     from gradex.proportions import check, mixture
     from gradex.surrogate import regularization
 
@@ -111,6 +111,11 @@ def weights(run: Run, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
     # 100% on add4 and lost to the best subset {add4} by 0.042 test loss (3 seeds, equal steps).
     floor = float(best_p[0]) if c.target_floor and best_p is not None and n_g[0] > 0 else None
     upper, prior, lower = bounds(run, n_g, budget, floor)
+    why = feasible(upper, prior, c.max_shift, lower)  # check() passed without the floor, known only now
+    if why is not None:
+        raise config_mod.ConfigError(f"select.target_floor: the target keeps at least its share in the best subset "
+                                     f"({floor:.4f}), and then {why}; raise select.max_shift, or set "
+                                     f"select.target_floor false")
     starts = {"best subset": best_p} if best_p is not None else {}
     if n_g[0] > 0:
         starts["target alone"] = natural(prob, torch.arange(len(names)) == 0)
