@@ -38,7 +38,7 @@ CONFIG_CASES = [
     ("a repeated nested key", "meta:\n  lr: 0.1\n  lr: 0.2\n", "line 3: the key 'lr' is given twice"),
     ("binary bytes", b"\x00\x01", "not valid YAML: unacceptable character #x0000"),
     ("unbalanced YAML", "meta: {epochs: 1\n", "line 2, column 1: not valid YAML"),
-    ("a list, not a mapping", "- a\n- b\n", "config: expected a mapping, got list"),
+    ("a list, not a mapping", "- a\n- b\n", "c.yaml: expected a mapping of sections (meta:, data:, ...), got list"),
     ("an override that is not YAML", ["meta.epochs=[1"], "override 'meta.epochs=[1', line 1, column 3: not valid YAML"),
     ("an override with an empty key part", ["meta..epochs=1"], "'meta..epochs' is not a key path"),
     ("an override with no value", ["meta.epochs"], "override 'meta.epochs': expected key=value"),
@@ -91,6 +91,11 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys, what, given, messag
     else:
         args = ["config", _file(tmp_path, "latin.yaml" if what == "not UTF-8" else "c.yaml", given)]
     _refused(capsys, args, message)
+
+
+def test_an_override_on_a_config_that_is_not_a_mapping_is_one_line(tmp_path, capsys):
+    _refused(capsys, ["config", _file(tmp_path, "c.yaml", "- a\n- b\n"), "--set", "meta.epochs=1"],
+             "c.yaml: expected a mapping of sections (meta:, data:, ...), got list")
 
 
 def _rows_case(tmp_path: Path, model_dir: Path, what: str) -> tuple[str, str]:

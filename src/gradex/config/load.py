@@ -94,6 +94,8 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     raw = parse_yaml(text, str(path))
     if raw is None:
         raw = {}
+    if not isinstance(raw, dict):  # said before an override tries to walk into it
+        raise ConfigError(f"{path}: expected a mapping of sections (meta:, data:, ...), got {type(raw).__name__}")
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
