@@ -161,6 +161,8 @@ BAD = {
                           "sets both `bigbench` and `path`"),
     "duplicate names": ("sources:\n  - {{name: x, path: {sub}}}\n  - {{name: x, path: {sub}}}\n",
                         "lines [2, 3]: duplicate source name(s) ['x']"),
+    "sources given twice": ("sources:\n  - {{name: x, path: {sub}}}\nsources:\n  - {{name: y, path: {sub}}}\n",
+                            "more.yaml, line 3: the key 'sources' is given twice"),  # was: x dropped silently
     "a trained source's name": ("sources:\n  - {{name: mul, path: {sub}}}\n", "'mul' is already a source of this run"),
     "the target's name": ("sources:\n  - {{name: add, path: {sub}}}\n", "'add' is the target's name"),
     "missing file": ("sources:\n  - {{name: x, path: {sub}.missing}}\n", "source 'x': file not found"),

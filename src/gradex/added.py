@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from gradex.config import Config, ConfigError, SourceConfig, _build, check_source
+from gradex.config import Config, ConfigError, SourceConfig, _build, check_source, parse_yaml
 
 ADDED_FILE = "added_sources.yaml"  # in the run directory
 KEYS = ("sources",)  # the top-level keys of a sources file
@@ -35,13 +35,15 @@ def read_sources_file(path: str | Path, allow_empty: bool = False) -> list[Sourc
         raise ConfigError(f"sources file not found: {path}")
     text = path.read_text()
     try:
-        root = yaml.compose(text)  # the nodes carry line numbers; safe_load of the same text gives the values
-        raw = yaml.safe_load(text)
+        root = yaml.compose(text)  # the nodes carry line numbers
     except yaml.YAMLError as err:  # one line: where, and what the parser expected
         mark = getattr(err, "problem_mark", None)
         at = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         what = " ".join(str(getattr(err, "problem", None) or err).split())
         raise ConfigError(f"{path}{at}: not valid YAML: {what}") from err
+    # the values, as the config's own loader reads them: a repeated key (PyYAML keeps the last, while
+    # the line numbers above would be the first's) is an error naming its line
+    raw = parse_yaml(text, str(path))
     if not isinstance(raw, dict) or not isinstance(root, yaml.MappingNode):
         raise ConfigError(f"{path}: expected a mapping with the key `sources` (a list of sources, the schema of "
                           f"the config's data.sources), got {type(raw).__name__}")
