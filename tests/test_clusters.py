@@ -215,6 +215,23 @@ def test_pool_clustered_on_gradients_then_selected(tmp_path, tiny_model_dir, cap
     assert any(line.split()[:2] == ["clusters", "done"] for line in capsys.readouterr().out.splitlines())
 
 
+def test_validate_fine_tunes_again_when_the_clusters_change(tmp_path, tiny_model_dir):
+    """A cluster's name stands for the examples clusters.json gives it: after clustering otherwise (same
+    k, another method) a subset of the same names is other data, so validate's real fine-tunes of it
+    are not reused, under either recipe."""
+    from gradex import diagnostics, pipeline
+
+    cfg = pool_config(tmp_path, tiny_model_dir, k=3)
+    cfg.refit.max_steps = 1
+    pipeline.clusters(cfg)
+    before = {r: diagnostics.recipe_key(pipeline.Run(cfg), r) for r in diagnostics.RECIPES}
+    cfg.data.clusters.method = "agglomerative"
+    pipeline.clusters(cfg)
+    run = pipeline.Run(cfg)
+    assert all(diagnostics.recipe_key(run, r) != before[r] for r in diagnostics.RECIPES)
+    assert diagnostics.missing_rows(run, 2, 1, "refit") == 2
+
+
 def test_target_train_clusters_empty_target_mix_is_theta_star(tmp_path, tiny_model_dir):
     cfg = tiny_run_config(tmp_path, tiny_model_dir)
     cfg.data.sources = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -265,6 +266,9 @@ def test_validate_and_check_linearity_on_tiny_model(cfg):
     for row in deployed["rows"]:
         entry = cfg.run_dir / "finetunes" / pipeline.finetune_key(pipeline.Run(cfg), row["members"], 0) / "result.json"
         assert json.loads(entry.read_text())["validation"]["loss"] == pytest.approx(row["real"], rel=1e-4)
+    # a row records the losses under every output: another gradients.output needs no fine-tune again
+    other = dataclasses.replace(cfg, gradients=dataclasses.replace(cfg.gradients, output="mean-logodds"))
+    assert diagnostics.missing_rows(pipeline.Run(other), 2, 1) == 0
     lin = diagnostics.check_linearity(cfg, examples=8, subsets=1)
     kinds = [r["kind"] for r in lin["rows"]]
     assert kinds.count("random") == len(diagnostics.RADII) and kinds.count("trajectory") == len(diagnostics.TRAJECTORY_STEPS)

@@ -33,7 +33,7 @@ from gradex.model import ce_logodds, example_outputs, set_trainable_vector, trai
 from gradex.pipeline import require
 from gradex.run import Run, log
 from gradex.saved import save_model
-from gradex.finetunes import finetune_mix, finetune_recipe, recipe_summary
+from gradex.finetunes import clusters_key, finetune_mix, recipe_summary, training
 from gradex.surrogate import estimator, make_run_projector, member_mask, problem
 from gradex.train import train
 from gradex.writer import writes
@@ -195,10 +195,13 @@ def recipe_label(run: Run, recipe: str) -> str:
 
 
 def recipe_key(run: Run, recipe: str) -> str:
-    """What the real fine-tunes of a recipe depend on (not the estimator: changing it keeps them)."""
+    """What the real fine-tunes of a recipe depend on: the data (with clusters, which examples each
+    name stands for), the start and the recipe; not the estimator, gradients.output included (a row
+    records the losses under every output), so changing it keeps them."""
     if recipe == "refit":
-        return fingerprint(run.data_key(), run.output("theta*"), run.cfg.refit, MEASURE, ROWS_FORMAT)
-    return fingerprint(finetune_recipe(run)[0], MEASURE, ROWS_FORMAT)
+        return fingerprint(run.data_key(), run.output("theta*"), run.cfg.refit, MEASURE, ROWS_FORMAT,
+                           *clusters_key(run))
+    return fingerprint(*training(run)[0], MEASURE, ROWS_FORMAT, *clusters_key(run))
 
 
 def row_path(run: Run, recipe_hash: str, names: list[str], seed: int) -> tuple[Path, str]:

@@ -45,11 +45,24 @@ def recipe_summary(run: Run) -> dict:
 
 def finetune_recipe(run: Run) -> tuple[str, Any]:
     """(key, recipe): the finetune recipe with the budget's steps filled in, and a key for everything
-    that shapes a fine-tune of a mix except its members and seed (data, model, precision, start)."""
+    that shapes a fine-tune of a mix except its members and seed (data, model, precision, start; and
+    gradients.output, which its recorded metrics are measured in)."""
+    trained, recipe = training(run)
+    return config_mod.fingerprint(*trained, run.cfg.gradients.output), recipe
+
+
+def training(run: Run) -> tuple[list, Any]:
+    """What shapes the weights a fine-tune of a mix trains, except its members and seed (data, model,
+    precision, recipe, start), and the recipe with the budget's steps filled in."""
     c = run.cfg
     recipe = dataclasses.replace(c.finetune, max_steps=budget_steps(run))
     start = run.output("theta*") if c.finetune.init == "theta_star" else "base"
-    return config_mod.fingerprint(run.data_key(), c.model, run.precision, recipe, start, c.gradients.output), recipe
+    return [run.data_key(), c.model, run.precision, recipe, start], recipe
+
+
+def clusters_key(run: Run) -> list:
+    """Which examples a cluster's name stands for, where the sources are clusters (none otherwise)."""
+    return [("clusters", run.output("clusters"))] if run.cfg.data.clusters is not None else []
 
 
 def plain(run: Run, proportions: dict[str, float] | None) -> dict[str, float] | None:
@@ -101,9 +114,7 @@ def _key_extras(run: Run) -> list:
     that exact match extracts with, and the task metric's rule when it is not plain exact match (an
     answer pattern applied to the reference too is a new rule, so results cached before it are not
     reused)."""
-    extras: list = []
-    if run.cfg.data.clusters is not None:
-        extras.append(("clusters", run.output("clusters")))
+    extras = clusters_key(run)
     scoring = target_scoring(run)
     if scoring.pattern is not None:
         extras.append(("answer_pattern", scoring.pattern))
