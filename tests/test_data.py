@@ -134,6 +134,9 @@ def test_ragged_csv_row_names_the_line(tmp_path, tiny_model_dir):
     path.write_text("input,target\na,b\nc,d,e\n")
     with pytest.raises(ConfigError, match=r"ragged\.csv line 3: 3 fields, but the header \(line 1\) has 2"):
         load(source_file_cfg(tmp_path, tiny_model_dir, path))
+    path.write_text("\n\ninput,target\na,b\nc,d,e\n")  # blank lines before the header
+    with pytest.raises(ConfigError, match=r"ragged\.csv line 5: 3 fields, but the header \(line 3\) has 2"):
+        load(source_file_cfg(tmp_path, tiny_model_dir, path))
 
 
 def test_source_with_both_path_and_bigbench(tmp_path, tiny_model_dir, capsys):

@@ -59,7 +59,8 @@ def full_gradients(model: torch.nn.Module, run: Run, indices: Sequence[int]) -> 
 
 
 def _errors(u0: torch.Tensor, first: torch.Tensor, true: torch.Tensor) -> dict:
-    """Mean squared errors of the zeroth- and first-order predictions, relative to the change."""
+    """Mean squared errors of the zeroth- and first-order predictions, relative to mean(u_s^2) of the
+    measured outputs; `explained` is 1 - first-order / zeroth-order error (relative to the change)."""
     change = ((true - u0) ** 2).mean().item()
     zeroth = change / max((true ** 2).mean().item(), 1e-12)
     err1 = ((true - first) ** 2).mean().item() / max((true ** 2).mean().item(), 1e-12)

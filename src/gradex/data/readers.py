@@ -21,7 +21,7 @@ class Row:
     """One record of a source, with where it sits in its file, so errors point at the file itself."""
 
     values: dict[str, Any]
-    number: int  # JSONL, CSV: the physical line the record starts on (CSV header = line 1);
+    number: int  # JSONL, CSV: the physical line the record starts on (the CSV header's line counts);
     # Parquet, datasets folder: the 1-based row; BIG-bench: the 1-based example of task.json
     origin: str  # e.g. "data/qa.csv line 5", for messages
 
@@ -71,6 +71,7 @@ def _csv_rows(path: Path, where: str) -> list[Row]:
     reader = csv.reader(io.StringIO(_read_text(path, where), newline=""))
     rows: list[Row] = []
     header: list[str] | None = None
+    header_line = 0
     end = 0  # the last physical line read so far
     try:
         for record in reader:
@@ -78,14 +79,14 @@ def _csv_rows(path: Path, where: str) -> list[Row]:
             if not record:  # a blank line
                 continue
             if header is None:
-                header = record
+                header, header_line = record, number
                 dupes = sorted({c for c in header if header.count(c) > 1})
                 if dupes:
                     raise ConfigError(f"{where}: {path} line {number}: the header repeats column(s) {dupes}")
                 continue
             origin = f"{path} line {number}"
             if len(record) != len(header):
-                raise ConfigError(f"{where}: {origin}: {len(record)} fields, but the header (line 1) has "
+                raise ConfigError(f"{where}: {origin}: {len(record)} fields, but the header (line {header_line}) has "
                                   f"{len(header)}")
             rows.append(Row(dict(zip(header, record)), number, origin))
     except csv.Error as err:
