@@ -392,3 +392,31 @@ def test_gradients_offsets_choose_the_rows_whose_offsets_come_from_an_fp32_forwa
     assert np.allclose(mixed.u[validation], exact.u[validation], atol=1e-5)
     assert np.array_equal(mixed.u[~validation], own.u[~validation])
     assert np.abs(own.u - exact.u).max() > 1e-4  # bf16 hidden states move the offsets
+
+
+def test_select_and_compare_follow_what_they_read(cfg):
+    """select serves only the selection.json its record describes; its weights follow the fine-tune
+    budget they divide; an earlier weights selection's mixture.yaml goes with it; and compare's
+    table is made again when the estimates its rows carry change."""
+    cfg.compare.baselines, cfg.select.bootstrap = ["all", "target"], 0
+    old = pipeline.compare(cfg, seeds=1)
+    path = cfg.run_dir / "selection.json"
+    made = json.loads(path.read_text())
+    path.write_text('{"selected": [')  # cut short, or another config's: a kill between the write and the record
+    again = pipeline.select(cfg)
+    assert json.loads(path.read_text()) == again and (again["selected"], again["estimate"]) == (made["selected"],
+                                                                                               made["estimate"])
+    cfg.estimate.l2, cfg.estimate.output_change = 1e6, None  # every estimate near theta*'s own loss
+    now = pipeline.compare(cfg, seeds=1)
+    assert now["key"] != old["key"]
+    fresh = {r["mix"]: r["estimate"] for r in now["rows"]}
+    assert all(fresh[r["mix"]] != pytest.approx(r["estimate"], abs=1e-6) for r in old["rows"])
+    cfg.select.method = "weights"
+    budget = pipeline.select(cfg)["mixture"]["budget_examples"]
+    assert (cfg.run_dir / "mixture.yaml").exists()
+    cfg.finetune.max_steps = 3
+    assert {r["stage"]: r["state"] for r in pipeline.status(cfg)}["select"] != "done"
+    assert pipeline.select(cfg)["mixture"]["budget_examples"] == 3 * cfg.finetune.batch_size != budget
+    cfg.select.method = "best"
+    pipeline.select(cfg)
+    assert not (cfg.run_dir / "mixture.yaml").exists()

@@ -86,6 +86,7 @@ def prepare_added(run: Run, force: bool = False) -> None:
     examples, tokens = checked_examples(run, run.added)
     from gradex.data import data_sha256
 
+    run.mark("added", status="running")  # added/ is about to hold examples the old record does not describe
     manifest = save_examples(examples, tokens, where)
     run.mark("added", examples=manifest["examples"], sources=[s.name for s in run.added],
              outputs={"added": data_sha256(examples, tokens)})

@@ -178,7 +178,9 @@ def compare(run: Run, force: bool = False, seeds: int | None = None,
     if force:
         on_main(lambda: [shutil.rmtree(run.dir / "finetunes" / key, ignore_errors=True)
                          for key in set(keys.values()) - {final["key"]}])
-    fingerprint = config_mod.fingerprint(sorted(keys.items()), [m.__dict__ for m in candidates], COMPARE_FORMAT)
+    # select's inputs too: each row's estimate comes from the run's estimator, which they cover
+    fingerprint = config_mod.fingerprint(sorted(keys.items()), [m.__dict__ for m in candidates], COMPARE_FORMAT,
+                                         run.fp("select"))
     if not force and (cached := _current(run, fingerprint)) is not None:
         return cached
     todo = len({key for key in keys.values() if ledger.kept(run.dir / "finetunes" / key / "result.json", key) is None})

@@ -65,6 +65,7 @@ def _prepare(cfg: Config, force: bool = False) -> Run:
     check_proportions(cfg, examples, tokens)
     # the target's metric fits its data (a BIG-bench output_regex compiles, target_scores exist), said now
     scoring(cfg.data.target, examples)
+    run.mark("prepare", status="running")  # data/ is about to hold examples the old record does not describe
     manifest = save_examples(examples, tokens, out)
     run.__dict__.update(tokenizer=tokenizer)
     if not run.added:  # what Run.tokens would tokenize again from data/: the same texts, in the same order

@@ -26,6 +26,8 @@ def inputs(run: Run) -> dict[str, str | None]:
              "data": run.output("data"), "store": run.output("store")}
     if c.select.method == "weights":  # proportions found before the target's floor are stale
         found["weights"] = WEIGHTS_FORMAT
+        f = c.finetune  # what the budget the shares divide (and the mixture's seed) comes from
+        found["budget"] = config_mod.fingerprint(f.budget, f.max_steps, f.max_tokens, f.epochs, f.batch_size, f.seed)
     return {**found, "clusters": run.output("clusters")} if c.data.clusters else found
 
 
@@ -38,8 +40,10 @@ WEIGHTS_FORMAT = 2
 def select(run: Run, force: bool = False) -> dict:
     """Select sources by their estimates; writes selection.json and adds its rows to estimates.parquet."""
     cfg = run.cfg
-    if run.done("select", force) and (run.dir / "selection.json").exists():
-        return json.loads((run.dir / "selection.json").read_text())
+    path = run.dir / "selection.json"
+    # the file the record describes: a kill between writing it and recording it leaves another's
+    if run.done("select", force) and path.exists() and ledger.sha256(path) == run.output("selection"):
+        return json.loads(path.read_text())
     fn, rows, l2 = estimator(run)
     body = selection(run, cfg.select.method, fn)
     body.update({"l2": l2, "estimated_subsets": len(rows)})
@@ -50,12 +54,15 @@ def select(run: Run, force: bool = False) -> dict:
     chosen = selected_clusters(run, body["selected"])
     if chosen is not None:  # what the selected clusters hold, for a person to read (all: clusters/clusters.json)
         body["clusters"] = chosen
-    write_json(run.dir / "selection.json", body)
+    run.mark("select", status="running")  # from here the files are this run's, not the old record's
+    write_json(path, body)
     if "mixture" in body:  # the proportions as training frameworks take them
         write_bytes(run.dir / MIXTURE, mixture_yaml(body["mixture"]).encode())
+    else:  # an earlier weights selection's, which this one replaces
+        (run.dir / MIXTURE).unlink(missing_ok=True)
     save_estimates(run, rows)
     run.mark("select", subsets=len(rows), seconds=round(body["seconds"] + resampled, 3), bootstrap_seconds=resampled,
-             outputs={"selection": ledger.sha256(run.dir / "selection.json")})
+             outputs={"selection": ledger.sha256(path)})
     log(f"estimated {len(rows)} subsets in {body['seconds']:.2f} s ({cfg.estimate.mode} mode, l2={l2:.3g}); "
         f"selected {body['selected']}")
     if "proportions" in body:
