@@ -232,6 +232,23 @@ def test_validate_fine_tunes_again_when_the_clusters_change(tmp_path, tiny_model
     assert diagnostics.missing_rows(run, 2, 1, "refit") == 2
 
 
+def test_status_follows_the_graph_clusters_on_embeddings_need_no_gradients(tmp_path, tiny_model_dir):
+    """Clusters of theta*'s embeddings need the meta-train alone: a stale store leaves them done in
+    `gradex status`, as the next select finds them, while select (which reads the store) is stale."""
+    from gradex import pipeline
+
+    cfg = pool_config(tmp_path, tiny_model_dir, k=3, features="embeddings")
+    cfg.select.bootstrap = 0
+    pipeline.select(cfg)
+    cfg.gradients.dim = 16  # the store is stale, theta* is not
+    state = {r["stage"]: r for r in pipeline.status(cfg)}
+    assert state["clusters"]["state"] == "done" and state["gradients"]["state"] != "done"
+    assert state["select"]["state"] == "stale" and "(gradients)" in state["select"]["why"]
+    made = (cfg.run_dir / "clusters" / "clusters.json").stat().st_mtime_ns
+    pipeline.select(cfg)
+    assert (cfg.run_dir / "clusters" / "clusters.json").stat().st_mtime_ns == made
+
+
 def test_target_train_clusters_empty_target_mix_is_theta_star(tmp_path, tiny_model_dir):
     cfg = tiny_run_config(tmp_path, tiny_model_dir)
     cfg.data.sources = []

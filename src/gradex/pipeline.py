@@ -176,14 +176,18 @@ def status(cfg: Config) -> list[dict]:
         rows.append({"stage": "run", "state": "writing", "why": f"pid {now.get('pid', '?')}: "
                                                                 f"{now.get('command', 'a gradex command')}"})
     upstream_ok = True
+    not_done: set[str] = set()  # ledger keys
     for stage in STAGE_DIRS:  # the ledgered stages, in the graph's order
         if stage == "clusters" and cfg.data.clusters is None:
             continue  # a run with configured sources has no such stage
         if stage == "added" and not run.added and not (run.dir / "added").exists():
             continue  # a run without added sources has no such stage
         state, why = run.state(stage)
-        if state == "done" and not upstream_ok:
-            state, why = "stale", f"an upstream stage ({rows[-1]['stage']}) is not done"
+        # stale when a stage it needs is not done, by the graph (clusters on embeddings need no gradients)
+        needs = graph.order(cfg, graph.stage(STAGE_NAMES[stage]).upstream(cfg))
+        blocked = [name for name in needs if graph.stage(name).key in not_done]
+        if state == "done" and blocked:
+            state, why = "stale", f"an upstream stage ({blocked[-1]}) is not done"
         elif stage == "added" and state == "done":
             why = (f"{', '.join(s.name for s in run.added)}: candidates whose gradients are taken at theta*, "
                    f"which was not trained on them ({STAGE_DIRS['added']}/, added_sources.yaml)")
@@ -193,6 +197,8 @@ def status(cfg: Config) -> list[dict]:
             why = ran_on(ledger.read(run.dir / STAGE_DIRS[stage])) or ""
         rows.append({"stage": STAGE_NAMES[stage], "state": state, "why": why})
         upstream_ok = upstream_ok and state == "done"
+        if state != "done":
+            not_done.add(stage)
     selection = read_json(run.dir / "selection.json", "gradex select --force") if (run.dir / "selection.json").exists() else None
     final = run.dir / "final" / "metrics.json"
     if not final.exists():
