@@ -400,6 +400,14 @@ def test_select_and_compare_follow_what_they_read(cfg):
     table is made again when the estimates its rows carry change."""
     cfg.compare.baselines, cfg.select.bootstrap = ["all", "target"], 0
     old = pipeline.compare(cfg, seeds=1)
+
+    def compare_state() -> str:
+        return {r["stage"]: r["state"] for r in pipeline.status(cfg)}["compare"]
+
+    assert compare_state() == "done"
+    cfg.compare.baselines = ["all", "target", "random"]  # a mix more: `gradex run` would compare again
+    assert compare_state() == "stale"
+    cfg.compare.baselines = ["all", "target"]
     path = cfg.run_dir / "selection.json"
     made = json.loads(path.read_text())
     path.write_text('{"selected": [')  # cut short, or another config's: a kill between the write and the record
@@ -407,8 +415,9 @@ def test_select_and_compare_follow_what_they_read(cfg):
     assert json.loads(path.read_text()) == again and (again["selected"], again["estimate"]) == (made["selected"],
                                                                                                made["estimate"])
     cfg.estimate.l2, cfg.estimate.output_change = 1e6, None  # every estimate near theta*'s own loss
+    assert compare_state() == "stale"
     now = pipeline.compare(cfg, seeds=1)
-    assert now["key"] != old["key"]
+    assert now["key"] != old["key"] and compare_state() == "done"
     fresh = {r["mix"]: r["estimate"] for r in now["rows"]}
     assert all(fresh[r["mix"]] != pytest.approx(r["estimate"], abs=1e-6) for r in old["rows"])
     cfg.select.method = "weights"

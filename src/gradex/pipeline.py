@@ -36,6 +36,7 @@ from gradex.finetunes import budget_steps, finetune_key, finetune_mix, finetune_
 from gradex.selection import selection
 from gradex.stages.add_sources import add_sources as _add_sources
 from gradex.stages.compare import COMPARE_FORMAT, candidate_mixes
+from gradex.stages.compare import settings as compare_settings
 from gradex.stages.estimate import estimates
 from gradex.stages.gradients import STORE_FILES, store_sha256
 from gradex.surrogate import (PRECONDITIONER_FILE, Reconstructor, estimator, make_run_projector, member_mask, problem,
@@ -216,12 +217,13 @@ def status(cfg: Config) -> list[dict]:
     else:
         body = read_json(path, "gradex compare")
         current = upstream_ok and selection is not None and body["selection"]["selected"] == selection["selected"]
+        current = current and body.get("settings") == compare_settings(run)  # the baselines asked for, the estimator
         current = current and all(r["key"] == finetune_key(run, r["members"], r["seed"], r.get("proportions"))
                                   for r in body["rows"])
         rows.append({"stage": "compare", "state": "done" if current else "stale",
                      "why": f"{body['seeds']} seed(s), {len(body['mixes'])} mixes" if current else
-                     "changed: the selection, the data, theta* or the finetune recipe; `gradex compare` re-runs "
-                     "only the fine-tunes that changed"})
+                     "changed: the selection, the mixes asked for, the estimates, the data, theta* or the finetune "
+                     "recipe; `gradex compare` re-runs only the fine-tunes that changed"})
     tunes = sorted(p for p in (run.dir / "finetunes").glob("*") if p.is_dir())
     if tunes:  # every fine-tune of a mix, cached by key (final/, compare, validate share them)
         finished = {p for p in tunes if ledger.kept(p / "result.json", p.name) is not None}  # its folder is its key

@@ -134,6 +134,14 @@ def proportion_mixes(run: Run, body: dict, seeds: int) -> list:
 COMPARE_FORMAT = 6  # bump when compare.json changes shape, so cached results are recomputed
 
 
+def settings(run: Run) -> str:
+    """What shapes the comparison besides its fine-tunes' keys, as `gradex status` can tell without
+    choosing the mixes again: the candidates asked for, the table's format, and select's inputs (the
+    estimator each row's estimate comes from)."""
+    c = run.cfg.compare
+    return config_mod.fingerprint(c.baselines, c.methods, c.mixes, COMPARE_FORMAT, run.fp("select"))
+
+
 def forward_finetunes(fn, n: int) -> int:
     """How many fine-tunes forward stepwise selection by real fine-tuning would train here: the subsets
     a forward search on these estimates evaluates (the target alone, then every candidate of every
@@ -236,7 +244,7 @@ def _tables(run: Run, cfg: Config, body: dict, final: dict, candidates: list, si
                        "ran_on": model_stages_ran_on(run.dir, final),
                        "finetune_seconds": finetune_seconds,
                        **comparison.price(selection_seconds, finetune_seconds, forward_finetunes(fn, len(run.sources)))},
-              "rows": rows}
+              "settings": settings(run), "rows": rows}
     # one unit: the parquet first, then the JSON with the parquet's hash (_current checks both)
     table = [{**r, "proportions": json.dumps(r["proportions"]) if r["proportions"] is not None else None} for r in rows]
     write_parquet(run.dir / "compare.parquet", pd.DataFrame(table))  # proportions as JSON: one column type
