@@ -93,6 +93,19 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys, what, given, messag
     _refused(capsys, args, message)
 
 
+@pytest.mark.parametrize("args", [["compare", "--seeds", "0"], ["compare", "--seeds", "-1"],
+                                  ["validate", "--subsets", "0"], ["validate", "--seeds", "-2"],
+                                  ["validate", "--subsets", "two"]])
+def test_counts_on_the_command_line_are_whole_numbers_of_at_least_one(capsys, args):
+    """Said by the parser, exit 2, before any stage runs (they were a ValueError after every upstream
+    stage, or --seeds 0 quietly meant compare.seeds)."""
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "must be at least 1" in err or "expected a whole number" in err
+
+
 def test_an_override_on_a_config_that_is_not_a_mapping_is_one_line(tmp_path, capsys):
     _refused(capsys, ["config", _file(tmp_path, "c.yaml", "- a\n- b\n"), "--set", "meta.epochs=1"],
              "c.yaml: expected a mapping of sections (meta:, data:, ...), got list")

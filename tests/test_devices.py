@@ -68,6 +68,17 @@ def test_device_and_precision_errors_name_the_setting():
     assert resolve_precision("auto", "mps") == "fp32"
 
 
+@pytest.mark.parametrize("native, emulated, resolved", [(True, True, "bf16"), (False, True, "fp32"), (False, False, "fp32")])
+def test_auto_takes_bf16_only_on_a_gpu_that_computes_it_natively(monkeypatch, native, emulated, resolved):
+    """A T4 or V100 holds bf16 tensors (torch's default check says yes, counting emulation) but computes
+    them slowly: `auto` stays fp32 there, as on a CPU without bf16."""
+    def supported(including_emulation: bool = True) -> bool:
+        return native or (including_emulation and emulated)
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    assert resolve_precision("auto", "cuda") == resolved
+
+
 def test_device_is_not_part_of_any_stage_identity():
     """A run started on a GPU resumes on the CPU and the other way round: nothing goes stale."""
     a, b = config_mod.ModelConfig(), config_mod.ModelConfig(device="cuda:1")

@@ -373,3 +373,27 @@ def test_sparse_narrow_index_gives_the_same_projection(monkeypatch: pytest.Monke
     assert narrow._index["b.weight"].dtype == torch.int32
     assert torch.equal(wide.project(g), narrow.project(g))
     assert torch.equal(wide.lift(torch.ones(32)), narrow.lift(torch.ones(32)))
+
+
+def test_lora_on_the_head_gets_per_example_gradients_from_the_loop():
+    """The head reads every row's answer positions flattened together, so the per-row products of
+    the hooks cannot be formed there: with LoRA on lm_head those layers go to the per-example loop.
+    Oracle: one autograd.grad per example, alone, with answers of 2-4 tokens (12 in all, a multiple
+    of the batch, where a wrong split of the rows would not even raise)."""
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    lora = LoraConfig(r=4, target_modules=["q_proj", "lm_head"])
+    model = trained_like(make_trainable(base, ModelConfig(finetune="lora", lora=lora), 0))
+    gen = torch.Generator().manual_seed(0)
+    toks = [Tokenized(torch.randint(1, 64, (n,), generator=gen).tolist(), n - a) for n, a in [(7, 2), (12, 3), (9, 4), (8, 3)]]
+    batch = collate(toks, range(len(toks)), pad_id=0)
+    computer = GradientComputer(model)
+    assert computer.method == "hooks+loop"
+    grads, _ = computer.per_example(batch, precision="fp32")
+    params = trainable(model)
+    assert any("lm_head" in n for n, _ in params)
+    for b in range(len(toks)):
+        u = example_outputs(model, single_example(batch, b), "ce")[0]
+        for (name, p), g in zip(params, torch.autograd.grad(u, [p for _, p in params], allow_unused=True)):
+            want = torch.zeros_like(p) if g is None else g
+            assert torch.allclose(grads[name][b], want, rtol=1e-4, atol=1e-6), name

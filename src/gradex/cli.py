@@ -22,6 +22,17 @@ EVALUATE = "validation and test metrics of the final model"
 EXAMPLES = {path.stem: path for path in sorted(EXAMPLES_DIR.glob("*.yaml"))}
 
 
+def _count(text: str) -> int:
+    """A whole number of at least 1: anything else is a usage error (exit 2) before any stage runs."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser, force: bool = True) -> None:
     p.add_argument("config", nargs="?", help="experiment YAML (default: the embedded SmolLM2 + BIG-bench default)")
     p.add_argument("--example", choices=sorted(EXAMPLES), help="run a packaged example instead of a YAML file: "
@@ -68,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
                                      "compare.parquet; fine-tunes are cached, so more seeds later cost only the "
                                      "new ones.")
     _common(cmp)
-    cmp.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds per mix (default: compare.seeds)")
+    cmp.add_argument("--seeds", type=_count, default=None, help="fine-tuning seeds per mix (default: compare.seeds)")
     cmp.add_argument("--mix", action="append", default=[], metavar="NAME=A,B,...",
                      help="also compare a mix of your own (repeatable)")
     add = sub.add_parser(
@@ -88,8 +99,8 @@ def parser() -> argparse.ArgumentParser:
     _common(lin)
     val = sub.add_parser("validate", help="fine-tune k random subsets for real and compare with the estimates")
     _common(val)
-    val.add_argument("--subsets", type=int, default=20, help="number of random subsets (default 20)")
-    val.add_argument("--seeds", type=int, default=2, help="fine-tuning seeds per subset (default 2)")
+    val.add_argument("--subsets", type=_count, default=20, help="number of random subsets (default 20)")
+    val.add_argument("--seeds", type=_count, default=2, help="fine-tuning seeds per subset (default 2)")
     val.add_argument("--recipe", choices=("finetune", "refit"), default="finetune",
                      help="the truth: `finetune`, the fine-tune gradex run deploys (default), or `refit`, "
                           "theta* fine-tuned with the refit recipe")

@@ -95,7 +95,8 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str
         return precision
     kind = torch.device(device).type
     if kind == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        # not an emulated bf16 (a T4 or V100 can hold bf16 tensors, and computes them slowly)
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     if kind == "cpu":
         return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
     return "fp32"

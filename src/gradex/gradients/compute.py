@@ -30,7 +30,7 @@ from torch import nn
 
 from gradex.data import Batch
 from gradex.device import autocast, device_of, resolve_precision
-from gradex.model import evaluating, example_outputs, is_conv1d, trainable
+from gradex.model import evaluating, example_outputs, is_conv1d, language_model, trainable
 from gradex.gradients.projectors import Projector
 
 Sink = Callable[[str, torch.Tensor], None]  # (parameter name, per-example gradients (B, n_param) fp32)
@@ -52,8 +52,13 @@ class GradientComputer:
         # module -> (weight name or None, bias name or None) for hookable modules with a trainable part
         self.hooked: dict[nn.Module, tuple[str | None, str | None]] = {}
         if method != "loop":
+            # the head reads the answer positions of every row flattened together (answer_logits), not
+            # (B, T, d): the per-row products cannot be formed there, so its layers (LoRA on lm_head) are
+            # left to the per-example loop
+            head = language_model(model).get_output_embeddings()
+            at_head = set(head.modules()) if head is not None else set()
             for module in model.modules():
-                if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+                if module in at_head or not (isinstance(module, nn.Linear) or is_conv1d(module)):
                     continue
                 w = names.get(id(module.weight))
                 b = names.get(id(module.bias)) if module.bias is not None else None
