@@ -111,7 +111,8 @@ def weights(run: Run, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
     # 100% on add4 and lost to the best subset {add4} by 0.042 test loss (3 seeds, equal steps).
     floor = float(best_p[0]) if c.target_floor and best_p is not None and n_g[0] > 0 else None
     upper, prior, lower = bounds(run, n_g, budget, floor)
-    why = feasible(upper, prior, c.max_shift, lower)  # check() passed without the floor, known only now
+    # check() passed without the target's floor, which is known only now
+    why = feasible(upper, prior, c.max_shift, lower) if lower is not None else None
     if why is not None:
         raise config_mod.ConfigError(f"select.target_floor: the target keeps at least its share in the best subset "
                                      f"({floor:.4f}), and then {why}; raise select.max_shift, or set "
